@@ -1,0 +1,157 @@
+"""CLIP's byte-level BPE tokenizer, written to give the same ids as transformers' `CLIPTokenizer`.
+
+Steps: split out special tokens, normalise (NFC, collapse whitespace, lower-case), pre-split with
+CLIP's regex, map bytes to printable unicode, apply BPE merges with `</w>` marking a word's end,
+then add BOS/EOS, truncate and pad to 77.
+
+Deliberate difference from OpenAI's original tokenizer: it also runs `ftfy.fix_text` and
+`html.unescape`; transformers (and so diffusers) do not, and neither do we, so "&amp;" stays as is.
+"""
+import functools
+import gzip
+import json
+import unicodedata
+from pathlib import Path
+
+import regex
+import torch
+
+DEFAULT_VOCABULARY = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# CLIP's pre-split: contractions, letter runs, single digits, runs of other non-space characters.
+PRE_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+NUM_MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 2 x 256 byte symbols (with/without </w>), merges, 2 specials
+
+
+@functools.lru_cache()
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters.
+
+    Insertion order matters: CLIP's vocabulary lists the printable bytes first, then the others.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    unprintable = [b for b in range(256) if b not in printable]
+    mapping = {b: chr(b) for b in printable}
+    mapping.update({b: chr(256 + i) for i, b in enumerate(unprintable)})
+    return mapping
+
+
+def read_vocabulary(folder: str | Path | None) -> tuple[dict[str, int], list[tuple[str, str]], dict]:
+    """(vocab, merges, tokenizer settings) from a diffusers `tokenizer/` folder, or CLIP's shipped BPE file."""
+    if folder is None:
+        with gzip.open(DEFAULT_VOCABULARY, "rt", encoding="utf-8") as f:
+            merges = [tuple(line.split()) for line in f.read().split("\n")[1:NUM_MERGES + 1]]
+        symbols = list(bytes_to_unicode().values())
+        symbols = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+        return {s: i for i, s in enumerate(symbols)}, merges, {}
+    folder = Path(folder)
+    missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a CLIP tokenizer folder: {missing} missing.")
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    settings = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
+    return vocab, merges, settings
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class CLIPTokenizer:
+    """`tokenizer(["a prompt", ...])` -> (B, 77) LongTensor of ids: BOS, tokens, EOS, then padding.
+
+    The pad token is read from the folder's config: SD1's CLIP-L pads with `<|endoftext|>`, the OpenCLIP
+    tokenizers of SD2 and SDXL pad with `!` (id 0).
+    """
+
+    def __init__(self, folder: str | Path | None = None, pad_token: str | None = None, model_max_length: int = 77):
+        self.vocab, merges, settings = read_vocabulary(folder)
+        self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
+        self.id_to_token = {i: t for t, i in self.vocab.items()}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.model_max_length = int(settings.get("model_max_length", model_max_length))
+        self.pad_token = pad_token or _token_text(settings.get("pad_token")) or EOS
+        for token in (BOS, EOS, self.pad_token):
+            if token not in self.vocab:
+                raise ValueError(f"Special token {token!r} is not in the vocabulary.")
+        self.bos_token_id, self.eos_token_id = self.vocab[BOS], self.vocab[EOS]
+        self.pad_token_id = self.vocab[self.pad_token]
+        # Special tokens are cut out of the raw text before normalisation, longest first (as transformers does).
+        specials = sorted({BOS, EOS, self.pad_token}, key=len, reverse=True)
+        self.special_split = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
+        self._bpe = functools.lru_cache(maxsize=65536)(self._bpe_uncached)
+
+    def _bpe_uncached(self, word: str) -> tuple[str, ...]:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pairs = [(self.merge_rank.get(pair, float("inf")), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+            rank, i = min(pairs)
+            if rank == float("inf"):
+                break
+            first, second = symbols[i], symbols[i + 1]
+            merged, j = [], 0
+            while j < len(symbols):  # merge every occurrence of the best pair, left to right
+                if j < len(symbols) - 1 and symbols[j] == first and symbols[j + 1] == second:
+                    merged.append(first + second)
+                    j += 2
+                else:
+                    merged.append(symbols[j])
+                    j += 1
+            symbols = merged
+        return tuple(symbols)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` without BOS/EOS, truncation or padding."""
+        if not isinstance(text, str):
+            raise TypeError(f"Prompts must be strings; got {type(text).__name__}.")
+        ids = []
+        for segment in self.special_split.split(text):
+            if segment in self.vocab and self.special_split.fullmatch(segment):
+                ids.append(self.vocab[segment])
+                continue
+            normalized = regex.sub(r"\s+", " ", unicodedata.normalize("NFC", segment))
+            # Lower-case character by character: Python alone would turn a word-final Σ into ς.
+            normalized = normalized.replace("Σ", "σ").lower()
+            for piece in PRE_SPLIT.findall(normalized):
+                word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+                ids.extend(self.vocab[symbol] for symbol in self._bpe(word))
+        return ids
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """BOS + ids + EOS, truncated to `max_length` (default 77), not padded."""
+        max_length = max_length or self.model_max_length
+        return [self.bos_token_id, *self.tokenize(text)[:max_length - 2], self.eos_token_id]
+
+    def __call__(self, texts: str | list[str], max_length: int | None = None) -> torch.Tensor:
+        max_length = max_length or self.model_max_length
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        rows = [self.encode(t, max_length) for t in texts]
+        return torch.tensor([row + [self.pad_token_id] * (max_length - len(row)) for row in rows], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        """Text of `ids`, special tokens dropped; words end where a `</w>` symbol did."""
+        specials = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
+        text = "".join(self.id_to_token[int(i)] for i in ids if int(i) not in specials)
+        text = text.replace("</w>", self.byte_encoder[ord(" ")])
+        data = bytearray(self.byte_decoder[c] for c in text)
+        return data.decode("utf-8", errors="replace").strip()
+
+    def save(self, folder: str | Path):
+        """Write vocab.json, merges.txt and the configs of a diffusers `tokenizer/` folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        merges = sorted(self.merge_rank, key=self.merge_rank.get)
+        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                           encoding="utf-8")
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": self.pad_token}
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+        config = {**special, "model_max_length": self.model_max_length, "tokenizer_class": "CLIPTokenizer",
+                  "do_lower_case": True, "errors": "replace", "add_prefix_space": False}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
