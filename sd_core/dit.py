@@ -36,6 +36,19 @@ class DiTConfig(ModelConfig):
     norm_elementwise_affine: bool = False
     norm_eps: float = 1e-5
     inert_keys = frozenset({"dropout"})
+    # Older DiT folders (facebook/DiT-XL-2-*) use the generic Transformer2DModel config: its extra
+    # fields are accepted only at the values that make it a DiT.
+    legacy_fields = {"cross_attention_dim": None, "use_linear_projection": False, "only_cross_attention": False,
+                     "double_self_attention": False, "num_vector_embeds": None, "attention_type": "default",
+                     "caption_channels": None, "interpolation_scale": None, "use_additional_conditions": None}
+
+    @classmethod
+    def from_dict(cls, config):
+        config = dict(config)
+        for name, neutral in cls.legacy_fields.items():
+            if name in config and config.pop(name) != neutral:
+                raise ValueError(f"DiTConfig: a DiT has {name}={neutral!r}; this config is for another transformer.")
+        return super().from_dict(config)
 
     def __post_init__(self):
         self.require(self.norm_type == "ada_norm_zero", f"norm_type={self.norm_type!r} is not supported.")

@@ -56,3 +56,20 @@ UNET_SDXL_REFINER = {
     "attention_head_dim": [6, 12, 24, 24], "transformer_layers_per_block": 4, "cross_attention_dim": 1280,
     "projection_class_embeddings_input_dim": 2560,
 }
+
+# Scheduler configs the released models ship with (diffusers field names).
+SCHEDULER_SD = {  # SD 1.x and 2.x base (written for PNDM; every sd_core sampler accepts it)
+    "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "beta_end": 0.012, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "prediction_type": "epsilon",
+}
+SCHEDULER_SD2_V = {**SCHEDULER_SD, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+SCHEDULER_SDXL = {
+    "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1, "timestep_spacing": "leading",
+    "prediction_type": "epsilon", "use_karras_sigmas": False,
+}
+SCHEDULER_DIT = {  # what diffusers' DiT conversion writes
+    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
+    "beta_end": 0.02, "prediction_type": "epsilon", "clip_sample": False,
+}

@@ -36,21 +36,32 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
+@functools.lru_cache()
+def shipped_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary from the shipped BPE merges: bytes, bytes + </w>, merged symbols, BOS, EOS."""
+    with gzip.open(DEFAULT_VOCABULARY, "rt", encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:NUM_MERGES + 1]]
+    symbols = list(bytes_to_unicode().values())
+    symbols = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    return {s: i for i, s in enumerate(symbols)}, merges
+
+
 def read_vocabulary(folder: str | Path | None) -> tuple[dict[str, int], list[tuple[str, str]], dict]:
     """(vocab, merges, tokenizer settings) from a diffusers `tokenizer/` folder, or CLIP's shipped BPE file."""
     if folder is None:
-        with gzip.open(DEFAULT_VOCABULARY, "rt", encoding="utf-8") as f:
-            merges = [tuple(line.split()) for line in f.read().split("\n")[1:NUM_MERGES + 1]]
-        symbols = list(bytes_to_unicode().values())
-        symbols = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
-        return {s: i for i, s in enumerate(symbols)}, merges, {}
+        return *shipped_vocabulary(), {}
     folder = Path(folder)
-    missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder} is not a CLIP tokenizer folder: {missing} missing.")
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    elif (folder / "tokenizer.json").is_file():  # what transformers 5 writes
+        model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+        vocab = model["vocab"]
+        merges = [tuple(m.split() if isinstance(m, str) else m) for m in model["merges"]]
+    else:
+        raise FileNotFoundError(f"{folder} is not a CLIP tokenizer folder: it needs vocab.json and merges.txt "
+                                f"(or a tokenizer.json).")
     settings = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (folder / name).is_file():

@@ -1,0 +1,482 @@
+"""The one place that reads and writes files: diffusers folders, original single files, hub ids.
+
+    pipe = load_pipeline("path/to/stable-diffusion-v1-5")          # a diffusers folder
+    pipe = load_pipeline("v1-5-pruned-emaonly.safetensors")         # an original single file
+    pipe = load_pipeline("facebook/DiT-XL-2-256")                   # a hub id, where a network exists
+
+Weights are checked key by key: a missing, unexpected or wrongly shaped tensor is an error that
+names it. Pickle files (.ckpt/.pt/.bin) are refused unless `allow_pickle=True`, and even then only
+tensors are unpickled (`torch.load(weights_only=True)`): no code in the file can run.
+"""
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from . import convert, presets
+from .clip import CLIPTextModel, CLIPTextModelWithProjection
+from .convert import CheckpointError, first_few
+from .dit import DIT_SIZES, DiTTransformer2DModel, sincos_position_embedding
+from .pipelines import DiTPipeline, StableDiffusionPipeline
+from .tokenizer import CLIPTokenizer
+from .unet import UNet2DConditionConfig, UNet2DConditionModel
+from .vae import AutoencoderKL, AutoencoderKLConfig
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DIFFUSERS_VERSION = "0.42.1"
+MODEL_CLASSES = {  # model_index.json class name -> (sd_core class, weights file stem, library)
+    "AutoencoderKL": (AutoencoderKL, "diffusion_pytorch_model", "diffusers"),
+    "UNet2DConditionModel": (UNet2DConditionModel, "diffusion_pytorch_model", "diffusers"),
+    "DiTTransformer2DModel": (DiTTransformer2DModel, "diffusion_pytorch_model", "diffusers"),
+    "Transformer2DModel": (DiTTransformer2DModel, "diffusion_pytorch_model", "diffusers"),  # older DiT folders
+    "CLIPTextModel": (CLIPTextModel, "model", "transformers"),
+    "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, "model", "transformers"),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_weights(path: str | Path, allow_pickle: bool = False) -> dict:
+    """A flat {name: tensor} from a .safetensors file, or (opted in) a weights-only pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No such checkpoint file: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish.")
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path)
+        except (safetensors.SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupt: {error}). "
+                                  f"Download it again.") from None
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors.")
+    if not allow_pickle:
+        raise CheckpointError(f"{path} is a pickle file, which can run code when loaded. sd_core refuses it unless "
+                              f"you pass allow_pickle=True (--allow-pickle), which unpickles tensors only "
+                              f"(torch.load(weights_only=True)); better, convert it to .safetensors.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} needs more than weights-only unpickling (it holds code or custom objects, "
+                              f"or is corrupt): refused. ({first_line})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a dict of tensors.")
+    return data
+
+
+def unwrap(data: dict, use_ema: bool) -> tuple[dict, dict]:
+    """Training checkpoints nest the weights: {'state_dict': ...} (LDM) or {'model': ..., 'ema': ...} (DiT)."""
+    metadata = {k: v for k, v in data.items() if not torch.is_tensor(v) and not isinstance(v, dict)}
+    if use_ema and isinstance(data.get("ema"), dict):
+        return data["ema"], metadata
+    for key in ("state_dict", "model", "module"):
+        if isinstance(data.get(key), dict) and data[key] and all(torch.is_tensor(v) for v in data[key].values()):
+            return data[key], metadata
+    return {k: v for k, v in data.items() if torch.is_tensor(v)}, metadata
+
+
+def check_keys(expected: dict, given: dict, what: str):
+    """Every expected tensor present with its shape, nothing extra: else one error naming the keys."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f"{k} {tuple(given[k].shape)} != {tuple(expected[k])}" for k in expected
+             if k in given and tuple(given[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing {first_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {first_few(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shape {first_few(wrong)}")
+    if problems:
+        raise CheckpointError(f"{what} does not match its config: " + "; ".join(problems) +
+                              ". The weights are for another architecture, or the file is damaged.")
+
+
+def expected_shapes(model_class, config: dict) -> dict:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in model_class.from_config(config).state_dict().items()}
+
+
+def build(model_class, config: dict, state_dict: dict, what: str, dtype=None, device=None):
+    """An eval-mode model from config + weights, allocated once (built on `meta`, weights assigned)."""
+    with torch.device("meta"):
+        model = model_class.from_config(config)
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict, what)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def normalize_text_encoder_keys(model_class, state_dict: dict) -> dict:
+    """The hub's CLIPTextModel files say `text_model.x`; transformers 5 (and sd_core) say `x`."""
+    if model_class is CLIPTextModel and any(k.startswith("text_model.") for k in state_dict):
+        return {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    return state_dict
+
+
+# --------------------------------------------------------------------------------------- diffusers folder
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}).") from None
+
+
+def component_weights(folder: Path, stem: str, variant: str | None, allow_pickle: bool) -> dict:
+    names = [f"{stem}.{variant}.safetensors"] if variant else []
+    names.append(f"{stem}.safetensors")
+    for name in names:
+        if (folder / name).is_file():
+            return read_weights(folder / name)
+        index = folder / f"{name}.index.json"
+        if index.is_file():  # sharded
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in read_weights(folder / shard).items()}
+    pickled = folder / f"{'pytorch_model' if stem == 'model' else stem}.bin"
+    if pickled.is_file():
+        return unwrap(read_weights(pickled, allow_pickle), use_ema=False)[0]
+    raise CheckpointError(f"{folder} has no weights file ({' or '.join(names)}"
+                          f"{f' — no variant {variant!r}' if variant else ''}).")
+
+
+def load_component(folder: Path, class_name: str, dtype, device, variant, allow_pickle):
+    if class_name not in MODEL_CLASSES:
+        raise CheckpointError(f"{folder.name}: sd_core has no model class {class_name!r}.")
+    model_class, stem, _ = MODEL_CLASSES[class_name]
+    config = read_json(folder / "config.json")
+    state_dict = normalize_text_encoder_keys(model_class, component_weights(folder, stem, variant, allow_pickle))
+    return build(model_class, config, state_dict, f"{folder.name} ({class_name})", dtype, device)
+
+
+def load_diffusers_folder(folder: Path, dtype=None, device=None, variant=None, allow_pickle=False):
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder. Pass "
+                              f"the pipeline's top folder, or a single .safetensors checkpoint.")
+    index = read_json(index_path)
+    pipeline_class = index.get("_class_name", "")
+
+    def component(name):
+        entry = index.get(name)
+        if not entry or entry[1] is None or not (folder / name).is_dir():
+            return None
+        if entry[1] == "CLIPTokenizer" or entry[1] == "CLIPTokenizerFast":
+            return CLIPTokenizer(folder / name)
+        return load_component(folder / name, entry[1], dtype, device, variant, allow_pickle)
+
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = read_json(scheduler_path) if scheduler_path.is_file() else {}
+    if pipeline_class == "DiTPipeline":
+        id2label = {int(k): v for k, v in index.get("id2label", {}).items()}
+        return DiTPipeline(component("transformer"), component("vae"), scheduler_config, id2label, str(folder))
+    if not pipeline_class.startswith("StableDiffusion"):
+        raise CheckpointError(f"{folder}: pipeline {pipeline_class!r} is not one sd_core runs "
+                              f"(StableDiffusion*, StableDiffusionXL*, DiTPipeline).")
+    text_encoder = component("text_encoder")
+    if "XL" in pipeline_class:
+        family = "sdxl" if text_encoder is not None else "sdxl_refiner"
+    else:  # SD2's OpenCLIP encoder uses exact GELU, SD1's CLIP-L quick_gelu
+        family = "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
+    return StableDiffusionPipeline(family, component("unet"), component("vae"), scheduler_config, text_encoder,
+                                   component("tokenizer"), component("text_encoder_2"), component("tokenizer_2"),
+                                   str(folder))
+
+
+# ------------------------------------------------------------------------------------------ single files
+
+FAMILY_EVIDENCE = [  # (family, a key only that family's original checkpoints have)
+    ("dit", "y_embedder.embedding_table.weight"),
+    ("sdxl", "conditioner.embedders.1.model.ln_final.weight"),
+    ("sdxl_refiner", "conditioner.embedders.0.model.ln_final.weight"),
+    ("sd2", "cond_stage_model.model.ln_final.weight"),
+    ("sd1", "cond_stage_model.transformer.text_model.final_layer_norm.weight"),
+    ("sd1", "cond_stage_model.transformer.final_layer_norm.weight"),
+]
+
+
+def detect_family(tensors: dict) -> tuple[str, str]:
+    """The model family of an original checkpoint, and the key that decided it."""
+    for family, key in FAMILY_EVIDENCE:
+        if key in tensors:
+            return family, key
+    raise CheckpointError(f"Unknown checkpoint family: none of {[k for _, k in FAMILY_EVIDENCE]} is present "
+                          f"(the file has e.g. {first_few(list(tensors), 4)}). sd_core loads SD 1.x/2.x/XL and "
+                          f"DiT checkpoints; a UNet-only or LoRA file is not a whole model.")
+
+
+def dit_config_from_weights(tensors: dict) -> dict:
+    """DiT's architecture read off its tensors (the head count from the paper's sizes)."""
+    hidden, in_channels, patch, _ = tensors["x_embedder.proj.weight"].shape
+    heads = {width: h for _, width, h in DIT_SIZES.values()}.get(hidden, max(1, hidden // 64))  # not in the weights
+    depth = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks."))
+    num_patches = tensors["pos_embed"].shape[1] if "pos_embed" in tensors else None
+    return {"num_attention_heads": heads, "attention_head_dim": hidden // heads, "num_layers": depth,
+            "in_channels": in_channels, "patch_size": patch,
+            "out_channels": tensors["final_layer.linear.weight"].shape[0] // (patch * patch),
+            "num_embeds_ada_norm": tensors["y_embedder.embedding_table.weight"].shape[0] - 1,
+            "sample_size": int(round(num_patches ** 0.5)) * patch if num_patches else 32}
+
+
+def single_file_layout(family: str, tensors: dict, configs: dict) -> dict:
+    """component -> (sd_core class, config, conversion rules) for an original checkpoint. `configs` may
+    give any component's diffusers config; the rest come from the released models' presets."""
+    if family == "dit":
+        config = configs.get("transformer") or dit_config_from_weights(tensors)
+        return {"transformer": (DiTTransformer2DModel, config, convert.dit_rules(config))}
+    unet_preset = {"sd1": presets.UNET_SD15, "sd2": presets.UNET_SD21, "sdxl": presets.UNET_SDXL_BASE,
+                   "sdxl_refiner": presets.UNET_SDXL_REFINER}[family]
+    conv_in = tensors.get("model.diffusion_model.input_blocks.0.0.weight")  # 9 input channels: inpainting
+    unet_config = configs.get("unet") or {**unet_preset, "in_channels": conv_in.shape[1] if conv_in is not None else 4}
+    vae_config = configs.get("vae") or (presets.VAE_SDXL if family.startswith("sdxl") else presets.VAE_SD)
+    layout = {
+        "unet": (UNet2DConditionModel, unet_config, convert.unet_rules(UNet2DConditionConfig.from_dict(unet_config))),
+        "vae": (AutoencoderKL, vae_config, convert.vae_rules(AutoencoderKLConfig.from_dict(vae_config))),
+    }
+    text_encoders = {
+        "sd1": [("text_encoder", CLIPTextModel, presets.CLIP_VIT_L, convert.clip_rules("cond_stage_model.transformer."))],
+        "sd2": [("text_encoder", CLIPTextModel, presets.OPENCLIP_VIT_H,
+                 convert.openclip_rules("cond_stage_model.model.", projected=False))],
+        "sdxl": [("text_encoder", CLIPTextModel, presets.CLIP_VIT_L,
+                  convert.clip_rules("conditioner.embedders.0.transformer.")),
+                 ("text_encoder_2", CLIPTextModelWithProjection, presets.OPENCLIP_VIT_BIGG,
+                  convert.openclip_rules("conditioner.embedders.1.model.", projected=True))],
+        "sdxl_refiner": [("text_encoder_2", CLIPTextModelWithProjection, presets.OPENCLIP_VIT_BIGG,
+                          convert.openclip_rules("conditioner.embedders.0.model.", projected=True))],
+    }[family]
+    for name, model_class, preset, rules in text_encoders:
+        layout[name] = (model_class, configs.get(name) or preset, rules)
+    return layout
+
+
+def default_scheduler_config(family: str, metadata: dict, prediction_type: str | None) -> dict:
+    if family == "dit":
+        return dict(presets.SCHEDULER_DIT)
+    if family.startswith("sdxl"):
+        config = dict(presets.SCHEDULER_SDXL)
+    elif family == "sd2":
+        # As diffusers does: SD2 checkpoints are the 768-v model unless the step count says 2.x-base (875k).
+        base = metadata.get("global_step") == 875000
+        config = dict(presets.SCHEDULER_SD if base else presets.SCHEDULER_SD2_V)
+    else:
+        config = dict(presets.SCHEDULER_SD)
+    if prediction_type:
+        config["prediction_type"] = prediction_type
+    return config
+
+
+def apply_ema(tensors: dict, used: set) -> dict:
+    """LDM files keep EMA weights as `model_ema.` + the UNet key without `model.` and without dots."""
+    ema = {}
+    for key in used:
+        ema_key = "model_ema." + "".join(key.split(".")[1:])
+        if ema_key not in tensors:
+            raise CheckpointError(f"use_ema was asked for, but the checkpoint has no EMA weights ({ema_key} missing).")
+        ema[key] = tensors[ema_key]
+    return {**tensors, **ema}
+
+
+def read_reference_configs(config) -> tuple[dict, dict, dict]:
+    """Component configs, scheduler config and id2label from a diffusers folder (or given as a dict)."""
+    if config is None:
+        return {}, {}, {}
+    if isinstance(config, dict):
+        return config, {}, {}
+    folder = Path(config)
+    configs = {p.parent.name: read_json(p) for p in folder.glob("*/config.json")}
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json") \
+        if (folder / "scheduler" / "scheduler_config.json").is_file() else {}
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    return configs, scheduler, {int(k): v for k, v in index.get("id2label", {}).items()}
+
+
+def load_single_file(path, dtype=None, device=None, use_ema=False, config=None, vae=None, prediction_type=None,
+                     allow_pickle=False):
+    """An original checkpoint: detect the family from its keys, convert by rules, account for every key.
+    `config` (a diffusers folder or {component: config}) overrides the released models' architecture."""
+    path = Path(path)
+    tensors, metadata = unwrap(read_weights(path, allow_pickle), use_ema)
+    family, evidence = detect_family(tensors)
+    configs, scheduler_config, id2label = read_reference_configs(config)
+    layout = single_file_layout(family, tensors, configs)
+    models, used = {}, set()
+    for name, (model_class, model_config, rules) in layout.items():
+        state_dict, component_used = convert.convert_component(tensors, rules, expected_shapes(model_class, model_config),
+                                                               f"{path.name} [{name}]")
+        if use_ema and name == "unet":
+            ema_tensors = apply_ema(tensors, component_used)
+            state_dict, _ = convert.convert_component(ema_tensors, rules, expected_shapes(model_class, model_config),
+                                                      f"{path.name} [unet EMA]")
+        used |= component_used
+        models[name] = build(model_class, model_config, state_dict, f"{path.name} [{name}]", dtype, device)
+    unused = [k for k in tensors if k not in used and convert.dropped_reason(k) is None]
+    if unused:
+        raise CheckpointError(f"{path.name} (a {family} checkpoint, decided by {evidence}) has tensors no part of "
+                              f"the model uses: {first_few(unused)}. It is not a plain {family} checkpoint; pass "
+                              f"config= with the right architecture.")
+    scheduler_config = scheduler_config or default_scheduler_config(family, metadata, prediction_type)
+    if family == "dit":
+        vae = load_vae(vae or (Path(config) / "vae" if isinstance(config, (str, Path)) else None), dtype, device)
+        return DiTPipeline(models["transformer"], vae, scheduler_config, id2label, str(path))
+    # The shipped CLIP vocabulary; the OpenCLIP tokenizers (SD2, SDXL's second) pad with "!".
+    tokenizer = CLIPTokenizer(pad_token="!" if family == "sd2" else None) if "text_encoder" in models else None
+    tokenizer_2 = CLIPTokenizer(pad_token="!") if "text_encoder_2" in models else None
+    return StableDiffusionPipeline(family, models["unet"], models["vae"], scheduler_config, models.get("text_encoder"),
+                                   tokenizer, models.get("text_encoder_2"), tokenizer_2, str(path))
+
+
+def load_vae(vae, dtype=None, device=None) -> AutoencoderKL:
+    """The VAE a DiT checkpoint needs (original DiT files hold only the transformer)."""
+    if isinstance(vae, AutoencoderKL):
+        return vae.to(device=device, dtype=dtype or torch.float32)
+    if vae is None or not (Path(vae) / "config.json").is_file():
+        raise CheckpointError("An original DiT checkpoint holds no VAE: pass vae=<a diffusers AutoencoderKL folder> "
+                              "(DiT was trained with stabilityai/sd-vae-ft-ema) or config=<a diffusers DiT folder>.")
+    return load_component(Path(vae), "AutoencoderKL", dtype, device, None, False)
+
+
+# ------------------------------------------------------------------------------------------------ hub
+
+
+def download(repo_id: str, variant: str | None = None) -> Path:
+    """A hub repo's configs, tokenizer files and safetensors weights (never pickles)."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.txt", f"*.{variant}.safetensors" if variant else "*.safetensors",
+                "*.safetensors.index.json"]
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        raise CheckpointError(f"Could not fetch {repo_id!r} from the Hugging Face Hub ({type(error).__name__}). "
+                              f"Without a network, pass a local diffusers folder or a .safetensors file.") from None
+
+
+def load_pipeline(source, dtype=None, device=None, variant=None, use_ema=False, config=None, vae=None,
+                  prediction_type=None, allow_pickle=False) -> StableDiffusionPipeline | DiTPipeline:
+    """Any of: a diffusers pipeline folder, an original single-file checkpoint, a hub repo id."""
+    path = Path(source)
+    if path.is_dir():
+        return load_diffusers_folder(path, dtype, device, variant, allow_pickle)
+    if path.is_file():
+        return load_single_file(path, dtype, device, use_ema, config, vae, prediction_type, allow_pickle)
+    if HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
+        return load_diffusers_folder(download(str(source), variant), dtype, device, variant, allow_pickle)
+    raise FileNotFoundError(f"{source!r} is neither a folder, a checkpoint file, nor a hub id like 'owner/model'.")
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def atomic_folder(folder: Path, overwrite: bool):
+    """Write into a temporary sibling, then move it into place: never a half-written folder."""
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it.")
+    if not folder.parent.is_dir():
+        raise FileNotFoundError(f"The folder {folder.parent} does not exist; create it first.")
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+
+
+def commit_folder(temporary: Path, folder: Path):
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(temporary, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(temporary, folder)
+
+
+def save_model(model, folder: Path, class_name: str):
+    folder.mkdir(parents=True)
+    _, stem, library = MODEL_CLASSES[class_name]
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if library == "transformers":
+        config = {**model.config.to_dict(), "architectures": [class_name], "model_type": "clip_text_model",
+                  "bos_token_id": 49406}
+        if class_name == "CLIPTextModel":  # the hub spelling, which transformers 4 and 5 both load
+            state_dict = {f"text_model.{k}": v for k, v in state_dict.items()}
+    else:
+        config = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **model.config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    safetensors.torch.save_file(state_dict, folder / f"{stem}.safetensors", metadata={"format": "pt"})
+
+
+def save_pipeline(pipe, folder, overwrite: bool = False) -> Path:
+    """Write a diffusers-format folder that diffusers' own pipelines load unchanged."""
+    folder = Path(folder)
+    temporary = atomic_folder(folder, overwrite)
+    try:
+        scheduler_config = dict(pipe.scheduler_config)
+        scheduler_class = scheduler_config.pop("_class_name", "DDIMScheduler")
+        index = {"_diffusers_version": DIFFUSERS_VERSION,
+                 "scheduler": ["diffusers", scheduler_class]}
+        for name, model in pipe.models.items():
+            class_name = type(model).__name__
+            save_model(model, temporary / name, class_name)
+            index[name] = ["transformers" if MODEL_CLASSES[class_name][2] == "transformers" else "diffusers",
+                           class_name]
+        if isinstance(pipe, DiTPipeline):
+            index["_class_name"] = "DiTPipeline"
+            index["id2label"] = {str(k): v for k, v in pipe.id2label.items()}
+        else:
+            index["_class_name"] = "StableDiffusionXLPipeline" if pipe.family.startswith("sdxl") \
+                else "StableDiffusionPipeline"
+            for name in ("tokenizer", "tokenizer_2"):
+                if getattr(pipe, name) is not None:
+                    getattr(pipe, name).save(temporary / name)
+                    index[name] = ["transformers", "CLIPTokenizer"]
+                else:
+                    index[name] = [None, None]
+            index.setdefault("text_encoder", [None, None])
+            if pipe.family.startswith("sdxl"):
+                index.setdefault("text_encoder_2", [None, None])
+                index["force_zeros_for_empty_prompt"] = pipe.family == "sdxl"
+                index["requires_aesthetics_score"] = pipe.family == "sdxl_refiner"
+            else:
+                index.update(safety_checker=[None, None], feature_extractor=[None, None],
+                             requires_safety_checker=False)
+        (temporary / "scheduler").mkdir()
+        (temporary / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": scheduler_class, "_diffusers_version": DIFFUSERS_VERSION, **scheduler_config}, indent=2))
+        (temporary / "model_index.json").write_text(json.dumps(index, indent=2))
+        commit_folder(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return folder
+
+
+def export_single_file(pipe, path, overwrite: bool = False) -> Path:
+    """Write the pipeline as an original-format .safetensors (CompVis/Stability keys, or DiT's)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    tensors = {}
+    family = pipe.family
+    configs = {name: model.config.to_dict() for name, model in pipe.models.items()}
+    for name, (_, _, rules) in single_file_layout(family, {}, configs).items():
+        if name in pipe.models:
+            tensors.update(convert.export_component(pipe.models[name].state_dict(), rules))
+    if family == "dit":  # the original code stores its fixed position table too
+        c = pipe.transformer.config
+        grid = c.sample_size // c.patch_size
+        tensors["pos_embed"] = sincos_position_embedding(c.hidden_size, grid, grid, grid)[None]
+    temporary = path.with_name(f".{path.name}.partial")
+    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary)
+    os.replace(temporary, path)
+    return path
