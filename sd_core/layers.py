@@ -149,7 +149,10 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
+    def forward(self, x, size=None):
+        """`size`: the skip connection's size, when the latent was not divisible all the way down (as diffusers)."""
+        if size is not None and tuple(size) != (2 * x.shape[2], 2 * x.shape[3]):
+            return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 

@@ -171,7 +171,9 @@ class Scheduler:
     def from_config(cls, config: dict | SchedulerConfig):
         if isinstance(config, SchedulerConfig):
             config = config.to_dict()
-        config = {k: v for k, v in config.items() if k not in ("_class_name", "_diffusers_version")}
+        # As diffusers does: values the source scheduler took by default give way to this sampler's defaults.
+        defaulted = set(config.get("_use_default_values", ()))
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k not in defaulted}
         return cls(SchedulerConfig.from_dict({**cls.defaults, **config}))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:

@@ -146,7 +146,7 @@ class UpBlock(nn.Module):
             if self.attentions:
                 x = self.attentions[i](x, context)
         for upsampler in self.upsamplers:
-            x = upsampler(x)
+            x = upsampler(x, size=skips[-1].shape[2:])  # odd latent sizes: back to the next skip's size
         return x
 
 
@@ -212,18 +212,10 @@ class UNet2DConditionModel(nn.Module):
     def from_config(cls, config: dict) -> "UNet2DConditionModel":
         return cls(UNet2DConditionConfig.from_dict(config))
 
-    @property
-    def downscale_factor(self) -> int:
-        return 2 ** (len(self.config.block_out_channels) - 1)
-
     def _check_inputs(self, sample, encoder_hidden_states, added_cond_kwargs):
         c = self.config
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
             raise ValueError(f"sample must be (batch, {c.in_channels}, height, width); got {tuple(sample.shape)}.")
-        factor = self.downscale_factor
-        if sample.shape[2] % factor or sample.shape[3] % factor:
-            raise ValueError(f"Latent height and width must be multiples of {factor} for this UNet (image size a "
-                             f"multiple of {8 * factor}); got {tuple(sample.shape[2:])}.")
         context_dim = per_block(c.cross_attention_dim, len(c.block_out_channels), "cross_attention_dim")[0]
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != context_dim:
             raise ValueError(f"encoder_hidden_states must be (batch, tokens, {context_dim}); "

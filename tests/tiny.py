@@ -1,5 +1,6 @@
 """Small seeded diffusers/transformers pipelines for the loading and pipeline tests (no downloads)."""
 import functools
+import json
 import tempfile
 
 import diffusers
@@ -75,6 +76,17 @@ def dit(seed: int = 0, num_classes: int = 10):
     scheduler = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False)
     labels = {i: f"class {i}" for i in range(num_classes)}
     return diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=labels)
+
+
+def save_pretrained(pipe, folder):
+    """diffusers' save_pretrained; for DiT also id2label in model_index.json, which diffusers does not write
+    back but the hub's DiT folders carry."""
+    pipe.save_pretrained(folder)
+    if isinstance(pipe, diffusers.DiTPipeline):
+        index = json.loads((folder / "model_index.json").read_text())
+        index["id2label"] = {str(i): f"class {i}" for i in range(pipe.transformer.config.num_embeds_ada_norm)}
+        (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
 
 
 def reference_state_dicts(pipe) -> dict:
