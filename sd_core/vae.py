@@ -88,32 +88,23 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
+class ResnetStage(nn.Module):
+    """`num_layers` ResNets then an optional resampler: diffusers' DownEncoderBlock2D (`downsamplers`, the
+    (0,1,0,1)-padded stride-2 conv) or UpDecoderBlock2D (`upsamplers`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, resampler: str,
+                 resample: bool):
         super().__init__()
         self.resnets = nn.ModuleList([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, VAE_EPS)
             for i in range(num_layers)
         ])
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)] if downsample else [])
+        layer = Downsample2D(out_channels, padding=0) if resampler == "downsamplers" else Upsample2D(out_channels)
+        self.resampler = resampler
+        setattr(self, resampler, nn.ModuleList([layer] if resample else []))
 
     def forward(self, x):
-        for layer in [*self.resnets, *self.downsamplers]:
-            x = layer(x)
-        return x
-
-
-class DecoderBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, VAE_EPS)
-            for i in range(num_layers)
-        ])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if upsample else [])
-
-    def forward(self, x):
-        for layer in [*self.resnets, *self.upsamplers]:
+        for layer in [*self.resnets, *getattr(self, self.resampler)]:
             x = layer(x)
         return x
 
@@ -124,7 +115,8 @@ class Encoder(nn.Module):
         channels, groups = c.block_out_channels, c.norm_num_groups
         self.conv_in = nn.Conv2d(c.in_channels, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
-            EncoderBlock(channels[max(i - 1, 0)], channels[i], c.layers_per_block, groups, i < len(channels) - 1)
+            ResnetStage(channels[max(i - 1, 0)], channels[i], c.layers_per_block, groups, "downsamplers",
+                        i < len(channels) - 1)
             for i in range(len(channels))
         ])
         self.mid_block = MidBlock(channels[-1], groups, c.mid_block_add_attention)
@@ -146,7 +138,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(c.latent_channels, channels[0], 3, padding=1)
         self.mid_block = MidBlock(channels[0], groups, c.mid_block_add_attention)
         self.up_blocks = nn.ModuleList([
-            DecoderBlock(channels[max(i - 1, 0)], channels[i], c.layers_per_block + 1, groups, i < len(channels) - 1)
+            ResnetStage(channels[max(i - 1, 0)], channels[i], c.layers_per_block + 1, groups, "upsamplers",
+                        i < len(channels) - 1)
             for i in range(len(channels))
         ])
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=VAE_EPS)

@@ -1,0 +1,349 @@
+"""Train sd_core's own small models on the procedural shapes dataset (python -m sd_core.train ...).
+
+    python -m sd_core.train vae           --out runs/vae --steps 2500
+    python -m sd_core.train text-to-image --vae runs/vae/model --out runs/sd --steps 4000
+    python -m sd_core.train dit           --vae runs/vae/model --out runs/dit --steps 4000
+    python -m sd_core.train evaluate      --model sd_core/weights/shapes-sd --dit sd_core/weights/shapes-dit
+
+Each run is seeded and resumable (checkpoint.pt in --out, written atomically every --save-every steps;
+a rerun continues from it), keeps an EMA of the weights, logs the loss, and writes a diffusers-format
+folder (--out/model) that sd_core and diffusers both load. Batches are a pure function of (seed, step),
+so a resumed run sees exactly the data an uninterrupted one would.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import presets, shapes
+from .clip import CLIPTextModel
+from .dit import DiTTransformer2DModel
+from .loading import atomic_folder, commit_folder, load_component, load_pipeline, save_model, save_pipeline
+from .pipelines import DiTPipeline, StableDiffusionPipeline
+from .schedulers import make_scheduler
+from .tokenizer import CLIPTokenizer
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+# The embedded models' architectures (64x64 images, 16x16x4 latents).
+VAE_CONFIG = dict(block_out_channels=[16, 32, 64], layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                  down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                  sample_size=64, scaling_factor=1.0, force_upcast=False)
+TEXT_ENCODER_CONFIG = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", projection_dim=64,
+                           eos_token_id=49407)
+UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64, 64],
+                   down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=[2, 4, 4],
+                   cross_attention_dim=64, norm_num_groups=8, use_linear_projection=True)
+DIT_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, num_layers=6, sample_size=16, patch_size=2,
+                  in_channels=4, out_channels=4, num_embeds_ada_norm=1000)  # id 1000: the null class DiTPipeline uses
+SD_SCHEDULER = {**presets.SCHEDULER_SD, "_class_name": "DPMSolverMultistepScheduler", "timestep_spacing": "linspace",
+                "steps_offset": 0}
+DIT_SCHEDULER = {**presets.SCHEDULER_DIT, "_class_name": "DPMSolverMultistepScheduler", "timestep_spacing": "linspace"}
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DIT_GUIDANCE = 20, 5.0, 3.0
+
+
+@dataclasses.dataclass
+class Run:
+    """What every training run shares: seed, schedule, EMA, logging, checkpoints."""
+    out: Path
+    steps: int
+    batch: int
+    lr: float
+    seed: int = 0
+    save_every: int = 250
+    ema_decay: float = 0.999
+    threads: int = 0
+    stop_at: int | None = None  # stop (checkpointed) after this step, to resume later
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def batch_of_scenes(run: Run, step: int):
+    scenes = shapes.sample_scenes(run.seed * 1_000_003 + step, run.batch)
+    return [scene for scene, _ in scenes], to_tensor([image for _, image in scenes])
+
+
+def learning_rate(run: Run, step: int, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        return run.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, run.steps - warmup)
+    return run.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def update_ema(ema: dict, model: torch.nn.Module, decay: float):
+    for name, value in model.state_dict().items():
+        ema[name].mul_(decay).add_(value, alpha=1 - decay)
+
+
+def save_checkpoint(path: Path, state: dict):
+    temporary = path.with_name(path.name + ".partial")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def train(run: Run, models: dict, loss_fn, describe: str) -> dict:
+    """The shared loop: AdamW on every model in `models`, EMA copies, resumable checkpoints, loss log.
+    Returns the EMA state dicts."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    run.out.mkdir(parents=True, exist_ok=True)
+    parameters = [p for model in models.values() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=run.lr, weight_decay=0.0)
+    ema = {name: {k: v.detach().clone() for k, v in model.state_dict().items()} for name, model in models.items()}
+    checkpoint, start = run.out / "checkpoint.pt", 0
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        for name, model in models.items():
+            model.load_state_dict(state["models"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        ema, start = state["ema"], state["step"]
+        print(f"resumed {describe} at step {start}")
+    log = (run.out / "loss.log").open("a")
+    end = min(run.steps, run.stop_at or run.steps)
+    bar = tqdm(range(start, end), initial=start, total=run.steps, desc=describe, unit="step")
+    started = time.time()
+    for step in bar:
+        torch.manual_seed(run.seed * 7919 + step)  # noise and dropout: a function of (seed, step)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(run, step)
+        loss = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        decay = min(run.ema_decay, (1 + step) / (10 + step))
+        for name, model in models.items():
+            update_ema(ema[name], model, decay)
+        log.write(f"{step} {loss.item():.6f}\n")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % run.save_every == 0 or step + 1 == end:
+            log.flush()
+            save_checkpoint(checkpoint, {"models": {n: m.state_dict() for n, m in models.items()},
+                                         "optimizer": optimizer.state_dict(), "ema": ema, "step": step + 1})
+    log.close()
+    if end < run.steps:
+        raise SystemExit(f"{describe}: stopped at step {end} of {run.steps}; run the same command again to resume.")
+    (run.out / "time.json").write_text(json.dumps({"steps": run.steps, "seconds_this_session": time.time() - started,
+                                                   "threads": torch.get_num_threads()}))
+    return ema
+
+
+def ema_model(model: torch.nn.Module, state: dict) -> torch.nn.Module:
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+
+
+def train_vae(run: Run, config: dict = VAE_CONFIG, kl_weight: float = 1e-6):
+    torch.manual_seed(run.seed)  # the initial weights, too, are a function of the seed
+    vae = AutoencoderKL.from_config(config)
+
+    def loss_fn(step):
+        _, images = batch_of_scenes(run, step)
+        posterior = vae.encode(images)
+        reconstruction = vae.decode(posterior.sample())
+        kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
+        return F.mse_loss(reconstruction, images) + 0.1 * F.l1_loss(reconstruction, images) + kl_weight * kl
+
+    vae.train()
+    ema = train(run, {"vae": vae}, loss_fn, "vae")
+    vae = ema_model(vae, ema["vae"])
+    with torch.no_grad():  # scale the latents to unit variance, as SD's 0.18215 does
+        _, images = batch_of_scenes(dataclasses.replace(run, batch=256), 10 ** 7)
+        vae.config.scaling_factor = round(1.0 / vae.encode(images).mode().std().item(), 5)
+    folder = run.out / "model"
+    temporary = atomic_folder(folder, overwrite=True)
+    save_model(vae, temporary / "vae", "AutoencoderKL")
+    commit_folder(temporary, folder)
+    print(f"wrote {folder} (scaling_factor {vae.config.scaling_factor})")
+
+
+def load_vae(folder: Path) -> AutoencoderKL:
+    return load_component(Path(folder) / "vae", "AutoencoderKL", torch.float32, "cpu", None, False)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    return vae.encode(images).sample() * vae.config.scaling_factor
+
+
+# -------------------------------------------------------------------------------------- text to image
+
+
+def train_text_to_image(run: Run, vae_folder: Path, text_encoder_config: dict = TEXT_ENCODER_CONFIG,
+                        unet_config: dict = UNET_CONFIG, caption_dropout: float = 0.1):
+    vae = load_vae(vae_folder)
+    torch.manual_seed(run.seed)
+    tokenizer = CLIPTokenizer()
+    text_encoder = CLIPTextModel.from_config(text_encoder_config)
+    unet = UNet2DConditionModel.from_config(unet_config)
+    scheduler = make_scheduler("ddpm", SD_SCHEDULER)
+
+    def loss_fn(step):
+        scenes, images = batch_of_scenes(run, step)
+        latents = encode_latents(vae, images)
+        captions = ["" if torch.rand(()) < caption_dropout else scene.caption for scene in scenes]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(scenes),))
+        context = text_encoder(tokenizer(captions)).last_hidden_state
+        return F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, context), noise)
+
+    text_encoder.train(), unet.train()
+    ema = train(run, {"text_encoder": text_encoder, "unet": unet}, loss_fn, "text-to-image")
+    pipe = StableDiffusionPipeline("sd1", ema_model(unet, ema["unet"]), vae, dict(SD_SCHEDULER),
+                                   ema_model(text_encoder, ema["text_encoder"]), tokenizer)
+    save_pipeline(pipe, run.out / "model", overwrite=True)
+    print(f"wrote {run.out / 'model'}")
+
+
+# ------------------------------------------------------------------------------------------------ DiT
+
+
+def train_dit(run: Run, vae_folder: Path, config: dict = DIT_CONFIG, label_dropout: float = 0.1):
+    vae = load_vae(vae_folder)
+    torch.manual_seed(run.seed)
+    dit = DiTTransformer2DModel.from_config(config)
+    scheduler = make_scheduler("ddpm", DIT_SCHEDULER)
+    null_class = dit.config.null_class
+
+    def loss_fn(step):
+        scenes, images = batch_of_scenes(run, step)
+        latents = encode_latents(vae, images)
+        labels = torch.tensor([scene.class_id for scene in scenes])
+        labels = torch.where(torch.rand(len(labels)) < label_dropout, null_class, labels)  # for guidance
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(scenes),))
+        return F.mse_loss(dit(scheduler.add_noise(latents, noise, t), t, labels), noise)
+
+    dit.train()
+    ema = train(run, {"dit": dit}, loss_fn, "dit")
+    id2label = dict(enumerate(shapes.CLASS_NAMES))
+    save_pipeline(DiTPipeline(ema_model(dit, ema["dit"]), vae, dict(DIT_SCHEDULER), id2label), run.out / "model",
+                  overwrite=True)
+    print(f"wrote {run.out / 'model'}")
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+
+PHOTOS = Path(__file__).parent / "data" / "photos"
+
+
+def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | None = None) -> dict:
+    """Generate every held-out prompt x `seeds` and score the images; DiT per class; VAE PSNR."""
+    from PIL import Image
+
+    from .pipelines import dit_sample, psnr, text_to_image, vae_roundtrip
+    pipe = load_pipeline(model)
+    held_out = sorted(shapes.HELD_OUT, key=lambda s: s.caption)
+    scores, tiles = [], []
+    for i, scene in enumerate(tqdm(held_out, desc="text to image")):
+        result = text_to_image(pipe, [scene.caption], steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, seed=i,
+                               images_per_prompt=seeds)
+        scores += [shapes.score(np.asarray(image), scene) for image in result.images]
+        tiles.append(np.concatenate([np.asarray(image) for image in result.images], axis=1))
+    report = {"text_to_image": {name: float(np.mean([getattr(s, name) for s in scores]))
+                                for name in ("colour", "position", "shape", "size", "clean_background", "all")},
+              "prompts": len(held_out), "images": len(scores)}
+    start = time.perf_counter()
+    for _ in range(3):
+        text_to_image(pipe, held_out[0].caption, steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, seed=0)
+    report["seconds_per_image"] = (time.perf_counter() - start) / 3
+    rng = np.random.default_rng(99)
+    held_out_images = [shapes.render(scene, rng) for scene in held_out]
+    report["vae_psnr_held_out_scenes"] = float(np.mean([vae_roundtrip(pipe.vae, Image.fromarray(image)).psnr
+                                                        for image in held_out_images]))
+    photos = sorted(PHOTOS.glob("*.png"))
+    if photos:
+        report["vae_psnr_photos"] = {p.stem: round(vae_roundtrip(pipe.vae, p).psnr, 2) for p in photos}
+    if dit_model is not None:
+        dit = load_pipeline(dit_model)
+        correct = []
+        for class_id, name in enumerate(tqdm(shapes.CLASS_NAMES, desc="dit")):
+            result = dit_sample(dit, [class_id] * seeds, guidance_scale=DIT_GUIDANCE, steps=DEFAULT_STEPS, seed=class_id)
+            colour, shape = name.split()
+            for image in result.images:
+                found = shapes.analyse(np.asarray(image))
+                correct.append(found.get("colour") == colour and found.get("shape") == shape)
+            if class_id % 3 == 0:
+                tiles.append(np.concatenate([np.asarray(image) for image in result.images], axis=1))
+        report["dit_class_accuracy"] = float(np.mean(correct))
+    if grid is not None:
+        width = max(t.shape[1] for t in tiles)
+        rows = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles[:12]]
+        Image.fromarray(np.concatenate(rows, axis=0)).save(grid)
+    return report
+
+
+def print_report(report: dict):
+    t2i = report["text_to_image"]
+    print(f"text to image ({report['prompts']} held-out prompts, {report['images']} images, {DEFAULT_STEPS} steps, "
+          f"guidance {DEFAULT_GUIDANCE}):")
+    print("| colour | position | shape | size | clean background | all of colour+position+shape+background |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("| " + " | ".join(f"{100 * t2i[k]:.1f}%" for k in ("colour", "position", "shape", "size",
+                                                              "clean_background", "all")) + " |")
+    print(f"seconds per image at the defaults: {report['seconds_per_image']:.2f}")
+    if "dit_class_accuracy" in report:
+        print(f"DiT requested class: {100 * report['dit_class_accuracy']:.1f}%")
+    print(f"VAE PSNR, held-out scenes: {report['vae_psnr_held_out_scenes']:.2f} dB")
+    if "vae_psnr_photos" in report:
+        print(f"VAE PSNR, photos: {report['vae_psnr_photos']}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sd_core.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, steps, batch, lr in (("vae", 2500, 16, 1e-3), ("text-to-image", 4000, 32, 5e-4), ("dit", 4000, 32, 5e-4)):
+        p = commands.add_parser(name)
+        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--batch", type=int, default=batch)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--save-every", type=int, default=250)
+        p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+        p.add_argument("--stop-at", type=int, help="checkpoint and stop after this step (resume later)")
+        if name != "vae":
+            p.add_argument("--vae", type=Path, required=True, help="a trained VAE run's model folder")
+    e = commands.add_parser("evaluate")
+    e.add_argument("--model", type=Path, required=True)
+    e.add_argument("--dit", type=Path)
+    e.add_argument("--seeds", type=int, default=4)
+    e.add_argument("--grid", type=Path)
+    e.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        report = evaluate(args.model, args.dit, args.seeds, args.grid)
+        print_report(report)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return
+    run = Run(args.out, args.steps, args.batch, args.lr, args.seed, args.save_every, threads=args.threads,
+              stop_at=args.stop_at)
+    if args.command == "vae":
+        train_vae(run)
+    elif args.command == "text-to-image":
+        train_text_to_image(run, args.vae)
+    else:
+        train_dit(run, args.vae)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+import dataclasses
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from sd_core import shapes, train
+from sd_core.loading import load_pipeline
+from sd_core.pipelines import dit_sample, text_to_image
+
+TINY_VAE = dict(train.VAE_CONFIG, block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+                up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4)
+TINY_TEXT = dict(train.TEXT_ENCODER_CONFIG, hidden_size=16, intermediate_size=32, num_hidden_layers=1)
+TINY_UNET = dict(train.UNET_CONFIG, sample_size=32, block_out_channels=[16, 16], attention_head_dim=[2, 2],
+                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                 cross_attention_dim=16, norm_num_groups=4)
+TINY_DIT = dict(train.DIT_CONFIG, num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=32, patch_size=4)
+
+
+def test_scorer_gives_full_marks_to_rendered_scenes():
+    rng = np.random.default_rng(0)
+    for scene in shapes.ALL_SCENES:
+        for image in (shapes.render(scene), shapes.render(scene, rng)):
+            result = shapes.score(image, scene)
+            assert result.all and result.size, (scene, result.found)
+
+
+@pytest.mark.parametrize("attribute", ["colour", "position", "shape", "size", "background"])
+def test_scorer_catches_every_wrong_attribute(attribute):
+    values = {"colour": list(shapes.COLOURS), "position": list(shapes.POSITIONS), "shape": list(shapes.SHAPES),
+              "size": list(shapes.SIZES), "background": list(shapes.BACKGROUNDS)}[attribute]
+    for scene in shapes.ALL_SCENES[::7]:
+        wrong = dataclasses.replace(scene, **{attribute: next(v for v in values if v != getattr(scene, attribute))})
+        result = shapes.score(shapes.render(wrong), scene)
+        caught = not result.size if attribute == "size" else not result.all
+        assert caught, (scene, wrong, result.found)
+
+
+def test_scorer_rejects_noisy_backgrounds_and_empty_images():
+    scene = shapes.ALL_SCENES[0]
+    noisy = shapes.render(scene).astype(int) + np.random.default_rng(0).integers(-40, 40, (64, 64, 3))
+    assert not shapes.score(np.clip(noisy, 0, 255).astype(np.uint8), scene).clean_background
+    blank = np.full((64, 64, 3), shapes.BACKGROUNDS[scene.background], dtype=np.uint8)
+    assert not shapes.score(blank, scene).all
+
+
+def test_held_out_prompts_never_appear_in_training():
+    assert shapes.HELD_OUT and not shapes.HELD_OUT & set(shapes.TRAIN_SCENES)
+    seen = {scene for step in range(50) for scene, _ in shapes.sample_scenes(step, 16)}
+    assert not seen & shapes.HELD_OUT
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    train.train_vae(train.Run(out, steps=40, batch=8, lr=3e-3, save_every=20), TINY_VAE)
+    return out
+
+
+def losses(folder):
+    return [float(line.split()[1]) for line in (folder / "loss.log").read_text().splitlines()]
+
+
+@torch.no_grad()
+def test_vae_training_lowers_the_loss_and_writes_a_loadable_model(tiny_vae):
+    assert len(losses(tiny_vae)) == 40
+    _, images = train.batch_of_scenes(train.Run(tiny_vae, steps=1, batch=16, lr=0, seed=5), 0)  # unseen batch
+    torch.manual_seed(0)
+    initial = train.AutoencoderKL.from_config(TINY_VAE)  # the run's starting point (seed 0)
+    vae = train.load_vae(tiny_vae / "model")
+    error = lambda model: torch.nn.functional.mse_loss(model.decode(model.encode(images).mode()), images)  # noqa: E731
+    assert error(vae) < 0.85 * error(initial)
+    assert vae.config.scaling_factor > 0
+    reference = diffusers.AutoencoderKL.from_pretrained(tiny_vae / "model" / "vae", local_files_only=True)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(vae.decode(vae.encode(x).mode()), reference(x).sample, atol=1e-5)
+
+
+def test_training_resumes_exactly_from_its_checkpoint(tiny_vae, tmp_path):
+    straight = train.Run(tmp_path / "straight", steps=6, batch=2, lr=1e-3, save_every=3)
+    train.train_text_to_image(straight, tiny_vae / "model", TINY_TEXT, TINY_UNET)
+    interrupted = dataclasses.replace(straight, out=tmp_path / "interrupted", stop_at=3)
+    with pytest.raises(SystemExit, match="stopped at step 3 of 6"):
+        train.train_text_to_image(interrupted, tiny_vae / "model", TINY_TEXT, TINY_UNET)
+    train.train_text_to_image(dataclasses.replace(interrupted, stop_at=None), tiny_vae / "model", TINY_TEXT, TINY_UNET)
+    a, b = load_pipeline(tmp_path / "straight" / "model"), load_pipeline(tmp_path / "interrupted" / "model")
+    for name in ("unet", "text_encoder"):
+        for key, value in a.models[name].state_dict().items():
+            assert torch.equal(value, b.models[name].state_dict()[key]), key
+    assert losses(tmp_path / "straight") == losses(tmp_path / "interrupted")
+
+
+def test_trained_folders_load_in_diffusers_and_give_the_same_images(tiny_vae, tmp_path):
+    run = train.Run(tmp_path / "sd", steps=2, batch=2, lr=1e-3)
+    train.train_text_to_image(run, tiny_vae / "model", TINY_TEXT, TINY_UNET)
+    ours = load_pipeline(run.out / "model")
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(run.out / "model", local_files_only=True)
+    expected = theirs("a red circle", num_inference_steps=3, height=32, width=32,
+                      generator=torch.Generator().manual_seed(0), output_type="np").images
+    got = text_to_image(ours, "a red circle", steps=3, height=32, width=32, seed=0)
+    assert np.abs(np.asarray(got.images[0]).astype(int) - (expected[0] * 255).round().astype(int)).max() <= 1
+    run = train.Run(tmp_path / "dit", steps=2, batch=2, lr=1e-3)
+    train.train_dit(run, tiny_vae / "model", TINY_DIT)
+    ours = load_pipeline(run.out / "model")
+    assert ours.id2label[0] == shapes.CLASS_NAMES[0]
+    theirs = diffusers.DiTPipeline.from_pretrained(run.out / "model", local_files_only=True)
+    expected = theirs([1], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    got = dit_sample(ours, ["green circle"], steps=3, seed=0)
+    assert np.abs(np.asarray(got.images[0]).astype(int) - (expected[0] * 255).round().astype(int)).max() <= 1
