@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     b.add_argument("--dtypes", default="fp32,bf16")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--latent", type=int, default=32, help="latent size of the real-size configs (32: 256 px)")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     b.add_argument("--json")
     args = parser.parse_args(argv)
     if args.command == "benchmark":

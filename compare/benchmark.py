@@ -210,6 +210,8 @@ def table(rows: list[Row]) -> str:
 
 
 def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = run(args.configs.split(","), args.dtypes.split(","), args.repeats, args.latent)
     print()

@@ -79,9 +79,9 @@ def unet_rules(config) -> Rules:
     _ldm_resnet(m, "mid_block.resnets.1.", "middle_block.2.")
     i = 1
     for b in range(n):
-        for l in range(layers[b]):
-            _ldm_resnet(m, f"down_blocks.{b}.resnets.{l}.", f"input_blocks.{i}.0.")
-            m[f"down_blocks.{b}.attentions.{l}."] = f"input_blocks.{i}.1."
+        for layer in range(layers[b]):
+            _ldm_resnet(m, f"down_blocks.{b}.resnets.{layer}.", f"input_blocks.{i}.0.")
+            m[f"down_blocks.{b}.attentions.{layer}."] = f"input_blocks.{i}.1."
             i += 1
         if b < n - 1:
             m[f"down_blocks.{b}.downsamplers.0.conv."] = f"input_blocks.{i}.0.op."
@@ -90,10 +90,10 @@ def unet_rules(config) -> Rules:
     for b in range(n):
         has_attention = config.up_block_types[b] == "CrossAttnUpBlock2D"
         up_layers = layers[n - 1 - b] + 1
-        for l in range(up_layers):
-            _ldm_resnet(m, f"up_blocks.{b}.resnets.{l}.", f"output_blocks.{j}.0.")
-            m[f"up_blocks.{b}.attentions.{l}."] = f"output_blocks.{j}.1."
-            if l == up_layers - 1 and b < n - 1:
+        for layer in range(up_layers):
+            _ldm_resnet(m, f"up_blocks.{b}.resnets.{layer}.", f"output_blocks.{j}.0.")
+            m[f"up_blocks.{b}.attentions.{layer}."] = f"output_blocks.{j}.1."
+            if layer == up_layers - 1 and b < n - 1:
                 m[f"up_blocks.{b}.upsamplers.0.conv."] = f"output_blocks.{j}.{2 if has_attention else 1}.conv."
             j += 1
     return Rules(m, [], prefix="model.diffusion_model.")

@@ -248,7 +248,7 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
     """Generate every held-out prompt x `seeds` and score the images; DiT per class; VAE PSNR."""
     from PIL import Image
 
-    from .pipelines import dit_sample, psnr, text_to_image, vae_roundtrip
+    from .pipelines import dit_sample, text_to_image, vae_roundtrip
     pipe = load_pipeline(model)
     held_out = sorted(shapes.HELD_OUT, key=lambda s: s.caption)
     scores, tiles = [], []

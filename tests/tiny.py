@@ -4,7 +4,6 @@ import json
 import tempfile
 
 import diffusers
-import torch
 import transformers
 
 from sd_core.tokenizer import CLIPTokenizer
