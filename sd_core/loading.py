@@ -387,7 +387,11 @@ def atomic_folder(folder: Path, overwrite: bool):
         raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it.")
     if not folder.parent.is_dir():
         raise FileNotFoundError(f"The folder {folder.parent} does not exist; create it first.")
-    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    temporary.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+    return temporary
 
 
 def commit_folder(temporary: Path, folder: Path):
@@ -436,7 +440,8 @@ def save_pipeline(pipe, folder, overwrite: bool = False) -> Path:
         else:
             index["_class_name"] = "StableDiffusionXLPipeline" if pipe.family.startswith("sdxl") \
                 else "StableDiffusionPipeline"
-            for name in ("tokenizer", "tokenizer_2"):
+            names = ("tokenizer", "tokenizer_2") if pipe.family.startswith("sdxl") else ("tokenizer",)
+            for name in names:
                 if getattr(pipe, name) is not None:
                     getattr(pipe, name).save(temporary / name)
                     index[name] = ["transformers", "CLIPTokenizer"]

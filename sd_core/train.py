@@ -46,9 +46,13 @@ UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_blo
                    cross_attention_dim=64, norm_num_groups=8, use_linear_projection=True)
 DIT_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, num_layers=6, sample_size=16, patch_size=2,
                   in_channels=4, out_channels=4, num_embeds_ada_norm=1000)  # id 1000: the null class DiTPipeline uses
+# v-prediction: with eps-prediction, these small models' x0 estimates at high noise were noise-amplified
+# textures after 1500 steps (the eps error is multiplied by 1/sqrt(alpha_bar), ~24x at t=900); predicting
+# v = sqrt(a) eps - sqrt(1-a) x0 makes the high-noise steps learn the layout directly.
 SD_SCHEDULER = {**presets.SCHEDULER_SD, "_class_name": "DPMSolverMultistepScheduler", "timestep_spacing": "linspace",
-                "steps_offset": 0}
-DIT_SCHEDULER = {**presets.SCHEDULER_DIT, "_class_name": "DPMSolverMultistepScheduler", "timestep_spacing": "linspace"}
+                "steps_offset": 1, "prediction_type": "v_prediction"}  # the offset only matters for "leading"
+DIT_SCHEDULER = {**presets.SCHEDULER_DIT, "_class_name": "DPMSolverMultistepScheduler", "timestep_spacing": "linspace",
+                 "prediction_type": "v_prediction"}
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DIT_GUIDANCE = 20, 5.0, 3.0
 
 
@@ -112,7 +116,11 @@ def train(run: Run, models: dict, loss_fn, describe: str) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         ema, start = state["ema"], state["step"]
         print(f"resumed {describe} at step {start}")
-    log = (run.out / "loss.log").open("a")
+    log_path = run.out / "loss.log"
+    if log_path.is_file():  # drop lines logged after the checkpoint by an interrupted run
+        kept = [line for line in log_path.read_text().splitlines() if int(line.split()[0]) < start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    log = log_path.open("a")
     end = min(run.steps, run.stop_at or run.steps)
     bar = tqdm(range(start, end), initial=start, total=run.steps, desc=describe, unit="step")
     started = time.time()
@@ -178,6 +186,14 @@ def load_vae(folder: Path) -> AutoencoderKL:
     return load_component(Path(folder) / "vae", "AutoencoderKL", torch.float32, "cpu", None, False)
 
 
+def denoising_loss(scheduler, model, latents: torch.Tensor, *conditioning) -> torch.Tensor:
+    """Noise the latents at uniform random timesteps; regress the target of the scheduler's prediction type."""
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+    target = scheduler.velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    return F.mse_loss(model(scheduler.add_noise(latents, noise, t), t, *conditioning), target)
+
+
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images).sample() * vae.config.scaling_factor
@@ -199,10 +215,7 @@ def train_text_to_image(run: Run, vae_folder: Path, text_encoder_config: dict = 
         scenes, images = batch_of_scenes(run, step)
         latents = encode_latents(vae, images)
         captions = ["" if torch.rand(()) < caption_dropout else scene.caption for scene in scenes]
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(scenes),))
-        context = text_encoder(tokenizer(captions)).last_hidden_state
-        return F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, context), noise)
+        return denoising_loss(scheduler, unet, latents, text_encoder(tokenizer(captions)).last_hidden_state)
 
     text_encoder.train(), unet.train()
     ema = train(run, {"text_encoder": text_encoder, "unet": unet}, loss_fn, "text-to-image")
@@ -227,9 +240,7 @@ def train_dit(run: Run, vae_folder: Path, config: dict = DIT_CONFIG, label_dropo
         latents = encode_latents(vae, images)
         labels = torch.tensor([scene.class_id for scene in scenes])
         labels = torch.where(torch.rand(len(labels)) < label_dropout, null_class, labels)  # for guidance
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(scenes),))
-        return F.mse_loss(dit(scheduler.add_noise(latents, noise, t), t, labels), noise)
+        return denoising_loss(scheduler, dit, latents, labels)
 
     dit.train()
     ema = train(run, {"dit": dit}, loss_fn, "dit")
@@ -251,7 +262,7 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
     from .pipelines import dit_sample, text_to_image, vae_roundtrip
     pipe = load_pipeline(model)
     held_out = sorted(shapes.HELD_OUT, key=lambda s: s.caption)
-    scores, tiles = [], []
+    scores, tiles, dit_tiles = [], [], []
     for i, scene in enumerate(tqdm(held_out, desc="text to image")):
         result = text_to_image(pipe, [scene.caption], steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, seed=i,
                                images_per_prompt=seeds)
@@ -281,11 +292,11 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
                 found = shapes.analyse(np.asarray(image))
                 correct.append(found.get("colour") == colour and found.get("shape") == shape)
             if class_id % 3 == 0:
-                tiles.append(np.concatenate([np.asarray(image) for image in result.images], axis=1))
+                dit_tiles.append(np.concatenate([np.asarray(image) for image in result.images], axis=1))
         report["dit_class_accuracy"] = float(np.mean(correct))
     if grid is not None:
-        width = max(t.shape[1] for t in tiles)
-        rows = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles[:12]]
+        width = max(t.shape[1] for t in tiles + dit_tiles)
+        rows = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles[:8] + dit_tiles]
         Image.fromarray(np.concatenate(rows, axis=0)).save(grid)
     return report
 
@@ -310,7 +321,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sd_core.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, steps, batch, lr in (("vae", 2500, 16, 1e-3), ("text-to-image", 4000, 32, 5e-4), ("dit", 4000, 32, 5e-4)):
+    for name, steps, batch, lr in (("vae", 2500, 16, 1e-3), ("text-to-image", 3500, 32, 5e-4), ("dit", 3000, 32, 5e-4)):
         p = commands.add_parser(name)
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--steps", type=int, default=steps)
