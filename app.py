@@ -22,12 +22,11 @@ from PIL import Image
 
 from compare.parity import run_parity
 from sd_core.convert import CheckpointError
-from sd_core.loading import HUB_ID, load_pipeline
+from sd_core.loading import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE, HUB_ID, load_pipeline
 from sd_core.pipelines import (SCHEDULER_NAMES, DiTPipeline, StableDiffusionPipeline, dit_sample, preview,
                                resolve_seed, text_to_image, vae_roundtrip)
 
-WEIGHTS = Path(__file__).resolve().parent / "sd_core" / "weights"
-EMBEDDED = {"embedded: shapes (text to image)": WEIGHTS / "shapes-sd", "embedded: shapes (DiT)": WEIGHTS / "shapes-dit"}
+EMBEDDED = {"embedded: shapes (text to image)": EMBEDDED_TEXT_TO_IMAGE, "embedded: shapes (DiT)": EMBEDDED_DIT}
 PHOTOS = Path(__file__).resolve().parent / "sd_core" / "data" / "photos"
 EXAMPLE_SCENE = Path(__file__).resolve().parent / "sd_core" / "data" / "example-scene.png"
 MAX_SIZE, MAX_STEPS, MAX_BATCH = 1024, 100, 8
@@ -117,6 +116,11 @@ def as_int(value, name: str, low: int, high: int) -> int:
     return number
 
 
+def seed_of(seed) -> int:
+    """A visitor's seed: -1 (or empty) draws a random one, anything else must be a valid seed."""
+    return resolve_seed(None if seed is None or seed < 0 else as_int(seed, "seed", 0, 2 ** 32 - 1))
+
+
 def progress_callback(progress, total: int, pipe=None, trajectory: list | None = None):
     def callback(step, timestep, latents, x0):
         progress((step + 1, total), desc="denoising")
@@ -135,7 +139,7 @@ def generate_images(model, prompt, negative_prompt, steps, guidance_scale, sched
     steps = as_int(steps, "steps", 1, MAX_STEPS)
     width, height = as_int(width, "width", 8, MAX_SIZE), as_int(height, "height", 8, MAX_SIZE)
     batch = as_int(batch, "batch", 1, MAX_BATCH)
-    seed = resolve_seed(None if seed is None or int(seed) < 0 else as_int(seed, "seed", 0, 2 ** 32 - 1))
+    seed = seed_of(seed)
     trajectory = [] if show_trajectory else None
     result = text_to_image(pipe, prompt or "", negative_prompt or None, steps=steps, guidance_scale=float(guidance_scale),
                            scheduler=scheduler, width=width, height=height, seed=seed, images_per_prompt=batch,
@@ -164,7 +168,7 @@ def sample_dit(model, class_label, guidance_scale, steps, scheduler, seed, batch
         raise gr.Error(f"{model} is not a DiT model.")
     steps = as_int(steps, "steps", 1, MAX_STEPS)
     batch = as_int(batch, "batch", 1, MAX_BATCH)
-    seed = resolve_seed(None if seed is None or int(seed) < 0 else as_int(seed, "seed", 0, 2 ** 32 - 1))
+    seed = seed_of(seed)
     result = dit_sample(pipe, [str(class_label)] * batch, guidance_scale=float(guidance_scale), steps=steps,
                         scheduler=scheduler, seed=seed, guided_channels=guided_channels,
                         callback=progress_callback(progress, steps))

@@ -4,9 +4,9 @@ import sys
 from pathlib import Path
 
 from . import benchmark
-from .parity import REFERENCE_SCHEDULERS, run_parity
+from sd_core.loading import EMBEDDED_TEXT_TO_IMAGE
 
-EMBEDDED_SD = Path(__file__).resolve().parent.parent / "sd_core" / "weights" / "shapes-sd"
+from .parity import REFERENCE_SCHEDULERS, run_parity
 
 
 def main(argv=None) -> int:
@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("parity", help="sd_core vs diffusers, stage by stage, on the same weights")
     p.add_argument("prompt")
-    p.add_argument("--model", default=str(EMBEDDED_SD), help="folder, single file or hub id (default: embedded)")
+    p.add_argument("--model", default=str(EMBEDDED_TEXT_TO_IMAGE), help="folder, single file or hub id (default: embedded)")
     p.add_argument("--negative")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=10)

@@ -22,11 +22,11 @@ import torch
 from sd_core import presets
 from sd_core.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sd_core.dit import DiTTransformer2DModel, dit_config
+from sd_core.loading import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.unet import UNet2DConditionModel
 from sd_core.vae import AutoencoderKL
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-EMBEDDED = Path(__file__).resolve().parent.parent / "sd_core" / "weights"
 
 
 def device() -> str:
@@ -164,9 +164,9 @@ def embedded_pipeline_pair(steps: int = 20):
 
     from sd_core.loading import load_pipeline
     from sd_core.pipelines import text_to_image
-    folder = EMBEDDED / "shapes-sd"
-    ours = load_pipeline(folder, device=device())
-    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True).to(device())
+    ours = load_pipeline(EMBEDDED_TEXT_TO_IMAGE, device=device())
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(EMBEDDED_TEXT_TO_IMAGE,
+                                                                  local_files_only=True).to(device())
     reference.set_progress_bar_config(disable=True)
     prompt = "a small red circle on the left on a gray background"
     return (lambda: text_to_image(ours, prompt, steps=steps, seed=0, guidance_scale=5.0),
@@ -181,7 +181,7 @@ def run(configs: list[str], dtypes: list[str], repeats: int, latent: int = 32) -
         for config in configs:
             pairs = {}
             if config == "embedded":
-                if dtype_name == "fp32" and (EMBEDDED / "shapes-sd").is_dir():
+                if dtype_name == "fp32" and EMBEDDED_TEXT_TO_IMAGE.is_dir():
                     pairs["pipeline (20 steps, CFG)"] = embedded_pipeline_pair()
             elif config == "sd15":
                 pairs["UNet step (batch 2)"] = unet_pair(presets.UNET_SD15, dtype, latent, 768)

@@ -19,11 +19,12 @@ from PIL import Image, ImageDraw
 
 from sd_core.loading import load_pipeline, save_pipeline
 from sd_core.pipelines import encode_text, text_to_image
+from sd_core.schedulers import DIFFUSERS_CLASS_NAMES
 
 TOLERANCE = 1e-4  # component outputs: max |a - b| relative to the reference's scale (DESIGN.md)
-REFERENCE_SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
-                        "euler_ancestral": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-                        "dpmpp_2m_karras": "DPMSolverMultistepScheduler"}
+# sd_core sampler name -> diffusers scheduler class name (the inverse of sd_core's mapping, plus Karras).
+REFERENCE_SCHEDULERS = {name: cls for cls, name in DIFFUSERS_CLASS_NAMES.items()} | {
+    "dpmpp_2m_karras": "DPMSolverMultistepScheduler"}
 
 
 @dataclasses.dataclass
@@ -52,6 +53,9 @@ def compare_tensors(name: str, ours: torch.Tensor, reference: torch.Tensor, tole
 
 def compare_images(ours: np.ndarray, reference: np.ndarray) -> Stage:
     """8-bit images: equal, or at most 1 level off in at most 0.1% of values."""
+    if ours.shape != reference.shape:
+        return Stage("decoded images (8-bit)", math.inf, math.inf, math.inf, 0.0, 1 / 255, False,
+                     {"shapes": [list(ours.shape), list(reference.shape)]})
     a, b = ours.astype(np.int32), reference.astype(np.int32)
     difference = np.abs(a - b)
     mse = float(np.mean((a - b) ** 2))

@@ -7,13 +7,10 @@ import torch
 from tqdm import tqdm
 
 from .convert import CheckpointError
-from .loading import load_pipeline
+from .loading import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE, load_pipeline
 from .pipelines import (SCHEDULER_NAMES, DiTPipeline, StableDiffusionPipeline, dit_sample, generate, save_image,
                         vae_roundtrip)
 
-WEIGHTS = Path(__file__).parent / "weights"
-DEFAULT_TEXT_TO_IMAGE = WEIGHTS / "shapes-sd"
-DEFAULT_DIT = WEIGHTS / "shapes-dit"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -52,7 +49,7 @@ def check_output(output: Path):
 def run_generate(args):
     output = Path(args.output)
     check_output(output)
-    pipe = load(args.model or DEFAULT_TEXT_TO_IMAGE, args, StableDiffusionPipeline)
+    pipe = load(args.model or EMBEDDED_TEXT_TO_IMAGE, args, StableDiffusionPipeline)
     result = generate(pipe, args.prompt, args.negative, image=args.init_image, strength=args.strength,
                       height=args.height, width=args.width, steps=args.steps, scheduler=args.scheduler,
                       guidance_scale=args.guidance if args.guidance is not None else
@@ -68,7 +65,7 @@ def run_generate(args):
 def run_vae(args):
     output = Path(args.output)
     check_output(output)
-    pipe = load(args.model or DEFAULT_TEXT_TO_IMAGE, args, (StableDiffusionPipeline, DiTPipeline))
+    pipe = load(args.model or EMBEDDED_TEXT_TO_IMAGE, args, (StableDiffusionPipeline, DiTPipeline))
     result = vae_roundtrip(pipe.vae, args.image, sample=args.sample, seed=args.seed)
     save_image(result.reconstruction, output)
     print(f"wrote {output}  PSNR {result.psnr:.2f} dB")
@@ -77,7 +74,7 @@ def run_vae(args):
 def run_dit(args):
     output = Path(args.output)
     check_output(output)
-    pipe = load(args.model or DEFAULT_DIT, args, DiTPipeline)
+    pipe = load(args.model or EMBEDDED_DIT, args, DiTPipeline)
     result = dit_sample(pipe, args.labels, guidance_scale=args.guidance, steps=args.steps, scheduler=args.scheduler,
                         seed=args.seed, guided_channels=args.guided_channels,
                         callback=progress_callback(args.steps))

@@ -28,6 +28,13 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool,
     return F.pad(embedding, (0, dim % 2))
 
 
+def randn_tensor(shape, generator: torch.Generator | None, dtype, device) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device (CPU by default) then moved, as diffusers' randn_tensor
+    draws it, so one seed gives the same noise in both stacks whatever the compute device."""
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
 def broadcast_timesteps(timestep, batch_size: int, device) -> torch.Tensor:
     """Accept an int, float, 0-d or per-batch tensor and return a (batch_size,) tensor."""
     if not torch.is_tensor(timestep):

@@ -39,6 +39,9 @@ MODEL_CLASSES = {  # model_index.json class name -> (sd_core class, weights file
     "CLIPTextModel": (CLIPTextModel, "model", "transformers"),
     "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, "model", "transformers"),
 }
+WEIGHTS = Path(__file__).parent / "weights"
+EMBEDDED_TEXT_TO_IMAGE = WEIGHTS / "shapes-sd"  # the models sd_core trains and ships (python -m sd_core.train)
+EMBEDDED_DIT = WEIGHTS / "shapes-dit"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -245,17 +248,18 @@ def single_file_layout(family: str, tensors: dict, configs: dict) -> dict:
         "unet": (UNet2DConditionModel, unet_config, convert.unet_rules(UNet2DConditionConfig.from_dict(unet_config))),
         "vae": (AutoencoderKL, vae_config, convert.vae_rules(AutoencoderKLConfig.from_dict(vae_config))),
     }
-    text_encoders = {
-        "sd1": [("text_encoder", CLIPTextModel, presets.CLIP_VIT_L, convert.clip_rules("cond_stage_model.transformer."))],
-        "sd2": [("text_encoder", CLIPTextModel, presets.OPENCLIP_VIT_H,
-                 convert.openclip_rules("cond_stage_model.model.", projected=False))],
-        "sdxl": [("text_encoder", CLIPTextModel, presets.CLIP_VIT_L,
-                  convert.clip_rules("conditioner.embedders.0.transformer.")),
-                 ("text_encoder_2", CLIPTextModelWithProjection, presets.OPENCLIP_VIT_BIGG,
-                  convert.openclip_rules("conditioner.embedders.1.model.", projected=True))],
-        "sdxl_refiner": [("text_encoder_2", CLIPTextModelWithProjection, presets.OPENCLIP_VIT_BIGG,
-                          convert.openclip_rules("conditioner.embedders.0.model.", projected=True))],
-    }[family]
+    text_encoders = {  # built for the one family asked for
+        "sd1": lambda: [("text_encoder", CLIPTextModel, presets.CLIP_VIT_L,
+                         convert.clip_rules("cond_stage_model.transformer."))],
+        "sd2": lambda: [("text_encoder", CLIPTextModel, presets.OPENCLIP_VIT_H,
+                         convert.openclip_rules("cond_stage_model.model.", projected=False))],
+        "sdxl": lambda: [("text_encoder", CLIPTextModel, presets.CLIP_VIT_L,
+                          convert.clip_rules("conditioner.embedders.0.transformer.")),
+                         ("text_encoder_2", CLIPTextModelWithProjection, presets.OPENCLIP_VIT_BIGG,
+                          convert.openclip_rules("conditioner.embedders.1.model.", projected=True))],
+        "sdxl_refiner": lambda: [("text_encoder_2", CLIPTextModelWithProjection, presets.OPENCLIP_VIT_BIGG,
+                                  convert.openclip_rules("conditioner.embedders.0.model.", projected=True))],
+    }[family]()
     for name, model_class, preset, rules in text_encoders:
         layout[name] = (model_class, configs.get(name) or preset, rules)
     return layout
@@ -338,12 +342,13 @@ def load_single_file(path, dtype=None, device=None, use_ema=False, config=None, 
 
 
 def load_vae(vae, dtype=None, device=None) -> AutoencoderKL:
-    """The VAE a DiT checkpoint needs (original DiT files hold only the transformer)."""
+    """An AutoencoderKL from a diffusers `vae/` folder (e.g. the one an original DiT checkpoint needs)."""
     if isinstance(vae, AutoencoderKL):
         return vae.to(device=device, dtype=dtype or torch.float32)
     if vae is None or not (Path(vae) / "config.json").is_file():
-        raise CheckpointError("An original DiT checkpoint holds no VAE: pass vae=<a diffusers AutoencoderKL folder> "
-                              "(DiT was trained with stabilityai/sd-vae-ft-ema) or config=<a diffusers DiT folder>.")
+        raise CheckpointError(f"No AutoencoderKL folder at {vae}. (An original DiT checkpoint holds no VAE: pass "
+                              f"vae=<a diffusers AutoencoderKL folder>, e.g. stabilityai/sd-vae-ft-ema, or "
+                              f"config=<a diffusers DiT folder>.)")
     return load_component(Path(vae), "AutoencoderKL", dtype, device, None, False)
 
 

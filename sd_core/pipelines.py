@@ -22,12 +22,12 @@ from PIL import Image, ImageOps, PngImagePlugin
 
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .dit import DiTTransformer2DModel
+from .layers import randn_tensor
 from .schedulers import DIFFUSERS_CLASS_NAMES, SCHEDULERS, make_scheduler
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 DEFAULT_SCHEDULER = "dpmpp_2m"  # for configs written for a sampler sd_core does not implement (e.g. PNDM)
 MAX_SEED = 2 ** 32 - 1
 # callback(step, timestep, latents, predicted x0): called after every denoising step.
@@ -112,10 +112,13 @@ def resolve_seed(seed: int | None) -> int:
     return seed
 
 
+def scheduler_name(config: dict, name: str | None) -> str:
+    """The sampler asked for, or the one the model's config names (falling back to DPM-Solver++ 2M)."""
+    return name or DIFFUSERS_CLASS_NAMES.get(config.get("_class_name"), DEFAULT_SCHEDULER)
+
+
 def scheduler_for(pipe, name: str | None):
-    """A sampler by name, or the one the model's config names (falling back to DPM-Solver++ 2M)."""
-    if name is None:
-        name = DIFFUSERS_CLASS_NAMES.get(pipe.scheduler_config.get("_class_name"), DEFAULT_SCHEDULER)
+    name = scheduler_name(pipe.scheduler_config, name)
     return make_scheduler(name, pipe.scheduler_config), name
 
 
@@ -130,11 +133,6 @@ def check_common(steps, guidance_scale, batch):
 
 def dtype_of(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
-
-
-def randn(shape, generator: torch.Generator, dtype, device) -> torch.Tensor:
-    """Noise drawn on the generator's device (CPU by default) then moved, as diffusers' randn_tensor."""
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
 def to_pil(images: torch.Tensor, denormalize: Callable) -> list:
@@ -208,14 +206,14 @@ def check_size(pipe, height: int, width: int):
 
 
 def encode_text(tokenizer: CLIPTokenizer, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(prompts)
-    for prompt in prompts:
-        tokens = tokenizer.tokenize(prompt)
-        if len(tokens) > tokenizer.model_max_length - 2:
-            dropped = tokenizer.decode(tokens[tokenizer.model_max_length - 2:])
+    """Padded ids of each prompt, warning (with the dropped text) when one is truncated."""
+    tokens = [tokenizer.tokenize(prompt) for prompt in prompts]
+    room = tokenizer.model_max_length - 2
+    for prompt_tokens in tokens:
+        if len(prompt_tokens) > room:
             warnings.warn(f"The prompt is longer than CLIP's {tokenizer.model_max_length} tokens and was truncated; "
-                          f"this part was ignored: {dropped!r}", stacklevel=3)
-    return ids.to(device)
+                          f"this part was ignored: {tokenizer.decode(prompt_tokens[room:])!r}", stacklevel=3)
+    return tokenizer.pad(tokens).to(device)
 
 
 def encode_prompt(pipe: StableDiffusionPipeline, prompts: list[str], negatives: list[str] | None, guided: bool):
@@ -303,13 +301,13 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
     if image is not None:  # encode (sampling the posterior) then noise to the first step, as diffusers does
         encoded = pipe.vae.encode(image_to_tensor(image, dtype_of(pipe.vae), device)).sample(generator)
         x0 = (pipe.vae.config.scaling_factor * encoded).to(dtype).repeat(batch, 1, 1, 1)
-        x = sampler.add_noise_at_start(state, x0, randn(shape, generator, dtype, device))
+        x = sampler.add_noise_at_start(state, x0, randn_tensor(shape, generator, dtype, device))
     elif latents is not None:
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}.")
         x = latents.to(device=device, dtype=dtype) * state.init_noise_sigma
     else:
-        x = randn(shape, generator, dtype, device) * state.init_noise_sigma
+        x = randn_tensor(shape, generator, dtype, device) * state.init_noise_sigma
 
     step_kwargs = {"eta": eta} if scheduler_name == "ddim" else {}
     for i, t in enumerate(state.timesteps):
@@ -416,14 +414,14 @@ def dit_sample(pipe: DiTPipeline, class_labels, *, guidance_scale: float = 4.0, 
     generator = torch.Generator("cpu").manual_seed(seed)
     learned_sigma = c.out_channels == 2 * c.in_channels
     config = dict(pipe.scheduler_config)
-    name = scheduler or DIFFUSERS_CLASS_NAMES.get(config.get("_class_name"), DEFAULT_SCHEDULER)
+    name = scheduler_name(config, scheduler)
     if name == "ddpm" and learned_sigma:
         config["variance_type"] = "learned_range"
     sampler = make_scheduler(name, config)
     state = sampler.set_timesteps(steps)
     device, dtype = pipe.transformer.proj_out_2.weight.device, pipe.transformer.proj_out_2.weight.dtype
     guided = guidance_scale > 1
-    x = randn((len(labels), c.in_channels, c.sample_size, c.sample_size), generator, dtype, device)
+    x = randn_tensor((len(labels), c.in_channels, c.sample_size, c.sample_size), generator, dtype, device)
     x = x * state.init_noise_sigma
     class_ids = torch.tensor(labels, device=device)
     if guided:  # DiT orders the guidance batch [cond, uncond]; the null class is id num_embeds_ada_norm

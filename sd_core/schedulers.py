@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .layers import randn_tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -238,12 +239,6 @@ class Scheduler:
         raise NotImplementedError
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None, dtype=None) -> torch.Tensor:
-    """Noise drawn on the generator's device then moved, as diffusers' randn_tensor does."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=dtype or x.dtype).to(x.device)
-
-
 class DDPM(Scheduler):
     """Ho et al. (2020): ancestral sampling from the posterior q(x_{t-1} | x_t, x0_hat)."""
     name = "ddpm"
@@ -289,7 +284,7 @@ class DDPM(Scheduler):
         mean = (alpha_bar_prev ** 0.5 * (1 - alpha)) / (1 - alpha_bar) * x0 \
             + alpha ** 0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar) * xt
         if t > 0:
-            noise = randn_like(model_output, generator)
+            noise = randn_tensor(model_output.shape, generator, model_output.dtype, model_output.device)
             variance = self.posterior_variance(t, prev_t, predicted_variance)
             std = torch.exp(0.5 * variance) if self.config.variance_type == "learned_range" else variance ** 0.5
             mean = mean + std * noise
@@ -330,7 +325,8 @@ class DDIM(DDPM):
         std = eta * variance ** 0.5
         prev_sample = alpha_bar_prev ** 0.5 * x0 + (1 - alpha_bar_prev - std ** 2) ** 0.5 * eps
         if eta > 0:
-            prev_sample = prev_sample + std * randn_like(model_output, generator)
+            prev_sample = prev_sample + std * randn_tensor(model_output.shape, generator, model_output.dtype,
+                                                          model_output.device)
         return StepOutput(prev_sample, x0)
 
 
@@ -393,7 +389,8 @@ class EulerAncestral(EulerDiscrete):
         sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
         derivative = (sample - x0) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma)
-        prev_sample = prev_sample + randn_like(model_output, generator) * sigma_up
+        noise = randn_tensor(model_output.shape, generator, model_output.dtype, model_output.device)
+        prev_sample = prev_sample + noise * sigma_up
         return StepOutput(prev_sample.to(model_output.dtype), x0)
 
 

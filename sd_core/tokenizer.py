@@ -136,13 +136,19 @@ class CLIPTokenizer:
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         """BOS + ids + EOS, truncated to `max_length` (default 77), not padded."""
-        max_length = max_length or self.model_max_length
-        return [self.bos_token_id, *self.tokenize(text)[:max_length - 2], self.eos_token_id]
+        return self.with_specials(self.tokenize(text), max_length or self.model_max_length)
+
+    def with_specials(self, tokens: list[int], max_length: int) -> list[int]:
+        return [self.bos_token_id, *tokens[:max_length - 2], self.eos_token_id]
 
     def __call__(self, texts: str | list[str], max_length: int | None = None) -> torch.Tensor:
-        max_length = max_length or self.model_max_length
         texts = [texts] if isinstance(texts, str) else list(texts)
-        rows = [self.encode(t, max_length) for t in texts]
+        return self.pad([self.tokenize(t) for t in texts], max_length)
+
+    def pad(self, token_lists: list[list[int]], max_length: int | None = None) -> torch.Tensor:
+        """(B, max_length) ids: BOS, the tokens truncated to fit, EOS, then the pad token."""
+        max_length = max_length or self.model_max_length
+        rows = [self.with_specials(tokens, max_length) for tokens in token_lists]
         return torch.tensor([row + [self.pad_token_id] * (max_length - len(row)) for row in rows], dtype=torch.long)
 
     def decode(self, ids) -> str:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import presets, shapes
 from .clip import CLIPTextModel
 from .dit import DiTTransformer2DModel
-from .loading import atomic_folder, commit_folder, load_component, load_pipeline, save_model, save_pipeline
+from .loading import atomic_folder, commit_folder, load_pipeline, load_vae, save_model, save_pipeline
 from .pipelines import DiTPipeline, StableDiffusionPipeline
 from .schedulers import make_scheduler
 from .tokenizer import CLIPTokenizer
@@ -182,10 +182,6 @@ def train_vae(run: Run, config: dict = VAE_CONFIG, kl_weight: float = 1e-6):
     print(f"wrote {folder} (scaling_factor {vae.config.scaling_factor})")
 
 
-def load_vae(folder: Path) -> AutoencoderKL:
-    return load_component(Path(folder) / "vae", "AutoencoderKL", torch.float32, "cpu", None, False)
-
-
 def denoising_loss(scheduler, model, latents: torch.Tensor, *conditioning) -> torch.Tensor:
     """Noise the latents at uniform random timesteps; regress the target of the scheduler's prediction type."""
     noise = torch.randn_like(latents)
@@ -204,7 +200,7 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 
 def train_text_to_image(run: Run, vae_folder: Path, text_encoder_config: dict = TEXT_ENCODER_CONFIG,
                         unet_config: dict = UNET_CONFIG, caption_dropout: float = 0.1):
-    vae = load_vae(vae_folder)
+    vae = load_vae(Path(vae_folder) / "vae")
     torch.manual_seed(run.seed)
     tokenizer = CLIPTokenizer()
     text_encoder = CLIPTextModel.from_config(text_encoder_config)
@@ -229,7 +225,7 @@ def train_text_to_image(run: Run, vae_folder: Path, text_encoder_config: dict = 
 
 
 def train_dit(run: Run, vae_folder: Path, config: dict = DIT_CONFIG, label_dropout: float = 0.1):
-    vae = load_vae(vae_folder)
+    vae = load_vae(Path(vae_folder) / "vae")
     torch.manual_seed(run.seed)
     dit = DiTTransformer2DModel.from_config(config)
     scheduler = make_scheduler("ddpm", DIT_SCHEDULER)

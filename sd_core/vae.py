@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, randn_tensor
 
 VAE_EPS = 1e-6  # every GroupNorm in the VAE
 
@@ -50,10 +50,7 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        # Noise drawn on the generator's device then moved, as diffusers' randn_tensor does.
-        device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        return self.mean + self.std * randn_tensor(self.mean.shape, generator, self.mean.dtype, self.mean.device)
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -1,6 +1,7 @@
 """Shared test helpers: seeded random weights and the parity measure."""
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,3 +37,11 @@ def twin(ours_class, reference: nn.Module, config: dict | None = None) -> nn.Mod
 
 def parameter_shapes(model: nn.Module) -> dict:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def assert_images_match(ours: list, reference: np.ndarray):
+    """sd_core's PIL images against a diffusers `output_type="np"` batch, by compare/'s 8-bit rule:
+    equal, or at most 1 level off in at most 0.1% of values."""
+    from compare.parity import compare_images
+    stage = compare_images(np.stack([np.asarray(image) for image in ours]), (reference * 255).round().astype("uint8"))
+    assert stage.passed, (stage.max_abs, stage.extra)

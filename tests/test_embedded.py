@@ -5,54 +5,46 @@ import pytest
 import torch
 
 from sd_core import shapes
-from sd_core.__main__ import DEFAULT_DIT, DEFAULT_TEXT_TO_IMAGE
+from sd_core.loading import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.loading import load_pipeline
 from sd_core.pipelines import dit_sample, text_to_image
+from tests.helpers import assert_images_match
 
 SCHEDULERS = {"dpmpp_2m": diffusers.DPMSolverMultistepScheduler, "euler": diffusers.EulerDiscreteScheduler,
               "ddim": diffusers.DDIMScheduler}
 
 
-def as_uint8(images):
-    return np.stack([np.asarray(image) for image in images])
-
-
-def assert_same(ours, theirs):
-    difference = np.abs(as_uint8(ours).astype(int) - (theirs * 255).round().astype(int))
-    assert difference.max() <= 1 and (difference > 0).mean() <= 0.001
-
-
 def test_shipped_weights_are_small():
-    size = sum(p.stat().st_size for p in DEFAULT_TEXT_TO_IMAGE.parent.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in EMBEDDED_TEXT_TO_IMAGE.parent.rglob("*") if p.is_file())
     assert size < 50 * 2 ** 20, f"{size / 2 ** 20:.1f} MB"
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_diffusers_draws_the_same_images_from_the_shipped_text_to_image_model(scheduler):
-    ours = load_pipeline(DEFAULT_TEXT_TO_IMAGE)
-    theirs = diffusers.StableDiffusionPipeline.from_pretrained(DEFAULT_TEXT_TO_IMAGE, local_files_only=True)
+    ours = load_pipeline(EMBEDDED_TEXT_TO_IMAGE)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(EMBEDDED_TEXT_TO_IMAGE, local_files_only=True)
     theirs.scheduler = SCHEDULERS[scheduler].from_config(theirs.scheduler.config)
     prompt = "a small purple circle in the center on a white background"
     expected = theirs(prompt, num_inference_steps=20, guidance_scale=5.0, num_images_per_prompt=2,
                       generator=torch.Generator().manual_seed(4), output_type="np").images
     result = text_to_image(ours, prompt, steps=20, guidance_scale=5.0, images_per_prompt=2, seed=4,
                            scheduler=scheduler)
-    assert_same(result.images, expected)
+    assert_images_match(result.images, expected)
 
 
 def test_diffusers_draws_the_same_images_from_the_shipped_dit():
-    ours = load_pipeline(DEFAULT_DIT)
+    ours = load_pipeline(EMBEDDED_DIT)
     assert ours.id2label == dict(enumerate(shapes.CLASS_NAMES))
-    theirs = diffusers.DiTPipeline.from_pretrained(DEFAULT_DIT, local_files_only=True)
+    theirs = diffusers.DiTPipeline.from_pretrained(EMBEDDED_DIT, local_files_only=True)
     expected = theirs([0, 7], guidance_scale=3.0, num_inference_steps=20, generator=torch.Generator().manual_seed(2),
                       output_type="np").images
     result = dit_sample(ours, ["red circle", 7], guidance_scale=3.0, steps=20, seed=2)
-    assert_same(result.images, expected)
+    assert_images_match(result.images, expected)
 
 
 def test_the_shipped_model_draws_what_it_is_asked_for():
     """A small end-to-end sanity check of the training (the full evaluation is python -m sd_core.train evaluate)."""
-    pipe = load_pipeline(DEFAULT_TEXT_TO_IMAGE)
+    pipe = load_pipeline(EMBEDDED_TEXT_TO_IMAGE)
     scene = shapes.Scene("square", "blue", "left", "big", "white")
     result = text_to_image(pipe, scene.caption, steps=20, guidance_scale=5.0, images_per_prompt=4, seed=0)
     scores = [shapes.score(np.asarray(image), scene) for image in result.images]

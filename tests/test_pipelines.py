@@ -9,6 +9,7 @@ from PIL import Image
 from sd_core.loading import load_pipeline
 from sd_core.pipelines import (dit_sample, image_to_image, load_image, save_image, text_to_image, vae_roundtrip)
 from tests import tiny
+from tests.helpers import assert_images_match
 
 REFERENCE_SCHEDULERS = {"ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler,
                         "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
@@ -31,18 +32,6 @@ def pipelines(tmp_path_factory):
     tiny.save_pretrained(reference, folder)
     out["dit"] = (reference, load_pipeline(folder))
     return out
-
-
-def as_uint8(images):
-    return np.stack([np.asarray(image) for image in images]) if isinstance(images[0], Image.Image) \
-        else (images * 255).round().astype("uint8")
-
-
-def assert_images_match(ours, theirs):
-    ours, theirs = as_uint8(ours).astype(int), as_uint8(theirs).astype(int)
-    assert ours.shape == theirs.shape
-    difference = np.abs(ours - theirs)
-    assert difference.max() <= 1 and (difference > 0).mean() <= 0.001, (difference.max(), (difference > 0).mean())
 
 
 def use_scheduler(reference, ours, name):

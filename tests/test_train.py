@@ -68,7 +68,7 @@ def test_vae_training_lowers_the_loss_and_writes_a_loadable_model(tiny_vae):
     _, images = train.batch_of_scenes(train.Run(tiny_vae, steps=1, batch=16, lr=0, seed=5), 0)  # unseen batch
     torch.manual_seed(0)
     initial = train.AutoencoderKL.from_config(TINY_VAE)  # the run's starting point (seed 0)
-    vae = train.load_vae(tiny_vae / "model")
+    vae = train.load_vae(tiny_vae / "model" / "vae")
     error = lambda model: torch.nn.functional.mse_loss(model.decode(model.encode(images).mode()), images)  # noqa: E731
     assert error(vae) < 0.85 * error(initial)
     assert vae.config.scaling_factor > 0
