@@ -53,9 +53,9 @@ class CLIPAttention(nn.Module):
         self.heads, self.attention_backend = c.num_attention_heads, "sdpa"
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c.hidden_size, c.hidden_size) for _ in range(4))
 
-    def forward(self, x, mask):
-        return self.out_proj(attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask,
-                                    backend=self.attention_backend))
+    def forward(self, x, padding_mask):
+        return self.out_proj(attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, padding_mask,
+                                    backend=self.attention_backend, causal=True))
 
 
 class CLIPMLP(nn.Module):
@@ -77,8 +77,8 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = CLIPMLP(c)
 
-    def forward(self, x, mask):
-        x = x + self.self_attn(self.layer_norm1(x), mask)
+    def forward(self, x, padding_mask):
+        x = x + self.self_attn(self.layer_norm1(x), padding_mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -117,14 +117,11 @@ class CLIPTextTransformer(nn.Module):
                              f"truncate (the tokenizer does this) or encode the prompt in chunks.")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= c.vocab_size):
             raise ValueError(f"Token ids must lie in [0, {c.vocab_size}); got [{input_ids.min()}, {input_ids.max()}].")
-        length = input_ids.shape[1]
-        mask = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()  # causal
-        if attention_mask is not None:
-            mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, N, N): padding keys masked out
+        padding_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, N)
         x = self.embeddings(input_ids)
         hidden_states = [x]
         for layer in self.encoder.layers:
-            x = layer(x, mask)
+            x = layer(x, padding_mask)
             hidden_states.append(x)
         x = self.final_layer_norm(x)
         if c.eos_token_id == 2:  # legacy configs: EOS (49407) is the largest id

@@ -58,16 +58,20 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def attend(q, k, v, heads: int, mask=None, upcast: bool = False, backend: str = "sdpa"):
+def attend(q, k, v, heads: int, mask=None, upcast: bool = False, backend: str = "sdpa", causal: bool = False):
     """Multi-head scaled dot-product attention on (B, N, heads * d) tensors.
 
     `math` is the parity reference (softmax in fp32 when `upcast`); `sdpa` is PyTorch's fused kernel.
-    `mask` is boolean (True = attend) or additive, broadcastable to (B, heads, N, M).
+    `mask` is boolean (True = attend) or additive, broadcastable to (B, heads, N, M). `causal` adds the
+    lower-triangular mask; with no other mask SDPA gets `is_causal=True` instead (as transformers calls it).
     """
     batch = q.shape[0]
     q, k, v = (t.reshape(batch, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
+    if causal and (mask is not None or backend != "sdpa"):
+        causal_mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        mask, causal = causal_mask if mask is None else causal_mask & mask, False
     if backend == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     elif backend == "math":
         scale = q.shape[-1] ** -0.5
         scores = (q.float() @ k.float().transpose(-1, -2)) if upcast else (q @ k.transpose(-1, -2))

@@ -56,9 +56,13 @@ def test_clip_text_outputs_match_transformers(name, ours_class, reference_class)
         assert relative_diff(ours_state, ref_state) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
 @torch.no_grad()
-def test_clip_attention_mask_matches_transformers():
+def test_clip_attention_mask_matches_transformers(backend):
+    """Padding keys masked on top of the causal mask, in both attention paths."""
+    from sd_core.layers import set_attention_backend
     ours, reference = build_pair(CLIPTextModel, transformers.CLIPTextModel, SMALL_CONFIGS["openclip_like_gelu_2_layers"])
+    set_attention_backend(ours, backend)
     ids = token_batch(999)
     mask = (torch.arange(77)[None] < torch.tensor([[7], [22], [77]])).long()
     out, ref = ours(ids, attention_mask=mask), reference(ids, attention_mask=mask)

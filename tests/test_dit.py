@@ -11,6 +11,7 @@ SMALL_CONFIGS = {
     "patch2_learned_sigma": dict(SMALL, patch_size=2, in_channels=4, out_channels=8),
     "patch4_learned_sigma": dict(SMALL, patch_size=4, in_channels=4, out_channels=8),
     "patch2_no_sigma": dict(SMALL, patch_size=2, in_channels=4, out_channels=4),
+    "patch1_no_sigma": dict(SMALL, patch_size=1, in_channels=4, out_channels=4),  # the embedded shapes-dit
     "patch4_no_sigma_three_layers": dict(SMALL, patch_size=4, in_channels=4, out_channels=None, num_layers=3),
 }
 
@@ -73,6 +74,22 @@ def test_dit_timestep_embedding_uses_frequency_shift_1_like_diffusers():
     ours_emb = ours.transformer_blocks[0].norm1.emb(t, labels, torch.float32)
     ref_emb = reference.transformer_blocks[0].norm1.emb(t, labels, hidden_dtype=torch.float32)
     assert relative_diff(ours_emb, ref_emb) <= 1e-6
+
+
+@torch.no_grad()
+def test_initialize_weights_starts_every_block_and_the_output_at_zero():
+    """adaLN-Zero: zero gates make each block the identity and the zeroed output layer predicts 0."""
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel.from_config(SMALL_CONFIGS["patch2_no_sigma"]).initialize_weights()
+    latents, labels = dit_inputs()
+    t = torch.tensor([1, 500, 999])
+    tokens = model.pos_embed(latents)
+    for block in model.transformer_blocks:
+        assert torch.equal(block(tokens, t, labels), tokens)
+    assert torch.equal(model(latents, t, labels), torch.zeros_like(latents))
+    table = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight
+    assert 0.015 < table.std() < 0.025  # N(0, 0.02), not nn.Embedding's N(0, 1)
+    assert model.transformer_blocks[0].attn1.to_q.weight.abs().max() > 0
 
 
 @pytest.mark.parametrize("image_size", [256, 512])
