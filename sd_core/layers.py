@@ -35,6 +35,10 @@ def randn_tensor(shape, generator: torch.Generator | None, dtype, device) -> tor
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return randn_tensor(x.shape, generator, x.dtype, x.device)
+
+
 def broadcast_timesteps(timestep, batch_size: int, device) -> torch.Tensor:
     """Accept an int, float, 0-d or per-batch tensor and return a (batch_size,) tensor."""
     if not torch.is_tensor(timestep):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .layers import randn_tensor
+from .layers import randn_like
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -284,7 +284,7 @@ class DDPM(Scheduler):
         mean = (alpha_bar_prev ** 0.5 * (1 - alpha)) / (1 - alpha_bar) * x0 \
             + alpha ** 0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar) * xt
         if t > 0:
-            noise = randn_tensor(model_output.shape, generator, model_output.dtype, model_output.device)
+            noise = randn_like(model_output, generator)
             variance = self.posterior_variance(t, prev_t, predicted_variance)
             std = torch.exp(0.5 * variance) if self.config.variance_type == "learned_range" else variance ** 0.5
             mean = mean + std * noise
@@ -325,8 +325,7 @@ class DDIM(DDPM):
         std = eta * variance ** 0.5
         prev_sample = alpha_bar_prev ** 0.5 * x0 + (1 - alpha_bar_prev - std ** 2) ** 0.5 * eps
         if eta > 0:
-            prev_sample = prev_sample + std * randn_tensor(model_output.shape, generator, model_output.dtype,
-                                                          model_output.device)
+            prev_sample = prev_sample + std * randn_like(model_output, generator)
         return StepOutput(prev_sample, x0)
 
 
@@ -389,8 +388,7 @@ class EulerAncestral(EulerDiscrete):
         sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
         derivative = (sample - x0) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma)
-        noise = randn_tensor(model_output.shape, generator, model_output.dtype, model_output.device)
-        prev_sample = prev_sample + noise * sigma_up
+        prev_sample = prev_sample + randn_like(model_output, generator) * sigma_up
         return StepOutput(prev_sample.to(model_output.dtype), x0)
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, randn_tensor
+from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, randn_like
 
 VAE_EPS = 1e-6  # every GroupNorm in the VAE
 
@@ -50,7 +50,7 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.mean + self.std * randn_tensor(self.mean.shape, generator, self.mean.dtype, self.mean.device)
+        return self.mean + self.std * randn_like(self.mean, generator)
 
     def mode(self) -> torch.Tensor:
         return self.mean
