@@ -22,7 +22,8 @@ from PIL import Image
 
 from compare.parity import run_parity
 from sd_core.convert import CheckpointError
-from sd_core.loading import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE, HUB_ID, load_pipeline
+from sd_core.loading import (EMBEDDED_DIT, EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS,
+                             EMBEDDED_TEXT_TO_IMAGE, HUB_ID, load_pipeline)
 from sd_core.pipelines import (SCHEDULER_NAMES, DiTPipeline, StableDiffusionPipeline, dit_sample, preview,
                                resolve_seed, text_to_image, vae_roundtrip)
 
@@ -224,8 +225,8 @@ def build() -> gr.Blocks:
                     model, prompt, negative = prompt_inputs(t2i_models, "a big red circle on the left on a gray background")
                     run = gr.Button("Generate", variant="primary")
                     with gr.Row():
-                        steps = gr.Slider(1, MAX_STEPS, 20, step=1, label="Steps")
-                        guidance = gr.Slider(0, 20, 5.0, step=0.5, label="Guidance scale")
+                        steps = gr.Slider(1, MAX_STEPS, EMBEDDED_STEPS, step=1, label="Steps")
+                        guidance = gr.Slider(0, 20, EMBEDDED_GUIDANCE, step=0.5, label="Guidance scale")
                         scheduler = gr.Dropdown(SCHEDULER_NAMES, value="dpmpp_2m", label="Scheduler")
                     with gr.Row():
                         width = gr.Slider(64, MAX_SIZE, 64, step=8, label="Width")
@@ -244,9 +245,10 @@ def build() -> gr.Blocks:
             t2i_inputs = [model, prompt, negative, steps, guidance, scheduler, width, height, seed, batch, trajectory_on]
             run.click(generate_images, t2i_inputs, [gallery, used_seed, trajectory, parameters], api_name="text_to_image")
             if t2i_models:
-                gr.Examples([[t2i_models[0], "a small blue square in the center on a white background", "", 20, 5.0,
+                defaults = [EMBEDDED_STEPS, EMBEDDED_GUIDANCE]
+                gr.Examples([[t2i_models[0], "a small blue square in the center on a white background", "", *defaults,
                               "dpmpp_2m", 64, 64, 1, 4, False],
-                             [t2i_models[0], "a big yellow triangle on the right on a black background", "", 20, 5.0,
+                             [t2i_models[0], "a big yellow triangle on the right on a black background", "", *defaults,
                               "euler", 64, 64, 7, 4, True]],
                             t2i_inputs, [gallery, used_seed, trajectory, parameters], generate_images,
                             cache_examples=False)
@@ -277,8 +279,8 @@ def build() -> gr.Blocks:
                     class_label = gr.Dropdown(labels, value=labels[0] if labels else None, allow_custom_value=True,
                                               label="Class (name or id)")
                     with gr.Row():
-                        dit_guidance = gr.Slider(0, 10, 3.0, step=0.5, label="Guidance scale")
-                        dit_steps = gr.Slider(1, MAX_STEPS, 20, step=1, label="Steps")
+                        dit_guidance = gr.Slider(0, 10, EMBEDDED_DIT_GUIDANCE, step=0.5, label="Guidance scale")
+                        dit_steps = gr.Slider(1, MAX_STEPS, EMBEDDED_STEPS, step=1, label="Steps")
                     dit_scheduler = gr.Dropdown(SCHEDULER_NAMES, value="dpmpp_2m", label="Scheduler")
                     with gr.Row():
                         dit_seed = gr.Number(-1, label="Seed (-1: random)", precision=0)
@@ -294,8 +296,8 @@ def build() -> gr.Blocks:
                           guided_channels]
             dit_run.click(sample_dit, dit_inputs, [dit_gallery, dit_used_seed], api_name="dit_sample")
             if dit_models:
-                gr.Examples([[dit_models[0], "red circle", 3.0, 20, "dpmpp_2m", 0, 4, "all"],
-                             [dit_models[0], "blue triangle", 3.0, 20, "ddim", 1, 4, "first3"]],
+                gr.Examples([[dit_models[0], "red circle", EMBEDDED_DIT_GUIDANCE, EMBEDDED_STEPS, "dpmpp_2m", 0, 4, "all"],
+                             [dit_models[0], "blue triangle", EMBEDDED_DIT_GUIDANCE, EMBEDDED_STEPS, "ddim", 1, 4, "first3"]],
                             dit_inputs, [dit_gallery, dit_used_seed], sample_dit, cache_examples=False)
         with gr.Tab("Compare"):
             gr.Markdown("The same weights, prompt, seed and scheduler through sd_core and through diffusers' own "

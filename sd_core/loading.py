@@ -42,6 +42,8 @@ MODEL_CLASSES = {  # model_index.json class name -> (sd_core class, weights file
 WEIGHTS = Path(__file__).parent / "weights"
 EMBEDDED_TEXT_TO_IMAGE = WEIGHTS / "shapes-sd"  # the models sd_core trains and ships (python -m sd_core.train)
 EMBEDDED_DIT = WEIGHTS / "shapes-dit"
+# Their sampling defaults: what the app opens with and what `python -m sd_core.train evaluate` scores.
+EMBEDDED_STEPS, EMBEDDED_GUIDANCE, EMBEDDED_DIT_GUIDANCE = 20, 5.0, 3.0
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

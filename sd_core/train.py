@@ -26,7 +26,8 @@ from tqdm import tqdm
 from . import presets, shapes
 from .clip import CLIPTextModel
 from .dit import DiTTransformer2DModel
-from .loading import atomic_folder, commit_folder, load_pipeline, load_vae, save_model, save_pipeline
+from .loading import (EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS, atomic_folder, commit_folder,
+                      load_pipeline, load_vae, save_model, save_pipeline)
 from .pipelines import DiTPipeline, StableDiffusionPipeline
 from .schedulers import make_scheduler
 from .tokenizer import CLIPTokenizer
@@ -55,7 +56,6 @@ SD_SCHEDULER = {**presets.SCHEDULER_SD, "_class_name": "DPMSolverMultistepSchedu
                 "steps_offset": 1, "prediction_type": "v_prediction"}  # the offset only matters for "leading"
 DIT_SCHEDULER = {**presets.SCHEDULER_DIT, "_class_name": "DPMSolverMultistepScheduler", "timestep_spacing": "linspace",
                  "prediction_type": "v_prediction"}
-DEFAULT_STEPS, DEFAULT_GUIDANCE, DIT_GUIDANCE = 20, 5.0, 3.0
 
 
 @dataclasses.dataclass
@@ -262,7 +262,7 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
     held_out = sorted(shapes.HELD_OUT, key=lambda s: s.caption)
     scores, tiles, dit_tiles = [], [], []
     for i, scene in enumerate(tqdm(held_out, desc="text to image")):
-        result = text_to_image(pipe, [scene.caption], steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, seed=i,
+        result = text_to_image(pipe, [scene.caption], steps=EMBEDDED_STEPS, guidance_scale=EMBEDDED_GUIDANCE, seed=i,
                                images_per_prompt=seeds)
         scores += [shapes.score(np.asarray(image), scene) for image in result.images]
         tiles.append(np.concatenate([np.asarray(image) for image in result.images], axis=1))
@@ -271,7 +271,7 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
               "prompts": len(held_out), "images": len(scores)}
     start = time.perf_counter()
     for _ in range(3):
-        text_to_image(pipe, held_out[0].caption, steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, seed=0)
+        text_to_image(pipe, held_out[0].caption, steps=EMBEDDED_STEPS, guidance_scale=EMBEDDED_GUIDANCE, seed=0)
     report["seconds_per_image"] = (time.perf_counter() - start) / 3
     rng = np.random.default_rng(99)
     held_out_images = [shapes.render(scene, rng) for scene in held_out]
@@ -284,7 +284,7 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
         dit = load_pipeline(dit_model)
         correct = []
         for class_id, name in enumerate(tqdm(shapes.CLASS_NAMES, desc="dit")):
-            result = dit_sample(dit, [class_id] * seeds, guidance_scale=DIT_GUIDANCE, steps=DEFAULT_STEPS, seed=class_id)
+            result = dit_sample(dit, [class_id] * seeds, guidance_scale=EMBEDDED_DIT_GUIDANCE, steps=EMBEDDED_STEPS, seed=class_id)
             colour, shape = name.split()
             for image in result.images:
                 found = shapes.analyse(np.asarray(image))
@@ -301,8 +301,8 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
 
 def print_report(report: dict):
     t2i = report["text_to_image"]
-    print(f"text to image ({report['prompts']} held-out prompts, {report['images']} images, {DEFAULT_STEPS} steps, "
-          f"guidance {DEFAULT_GUIDANCE}):")
+    print(f"text to image ({report['prompts']} held-out prompts, {report['images']} images, {EMBEDDED_STEPS} steps, "
+          f"guidance {EMBEDDED_GUIDANCE}):")
     print("| colour | position | shape | size | clean background | all of colour+position+shape+background |")
     print("| --- | --- | --- | --- | --- | --- |")
     print("| " + " | ".join(f"{100 * t2i[k]:.1f}%" for k in ("colour", "position", "shape", "size",
