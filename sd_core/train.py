@@ -1,8 +1,8 @@
 """Train sd_core's own small models on the procedural shapes dataset (python -m sd_core.train ...).
 
     python -m sd_core.train vae           --out runs/vae --steps 2500
-    python -m sd_core.train text-to-image --vae runs/vae/model --out runs/sd --steps 4000
-    python -m sd_core.train dit           --vae runs/vae/model --out runs/dit --steps 4000
+    python -m sd_core.train text-to-image --vae runs/vae/model --out runs/sd --steps 3500
+    python -m sd_core.train dit           --vae runs/vae/model --out runs/dit --steps 3500   # then 6000, 13000
     python -m sd_core.train evaluate      --model sd_core/weights/shapes-sd --dit sd_core/weights/shapes-dit
 
 Each run is seeded and resumable (checkpoint.pt in --out, written atomically every --save-every steps;
@@ -284,7 +284,8 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
         dit = load_pipeline(dit_model)
         correct = []
         for class_id, name in enumerate(tqdm(shapes.CLASS_NAMES, desc="dit")):
-            result = dit_sample(dit, [class_id] * seeds, guidance_scale=EMBEDDED_DIT_GUIDANCE, steps=EMBEDDED_STEPS, seed=class_id)
+            result = dit_sample(dit, [class_id] * seeds, guidance_scale=EMBEDDED_DIT_GUIDANCE, steps=EMBEDDED_STEPS,
+                                seed=class_id)
             colour, shape = name.split()
             for image in result.images:
                 found = shapes.analyse(np.asarray(image))
