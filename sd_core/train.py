@@ -91,8 +91,10 @@ def learning_rate(run: Run, step: int, warmup: int = 100) -> float:
 
 @torch.no_grad()
 def update_ema(ema: dict, model: torch.nn.Module, decay: float):
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
     for name, value in model.state_dict().items():
-        ema[name].mul_(decay).add_(value, alpha=1 - decay)
+        if name not in frozen:  # an average of a constant is not bitwise that constant
+            ema[name].mul_(decay).add_(value, alpha=1 - decay)
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -107,7 +109,7 @@ def train(run: Run, models: dict, loss_fn, describe: str) -> dict:
     if run.threads:
         torch.set_num_threads(run.threads)
     run.out.mkdir(parents=True, exist_ok=True)
-    parameters = [p for model in models.values() for p in model.parameters()]
+    parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=run.lr, weight_decay=0.0)
     ema = {name: {k: v.detach().clone() for k, v in model.state_dict().items()} for name, model in models.items()}
     checkpoint, start = run.out / "checkpoint.pt", 0
@@ -160,6 +162,17 @@ def ema_model(model: torch.nn.Module, state: dict) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------------ VAE
 
 
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(reconstruction, images) + 0.1 * F.l1_loss(reconstruction, images)
+
+
+def save_vae(vae: AutoencoderKL, folder: Path):
+    temporary = atomic_folder(folder, overwrite=True)
+    save_model(vae, temporary / "vae", "AutoencoderKL")
+    commit_folder(temporary, folder)
+    print(f"wrote {folder} (scaling_factor {vae.config.scaling_factor})")
+
+
 def train_vae(run: Run, config: dict = VAE_CONFIG, kl_weight: float = 1e-6):
     torch.manual_seed(run.seed)  # the initial weights, too, are a function of the seed
     vae = AutoencoderKL.from_config(config)
@@ -167,9 +180,8 @@ def train_vae(run: Run, config: dict = VAE_CONFIG, kl_weight: float = 1e-6):
     def loss_fn(step):
         _, images = batch_of_scenes(run, step)
         posterior = vae.encode(images)
-        reconstruction = vae.decode(posterior.sample())
         kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
-        return F.mse_loss(reconstruction, images) + 0.1 * F.l1_loss(reconstruction, images) + kl_weight * kl
+        return reconstruction_loss(vae.decode(posterior.sample()), images) + kl_weight * kl
 
     vae.train()
     ema = train(run, {"vae": vae}, loss_fn, "vae")
@@ -177,11 +189,24 @@ def train_vae(run: Run, config: dict = VAE_CONFIG, kl_weight: float = 1e-6):
     with torch.no_grad():  # scale the latents to unit variance, as SD's 0.18215 does
         _, images = batch_of_scenes(dataclasses.replace(run, batch=256), 10 ** 7)
         vae.config.scaling_factor = round(1.0 / vae.encode(images).mode().std().item(), 5)
-    folder = run.out / "model"
-    temporary = atomic_folder(folder, overwrite=True)
-    save_model(vae, temporary / "vae", "AutoencoderKL")
-    commit_folder(temporary, folder)
-    print(f"wrote {folder} (scaling_factor {vae.config.scaling_factor})")
+    save_vae(vae, run.out / "model")
+
+
+def train_vae_decoder(run: Run, vae_folder: Path):
+    """Train on only the decoder of a trained VAE, as Stability's sd-vae-ft-mse did: the encoder, and so the
+    latent space the diffusion models learned, stays bit for bit, so the new VAE drops into their folders."""
+    vae = load_vae(Path(vae_folder) / "vae")
+    for name, parameter in vae.named_parameters():
+        parameter.requires_grad_(not name.startswith(("encoder.", "quant_conv.")))
+
+    def loss_fn(step):
+        _, images = batch_of_scenes(run, step)
+        with torch.no_grad():
+            latents = vae.encode(images).sample()
+        return reconstruction_loss(vae.decode(latents), images)
+
+    vae.train()
+    save_vae(ema_model(vae, train(run, {"vae": vae}, loss_fn, "vae decoder")["vae"]), run.out / "model")
 
 
 def denoising_loss(scheduler, model, latents: torch.Tensor, *conditioning) -> torch.Tensor:
@@ -320,7 +345,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sd_core.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, steps, batch, lr in (("vae", 2500, 16, 1e-3), ("text-to-image", 3500, 32, 5e-4), ("dit", 3500, 32, 1e-3)):
+    for name, steps, batch, lr in (("vae", 2500, 16, 1e-3), ("vae-decoder", 2500, 32, 5e-4),
+                                   ("text-to-image", 3500, 32, 5e-4), ("dit", 3500, 32, 1e-3)):
         p = commands.add_parser(name)
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--steps", type=int, default=steps)
@@ -349,6 +375,8 @@ def main(argv=None):
               stop_at=args.stop_at)
     if args.command == "vae":
         train_vae(run)
+    elif args.command == "vae-decoder":
+        train_vae_decoder(run, args.vae)
     elif args.command == "text-to-image":
         train_text_to_image(run, args.vae)
     else:

@@ -78,6 +78,19 @@ def test_vae_training_lowers_the_loss_and_writes_a_loadable_model(tiny_vae):
         assert torch.allclose(vae.decode(vae.encode(x).mode()), reference(x).sample, atol=1e-5)
 
 
+def test_decoder_training_keeps_the_latent_space_and_lowers_the_error(tiny_vae, tmp_path):
+    train.train_vae_decoder(train.Run(tmp_path, steps=30, batch=8, lr=3e-3, save_every=15), tiny_vae / "model")
+    before, after = train.load_vae(tiny_vae / "model" / "vae"), train.load_vae(tmp_path / "model" / "vae")
+    changed = {key for key, value in before.state_dict().items() if not torch.equal(value, after.state_dict()[key])}
+    assert changed and all(key.startswith(("decoder.", "post_quant_conv.")) for key in changed), changed
+    assert after.config.scaling_factor == before.config.scaling_factor
+    _, images = train.batch_of_scenes(train.Run(tmp_path, steps=1, batch=16, lr=0, seed=5), 0)  # unseen batch
+    with torch.no_grad():
+        latents = before.encode(images).mode()
+        error = lambda model: torch.nn.functional.mse_loss(model.decode(latents), images)  # noqa: E731
+        assert error(after) < 0.9 * error(before)
+
+
 def test_training_resumes_exactly_from_its_checkpoint(tiny_vae, tmp_path):
     straight = train.Run(tmp_path / "straight", steps=6, batch=2, lr=1e-3, save_every=3)
     train.train_text_to_image(straight, tiny_vae / "model", TINY_TEXT, TINY_UNET)
