@@ -92,8 +92,7 @@ def learning_rate(run: Run, step: int, warmup: int = 100) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: dict, model: torch.nn.Module, decay: float):
-    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+def update_ema(ema: dict, model: torch.nn.Module, decay: float, frozen: set):
     for name, value in model.state_dict().items():
         if name not in frozen:  # an average of a constant is not bitwise that constant
             ema[name].mul_(decay).add_(value, alpha=1 - decay)
@@ -112,6 +111,8 @@ def train(run: Run, models: dict, loss_fn, describe: str) -> dict:
         torch.set_num_threads(run.threads)
     run.out.mkdir(parents=True, exist_ok=True)
     parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
+    frozen = {name: {key for key, p in model.named_parameters() if not p.requires_grad}  # kept out of the EMA
+              for name, model in models.items()}
     optimizer = torch.optim.AdamW(parameters, lr=run.lr, weight_decay=0.0)
     ema = {name: {k: v.detach().clone() for k, v in model.state_dict().items()} for name, model in models.items()}
     checkpoint, start = run.out / "checkpoint.pt", 0
@@ -141,7 +142,7 @@ def train(run: Run, models: dict, loss_fn, describe: str) -> dict:
         optimizer.step()
         decay = min(run.ema_decay, (1 + step) / (10 + step))
         for name, model in models.items():
-            update_ema(ema[name], model, decay)
+            update_ema(ema[name], model, decay, frozen[name])
         log.write(f"{step} {loss.item():.6f}\n")
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % run.save_every == 0 or step + 1 == end:
