@@ -2,7 +2,7 @@
 
     python -m sd_core.train vae           --out runs/vae --steps 2500
     python -m sd_core.train vae-decoder   --vae runs/vae/model --out runs/vae-decoder --steps 2500
-    python -m sd_core.train text-to-image --vae runs/vae-decoder/model --out runs/sd --steps 3500
+    python -m sd_core.train text-to-image --vae runs/vae-decoder/model --out runs/sd --steps 9000
     python -m sd_core.train dit           --vae runs/vae-decoder/model --out runs/dit --steps 3500
     (the shipped DiT: the same dit command again with --steps 6000, 13000 and then 21000)
     python -m sd_core.train evaluate      --model sd_core/weights/shapes-sd --dit sd_core/weights/shapes-dit
@@ -349,7 +349,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, steps, batch, lr in (("vae", 2500, 16, 1e-3), ("vae-decoder", 2500, 32, 5e-4),
-                                   ("text-to-image", 3500, 32, 5e-4), ("dit", 3500, 32, 1e-3)):
+                                   ("text-to-image", 9000, 32, 5e-4), ("dit", 3500, 32, 1e-3)):
         p = commands.add_parser(name)
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--steps", type=int, default=steps)
