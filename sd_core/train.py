@@ -4,7 +4,7 @@
     python -m sd_core.train vae-decoder   --vae runs/vae/model --out runs/vae-decoder --steps 2500
     python -m sd_core.train text-to-image --vae runs/vae-decoder/model --out runs/sd --steps 9000
     python -m sd_core.train dit           --vae runs/vae-decoder/model --out runs/dit --steps 3500
-    (the shipped DiT: the same dit command again with --steps 6000, 13000 and then 21000)
+    (the shipped DiT: the same dit command again with --steps 6000, 13000, 21000 and then 24000)
     python -m sd_core.train evaluate      --model sd_core/weights/shapes-sd --dit sd_core/weights/shapes-dit
 
 Each run is seeded and resumable (checkpoint.pt in --out, written atomically every --save-every steps;
