@@ -22,10 +22,12 @@ from PIL import Image
 
 from compare.parity import run_parity
 from sd_core.convert import CheckpointError
-from sd_core.loading import (EMBEDDED_DIT, EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS,
-                             EMBEDDED_TEXT_TO_IMAGE, HUB_ID, load_pipeline)
-from sd_core.pipelines import (SCHEDULER_NAMES, DiTPipeline, StableDiffusionPipeline, dit_sample, preview,
-                               resolve_seed, text_to_image, vae_roundtrip)
+from sd_core.catalog import (EMBEDDED_DIT, EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS,
+                             EMBEDDED_TEXT_TO_IMAGE)
+from sd_core.components import DiTPipeline, StableDiffusionPipeline
+from sd_core.loading import HUB_ID, load_pipeline
+from sd_core.pipelines import MAX_SEED, dit_sample, preview, resolve_seed, text_to_image, vae_roundtrip
+from sd_core.schedulers import SCHEDULER_NAMES
 
 EMBEDDED = {"embedded: shapes (text to image)": EMBEDDED_TEXT_TO_IMAGE, "embedded: shapes (DiT)": EMBEDDED_DIT}
 PHOTOS = Path(__file__).resolve().parent / "sd_core" / "data" / "photos"
@@ -119,7 +121,7 @@ def as_int(value, name: str, low: int, high: int) -> int:
 
 def seed_of(seed) -> int:
     """A visitor's seed: -1 (or empty) draws a random one, anything else must be a valid seed."""
-    return resolve_seed(None if seed is None or seed < 0 else as_int(seed, "seed", 0, 2 ** 32 - 1))
+    return resolve_seed(None if seed is None or seed < 0 else as_int(seed, "seed", 0, MAX_SEED))
 
 
 def progress_callback(progress, total: int, pipe=None, trajectory: list | None = None):
@@ -184,7 +186,7 @@ def compare_models(model, prompt, negative_prompt, seed, steps, scheduler, guida
     if not isinstance(pipe, StableDiffusionPipeline):
         raise gr.Error("Compare runs text-to-image models; pick a Stable Diffusion model.")
     progress(0, desc="running sd_core and diffusers")
-    report = run_parity(pipe, prompt or "", negative_prompt or None, seed=as_int(seed, "seed", 0, 2 ** 32 - 1),
+    report = run_parity(pipe, prompt or "", negative_prompt or None, seed=as_int(seed, "seed", 0, MAX_SEED),
                         steps=as_int(steps, "steps", 1, 50), scheduler=scheduler, guidance_scale=float(guidance_scale))
     rows = [[s.name, f"{s.max_abs:.3g}", f"{s.relative:.3g}", f"{s.cosine:.8f}", "pass" if s.passed else "FAIL"]
             for s in report.stages]
@@ -198,7 +200,7 @@ def compare_models(model, prompt, negative_prompt, seed, steps, scheduler, guida
 
 
 def random_seed() -> int:
-    return int(np.random.randint(0, 2 ** 31 - 1))
+    return int(np.random.randint(0, MAX_SEED))
 
 
 def example_images() -> list[str]:

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from . import benchmark
-from sd_core.loading import EMBEDDED_TEXT_TO_IMAGE
+from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
 
 from .parity import REFERENCE_SCHEDULERS, run_parity
 

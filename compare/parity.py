@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sd_core.loading import load_pipeline, save_pipeline
+from sd_core.loading import load_pipeline
+from sd_core.saving import save_pipeline
 from sd_core.pipelines import encode_text, text_to_image
-from sd_core.schedulers import DIFFUSERS_CLASS_NAMES
+from sd_core.schedulers import DIFFUSERS_CLASS_NAMES, VARIANTS
 
-TOLERANCE = 1e-4  # component outputs: max |a - b| relative to the reference's scale (DESIGN.md)
-# sd_core sampler name -> diffusers scheduler class name (the inverse of sd_core's mapping, plus Karras).
-REFERENCE_SCHEDULERS = {name: cls for cls, name in DIFFUSERS_CLASS_NAMES.items()} | {
-    "dpmpp_2m_karras": "DPMSolverMultistepScheduler"}
+TOLERANCE = 1e-4  # component outputs: max |a - b| relative to the reference's scale, as the parity tests use
+# sd_core sampler name -> diffusers scheduler class name (the inverse of sd_core's mapping).
+REFERENCE_SCHEDULERS = {name: cls for cls, name in DIFFUSERS_CLASS_NAMES.items()}
 
 
 @dataclasses.dataclass
@@ -225,9 +225,9 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
     height, width = height or pipe.default_size, width or pipe.default_size
     with tempfile.TemporaryDirectory() as temporary:
         reference = reference_pipeline(pipe, Path(temporary) / "reference")
-        scheduler_class = getattr(diffusers, REFERENCE_SCHEDULERS[scheduler])
-        karras = {"use_karras_sigmas": True} if scheduler == "dpmpp_2m_karras" else {}
-        reference.scheduler = scheduler_class.from_config(pipe.scheduler_config, **karras)
+        sampler, overrides = VARIANTS.get(scheduler, (scheduler, {}))  # e.g. dpmpp_2m_karras
+        reference.scheduler = getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config,
+                                                                                          **overrides)
     stages = []
     for name in ("tokenizer", "tokenizer_2"):
         ours_tokenizer, their_tokenizer = getattr(pipe, name), getattr(reference, name, None)

@@ -7,9 +7,12 @@ import torch
 from tqdm import tqdm
 
 from .convert import CheckpointError
-from .loading import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE, load_pipeline
-from .pipelines import (SCHEDULER_NAMES, DiTPipeline, StableDiffusionPipeline, dit_sample, generate, save_image,
-                        vae_roundtrip)
+from .catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
+from .components import DiTPipeline, StableDiffusionPipeline
+from .images import save_image
+from .loading import load_pipeline
+from .pipelines import dit_sample, generate, vae_roundtrip
+from .schedulers import SCHEDULER_NAMES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -52,8 +55,7 @@ def run_generate(args):
     pipe = load(args.model or EMBEDDED_TEXT_TO_IMAGE, args, StableDiffusionPipeline)
     result = generate(pipe, args.prompt, args.negative, image=args.init_image, strength=args.strength,
                       height=args.height, width=args.width, steps=args.steps, scheduler=args.scheduler,
-                      guidance_scale=args.guidance if args.guidance is not None else
-                      (5.0 if pipe.family.startswith("sdxl") else 7.5),
+                      guidance_scale=args.guidance if args.guidance is not None else pipe.traits.guidance_scale,
                       seed=args.seed, images_per_prompt=args.batch, callback=progress_callback(
                           steps_to_run(args.steps, args.strength if args.init_image else 1.0)))
     for image, path in zip(result.images, output_paths(output, len(result.images))):

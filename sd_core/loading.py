@@ -1,4 +1,4 @@
-"""The one place that reads and writes files: diffusers folders, original single files, hub ids.
+"""Reading models: diffusers folders, original single files, hub ids (writing is in saving.py).
 
     pipe = load_pipeline("path/to/stable-diffusion-v1-5")          # a diffusers folder
     pipe = load_pipeline("v1-5-pruned-emaonly.safetensors")         # an original single file
@@ -9,11 +9,8 @@ names it. Pickle files (.ckpt/.pt/.bin) are refused unless `allow_pickle=True`, 
 tensors are unpickled (`torch.load(weights_only=True)`): no code in the file can run.
 """
 import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import safetensors
@@ -22,15 +19,15 @@ import torch
 
 from . import convert, presets
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
+from .components import DiTPipeline, StableDiffusionPipeline
 from .convert import CheckpointError, first_few
-from .dit import DIT_SIZES, DiTTransformer2DModel, sincos_position_embedding
-from .pipelines import DiTPipeline, StableDiffusionPipeline
+from .dit import DIT_SIZES, DiTTransformer2DModel
+from .families import Family, family_of_checkpoint, family_of_folder
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionConfig, UNet2DConditionModel
 from .vae import AutoencoderKL, AutoencoderKLConfig
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-DIFFUSERS_VERSION = "0.42.1"
 MODEL_CLASSES = {  # model_index.json class name -> (sd_core class, weights file stem, library)
     "AutoencoderKL": (AutoencoderKL, "diffusion_pytorch_model", "diffusers"),
     "UNet2DConditionModel": (UNet2DConditionModel, "diffusion_pytorch_model", "diffusers"),
@@ -39,11 +36,6 @@ MODEL_CLASSES = {  # model_index.json class name -> (sd_core class, weights file
     "CLIPTextModel": (CLIPTextModel, "model", "transformers"),
     "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, "model", "transformers"),
 }
-WEIGHTS = Path(__file__).parent / "weights"
-EMBEDDED_TEXT_TO_IMAGE = WEIGHTS / "shapes-sd"  # the models sd_core trains and ships (python -m sd_core.train)
-EMBEDDED_DIT = WEIGHTS / "shapes-dit"
-# Their sampling defaults: what the app opens with and what `python -m sd_core.train evaluate` scores.
-EMBEDDED_STEPS, EMBEDDED_GUIDANCE, EMBEDDED_DIT_GUIDANCE = 20, 5.0, 3.0
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -184,43 +176,20 @@ def load_diffusers_folder(folder: Path, dtype=None, device=None, variant=None, a
 
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(scheduler_path) if scheduler_path.is_file() else {}
-    if pipeline_class == "DiTPipeline":
+    text_encoder = component("text_encoder")
+    try:
+        family = family_of_folder(pipeline_class, text_encoder.config if text_encoder is not None else None)
+    except CheckpointError as error:
+        raise CheckpointError(f"{folder}: {error}") from None
+    if family.name == "dit":
         id2label = {int(k): v for k, v in index.get("id2label", {}).items()}
         return DiTPipeline(component("transformer"), component("vae"), scheduler_config, id2label, str(folder))
-    if not pipeline_class.startswith("StableDiffusion"):
-        raise CheckpointError(f"{folder}: pipeline {pipeline_class!r} is not one sd_core runs "
-                              f"(StableDiffusion*, StableDiffusionXL*, DiTPipeline).")
-    text_encoder = component("text_encoder")
-    if "XL" in pipeline_class:
-        family = "sdxl" if text_encoder is not None else "sdxl_refiner"
-    else:  # SD2's OpenCLIP encoder uses exact GELU, SD1's CLIP-L quick_gelu
-        family = "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
-    return StableDiffusionPipeline(family, component("unet"), component("vae"), scheduler_config, text_encoder,
+    return StableDiffusionPipeline(family.name, component("unet"), component("vae"), scheduler_config, text_encoder,
                                    component("tokenizer"), component("text_encoder_2"), component("tokenizer_2"),
                                    str(folder))
 
 
 # ------------------------------------------------------------------------------------------ single files
-
-FAMILY_EVIDENCE = [  # (family, a key only that family's original checkpoints have)
-    ("dit", "y_embedder.embedding_table.weight"),
-    ("sdxl", "conditioner.embedders.1.model.ln_final.weight"),
-    ("sdxl_refiner", "conditioner.embedders.0.model.ln_final.weight"),
-    ("sd2", "cond_stage_model.model.ln_final.weight"),
-    ("sd1", "cond_stage_model.transformer.text_model.final_layer_norm.weight"),
-    ("sd1", "cond_stage_model.transformer.final_layer_norm.weight"),
-]
-
-
-def detect_family(tensors: dict) -> tuple[str, str]:
-    """The model family of an original checkpoint, and the key that decided it."""
-    for family, key in FAMILY_EVIDENCE:
-        if key in tensors:
-            return family, key
-    raise CheckpointError(f"Unknown checkpoint family: none of {[k for _, k in FAMILY_EVIDENCE]} is present "
-                          f"(the file has e.g. {first_few(list(tensors), 4)}). sd_core loads SD 1.x/2.x/XL and "
-                          f"DiT checkpoints; a UNet-only or LoRA file is not a whole model.")
-
 
 def dit_config_from_weights(tensors: dict) -> dict:
     """DiT's architecture read off its tensors (the head count from the paper's sizes)."""
@@ -235,49 +204,30 @@ def dit_config_from_weights(tensors: dict) -> dict:
             "sample_size": int(round(num_patches ** 0.5)) * patch if num_patches else 32}
 
 
-def single_file_layout(family: str, tensors: dict, configs: dict) -> dict:
+def single_file_layout(family: Family, tensors: dict, configs: dict) -> dict:
     """component -> (sd_core class, config, conversion rules) for an original checkpoint. `configs` may
-    give any component's diffusers config; the rest come from the released models' presets."""
-    if family == "dit":
+    give any component's diffusers config; the rest come from the family's released models."""
+    if family.name == "dit":
         config = configs.get("transformer") or dit_config_from_weights(tensors)
         return {"transformer": (DiTTransformer2DModel, config, convert.dit_rules(config))}
-    unet_preset = {"sd1": presets.UNET_SD15, "sd2": presets.UNET_SD21, "sdxl": presets.UNET_SDXL_BASE,
-                   "sdxl_refiner": presets.UNET_SDXL_REFINER}[family]
     conv_in = tensors.get("model.diffusion_model.input_blocks.0.0.weight")  # 9 input channels: inpainting
-    unet_config = configs.get("unet") or {**unet_preset, "in_channels": conv_in.shape[1] if conv_in is not None else 4}
-    vae_config = configs.get("vae") or (presets.VAE_SDXL if family.startswith("sdxl") else presets.VAE_SD)
+    unet_config = configs.get("unet") or {**family.unet, "in_channels": conv_in.shape[1] if conv_in is not None else 4}
+    vae_config = configs.get("vae") or family.vae
     layout = {
         "unet": (UNet2DConditionModel, unet_config, convert.unet_rules(UNet2DConditionConfig.from_dict(unet_config))),
         "vae": (AutoencoderKL, vae_config, convert.vae_rules(AutoencoderKLConfig.from_dict(vae_config))),
     }
-    text_encoders = {  # built for the one family asked for
-        "sd1": lambda: [("text_encoder", CLIPTextModel, presets.CLIP_VIT_L,
-                         convert.clip_rules("cond_stage_model.transformer."))],
-        "sd2": lambda: [("text_encoder", CLIPTextModel, presets.OPENCLIP_VIT_H,
-                         convert.openclip_rules("cond_stage_model.model.", projected=False))],
-        "sdxl": lambda: [("text_encoder", CLIPTextModel, presets.CLIP_VIT_L,
-                          convert.clip_rules("conditioner.embedders.0.transformer.")),
-                         ("text_encoder_2", CLIPTextModelWithProjection, presets.OPENCLIP_VIT_BIGG,
-                          convert.openclip_rules("conditioner.embedders.1.model.", projected=True))],
-        "sdxl_refiner": lambda: [("text_encoder_2", CLIPTextModelWithProjection, presets.OPENCLIP_VIT_BIGG,
-                                  convert.openclip_rules("conditioner.embedders.0.model.", projected=True))],
-    }[family]()
-    for name, model_class, preset, rules in text_encoders:
-        layout[name] = (model_class, configs.get(name) or preset, rules)
+    for slot in family.text_encoders:
+        model_class = CLIPTextModelWithProjection if slot.projected else CLIPTextModel
+        layout[slot.component] = (model_class, configs.get(slot.component) or slot.preset, slot.rules())
     return layout
 
 
-def default_scheduler_config(family: str, metadata: dict, prediction_type: str | None) -> dict:
-    if family == "dit":
-        return dict(presets.SCHEDULER_DIT)
-    if family.startswith("sdxl"):
-        config = dict(presets.SCHEDULER_SDXL)
-    elif family == "sd2":
-        # As diffusers does: SD2 checkpoints are the 768-v model unless the step count says 2.x-base (875k).
-        base = metadata.get("global_step") == 875000
-        config = dict(presets.SCHEDULER_SD if base else presets.SCHEDULER_SD2_V)
-    else:
-        config = dict(presets.SCHEDULER_SD)
+def default_scheduler_config(family: Family, metadata: dict, prediction_type: str | None) -> dict:
+    """The family's released scheduler config. As diffusers does, an SD2 checkpoint is the 768-v model
+    unless its step count says 2.x-base (875k steps: epsilon prediction)."""
+    base = family.name == "sd2" and metadata.get("global_step") == 875000
+    config = dict(presets.SCHEDULER_SD if base else family.scheduler)
     if prediction_type:
         config["prediction_type"] = prediction_type
     return config
@@ -314,7 +264,7 @@ def load_single_file(path, dtype=None, device=None, use_ema=False, config=None, 
     `config` (a diffusers folder or {component: config}) overrides the released models' architecture."""
     path = Path(path)
     tensors, metadata = unwrap(read_weights(path, allow_pickle), use_ema)
-    family, evidence = detect_family(tensors)
+    family, evidence = family_of_checkpoint(tensors)
     configs, scheduler_config, id2label = read_reference_configs(config)
     layout = single_file_layout(family, tensors, configs)
     models, used = {}, set()
@@ -329,18 +279,18 @@ def load_single_file(path, dtype=None, device=None, use_ema=False, config=None, 
         models[name] = build(model_class, model_config, state_dict, f"{path.name} [{name}]", dtype, device)
     unused = [k for k in tensors if k not in used and convert.dropped_reason(k) is None]
     if unused:
-        raise CheckpointError(f"{path.name} (a {family} checkpoint, decided by {evidence}) has tensors no part of "
-                              f"the model uses: {first_few(unused)}. It is not a plain {family} checkpoint; pass "
+        raise CheckpointError(f"{path.name} (a {family.name} checkpoint, decided by {evidence}) has tensors no part "
+                              f"of the model uses: {first_few(unused)}. It is not a plain {family.name} checkpoint; pass "
                               f"config= with the right architecture.")
     scheduler_config = scheduler_config or default_scheduler_config(family, metadata, prediction_type)
-    if family == "dit":
+    if family.name == "dit":
         vae = load_vae(vae or (Path(config) / "vae" if isinstance(config, (str, Path)) else None), dtype, device)
         return DiTPipeline(models["transformer"], vae, scheduler_config, id2label, str(path))
-    # The shipped CLIP vocabulary; the OpenCLIP tokenizers (SD2, SDXL's second) pad with "!".
-    tokenizer = CLIPTokenizer(pad_token="!" if family == "sd2" else None) if "text_encoder" in models else None
-    tokenizer_2 = CLIPTokenizer(pad_token="!") if "text_encoder_2" in models else None
-    return StableDiffusionPipeline(family, models["unet"], models["vae"], scheduler_config, models.get("text_encoder"),
-                                   tokenizer, models.get("text_encoder_2"), tokenizer_2, str(path))
+    # The shipped CLIP vocabulary, padded as each encoder was trained (OpenCLIP's with "!").
+    tokenizers = {slot.tokenizer: CLIPTokenizer(pad_token=slot.pad_token) for slot in family.text_encoders}
+    return StableDiffusionPipeline(family.name, models["unet"], models["vae"], scheduler_config,
+                                   models.get("text_encoder"), tokenizers.get("tokenizer"),
+                                   models.get("text_encoder_2"), tokenizers.get("tokenizer_2"), str(path))
 
 
 def load_vae(vae, dtype=None, device=None) -> AutoencoderKL:
@@ -382,113 +332,3 @@ def load_pipeline(source, dtype=None, device=None, variant=None, use_ema=False, 
     if HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
         return load_diffusers_folder(download(str(source), variant), dtype, device, variant, allow_pickle)
     raise FileNotFoundError(f"{source!r} is neither a folder, a checkpoint file, nor a hub id like 'owner/model'.")
-
-
-# ------------------------------------------------------------------------------------------------ writing
-
-
-def atomic_folder(folder: Path, overwrite: bool):
-    """Write into a temporary sibling, then move it into place: never a half-written folder."""
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it.")
-    if not folder.parent.is_dir():
-        raise FileNotFoundError(f"The folder {folder.parent} does not exist; create it first.")
-    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    temporary.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
-    return temporary
-
-
-def commit_folder(temporary: Path, folder: Path):
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(temporary, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(temporary, folder)
-
-
-def save_model(model, folder: Path, class_name: str):
-    folder.mkdir(parents=True)
-    _, stem, library = MODEL_CLASSES[class_name]
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if library == "transformers":
-        config = {**model.config.to_dict(), "architectures": [class_name], "model_type": "clip_text_model",
-                  "bos_token_id": 49406}
-        if class_name == "CLIPTextModel":  # the hub spelling, which transformers 4 and 5 both load
-            state_dict = {f"text_model.{k}": v for k, v in state_dict.items()}
-    else:
-        config = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **model.config.to_dict()}
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
-    safetensors.torch.save_file(state_dict, folder / f"{stem}.safetensors", metadata={"format": "pt"})
-
-
-def save_pipeline(pipe, folder, overwrite: bool = False) -> Path:
-    """Write a diffusers-format folder that diffusers' own pipelines load unchanged."""
-    folder = Path(folder)
-    temporary = atomic_folder(folder, overwrite)
-    try:
-        scheduler_config = dict(pipe.scheduler_config)
-        scheduler_class = scheduler_config.pop("_class_name", "DDIMScheduler")
-        index = {"_diffusers_version": DIFFUSERS_VERSION,
-                 "scheduler": ["diffusers", scheduler_class]}
-        for name, model in pipe.models.items():
-            class_name = type(model).__name__
-            save_model(model, temporary / name, class_name)
-            index[name] = ["transformers" if MODEL_CLASSES[class_name][2] == "transformers" else "diffusers",
-                           class_name]
-        if isinstance(pipe, DiTPipeline):
-            index["_class_name"] = "DiTPipeline"
-            index["id2label"] = {str(k): v for k, v in pipe.id2label.items()}
-        else:
-            index["_class_name"] = "StableDiffusionXLPipeline" if pipe.family.startswith("sdxl") \
-                else "StableDiffusionPipeline"
-            names = ("tokenizer", "tokenizer_2") if pipe.family.startswith("sdxl") else ("tokenizer",)
-            for name in names:
-                if getattr(pipe, name) is not None:
-                    getattr(pipe, name).save(temporary / name)
-                    index[name] = ["transformers", "CLIPTokenizer"]
-                else:
-                    index[name] = [None, None]
-            index.setdefault("text_encoder", [None, None])
-            if pipe.family.startswith("sdxl"):
-                index.setdefault("text_encoder_2", [None, None])
-                index["force_zeros_for_empty_prompt"] = pipe.family == "sdxl"
-                index["requires_aesthetics_score"] = pipe.family == "sdxl_refiner"
-            else:
-                index.update(safety_checker=[None, None], feature_extractor=[None, None],
-                             requires_safety_checker=False)
-        (temporary / "scheduler").mkdir()
-        (temporary / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-            {"_class_name": scheduler_class, "_diffusers_version": DIFFUSERS_VERSION, **scheduler_config}, indent=2))
-        (temporary / "model_index.json").write_text(json.dumps(index, indent=2))
-        commit_folder(temporary, folder)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return folder
-
-
-def export_single_file(pipe, path, overwrite: bool = False) -> Path:
-    """Write the pipeline as an original-format .safetensors (CompVis/Stability keys, or DiT's)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-    tensors = {}
-    family = pipe.family
-    configs = {name: model.config.to_dict() for name, model in pipe.models.items()}
-    for name, (_, _, rules) in single_file_layout(family, {}, configs).items():
-        if name in pipe.models:
-            tensors.update(convert.export_component(pipe.models[name].state_dict(), rules))
-    if family == "dit":  # the original code stores its fixed position table too
-        c = pipe.transformer.config
-        grid = c.sample_size // c.patch_size
-        tensors["pos_embed"] = sincos_position_embedding(c.hidden_size, grid, grid, grid)[None]
-    temporary = path.with_name(f".{path.name}.partial")
-    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary)
-    os.replace(temporary, path)
-    return path

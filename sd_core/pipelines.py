@@ -1,97 +1,34 @@
-"""Pipelines: the components of a Stable Diffusion or DiT model, and the functions that generate with them.
+"""Pipelines: the functions that generate with a model's components.
 
-Each function follows diffusers' pipeline step for step (same noise order, same CFG batch order, same
-casts), so the same seed gives the same 8-bit image in both stacks:
+Each follows diffusers' pipeline step for step (same noise order, same CFG batch order, same casts), so
+the same seed gives the same 8-bit image in both stacks. Every pipeline prepares its inputs and a
+`predict(model_input, t)` closure, then runs the one shared loop, `denoise`:
 
-    pipe = load_pipeline("sd_core/weights/shapes")
-    result = text_to_image(pipe, "a small red circle on the left", steps=20, seed=7)
+    pipe = load_pipeline("sd_core/weights/shapes-sd")
+    result = text_to_image(pipe, "a big red circle on the left on a gray background", steps=20, seed=7)
     save_image(result.images[0], "out.png")      # PNG text metadata reproduces it
 """
 import dataclasses
-import json
 import math
-import os
 import random
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image
 
-from .clip import CLIPTextModel, CLIPTextModelWithProjection
-from .dit import DiTTransformer2DModel
+from .components import DiTPipeline, StableDiffusionPipeline
+from .images import crop_to_multiple, image_to_tensor, load_image, psnr, tag, to_pil
 from .layers import randn_tensor
-from .schedulers import DIFFUSERS_CLASS_NAMES, SCHEDULERS, make_scheduler
+from .schedulers import DIFFUSERS_CLASS_NAMES, Scheduler, SamplingState, make_scheduler
 from .tokenizer import CLIPTokenizer
-from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
-DEFAULT_SCHEDULER = "dpmpp_2m"  # for configs written for a sampler sd_core does not implement (e.g. PNDM)
+DEFAULT_SCHEDULER = "dpmpp_2m"  # for configs written for a sampler sd_core does not implement
 MAX_SEED = 2 ** 32 - 1
 # callback(step, timestep, latents, predicted x0): called after every denoising step.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-@dataclasses.dataclass
-class StableDiffusionPipeline:
-    """SD 1.x / 2.x (one CLIP encoder), SDXL (CLIP-L + OpenCLIP bigG), SDXL refiner (bigG only)."""
-    family: str
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    scheduler_config: dict
-    text_encoder: CLIPTextModel | None = None
-    tokenizer: CLIPTokenizer | None = None
-    text_encoder_2: CLIPTextModelWithProjection | None = None
-    tokenizer_2: CLIPTokenizer | None = None
-    source: str = ""
-
-    @property
-    def models(self) -> dict:
-        names = ("unet", "vae", "text_encoder", "text_encoder_2")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def default_size(self) -> int:
-        return (self.unet.config.sample_size or 64) * self.vae_scale_factor
-
-
-@dataclasses.dataclass
-class DiTPipeline:
-    """Class-conditional DiT on the SD VAE's latents; `id2label` names the classes."""
-    transformer: DiTTransformer2DModel
-    vae: AutoencoderKL
-    scheduler_config: dict
-    id2label: dict = dataclasses.field(default_factory=dict)
-    source: str = ""
-    family: str = "dit"
-
-    @property
-    def models(self) -> dict:
-        return {"transformer": self.transformer, "vae": self.vae}
-
-    def label_ids(self, labels) -> list[int]:
-        """Class ids from ids or names (case-insensitive; an id2label entry may list several names)."""
-        names = {name.strip().lower(): i for i, label in self.id2label.items() for name in label.split(",")}
-        ids = []
-        for label in labels:
-            if isinstance(label, str) and label.strip().lower() in names:
-                ids.append(names[label.strip().lower()])
-            elif isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit()):
-                ids.append(int(label))
-            else:
-                close = [n for n in names if str(label).lower() in n][:5]
-                raise ValueError(f"Unknown class label {label!r}." + (f" Did you mean {close}?" if close else ""))
-        num_classes = self.transformer.config.num_embeds_ada_norm
-        for i in ids:
-            if not 0 <= i < num_classes:
-                raise ValueError(f"Class id {i} is outside this model's {num_classes} classes [0, {num_classes - 1}].")
-        return ids
 
 
 @dataclasses.dataclass
@@ -113,13 +50,15 @@ def resolve_seed(seed: int | None) -> int:
 
 
 def scheduler_name(config: dict, name: str | None) -> str:
-    """The sampler asked for, or the one the model's config names (falling back to DPM-Solver++ 2M)."""
-    return name or DIFFUSERS_CLASS_NAMES.get(config.get("_class_name"), DEFAULT_SCHEDULER)
-
-
-def scheduler_for(pipe, name: str | None):
-    name = scheduler_name(pipe.scheduler_config, name)
-    return make_scheduler(name, pipe.scheduler_config), name
+    """The sampler asked for, or the one the model's config names; a config written for a sampler
+    sd_core lacks falls back to DPM-Solver++ 2M, with a warning that says so."""
+    if name:
+        return name
+    class_name = config.get("_class_name")
+    if class_name and class_name not in DIFFUSERS_CLASS_NAMES:
+        warnings.warn(f"The model's scheduler {class_name} is not implemented in sd_core; sampling with "
+                      f"{DEFAULT_SCHEDULER} instead (pass scheduler= to choose another).", stacklevel=3)
+    return DIFFUSERS_CLASS_NAMES.get(class_name, DEFAULT_SCHEDULER)
 
 
 def check_common(steps, guidance_scale, batch):
@@ -135,64 +74,6 @@ def dtype_of(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def to_pil(images: torch.Tensor, denormalize: Callable) -> list:
-    """(B, 3, H, W) in [-1, 1] -> 8-bit PIL images, rounding as diffusers does."""
-    array = denormalize(images).cpu().permute(0, 2, 3, 1).float().numpy()
-    return [Image.fromarray(image) for image in (array * 255).round().astype("uint8")]
-
-
-def tag(images: list, parameters: dict) -> list:
-    for image in images:
-        image.info["sd_core"] = json.dumps(parameters)
-    return images
-
-
-def save_image(image: Image.Image, path) -> Path:
-    """Write a PNG with its generation parameters as text metadata; atomic, never half-written."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another output path.")
-    info = PngImagePlugin.PngInfo()
-    for key in ("sd_core",):
-        if key in image.info:
-            info.add_text(key, image.info[key])
-    temporary = path.with_name(f".{path.name}.partial")
-    image.save(temporary, format="PNG", pnginfo=info)
-    os.replace(temporary, path)
-    return path
-
-
-def load_image(image) -> Image.Image:
-    """An RGB PIL image from a path or PIL image: EXIF orientation applied, alpha composited on white,
-    palette and grayscale converted."""
-    if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as error:
-            raise ValueError(f"Cannot read {image!r} as an image ({error}). Use a PNG, JPEG or WebP file.") from None
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
-def crop_to_multiple(image: Image.Image, multiple: int) -> Image.Image:
-    """Centre-crop to the largest size that is a multiple of `multiple` (no resampling: pixels stay 1:1)."""
-    width, height = (image.width // multiple) * multiple, (image.height // multiple) * multiple
-    if width == 0 or height == 0:
-        raise ValueError(f"The image ({image.width}x{image.height}) is smaller than {multiple} pixels.")
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
-
-
-def image_to_tensor(image: Image.Image, dtype, device) -> torch.Tensor:
-    array = np.array(image).astype(np.float32) / 255.0
-    return (2.0 * torch.from_numpy(array).permute(2, 0, 1)[None] - 1.0).to(device=device, dtype=dtype)
-
-
 def check_size(pipe, height: int, width: int):
     factor = pipe.vae_scale_factor
     for name, value in (("height", height), ("width", width)):
@@ -200,6 +81,35 @@ def check_size(pipe, height: int, width: int):
             raise ValueError(f"{name} must be a positive multiple of {factor}; got {value!r}.")
         if value > 4096:
             raise ValueError(f"{name}={value} is too large (at most 4096).")
+
+
+def decode(vae: AutoencoderKL, latents: torch.Tensor) -> list:
+    """Latents (scaled as the diffusion model sees them) -> 8-bit PIL images."""
+    return to_pil(vae.decode(latents / vae.config.scaling_factor))
+
+
+# ------------------------------------------------------------------------------------ guidance and loop
+
+
+def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): uncond + scale (cond - uncond). With rescale > 0,
+    Lin et al. (2023, eq. 15-16): match the guided prediction's std to cond's, blended by `rescale`."""
+    guided = uncond + scale * (cond - uncond)
+    if rescale > 0:
+        dims = list(range(1, cond.ndim))
+        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        guided = rescale * rescaled + (1 - rescale) * guided
+    return guided
+
+
+def denoise(sampler: Scheduler, state: SamplingState, x: torch.Tensor, predict: Callable, generator,
+            callback: StepCallback | None = None) -> torch.Tensor:
+    """The sampling loop every pipeline shares: scale the input, predict, step; report each step."""
+    for i, t in enumerate(state.timesteps):
+        x, x0 = sampler.step(state, predict(sampler.scale_model_input(state, x), t), x, generator)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -216,31 +126,31 @@ def encode_text(tokenizer: CLIPTokenizer, prompts: list[str], device) -> torch.T
     return tokenizer.pad(tokens).to(device)
 
 
-def encode_prompt(pipe: StableDiffusionPipeline, prompts: list[str], negatives: list[str] | None, guided: bool):
-    """Text conditioning as each family's reference pipeline builds it: (embeddings, pooled), CFG as [uncond, cond]."""
+def embed_text(pipe: StableDiffusionPipeline, texts: list[str]):
+    """(hidden states, pooled projection or None) as the family's reference pipeline builds them: the last
+    hidden state, or the penultimate ones of every encoder concatenated (SDXL)."""
     device = pipe.unet.conv_in.weight.device
-    if pipe.family in ("sd1", "sd2"):  # last hidden state (SD2's config already stops at the penultimate layer)
-        def embed(texts):
-            return pipe.text_encoder(encode_text(pipe.tokenizer, texts, device)).last_hidden_state, None
-    else:  # SDXL: penultimate hidden states of each encoder, concatenated; pooled projection of the last one
-        def embed(texts):
-            states, pooled = [], None
-            for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-                if encoder is None:
-                    continue
-                out = encoder(encode_text(tokenizer, texts, device), output_hidden_states=True)
-                states.append(out.hidden_states[-2])
-                if isinstance(encoder, CLIPTextModelWithProjection):
-                    pooled = out.pooled_output
-            return torch.cat(states, dim=-1), pooled
+    states, pooled = [], None
+    for slot in pipe.traits.text_encoders:
+        encoder, tokenizer = getattr(pipe, slot.component), getattr(pipe, slot.tokenizer)
+        if pipe.traits.hidden_states == "last":
+            states.append(encoder(encode_text(tokenizer, texts, device)).last_hidden_state)
+            continue
+        out = encoder(encode_text(tokenizer, texts, device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out.pooled_output if slot.projected else pooled
+    return torch.cat(states, dim=-1), pooled
 
-    embeddings, pooled = embed(prompts)
+
+def encode_prompt(pipe: StableDiffusionPipeline, prompts: list[str], negatives: list[str] | None, guided: bool):
+    """Text conditioning (embeddings, pooled); with guidance batched as [uncond, cond]."""
+    embeddings, pooled = embed_text(pipe, prompts)
     if not guided:
         return embeddings, pooled
-    if negatives is None and pipe.family == "sdxl":  # force_zeros_for_empty_prompt
+    if negatives is None and pipe.traits.zeros_for_empty_negative:
         negative, negative_pooled = torch.zeros_like(embeddings), torch.zeros_like(pooled)
     else:
-        negative, negative_pooled = embed(negatives or [""] * len(prompts))
+        negative, negative_pooled = embed_text(pipe, negatives or [""] * len(prompts))
     embeddings = torch.cat([negative, embeddings])
     pooled = torch.cat([negative_pooled, pooled]) if pooled is not None else None
     return embeddings, pooled
@@ -253,11 +163,7 @@ def as_list(prompt, what: str) -> list[str]:
     return prompts
 
 
-def rescale_guidance(guided: torch.Tensor, text: torch.Tensor, factor: float) -> torch.Tensor:
-    """Lin et al. (2023): match the guided prediction's std to the text prediction's, blended by `factor`."""
-    dims = list(range(1, text.ndim))
-    rescaled = guided * (text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-    return factor * rescaled + (1 - factor) * guided
+# ------------------------------------------------------------------------------ text / image to image
 
 
 @torch.no_grad()
@@ -267,7 +173,8 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
              images_per_prompt: int = 1, latents: torch.Tensor | None = None, eta: float = 0.0,
              original_size=None, crops_coords_top_left=(0, 0), target_size=None,
              callback: StepCallback | None = None) -> GenerationResult:
-    """Text to image, or image to image when `image` is given (then `strength` in [0, 1] says how much to change)."""
+    """Text to image, or image to image when `image` is given (then `strength` in [0, 1] says how much to
+    change). `eta` is DDIM's (0: deterministic); other samplers ignore it."""
     prompts = as_list(prompt, "prompt")
     negatives = None if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
     if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
@@ -283,7 +190,8 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
     check_size(pipe, height, width)
     seed = resolve_seed(seed)
     generator = torch.Generator("cpu").manual_seed(seed)
-    sampler, scheduler_name = scheduler_for(pipe, scheduler)
+    name = scheduler_name(pipe.scheduler_config, scheduler)
+    sampler = make_scheduler(name, pipe.scheduler_config, eta=eta)
     state = sampler.set_timesteps(steps, strength if image is not None else 1.0)
     guided = guidance_scale > 1
     device, dtype = pipe.unet.conv_in.weight.device, pipe.unet.conv_in.weight.dtype
@@ -309,26 +217,18 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
     else:
         x = randn_tensor(shape, generator, dtype, device) * state.init_noise_sigma
 
-    step_kwargs = {"eta": eta} if scheduler_name == "ddim" else {}
-    for i, t in enumerate(state.timesteps):
-        model_input = torch.cat([x] * 2) if guided else x
-        noise_pred = pipe.unet(sampler.scale_model_input(state, model_input), t, embeddings, added)
-        if guided:
-            uncond, text = noise_pred.chunk(2)
-            noise_pred = uncond + guidance_scale * (text - uncond)
-            if guidance_rescale > 0:
-                noise_pred = rescale_guidance(noise_pred, text, guidance_rescale)
-        x, x0_estimate = sampler.step(state, noise_pred, x, generator, **step_kwargs)
-        if callback is not None:
-            callback(i, t, x, x0_estimate)
+    def predict(model_input, t):
+        if not guided:
+            return pipe.unet(model_input, t, embeddings, added)
+        uncond, cond = pipe.unet(torch.cat([model_input] * 2), t, embeddings, added).chunk(2)
+        return guide(uncond, cond, guidance_scale, guidance_rescale)
 
-    decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor)
+    x = denoise(sampler, state, x, predict, generator, callback)
     parameters = {"prompt": prompts, "negative_prompt": negatives, "seed": seed, "steps": steps,
-                  "scheduler": scheduler_name, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
+                  "scheduler": name, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
                   "height": height, "width": width, "images_per_prompt": images_per_prompt,
                   "strength": strength if image is not None else None, "model": pipe.source, "family": pipe.family}
-    images = to_pil(decoded, lambda d: (d * 0.5 + 0.5).clamp(0, 1))
-    return GenerationResult(tag(images, parameters), x, parameters)
+    return GenerationResult(tag(decode(pipe.vae, x), parameters), x, parameters)
 
 
 def text_to_image(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, **kwargs) -> GenerationResult:
@@ -344,10 +244,8 @@ def image_to_image(pipe: StableDiffusionPipeline, image, prompt, negative_prompt
 
 def preview(pipe, x0: torch.Tensor, size: int = 128) -> Image.Image:
     """A small picture of a predicted x0 (latents), decoded by the VAE, for progress and trajectory views."""
-    vae = pipe.vae
     with torch.no_grad():
-        decoded = vae.decode((x0[:1] / vae.config.scaling_factor).to(dtype_of(vae)))
-    image = to_pil(decoded, lambda d: (d * 0.5 + 0.5).clamp(0, 1))[0]
+        image = decode(pipe.vae, x0[:1].to(dtype_of(pipe.vae)))[0]
     image.thumbnail((size, size))
     return image
 
@@ -367,11 +265,6 @@ class RoundTrip:
     std: torch.Tensor
 
 
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    error = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
-    return float("inf") if error == 0 else 10 * math.log10(255.0 ** 2 / error)
-
-
 @torch.no_grad()
 def vae_roundtrip(vae: AutoencoderKL, image, sample: bool = False, seed: int | None = None,
                   difference_gain: float = 4.0) -> RoundTrip:
@@ -381,7 +274,7 @@ def vae_roundtrip(vae: AutoencoderKL, image, sample: bool = False, seed: int | N
     device = vae.encoder.conv_in.weight.device
     posterior = vae.encode(image_to_tensor(image, dtype_of(vae), device))
     z = posterior.sample(torch.Generator("cpu").manual_seed(resolve_seed(seed))) if sample else posterior.mode()
-    reconstruction = to_pil(vae.decode(z), lambda d: (d * 0.5 + 0.5).clamp(0, 1))[0]
+    reconstruction = to_pil(vae.decode(z))[0]
     difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reconstruction, dtype=np.int16))
     difference = Image.fromarray(np.clip(difference * difference_gain, 0, 255).astype(np.uint8))
     channels = []
@@ -403,8 +296,8 @@ def dit_sample(pipe: DiTPipeline, class_labels, *, guidance_scale: float = 4.0, 
                scheduler: str | None = None, seed: int | None = None, guided_channels: str = "all",
                callback: StepCallback | None = None) -> GenerationResult:
     """Class-conditional sampling. Guidance is on all latent channels (diffusers) or, with
-    guided_channels="first3", on the first three only, as the original DiT code does. With the `ddpm`
-    sampler and a learned-sigma model, the predicted variance is used (learned_range)."""
+    guided_channels="first3", on the first three only, as the original DiT code does. A learned-sigma
+    model's variance channels reach the sampler (DDPM samples with them; the others ignore them)."""
     if guided_channels not in GUIDED_CHANNELS:
         raise ValueError(f"guided_channels must be one of {GUIDED_CHANNELS}; got {guided_channels!r}.")
     labels = pipe.label_ids(class_labels if isinstance(class_labels, (list, tuple)) else [class_labels])
@@ -412,40 +305,27 @@ def dit_sample(pipe: DiTPipeline, class_labels, *, guidance_scale: float = 4.0, 
     c = pipe.transformer.config
     seed = resolve_seed(seed)
     generator = torch.Generator("cpu").manual_seed(seed)
-    learned_sigma = c.out_channels == 2 * c.in_channels
-    config = dict(pipe.scheduler_config)
-    name = scheduler_name(config, scheduler)
-    if name == "ddpm" and learned_sigma:
-        config["variance_type"] = "learned_range"
-    sampler = make_scheduler(name, config)
+    name = scheduler_name(pipe.scheduler_config, scheduler)
+    sampler = make_scheduler(name, pipe.scheduler_config)
     state = sampler.set_timesteps(steps)
     device, dtype = pipe.transformer.proj_out_2.weight.device, pipe.transformer.proj_out_2.weight.dtype
     guided = guidance_scale > 1
     x = randn_tensor((len(labels), c.in_channels, c.sample_size, c.sample_size), generator, dtype, device)
     x = x * state.init_noise_sigma
     class_ids = torch.tensor(labels, device=device)
-    if guided:  # DiT orders the guidance batch [cond, uncond]; the null class is id num_embeds_ada_norm
-        class_ids = torch.cat([class_ids, torch.full_like(class_ids, c.null_class)])
-    for i, t in enumerate(state.timesteps):
-        model_input = sampler.scale_model_input(state, torch.cat([x, x]) if guided else x)
-        timesteps = torch.as_tensor(t, device=device).reshape(1).expand(model_input.shape[0])
-        out = pipe.transformer(model_input, timesteps, class_ids)
-        if guided:
-            split = c.in_channels if guided_channels == "all" else 3
-            eps, rest = out[:, :split], out[:, split:]
-            cond, uncond = eps.chunk(2)
-            out = torch.cat([uncond + guidance_scale * (cond - uncond), rest[: len(labels)]], dim=1)
-        if learned_sigma and name != "ddpm":
-            out = out[:, :c.in_channels]
-        x, x0_estimate = sampler.step(state, out, x, generator)
-        if callback is not None:
-            callback(i, t, x, x0_estimate)
-    decoded = pipe.vae.decode(1 / pipe.vae.config.scaling_factor * x)
+    guided_ids = torch.cat([class_ids, torch.full_like(class_ids, c.null_class)])  # DiT's order: [cond, uncond]
+    split = c.in_channels if guided_channels == "all" else 3
+
+    def predict(model_input, t):
+        if not guided:
+            return pipe.transformer(model_input, torch.as_tensor(t, device=device).reshape(1).expand(len(labels)),
+                                    class_ids)
+        timesteps = torch.as_tensor(t, device=device).reshape(1).expand(2 * len(labels))
+        cond, uncond = pipe.transformer(torch.cat([model_input, model_input]), timesteps, guided_ids).chunk(2)
+        return torch.cat([guide(uncond[:, :split], cond[:, :split], guidance_scale), cond[:, split:]], dim=1)
+
+    x = denoise(sampler, state, x, predict, generator, callback)
     names = [pipe.id2label.get(i, str(i)) for i in labels]
     parameters = {"class_labels": labels, "class_names": names, "seed": seed, "steps": steps, "scheduler": name,
                   "guidance_scale": guidance_scale, "guided_channels": guided_channels, "model": pipe.source}
-    images = to_pil(decoded, lambda d: (d / 2 + 0.5).clamp(0, 1))
-    return GenerationResult(tag(images, parameters), x, parameters)
-
-
-SCHEDULER_NAMES = sorted([*SCHEDULERS, "dpmpp_2m_karras"])
+    return GenerationResult(tag(decode(pipe.vae, x), parameters), x, parameters)

@@ -28,9 +28,10 @@ from tqdm import tqdm
 from . import presets, shapes
 from .clip import CLIPTextModel
 from .dit import DiTTransformer2DModel
-from .loading import (EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS, atomic_folder, commit_folder,
-                      load_pipeline, load_vae, save_model, save_pipeline)
-from .pipelines import DiTPipeline, StableDiffusionPipeline
+from .catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS
+from .components import DiTPipeline, StableDiffusionPipeline
+from .loading import load_pipeline, load_vae
+from .saving import atomic_folder, commit_folder, save_model, save_pipeline
 from .schedulers import make_scheduler
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel
@@ -183,8 +184,7 @@ def train_vae(run: Run, config: dict = VAE_CONFIG, kl_weight: float = 1e-6):
     def loss_fn(step):
         _, images = batch_of_scenes(run, step)
         posterior = vae.encode(images)
-        kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
-        return reconstruction_loss(vae.decode(posterior.sample()), images) + kl_weight * kl
+        return reconstruction_loss(vae.decode(posterior.sample()), images) + kl_weight * posterior.kl().mean()
 
     vae.train()
     ema = train(run, {"vae": vae}, loss_fn, "vae")

@@ -55,6 +55,10 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    def kl(self) -> torch.Tensor:
+        """KL(q(z|x) || N(0, I)) per latent element: (mean^2 + std^2 - 1 - log std^2) / 2."""
+        return 0.5 * (self.mean ** 2 + self.std ** 2 - 1 - self.logvar)
+
 
 class SpatialSelfAttention(Attention):
     """Single-head self-attention over all pixels with its own GroupNorm and residual (VAE mid block)."""
@@ -85,25 +89,37 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class ResnetStage(nn.Module):
-    """`num_layers` ResNets then an optional resampler: diffusers' DownEncoderBlock2D (`downsamplers`, the
-    (0,1,0,1)-padded stride-2 conv) or UpDecoderBlock2D (`upsamplers`)."""
+class DownEncoderBlock2D(nn.Module):
+    """`num_layers` ResNets, then (except in the last block) the (0,1,0,1)-padded stride-2 conv."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, resampler: str,
-                 resample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, VAE_EPS)
-            for i in range(num_layers)
-        ])
-        layer = Downsample2D(out_channels, padding=0) if resampler == "downsamplers" else Upsample2D(out_channels)
-        self.resampler = resampler
-        setattr(self, resampler, nn.ModuleList([layer] if resample else []))
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups)
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)] if downsample else [])
 
     def forward(self, x):
-        for layer in [*self.resnets, *getattr(self, self.resampler)]:
+        for layer in [*self.resnets, *self.downsamplers]:
             x = layer(x)
         return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    """`num_layers` ResNets, then (except in the last block) nearest 2x upsampling and a conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups)
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if upsample else [])
+
+    def forward(self, x):
+        for layer in [*self.resnets, *self.upsamplers]:
+            x = layer(x)
+        return x
+
+
+def resnet_stack(in_channels: int, out_channels: int, num_layers: int, groups: int) -> nn.ModuleList:
+    return nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, VAE_EPS)
+                          for i in range(num_layers)])
 
 
 class Encoder(nn.Module):
@@ -112,8 +128,8 @@ class Encoder(nn.Module):
         channels, groups = c.block_out_channels, c.norm_num_groups
         self.conv_in = nn.Conv2d(c.in_channels, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
-            ResnetStage(channels[max(i - 1, 0)], channels[i], c.layers_per_block, groups, "downsamplers",
-                        i < len(channels) - 1)
+            DownEncoderBlock2D(channels[max(i - 1, 0)], channels[i], c.layers_per_block, groups,
+                               i < len(channels) - 1)
             for i in range(len(channels))
         ])
         self.mid_block = MidBlock(channels[-1], groups, c.mid_block_add_attention)
@@ -135,8 +151,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(c.latent_channels, channels[0], 3, padding=1)
         self.mid_block = MidBlock(channels[0], groups, c.mid_block_add_attention)
         self.up_blocks = nn.ModuleList([
-            ResnetStage(channels[max(i - 1, 0)], channels[i], c.layers_per_block + 1, groups, "upsamplers",
-                        i < len(channels) - 1)
+            UpDecoderBlock2D(channels[max(i - 1, 0)], channels[i], c.layers_per_block + 1, groups,
+                             i < len(channels) - 1)
             for i in range(len(channels))
         ])
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=VAE_EPS)

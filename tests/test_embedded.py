@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sd_core import shapes
-from sd_core.loading import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
+from sd_core.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.loading import load_pipeline
 from sd_core.pipelines import dit_sample, text_to_image
 from tests.helpers import assert_images_match

@@ -8,8 +8,10 @@ import safetensors.torch
 import torch
 
 from sd_core.convert import CheckpointError
-from sd_core.loading import detect_family, export_single_file, load_pipeline, save_pipeline
-from sd_core.pipelines import DiTPipeline, StableDiffusionPipeline
+from sd_core.components import DiTPipeline, StableDiffusionPipeline
+from sd_core.families import FAMILIES as FAMILY_RECORDS, family_of_checkpoint
+from sd_core.loading import load_pipeline
+from sd_core.saving import export_single_file, save_pipeline
 from tests import tiny
 
 FAMILIES = ["sd1", "sd2", "sdxl", "dit"]
@@ -55,7 +57,7 @@ def test_diffusers_folder_loads_with_every_tensor_equal(saved, family):
 def test_original_single_file_round_trip_keeps_every_tensor(saved, family, tmp_path):
     reference, folder = saved[family]
     path = export_single_file(load_pipeline(folder), tmp_path / f"{family}.safetensors")
-    assert detect_family(safetensors.torch.load_file(path))[0] == family
+    assert family_of_checkpoint(safetensors.torch.load_file(path))[0].name == family
     pipe = load_pipeline(path, config=folder)
     assert pipe.family == family
     assert_same_tensors(pipe, tiny.reference_state_dicts(reference))
@@ -257,14 +259,14 @@ def test_real_size_rules_produce_the_original_names_and_invert_exactly(family):
     from sd_core.loading import expected_shapes, single_file_layout
     tensors = {}
     configs = {"transformer": dit_config("DiT-XL/2")} if family == "dit" else {}
-    layout = single_file_layout(family, {}, configs)
+    layout = single_file_layout(FAMILY_RECORDS[family], {}, configs)
     models = {}
     for name, (model_class, config, rules) in layout.items():
         with torch.device("meta"):
             models[name] = model_class.from_config(config)
         tensors.update(convert.export_component(models[name].state_dict(), rules))
     assert set(REAL_SIZE_KEYS[family]) <= set(tensors)
-    assert detect_family(tensors)[0] == family
+    assert family_of_checkpoint(tensors)[0].name == family
     for name, (model_class, config, rules) in layout.items():
         converted, _ = convert.convert_component(tensors, rules, expected_shapes(model_class, config), name)
         assert {k: tuple(v.shape) for k, v in converted.items()} == expected_shapes(model_class, config)

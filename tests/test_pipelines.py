@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from sd_core.loading import load_pipeline
-from sd_core.pipelines import (dit_sample, image_to_image, load_image, save_image, text_to_image, vae_roundtrip)
+from sd_core.images import load_image, save_image
+from sd_core.pipelines import dit_sample, image_to_image, text_to_image, vae_roundtrip
 from tests import tiny
 from tests.helpers import assert_images_match
 

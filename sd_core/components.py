@@ -1,0 +1,78 @@
+"""The components of a Stable Diffusion or DiT model, as the loaders build them and the pipelines use them."""
+import dataclasses
+
+from .clip import CLIPTextModel, CLIPTextModelWithProjection
+from .dit import DiTTransformer2DModel
+from .families import FAMILIES, Family
+from .tokenizer import CLIPTokenizer
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+
+@dataclasses.dataclass
+class StableDiffusionPipeline:
+    """SD 1.x / 2.x (one CLIP encoder), SDXL (CLIP-L + OpenCLIP bigG), SDXL refiner (bigG only)."""
+    family: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict
+    text_encoder: CLIPTextModel | None = None
+    tokenizer: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    source: str = ""
+
+    @property
+    def traits(self) -> Family:
+        """What this model family does differently (text encoding, defaults, file layout)."""
+        return FAMILIES[self.family]
+
+    @property
+    def models(self) -> dict:
+        names = ("unet", "vae", "text_encoder", "text_encoder_2")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return (self.unet.config.sample_size or 64) * self.vae_scale_factor
+
+
+@dataclasses.dataclass
+class DiTPipeline:
+    """Class-conditional DiT on the SD VAE's latents; `id2label` names the classes."""
+    transformer: DiTTransformer2DModel
+    vae: AutoencoderKL
+    scheduler_config: dict
+    id2label: dict = dataclasses.field(default_factory=dict)
+    source: str = ""
+    family: str = "dit"
+
+    @property
+    def traits(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def models(self) -> dict:
+        return {"transformer": self.transformer, "vae": self.vae}
+
+    def label_ids(self, labels) -> list[int]:
+        """Class ids from ids or names (case-insensitive; an id2label entry may list several names)."""
+        names = {name.strip().lower(): i for i, label in self.id2label.items() for name in label.split(",")}
+        ids = []
+        for label in labels:
+            if isinstance(label, str) and label.strip().lower() in names:
+                ids.append(names[label.strip().lower()])
+            elif isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit()):
+                ids.append(int(label))
+            else:
+                close = [n for n in names if str(label).lower() in n][:5]
+                raise ValueError(f"Unknown class label {label!r}." + (f" Did you mean {close}?" if close else ""))
+        num_classes = self.transformer.config.num_embeds_ada_norm
+        for i in ids:
+            if not 0 <= i < num_classes:
+                raise ValueError(f"Class id {i} is outside this model's {num_classes} classes [0, {num_classes - 1}].")
+        return ids
