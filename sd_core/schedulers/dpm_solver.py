@@ -1,0 +1,85 @@
+"""DPM-Solver++ 2M (Lu et al. 2022): exponential-integrator steps in lambda = log(alpha_t / sigma_t)."""
+import numpy as np
+import torch
+
+from .base import SamplingState, StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
+from .euler import KarrasSigmaScheduler, alpha_sigma_from_karras_sigma
+
+
+def dpm_solver_lambda(sigma):
+    """lambda = log(alpha_t / sigma_t), the half log-SNR DPM-Solver integrates over (= -log sigma)."""
+    alpha_t, sigma_t = alpha_sigma_from_karras_sigma(sigma)
+    return torch.log(alpha_t) - torch.log(sigma_t)
+
+
+def dpm_solver_x0_blend(x0, previous_x0, h, h_previous, solver_type: str):
+    """DPM-Solver++(2M)'s second-order x0 (Lu et al. 2022, alg. 2): extrapolate along lambda from the
+    last two estimates, D = x0 + c (x0 - previous_x0) / r with r = h_previous / h; c = 1/2 (midpoint),
+    or -(1/h + 1/(e^-h - 1)) (the 'heun' variant)."""
+    slope = (1.0 / (h_previous / h)) * (x0 - previous_x0)
+    c = 0.5 if solver_type == "midpoint" else -(1.0 / h + 1.0 / (torch.exp(-h) - 1.0))
+    return x0 + c * slope
+
+
+def dpm_solver_update(x, x0, sigma, sigma_next):
+    """The exponential-integrator step in x0 form (Lu et al. 2022, eq. 9): with h = lambda_next - lambda,
+    x_next = (sigma_t' / sigma_t) x - alpha_t' (e^-h - 1) x0 (DPM-Solver++(1) is DDIM)."""
+    alpha_next, sigma_t_next = alpha_sigma_from_karras_sigma(sigma_next)
+    _, sigma_t = alpha_sigma_from_karras_sigma(sigma)
+    h = dpm_solver_lambda(sigma_next) - dpm_solver_lambda(sigma)
+    return (sigma_t_next / sigma_t) * x - (alpha_next * (torch.exp(-h) - 1.0)) * x0
+
+
+class DPMSolverMultistep(KarrasSigmaScheduler):
+    """DPM-Solver++ (Lu et al. 2022), data-prediction form, first or second order multistep (2M): one
+    exponential-integrator step per model call, on an x0 extrapolated from the last two estimates."""
+    name = "dpmpp_2m"
+
+    def __init__(self, config):
+        super().__init__(config)
+        config.require(config.algorithm_type == "dpmsolver++", "only algorithm_type='dpmsolver++' is supported.")
+        config.require(config.solver_order in (1, 2), "only solver_order 1 or 2 is supported (DPM-Solver++ 2M).")
+        config.require(config.solver_type in ("midpoint", "heun"), "solver_type must be 'midpoint' or 'heun'.")
+
+    def schedule(self, n):
+        c = self.config
+        lambdas = torch.log(self.alphas_cumprod.sqrt()) - torch.log((1 - self.alphas_cumprod).sqrt())
+        clipped = torch.searchsorted(torch.flip(lambdas, [0]), c.lambda_min_clipped)
+        last_timestep = (c.num_train_timesteps - clipped).numpy().item()
+        timesteps = spaced_timesteps(c, n, last_timestep=last_timestep, drop_final=True)
+        train_sigmas = self.train_sigmas()
+        sigmas, timesteps = sigma_schedule(c, timesteps, train_sigmas, self.karras(),
+                                           (train_sigmas[0].item(), train_sigmas[-1].item()))
+        if self.karras() and c.beta_schedule != "squaredcos_cap_v2":
+            timesteps = timesteps.round()
+        sigmas = torch.from_numpy(np.concatenate([sigmas, [self.final_sigma()]]).astype(np.float32))
+        return torch.from_numpy(timesteps).to(torch.int64), sigmas, 1.0
+
+    def add_noise_at_start(self, state, x0, noise):
+        alpha_t, sigma_t = alpha_sigma_from_karras_sigma(state.sigmas[state.step_index])
+        return (alpha_t * x0 + sigma_t * noise).to(x0.dtype)
+
+    def first_order_step(self, state: SamplingState) -> bool:
+        """DPM-Solver++(1) when there is no previous x0 yet, or (lower_order_final / euler_at_final) at the
+        last step, where a second-order step is unstable for few steps or when stepping to sigma = 0."""
+        c = self.config
+        n = len(state.sigmas) - 1
+        is_last = state.step_index == n - 1
+        return (c.solver_order == 1 or not state.model_outputs
+                or (is_last and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")))
+
+    def step(self, state, model_output, sample, generator=None):
+        i = state.step_index
+        sigma, sigma_next = state.sigmas[i], state.sigmas[i + 1]
+        alpha_t, sigma_t = alpha_sigma_from_karras_sigma(sigma)
+        x0, _ = predicted_x0_and_eps(self.noise_prediction(model_output, sample), sample, alpha_t, sigma_t,
+                                     self.config.prediction_type)
+        x0_used = x0
+        if not self.first_order_step(state):
+            h = dpm_solver_lambda(sigma_next) - dpm_solver_lambda(sigma)
+            h_previous = dpm_solver_lambda(sigma) - dpm_solver_lambda(state.sigmas[i - 1])
+            x0_used = dpm_solver_x0_blend(x0, state.model_outputs[-1], h, h_previous, self.config.solver_type)
+        state.model_outputs = (state.model_outputs + [x0])[-2:]
+        state.step_index += 1
+        prev_sample = dpm_solver_update(sample.to(torch.float32), x0_used, sigma, sigma_next)
+        return StepOutput(prev_sample.to(model_output.dtype), x0)
