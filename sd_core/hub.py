@@ -39,7 +39,7 @@ def hub_errors(repo_id: str):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
         raise CheckpointError(f"Could not fetch {repo_id!r} from the Hugging Face Hub ({type(error).__name__}: "
                               f"{first_line}). Check the repo id, your network and, for a gated repo, your token "
-                              f"(huggingface-cli login); without a network, pass a local diffusers folder or a "
+                              f"(hf auth login, or HF_TOKEN); without a network, pass a local diffusers folder or a "
                               f"single .safetensors file instead.") from None
 
 

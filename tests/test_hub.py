@@ -216,6 +216,13 @@ def test_a_gated_repo_is_a_clear_error_that_mentions_the_token(serve):
         fetch_pipeline(SD15, progress=False)
 
 
+def test_an_unreachable_hub_is_a_clear_error(serve):
+    hub = serve({SD15: real_repo(SD15)})
+    hub.__exit__(None, None, None)  # nothing listens at its address any more
+    with pytest.raises(CheckpointError, match=r"Could not fetch .*ConnectError.*without a network, pass a local"):
+        fetch_pipeline(SD15, progress=False)
+
+
 def test_offline_mode_is_a_clear_error(serve, monkeypatch):
     hub = serve({SD15: real_repo(SD15)})
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
