@@ -16,6 +16,8 @@ from .layers import Attention, FeedForward, TimestepEmbedding, broadcast_timeste
 
 # The paper's model sizes: (depth, hidden size, heads).
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+# `downscale_freq_shift` of `timestep_embedding` for each DiTConfig.timestep_frequencies: the divisor is half - shift.
+TIMESTEP_FREQUENCY_SHIFT = {"diffusers": 1, "original": 0}
 
 
 @dataclasses.dataclass
@@ -35,6 +37,10 @@ class DiTConfig(ModelConfig):
     norm_type: str = "ada_norm_zero"
     norm_elementwise_affine: bool = False
     norm_eps: float = 1e-5
+    # Timestep frequencies exp(-ln(10000) * i / divisor), i < half = 128: "diffusers" divides by half - 1
+    # (diffusers' DiT), "original" by half (facebookresearch/DiT, whose released weights were trained so).
+    # Not a diffusers field: saved only when "original" (diffusers then warns and ignores it).
+    timestep_frequencies: str = "diffusers"
     inert_keys = frozenset({"dropout"})
     # Older DiT folders (facebook/DiT-XL-2-*) use the generic Transformer2DModel config: its extra
     # fields are accepted only at the values that make it a DiT.
@@ -52,7 +58,17 @@ class DiTConfig(ModelConfig):
 
     def __post_init__(self):
         self.require(self.norm_type == "ada_norm_zero", f"norm_type={self.norm_type!r} is not supported.")
+        self.require(self.timestep_frequencies in TIMESTEP_FREQUENCY_SHIFT,
+                     f"timestep_frequencies={self.timestep_frequencies!r}; choose one of "
+                     f"{sorted(TIMESTEP_FREQUENCY_SHIFT)} (\"original\" for facebookresearch/DiT checkpoints).")
         self.out_channels = self.out_channels or self.in_channels
+
+    def to_dict(self) -> dict:
+        """The config as diffusers writes it: `timestep_frequencies` only where it departs from diffusers."""
+        config = super().to_dict()
+        if config["timestep_frequencies"] == "diffusers":
+            del config["timestep_frequencies"]
+        return config
 
     @property
     def hidden_size(self) -> int:
@@ -113,10 +129,11 @@ class CombinedTimestepLabelEmbeddings(nn.Module):
         super().__init__()
         self.timestep_embedder = TimestepEmbedding(256, c.hidden_size)
         self.class_embedder = LabelEmbedding(c.num_embeds_ada_norm, c.hidden_size)
+        self.frequency_shift = TIMESTEP_FREQUENCY_SHIFT[c.timestep_frequencies]
 
     def forward(self, timestep, class_labels, dtype):
-        # diffusers' DiT shifts the frequencies by 1; facebookresearch/DiT does not (see timestep_embedding).
-        t = timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=1).to(dtype)
+        # [cos, sin] in both conventions; they differ only in the frequency divisor (DiTConfig.timestep_frequencies).
+        t = timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=self.frequency_shift).to(dtype)
         return self.timestep_embedder(t) + self.class_embedder.embedding_table(class_labels)
 
 

@@ -1,9 +1,16 @@
+import json
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel as ReferenceDiT
 
+from sd_core import convert
 from sd_core.dit import DiTTransformer2DModel, dit_config
 from sd_core.layers import set_attention_backend
+from sd_core.loading import dit_config_from_weights, save_model
+from tests import tiny
 from tests.helpers import parameter_shapes, randomize, relative_diff, twin
 
 SMALL = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, sample_size=8, num_embeds_ada_norm=10)
@@ -120,3 +127,75 @@ def test_dit_rejects_bad_inputs():
         ours(latents, 1, torch.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="Unknown DiT size"):
         dit_config("DiT-M/3")
+
+
+def paper_timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: int = 10000) -> torch.Tensor:
+    """facebookresearch/DiT's TimestepEmbedder.timestep_embedding, restated: frequencies
+    exp(-ln(max_period) * i / half) for i < half, embedding cat([cos(t f), sin(t f)])."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    angles = t[:, None].float() * frequencies[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def original_layout_dit():
+    """(original facebookresearch/DiT state dict, its diffusers config) of a small seeded DiT."""
+    reference = tiny.dit().transformer
+    config = dict(reference.config)
+    return convert.export_component(reference.state_dict(), convert.dit_rules(config)), config
+
+
+def dit_from_original(original: dict, timestep_frequencies: str) -> DiTTransformer2DModel:
+    config = {**dit_config_from_weights(original), "timestep_frequencies": timestep_frequencies}
+    model = DiTTransformer2DModel.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state_dict, _ = convert.convert_component(original, convert.dit_rules(config), expected, "DiT")
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def original_conditioning(original: dict, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The original model's c = t_embedder(t) + y_embedder(y): Linear -> SiLU -> Linear on the paper's embedding."""
+    mlp = {k.removeprefix("t_embedder.mlp."): v for k, v in original.items() if k.startswith("t_embedder.mlp.")}
+    hidden = F.linear(paper_timestep_frequencies(t), mlp["0.weight"], mlp["0.bias"])
+    t_emb = F.linear(F.silu(hidden), mlp["2.weight"], mlp["2.bias"])
+    return t_emb + original["y_embedder.embedding_table.weight"][labels]
+
+
+@torch.no_grad()
+def test_original_timestep_frequencies_follow_the_dit_paper_code():
+    original, _ = original_layout_dit()
+    t, labels = torch.tensor([1, 250, 999]), torch.tensor([0, 3, 10])
+    expected = original_conditioning(original, t, labels)
+    for block in dit_from_original(original, "original").transformer_blocks:
+        assert relative_diff(block.norm1.emb(t, labels, torch.float32), expected) <= 1e-6
+    # diffusers' divisor (half - 1) is measurably another embedding, so the check above can tell them apart.
+    diffusers_style = dit_from_original(original, "diffusers").transformer_blocks[0].norm1.emb(t, labels, torch.float32)
+    assert relative_diff(diffusers_style, expected) > 1e-3
+
+
+@torch.no_grad()
+def test_timestep_frequencies_change_only_the_timestep_embedding():
+    original, _ = original_layout_dit()
+    paper, diffusers_style = dit_from_original(original, "original"), dit_from_original(original, "diffusers")
+    latents, labels = dit_inputs()
+    assert torch.equal(paper(latents, 0, labels), diffusers_style(latents, 0, labels))  # t = 0: every angle is 0
+    assert not torch.equal(paper(latents, 500, labels), diffusers_style(latents, 500, labels))
+
+
+def test_a_diffusers_config_keeps_diffusers_timestep_frequencies():
+    _, reference = build_pair("patch2_no_sigma")
+    assert DiTTransformer2DModel.from_config(dict(reference.config)).config.timestep_frequencies == "diffusers"
+    with pytest.raises(ValueError, match="timestep_frequencies='paper'.*'original'"):
+        DiTTransformer2DModel.from_config({**SMALL_CONFIGS["patch2_no_sigma"], "timestep_frequencies": "paper"})
+
+
+@pytest.mark.parametrize("timestep_frequencies", ["diffusers", "original"])
+def test_saved_dit_folder_loads_in_diffusers_and_keeps_its_timestep_frequencies(timestep_frequencies, tmp_path):
+    original, _ = original_layout_dit()
+    folder = tmp_path / "transformer"
+    save_model(dit_from_original(original, timestep_frequencies), folder, "DiTTransformer2DModel")
+    saved = json.loads((folder / "config.json").read_text())
+    assert ("timestep_frequencies" in saved) == (timestep_frequencies == "original")  # diffusers' keys only, by default
+    ReferenceDiT.from_pretrained(folder)  # diffusers ignores the extra key (with a warning)
+    assert DiTTransformer2DModel.from_config(saved).config.timestep_frequencies == timestep_frequencies
