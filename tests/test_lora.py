@@ -20,7 +20,8 @@ from tests.helpers import assert_images_match, relative_diff
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-TEXT_ENCODERS = {"sd1": {"text_encoder": "lora_te_"}, "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
+TEXT_ENCODERS = {"sd1": {"text_encoder": "lora_te_"},  # component -> kohya prefix
+                 "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
 PROMPT = "a small red circle on the left"
 
 
@@ -141,7 +142,7 @@ def assert_models_match(ours, reference, family: str):
     for component in ("unet", *TEXT_ENCODERS[family]):
         expected = getattr(reference, component).state_dict()
         for name, tensor in ours.models[component].state_dict().items():
-            assert relative_diff(tensor, expected[name]) <= 1e-6, (component, name, relative_diff(tensor, expected[name]))
+            assert relative_diff(tensor, expected[name]) <= 1e-6, (component, name)
     generator = torch.Generator().manual_seed(1)
     sample = torch.randn(2, 4, 8, 8, generator=generator)
     context = torch.randn(2, 77, reference.unet.config.cross_attention_dim, generator=generator)
@@ -162,7 +163,7 @@ def snapshot(pipe) -> dict:
 def assert_restored(pipe, before: dict):
     after = snapshot(pipe)
     assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before), [k for k in before if not torch.equal(after[k], before[k])]
+    assert [k for k in before if not torch.equal(after[k], before[k])] == []
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -239,7 +240,8 @@ def test_a_layer_that_does_not_fit_the_model_is_an_error_naming_it_and_changes_n
 
 
 @pytest.mark.parametrize("tensors,named", [
-    ({**kohya_pair("lora_unet_conv_in"), "lora_unet_conv_in.dora_scale": torch.ones(1)}, "lora_unet_conv_in.dora_scale"),
+    ({**kohya_pair("lora_unet_conv_in"), "lora_unet_conv_in.dora_scale": torch.ones(1)},
+     "lora_unet_conv_in.dora_scale"),
     ({**kohya_pair("lora_unet_conv_in"), "lora_unet_conv_out.lora_up.weight": torch.ones(4, 2)},
      "lora_unet_conv_out.down (the other half"),
     ({"unet.conv_in.lora_A.weight": torch.ones(2, 4), "vae.decoder.conv_in.lora_A.weight": torch.ones(2, 4)},
