@@ -69,6 +69,13 @@ def read_vocabulary(folder: str | Path | None) -> tuple[dict[str, int], list[tup
     return vocab, merges, settings
 
 
+def normalize(text: str) -> str:
+    """NFC, runs of whitespace collapsed to one space, lower-cased."""
+    normalized = regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text))
+    # Lower-case character by character: Python alone would turn a word-final Σ into ς.
+    return normalized.replace("Σ", "σ").lower()
+
+
 def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
@@ -96,7 +103,30 @@ class CLIPTokenizer:
         # Special tokens are cut out of the raw text before normalisation, longest first (as transformers does).
         specials = sorted({BOS, EOS, self.pad_token}, key=len, reverse=True)
         self.special_split = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
+        # Added tokens (textual inversion): normalised text -> ids, matched in the normalised prompt before BPE.
+        self.added_tokens: dict[str, list[int]] = {}
+        self.added_split = None
         self._bpe = functools.lru_cache(maxsize=65536)(self._bpe_uncached)
+
+    def add_token(self, text: str, count: int = 1) -> list[int]:
+        """Add `text` as a new token, or as `count` tokens named `text`, `text_1`, ... (diffusers' names for the
+        vectors of a multi-vector textual-inversion embedding); returns their ids, appended after the vocabulary.
+
+        Like transformers' added tokens, they are found in the normalised (lower-cased) prompt before BPE, even
+        inside a word, longest first; `text` stands for all `count` ids, as diffusers' `maybe_convert_prompt` makes it.
+        """
+        names = [text] + [f"{text}_{i}" for i in range(1, count)]
+        taken = [name for name in names if name in self.vocab or normalize(name) in self.added_tokens]
+        if taken:
+            raise ValueError(f"Token(s) {taken} are already in the vocabulary; bind the embedding to another token.")
+        ids = list(range(len(self.vocab), len(self.vocab) + count))
+        for name, token_id in zip(names, ids):
+            self.vocab[name], self.id_to_token[token_id] = token_id, name
+            self.added_tokens[normalize(name)] = [token_id]
+        self.added_tokens[normalize(text)] = ids
+        longest_first = sorted(self.added_tokens, key=len, reverse=True)
+        self.added_split = regex.compile("(" + "|".join(regex.escape(t) for t in longest_first) + ")")
+        return ids
 
     def _bpe_uncached(self, word: str) -> tuple[str, ...]:
         symbols = [*word[:-1], word[-1] + "</w>"]
@@ -126,12 +156,14 @@ class CLIPTokenizer:
             if segment in self.vocab and self.special_split.fullmatch(segment):
                 ids.append(self.vocab[segment])
                 continue
-            normalized = regex.sub(r"\s+", " ", unicodedata.normalize("NFC", segment))
-            # Lower-case character by character: Python alone would turn a word-final Σ into ς.
-            normalized = normalized.replace("Σ", "σ").lower()
-            for piece in PRE_SPLIT.findall(normalized):
-                word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-                ids.extend(self.vocab[symbol] for symbol in self._bpe(word))
+            pieces = self.added_split.split(normalize(segment)) if self.added_split else [normalize(segment)]
+            for piece in pieces:
+                if piece in self.added_tokens:
+                    ids.extend(self.added_tokens[piece])
+                    continue
+                for word in PRE_SPLIT.findall(piece):
+                    word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                    ids.extend(self.vocab[symbol] for symbol in self._bpe(word))
         return ids
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
