@@ -23,6 +23,7 @@ from .components import DiTPipeline, StableDiffusionPipeline
 from .convert import CheckpointError, first_few
 from .dit import DIT_SIZES, DiTTransformer2DModel
 from .families import Family, family_of_checkpoint, family_of_folder
+from .hub import fetch_pipeline
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionConfig, UNet2DConditionModel
 from .vae import AutoencoderKL, AutoencoderKLConfig
@@ -138,8 +139,9 @@ def component_weights(folder: Path, stem: str, variant: str | None, allow_pickle
     for name in names:
         if (folder / name).is_file():
             return read_weights(folder / name)
-        index = folder / f"{name}.index.json"
-        if index.is_file():  # sharded
+        # sharded: diffusers names the variant's index model.safetensors.index.fp16.json
+        index = folder / (f"{stem}.safetensors.index.{variant}.json" if variant and variant in name else f"{name}.index.json")
+        if index.is_file():
             shards = sorted(set(read_json(index)["weight_map"].values()))
             return {k: v for shard in shards for k, v in read_weights(folder / shard).items()}
     pickled = folder / f"{'pytorch_model' if stem == 'model' else stem}.bin"
@@ -207,8 +209,8 @@ def dit_config_from_weights(tensors: dict) -> dict:
 def single_file_layout(family: Family, tensors: dict, configs: dict) -> dict:
     """component -> (sd_core class, config, conversion rules) for an original checkpoint. `configs` may
     give any component's diffusers config; the rest come from the family's released models."""
-    if family.name == "dit":
-        config = configs.get("transformer") or dit_config_from_weights(tensors)
+    if family.name == "dit":  # the released DiT weights were trained with the original code's timestep frequencies
+        config = {**(configs.get("transformer") or dit_config_from_weights(tensors)), "timestep_frequencies": "original"}
         return {"transformer": (DiTTransformer2DModel, config, convert.dit_rules(config))}
     conv_in = tensors.get("model.diffusion_model.input_blocks.0.0.weight")  # 9 input channels: inpainting
     unet_config = configs.get("unet") or {**family.unet, "in_channels": conv_in.shape[1] if conv_in is not None else 4}
@@ -307,20 +309,6 @@ def load_vae(vae, dtype=None, device=None) -> AutoencoderKL:
 # ------------------------------------------------------------------------------------------------ hub
 
 
-def download(repo_id: str, variant: str | None = None) -> Path:
-    """A hub repo's configs, tokenizer files and safetensors weights (never pickles)."""
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    patterns = ["*.json", "*.txt", f"*.{variant}.safetensors" if variant else "*.safetensors",
-                "*.safetensors.index.json"]
-    try:
-        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-        raise CheckpointError(f"Could not fetch {repo_id!r} from the Hugging Face Hub ({type(error).__name__}). "
-                              f"Without a network, pass a local diffusers folder or a .safetensors file.") from None
-
-
 def load_pipeline(source, dtype=None, device=None, variant=None, use_ema=False, config=None, vae=None,
                   prediction_type=None, allow_pickle=False) -> StableDiffusionPipeline | DiTPipeline:
     """Any of: a diffusers pipeline folder, an original single-file checkpoint, a hub repo id."""
@@ -329,6 +317,14 @@ def load_pipeline(source, dtype=None, device=None, variant=None, use_ema=False, 
         return load_diffusers_folder(path, dtype, device, variant, allow_pickle)
     if path.is_file():
         return load_single_file(path, dtype, device, use_ema, config, vae, prediction_type, allow_pickle)
-    if HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
-        return load_diffusers_folder(download(str(source), variant), dtype, device, variant, allow_pickle)
+    if HUB_ID.match(str(source)):
+        return load_from_hub(str(source), dtype, device, variant)
     raise FileNotFoundError(f"{source!r} is neither a folder, a checkpoint file, nor a hub id like 'owner/model'.")
+
+
+def load_from_hub(repo_id: str, dtype=None, device=None, variant=None, on_file=None):
+    """A hub repo id, never looked up on the local disk: fetch the files the pipeline loads (hub.py), then
+    read them as a diffusers folder. `on_file(name, index, total, size)` reports each download."""
+    if not HUB_ID.match(repo_id):
+        raise ValueError(f"{repo_id!r} is not a hub repo id like 'owner/model'.")
+    return load_diffusers_folder(fetch_pipeline(repo_id, variant, on_file=on_file), dtype, device, variant)
