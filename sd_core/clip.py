@@ -22,6 +22,9 @@ ACTIVATIONS = {
 
 @dataclasses.dataclass
 class CLIPTextConfig(ModelConfig):
+    size_bounds = {"vocab_size": (1, 1_000_000), "hidden_size": (1, 16384), "intermediate_size": (1, 65536),
+                   "projection_dim": (1, 16384), "num_hidden_layers": (1, 256), "num_attention_heads": (1, 1024),
+                   "max_position_embeddings": (1, 4096)}
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048

@@ -5,8 +5,9 @@ real `config.json` (or `transformers_config.to_dict()`) and rejects fields it do
 of silently ignoring a setting that would change the numbers.
 """
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
+MAX_BLOCKS = 16  # resolution levels of a UNet/VAE (released models have 3 or 4)
 # Keys every transformers `PretrainedConfig.to_dict()` carries that say nothing about the architecture.
 TRANSFORMERS_GENERIC_KEYS = frozenset({
     "transformers_version", "architectures", "output_hidden_states", "output_attentions", "return_dict",
@@ -21,9 +22,27 @@ TRANSFORMERS_GENERIC_KEYS = frozenset({
 class ModelConfig:
     # Keys that a reference config may carry but that do not change the computation (e.g. dropout at 0).
     inert_keys = frozenset()
+    # field -> (smallest, largest) for every count and width: far beyond any released model, small enough
+    # that a crafted config or checkpoint is refused before anything is built (not after minutes of it).
+    size_bounds: ClassVar[dict] = {}
+
+    @classmethod
+    def check_sizes(cls, config: Mapping[str, Any]):
+        for name, (low, high) in cls.size_bounds.items():
+            value = config.get(name)
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if item is None:
+                    continue
+                if not isinstance(item, int) or isinstance(item, bool) or not low <= item <= high:
+                    raise ValueError(f"{cls.__name__}: {name}={value!r} is out of range: each must be a whole "
+                                     f"number in [{low}, {high}]. The config (or the checkpoint it was read from) "
+                                     f"is damaged or not for this model.")
+            if isinstance(value, (list, tuple)) and len(value) > MAX_BLOCKS:
+                raise ValueError(f"{cls.__name__}: {name} has {len(value)} entries; at most {MAX_BLOCKS}.")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]):
+        cls.check_sizes(config)
         names = {field.name for field in dataclasses.fields(cls)}
         known = {k: v for k, v in config.items() if k in names}
         unknown = sorted(

@@ -22,6 +22,9 @@ TIMESTEP_FREQUENCY_SHIFT = {"diffusers": 1, "original": 0}
 
 @dataclasses.dataclass
 class DiTConfig(ModelConfig):
+    size_bounds = {"num_attention_heads": (1, 1024), "attention_head_dim": (1, 4096), "in_channels": (1, 64),
+                   "out_channels": (1, 128), "num_layers": (1, 256), "sample_size": (1, 1024), "patch_size": (1, 64),
+                   "num_embeds_ada_norm": (1, 1_000_000)}
     num_attention_heads: int = 16
     attention_head_dim: int = 72
     in_channels: int = 4

@@ -133,51 +133,85 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({error}).") from None
 
 
-def component_weights(folder: Path, stem: str, variant: str | None, allow_pickle: bool) -> dict:
+def inside(root: Path, path: Path) -> Path:
+    """`path`, if it stays inside `root` (a resolved folder) once links are resolved; else an error. Every file a
+    folder loader opens goes through here, so a model's contents (a shard index naming ../x, an absolute
+    path, a component folder that is a link out) can never make sd_core read outside the model."""
+    if not path.resolve().is_relative_to(root):
+        raise CheckpointError(f"{path.name} in the model folder points outside it (to a path elsewhere on the "
+                              f"machine); refused. Copy the file into the model folder instead of linking or "
+                              f"naming it.")
+    return path
+
+
+def component_weights(folder: Path, stem: str, variant: str | None, allow_pickle: bool, root: Path) -> dict:
     names = [f"{stem}.{variant}.safetensors"] if variant else []
     names.append(f"{stem}.safetensors")
     for name in names:
         if (folder / name).is_file():
-            return read_weights(folder / name)
+            return read_weights(inside(root, folder / name))
         # sharded: diffusers names the variant's index model.safetensors.index.fp16.json
         index = folder / (f"{stem}.safetensors.index.{variant}.json" if variant and variant in name else f"{name}.index.json")
         if index.is_file():
-            shards = sorted(set(read_json(index)["weight_map"].values()))
-            return {k: v for shard in shards for k, v in read_weights(folder / shard).items()}
+            weight_map = read_json(inside(root, index)).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index} has no weight_map of tensor names to shard files.")
+            shards = sorted(set(weight_map.values()))
+            return {k: v for shard in shards for k, v in read_weights(inside(root, folder / shard)).items()}
     pickled = folder / f"{'pytorch_model' if stem == 'model' else stem}.bin"
     if pickled.is_file():
-        return unwrap(read_weights(pickled, allow_pickle), use_ema=False)[0]
+        return unwrap(read_weights(inside(root, pickled), allow_pickle), use_ema=False)[0]
     raise CheckpointError(f"{folder} has no weights file ({' or '.join(names)}"
                           f"{f' — no variant {variant!r}' if variant else ''}).")
 
 
-def load_component(folder: Path, class_name: str, dtype, device, variant, allow_pickle):
+def load_component(folder: Path, class_name: str, dtype, device, variant, allow_pickle, root: Path | None = None):
     if class_name not in MODEL_CLASSES:
         raise CheckpointError(f"{folder.name}: sd_core has no model class {class_name!r}.")
+    root = folder.resolve() if root is None else root
     model_class, stem, _ = MODEL_CLASSES[class_name]
-    config = read_json(folder / "config.json")
-    state_dict = normalize_text_encoder_keys(model_class, component_weights(folder, stem, variant, allow_pickle))
+    config = read_json(inside(root, folder / "config.json"))
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / 'config.json'} is not a JSON object of config fields.")
+    state_dict = normalize_text_encoder_keys(model_class, component_weights(folder, stem, variant, allow_pickle, root))
     return build(model_class, config, state_dict, f"{folder.name} ({class_name})", dtype, device)
 
 
-def load_diffusers_folder(folder: Path, dtype=None, device=None, variant=None, allow_pickle=False):
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def load_diffusers_folder(folder: Path, dtype=None, device=None, variant=None, allow_pickle=False,
+                          root: Path | None = None):
+    """A diffusers pipeline folder. Every file read must lie inside `root`: by default the folder itself, or
+    for a snapshot in huggingface_hub's cache (whose files are links into blobs/) the repo's cache folder."""
+    folder = Path(folder)
+    is_snapshot = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+    root = Path(root or (folder.parent.parent if is_snapshot else folder)).resolve()
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise CheckpointError(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder. Pass "
                               f"the pipeline's top folder, or a single .safetensors checkpoint.")
-    index = read_json(index_path)
+    index = read_json(inside(root, index_path))
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{index_path} is not a JSON object naming the pipeline's components.")
     pipeline_class = index.get("_class_name", "")
 
     def component(name):
         entry = index.get(name)
-        if not entry or entry[1] is None or not (folder / name).is_dir():
+        if entry is None or entry == [None, None] or not (folder / name).is_dir():
             return None
-        if entry[1] == "CLIPTokenizer" or entry[1] == "CLIPTokenizerFast":
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, (str, type(None))) for e in entry)):
+            raise CheckpointError(f"{index_path}: the entry for {name!r} must be [library, class name]; got {entry!r}.")
+        inside(root, folder / name)
+        if entry[1] in ("CLIPTokenizer", "CLIPTokenizerFast"):
+            for file in TOKENIZER_FILES:
+                if (folder / name / file).exists():
+                    inside(root, folder / name / file)
             return CLIPTokenizer(folder / name)
-        return load_component(folder / name, entry[1], dtype, device, variant, allow_pickle)
+        return load_component(folder / name, entry[1], dtype, device, variant, allow_pickle, root)
 
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = read_json(scheduler_path) if scheduler_path.is_file() else {}
+    scheduler_config = read_json(inside(root, scheduler_path)) if scheduler_path.is_file() else {}
     text_encoder = component("text_encoder")
     try:
         family = family_of_folder(pipeline_class, text_encoder.config if text_encoder is not None else None)

@@ -93,7 +93,10 @@ class CLIPTokenizer:
         self.id_to_token = {i: t for t, i in self.vocab.items()}
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        self.model_max_length = int(settings.get("model_max_length", model_max_length))
+        length = settings.get("model_max_length", model_max_length)
+        # transformers writes int(1e30) ("unknown") when no length was set: then CLIP's own 77
+        known = isinstance(length, (int, float)) and not isinstance(length, bool) and 2 < length <= 4096
+        self.model_max_length = int(length) if known else model_max_length
         self.pad_token = pad_token or _token_text(settings.get("pad_token")) or EOS
         for token in (BOS, EOS, self.pad_token):
             if token not in self.vocab:

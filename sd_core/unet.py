@@ -21,6 +21,12 @@ UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 @dataclasses.dataclass
 class UNet2DConditionConfig(ModelConfig):
+    size_bounds = {"sample_size": (1, 1024), "in_channels": (1, 64), "out_channels": (1, 64),
+                   "block_out_channels": (1, 8192), "layers_per_block": (1, 16), "norm_num_groups": (1, 1024),
+                   "cross_attention_dim": (1, 16384), "transformer_layers_per_block": (1, 64),
+                   "attention_head_dim": (1, 4096), "num_attention_heads": (1, 1024),
+                   "addition_time_embed_dim": (1, 4096), "projection_class_embeddings_input_dim": (1, 65536),
+                   "num_class_embeds": (1, 1_000_000), "time_embedding_dim": (1, 16384)}
     sample_size: int | None = None
     in_channels: int = 4  # 9 for inpainting: latents, mask, masked-image latents
     out_channels: int = 4

@@ -13,6 +13,9 @@ VAE_EPS = 1e-6  # every GroupNorm in the VAE
 
 @dataclasses.dataclass
 class AutoencoderKLConfig(ModelConfig):
+    size_bounds = {"in_channels": (1, 16), "out_channels": (1, 16), "block_out_channels": (1, 8192),
+                   "layers_per_block": (1, 16), "latent_channels": (1, 64), "norm_num_groups": (1, 1024),
+                   "sample_size": (1, 8192)}
     in_channels: int = 3
     out_channels: int = 3
     down_block_types: tuple = ("DownEncoderBlock2D",)
