@@ -1,3 +1,4 @@
+import inspect
 import itertools
 
 import diffusers
@@ -71,9 +72,10 @@ def run_reference(reference, model, noise, steps, generator, strength=1.0, x0=No
         if hasattr(reference, "set_begin_index"):
             reference.set_begin_index(start)
         x = reference.add_noise(x0, noise, timesteps[:1].repeat(noise.shape[0]))
+    if "generator" in inspect.signature(reference.step).parameters:  # PNDM, LMS, Heun draw no noise
+        step_kwargs["generator"] = generator
     for t in timesteps:
-        x = reference.step(model(reference.scale_model_input(x, t), t), t, x, generator=generator,
-                           **step_kwargs).prev_sample
+        x = reference.step(model(reference.scale_model_input(x, t), t), t, x, **step_kwargs).prev_sample
     return x
 
 
