@@ -232,7 +232,7 @@ class Scheduler:
         self.check_steps(num_inference_steps, strength)
         timesteps, sigmas, init_noise_sigma = self.schedule(num_inference_steps)
         start = self.order * (num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps))
-        if start >= len(timesteps):
+        if start >= self.order * num_inference_steps:
             raise ValueError(f"strength={strength} leaves no step to run out of {num_inference_steps}; "
                              f"raise the strength or the number of steps.")
         return SamplingState(timesteps[start:], sigmas, init_noise_sigma, num_inference_steps, step_index=start,

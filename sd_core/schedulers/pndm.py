@@ -61,10 +61,11 @@ class PNDM(Scheduler):
         return torch.from_numpy(timesteps.astype(np.int64)), None, 1.0
 
     def set_timesteps(self, num_inference_steps, strength=1.0):
+        state = super().set_timesteps(num_inference_steps, strength)
         if strength < 1.0 and not self.config.skip_prk_steps:
             raise ValueError("PNDM's Runge-Kutta start (skip_prk_steps=False) runs from the first step only; "
                              "use skip_prk_steps=True (PLMS) for image to image.")
-        return super().set_timesteps(num_inference_steps, strength)
+        return state
 
     def alpha_bar(self, t: int) -> torch.Tensor:
         """alpha_bar_t; before t = 0 it is 1 (set_alpha_to_one) or alpha_bar_0."""
