@@ -21,23 +21,30 @@ from .base import (PREDICTION_TYPES, TIMESTEP_SPACINGS, SamplingState, Scheduler
                    karras_sigmas, make_betas, predicted_x0_and_eps, sigma_schedule, spaced_timesteps)
 from .ddpm import DDIM, DDPM
 from .dpm_solver import DPMSolverMultistep
-from .euler import EulerAncestral, EulerDiscrete
+from .euler import EulerAncestral, EulerDiscrete, HeunDiscrete, LMSDiscrete
+from .pndm import PNDM
 
 __all__ = ["PREDICTION_TYPES", "TIMESTEP_SPACINGS", "SamplingState", "Scheduler", "SchedulerConfig", "StepOutput",
            "karras_sigmas", "make_betas", "predicted_x0_and_eps", "sigma_schedule", "spaced_timesteps", "DDIM", "DDPM",
-           "DPMSolverMultistep", "EulerAncestral", "EulerDiscrete", "SCHEDULERS", "DIFFUSERS_CLASS_NAMES", "VARIANTS",
+           "DPMSolverMultistep", "EulerAncestral", "EulerDiscrete", "HeunDiscrete", "LMSDiscrete", "PNDM", "SCHEDULERS", "DIFFUSERS_CLASS_NAMES", "VARIANTS",
            "SCHEDULER_NAMES", "DISPLAY_NAMES", "make_scheduler"]
 
-SCHEDULERS = {cls.name: cls for cls in (DDPM, DDIM, EulerDiscrete, EulerAncestral, DPMSolverMultistep)}
+SCHEDULERS = {cls.name: cls for cls in (DDPM, DDIM, EulerDiscrete, EulerAncestral, DPMSolverMultistep, PNDM, LMSDiscrete,
+                                          HeunDiscrete)}
 # The same samplers under their diffusers class names and under the names A1111/ComfyUI users know.
 DIFFUSERS_CLASS_NAMES = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
                          "EulerAncestralDiscreteScheduler": "euler_ancestral",
-                         "DPMSolverMultistepScheduler": "dpmpp_2m"}
+                         "DPMSolverMultistepScheduler": "dpmpp_2m", "PNDMScheduler": "pndm",
+                         "LMSDiscreteScheduler": "lms", "HeunDiscreteScheduler": "heun"}
 VARIANTS = {"dpmpp_2m_karras": ("dpmpp_2m", {"use_karras_sigmas": True}),
-            "euler_karras": ("euler", {"use_karras_sigmas": True})}
+            "euler_karras": ("euler", {"use_karras_sigmas": True}),
+            "dpmpp_2m_sde": ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}),
+            "dpmpp_2m_sde_karras": ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True})}
 SCHEDULER_NAMES = sorted([*SCHEDULERS, *VARIANTS])
 DISPLAY_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_karras": "Euler Karras",
-                 "euler_ancestral": "Euler a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras"}
+                 "euler_ancestral": "Euler a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
+                 "pndm": "PLMS", "lms": "LMS", "heun": "Heun",
+                 "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras"}
 
 
 def make_scheduler(name: str, config: dict | None = None, **options) -> Scheduler:

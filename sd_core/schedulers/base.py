@@ -27,7 +27,8 @@ class SchedulerConfig(ModelConfig):
     steps_offset: int = 0
     clip_sample: bool = True  # DDPM/DDIM: clamp the x0 estimate to [-clip_sample_range, clip_sample_range]
     clip_sample_range: float = 1.0
-    set_alpha_to_one: bool = True  # DDIM: alpha_bar before t=0 is 1 (else alpha_bar_0)
+    set_alpha_to_one: bool = True  # DDIM, PNDM: alpha_bar before t=0 is 1 (else alpha_bar_0)
+    skip_prk_steps: bool = False  # PNDM: start with pseudo linear multistep (PLMS) instead of 3 Runge-Kutta steps
     variance_type: str | None = "fixed_small"  # DDPM: fixed_small, fixed_large, learned_range
     use_karras_sigmas: bool = False  # Euler, DPM-Solver++
     sigma_min: float | None = None
@@ -49,7 +50,7 @@ class SchedulerConfig(ModelConfig):
     use_flow_sigmas: bool = False
     use_dynamic_shifting: bool = False
     # Other diffusers schedulers' knobs that do not change these samplers (e.g. PNDM's in SD1.5's config).
-    inert_keys = frozenset({"skip_prk_steps", "dynamic_thresholding_ratio", "sample_max_value", "flow_shift",
+    inert_keys = frozenset({"dynamic_thresholding_ratio", "sample_max_value", "flow_shift",
                             "time_shift_type", "shift", "base_shift", "max_shift"})
 
     def __post_init__(self):
@@ -76,7 +77,9 @@ class SamplingState:
     num_inference_steps: int
     step_index: int = 0  # index into the full schedule (sigmas); image to image starts past 0
     begin_index: int = 0  # where this run started in the full schedule
-    model_outputs: list = dataclasses.field(default_factory=list)  # DPM-Solver++'s x0 history
+    model_outputs: list = dataclasses.field(default_factory=list)  # multistep history (DPM-Solver++'s x0, PNDM's eps)
+    step_start_sample: torch.Tensor | None = None  # a multi-stage step's starting sample (PNDM, Heun)
+    stage_sum: torch.Tensor | float = 0.0  # a multi-stage step's weighted stage outputs so far (PRK, Heun)
 
     @property
     def timestep(self):
@@ -177,6 +180,7 @@ class Scheduler:
     name = ""
     defaults: dict = {}  # this sampler's diffusers defaults where they differ from SchedulerConfig's
     options: tuple = ()  # the sampler's own inputs beyond the config (DDIM's eta)
+    order = 1  # model calls per step: the schedule lists each step's timesteps `order` times (Heun: 2)
     uses_sigmas = False
 
     def __init__(self, config: SchedulerConfig):
@@ -223,11 +227,12 @@ class Scheduler:
 
     def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> SamplingState:
         """A fresh state for `num_inference_steps` steps. strength < 1 (image to image) skips the first
-        steps the way diffusers' img2img pipelines do: only the last int(n * strength) are run."""
+        steps the way diffusers' img2img pipelines do: only the last int(n * strength) are run (of a
+        sampler with `order` model calls per step, the schedule from entry order * first step on)."""
         self.check_steps(num_inference_steps, strength)
         timesteps, sigmas, init_noise_sigma = self.schedule(num_inference_steps)
-        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-        if start >= len(timesteps):
+        start = self.order * (num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps))
+        if start >= self.order * num_inference_steps:
             raise ValueError(f"strength={strength} leaves no step to run out of {num_inference_steps}; "
                              f"raise the strength or the number of steps.")
         return SamplingState(timesteps[start:], sigmas, init_noise_sigma, num_inference_steps, step_index=start,
