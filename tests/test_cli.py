@@ -22,9 +22,9 @@ def test_generate_writes_images_with_metadata_and_prints_the_seed(folders, tmp_p
                  "--width", "24", "--batch", "2", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "seed 5" in printed
-    for path in (tmp_path / "cat-0.png", tmp_path / "cat-1.png"):
+    for k, path in enumerate((tmp_path / "cat-0.png", tmp_path / "cat-1.png")):
         image = Image.open(path)
-        assert image.size == (24, 16) and json.loads(image.text["sd_core"])["seed"] == 5
+        assert image.size == (24, 16) and json.loads(image.text["sd_core"])["seed"] == 5 + k  # A1111's batch rule
 
 
 def test_generate_is_reproducible_and_supports_image_to_image(folders, tmp_path):
