@@ -1,5 +1,11 @@
-"""Command line: python -m sd_core {generate, vae, dit} ... (the embedded models when --model is omitted)."""
+"""Command line: python -m sd_core {generate, vae, dit} ... (the embedded models when --model is omitted).
+
+Images go to outputs/ unless -o names a file; steps and guidance default to the model's recommended settings
+(the catalog's for the models it lists, else the family's); a batch gives image k the seed S + k, as A1111 does."""
 import argparse
+import itertools
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -7,18 +13,58 @@ import torch
 from tqdm import tqdm
 
 from .convert import CheckpointError
+from . import catalog
 from .catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from .components import DiTPipeline, StableDiffusionPipeline
 from .images import save_image
 from .loading import load_pipeline
-from .pipelines import dit_sample, generate, vae_roundtrip
+from .pipelines import PROMPT_SYNTAXES, customize, dit_sample, generate, vae_roundtrip
 from .schedulers import SCHEDULER_NAMES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+OUTPUTS = Path("outputs")  # the default output folder, created when missing
+
+
 def output_paths(output: Path, count: int) -> list[Path]:
     return [output] if count == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def default_output(command: str) -> Path:
+    """outputs/<command>-<n>.png with the first n no earlier run used."""
+    OUTPUTS.mkdir(exist_ok=True)
+    for n in itertools.count():
+        path = OUTPUTS / f"{command}-{n:05d}.png"
+        if not any(OUTPUTS.glob(f"{path.stem}*")):
+            return path
+
+
+def lora_argument(text: str) -> tuple[str, float]:
+    """FILE:SCALE, split at the last colon; the scale is required and finite."""
+    path, colon, scale = text.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        value = None
+    if not colon or not path or value is None or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"--lora takes FILE:SCALE, e.g. style.safetensors:0.8; got {text!r}.")
+    return path, value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}.")
+    return value
+
+
+def recommended(source, pipe) -> tuple[int, float]:
+    """(steps, guidance) the catalog recommends for `source`, else the family's."""
+    for model in [*catalog.EMBEDDED.values(), *catalog.HUB.values()]:
+        if str(source) == model.source or (Path(source).exists() and Path(source).resolve() == Path(model.source).resolve()):
+            return model.steps, model.guidance_scale
+    return pipe.traits.steps, pipe.traits.guidance_scale
 
 
 def progress_callback(total: int):
@@ -44,29 +90,54 @@ def steps_to_run(steps: int, strength: float) -> int:
     return max(1, min(int(steps * strength), steps))
 
 
-def check_output(output: Path):
+def resolve_output(args) -> Path:
+    if args.output is None:
+        return default_output(args.command)
+    output = Path(args.output)
+    if output.is_dir():
+        raise IsADirectoryError(f"-o {output} is a folder; give a file name such as {output / 'image.png'}.")
+    if output.parent == OUTPUTS:
+        OUTPUTS.mkdir(exist_ok=True)
     if not output.parent.is_dir():
         raise FileNotFoundError(f"The output folder {output.parent} does not exist.")
+    if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"-o {output}: use a .png, .jpg or .webp file name.")
+    return output
+
+
+def write(images, output: Path, seeds: list[int]):
+    for image, path in zip(images, output_paths(output, len(images))):
+        save_image(image, path)
+        print(f"wrote {path}")
+    if output.suffix.lower() != ".png":
+        print(f"note: only PNG files keep the generation parameters; {output.suffix} files do not.")
+    print(f"seed {seeds[0]}" + (f" (image k of the batch: seed {seeds[0]} + k)" if len(seeds) > 1 else ""))
+
+
+def image_seeds(result) -> list[int]:
+    return [json.loads(image.info["sd_core"])["seed"] for image in result.images]
 
 
 def run_generate(args):
-    output = Path(args.output)
-    check_output(output)
-    pipe = load(args.model or EMBEDDED_TEXT_TO_IMAGE, args, StableDiffusionPipeline)
+    output = resolve_output(args)
+    source = args.model or EMBEDDED_TEXT_TO_IMAGE
+    pipe = load(source, args, StableDiffusionPipeline)
+    tokens = customize(pipe, args.lora, args.embedding, allow_pickle=args.allow_pickle)
+    if tokens:
+        print(f"embedding tokens: {', '.join(tokens)}")
+    steps, guidance = recommended(source, pipe)
+    steps = args.steps if args.steps is not None else steps
     result = generate(pipe, args.prompt, args.negative, image=args.init_image, strength=args.strength,
-                      height=args.height, width=args.width, steps=args.steps, scheduler=args.scheduler,
-                      guidance_scale=args.guidance if args.guidance is not None else pipe.traits.guidance_scale,
-                      seed=args.seed, images_per_prompt=args.batch, callback=progress_callback(
-                          steps_to_run(args.steps, args.strength if args.init_image else 1.0)))
-    for image, path in zip(result.images, output_paths(output, len(result.images))):
-        save_image(image, path)
-        print(f"wrote {path}")
-    print(f"seed {result.parameters['seed']}")
+                      height=args.height, width=args.width, steps=steps, scheduler=args.scheduler,
+                      guidance_scale=args.guidance if args.guidance is not None else guidance,
+                      seed=args.seed, images_per_prompt=args.batch, seed_per_image=True,
+                      prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip,
+                      callback=progress_callback(steps_to_run(steps, args.strength if args.init_image else 1.0)))
+    write(result.images, output, image_seeds(result))
 
 
 def run_vae(args):
-    output = Path(args.output)
-    check_output(output)
+    output = resolve_output(args)
     pipe = load(args.model or EMBEDDED_TEXT_TO_IMAGE, args, (StableDiffusionPipeline, DiTPipeline))
     result = vae_roundtrip(pipe.vae, args.image, sample=args.sample, seed=args.seed)
     save_image(result.reconstruction, output)
@@ -74,16 +145,21 @@ def run_vae(args):
 
 
 def run_dit(args):
-    output = Path(args.output)
-    check_output(output)
-    pipe = load(args.model or EMBEDDED_DIT, args, DiTPipeline)
-    result = dit_sample(pipe, args.labels, guidance_scale=args.guidance, steps=args.steps, scheduler=args.scheduler,
-                        seed=args.seed, guided_channels=args.guided_channels,
-                        callback=progress_callback(args.steps))
-    for image, path in zip(result.images, output_paths(output, len(result.images))):
-        save_image(image, path)
-        print(f"wrote {path}")
-    print(f"seed {result.parameters['seed']}")
+    labels = list(args.labels) + list(args.classes or [])
+    if not labels:
+        raise ValueError("Name at least one class: --class \"red circle\" (or positional class ids/names).")
+    if args.count < 1:
+        raise ValueError(f"--count must be at least 1; got {args.count}.")
+    output = resolve_output(args)
+    source = args.model or EMBEDDED_DIT
+    pipe = load(source, args, DiTPipeline)
+    steps, guidance = recommended(source, pipe)
+    steps = args.steps if args.steps is not None else steps
+    result = dit_sample(pipe, [label for label in labels for _ in range(args.count)],
+                        guidance_scale=args.guidance if args.guidance is not None else guidance, steps=steps,
+                        scheduler=args.scheduler, seed=args.seed, guided_channels=args.guided_channels,
+                        seed_per_image=True, callback=progress_callback(steps))
+    write(result.images, output, image_seeds(result))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,23 +168,33 @@ def parser() -> argparse.ArgumentParser:
 
     def common(p, default_steps):
         p.add_argument("--model", help="diffusers folder, .safetensors file or hub id (default: embedded model)")
-        p.add_argument("--steps", type=int, default=default_steps)
+        p.add_argument("--steps", type=int, default=default_steps,
+                       help="sampling steps (default: the model's recommended number)")
         p.add_argument("--scheduler", choices=SCHEDULER_NAMES)
         p.add_argument("--seed", type=int, help="random when omitted; the used seed is printed")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
         p.add_argument("--allow-pickle", action="store_true", help="load .ckpt/.pt files (tensors only)")
-        p.add_argument("-o", "--output", default="out.png")
+        p.add_argument("-o", "--output", help="a .png (keeps the parameters), .jpg or .webp file; a batch adds "
+                       "-0, -1, ... (default: outputs/<command>-<n>.png)")
 
     g = commands.add_parser("generate", help="text to image (or image to image with --init-image)")
     g.add_argument("prompt")
     g.add_argument("--negative", help="negative prompt")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (7.5; SDXL 5)")
+    g.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the model's "
+                   "recommended one, e.g. 7.5; SDXL 5; the embedded model 5)")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
     g.add_argument("--init-image", help="start from this image (image to image)")
-    g.add_argument("--strength", type=float, default=0.8, help="how much to change the init image, 0..1")
-    common(g, 20)
+    g.add_argument("--strength", type=finite_float, default=0.8, help="how much to change the init image, 0..1")
+    g.add_argument("--prompt-syntax", choices=PROMPT_SYNTAXES, default="plain",
+                   help="plain: diffusers' (77 tokens, brackets are text); a1111: (word:1.3), [word], BREAK, long prompts")
+    g.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's layer N before its usual one")
+    g.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="FILE:SCALE",
+                   help="merge a LoRA at this scale (repeatable)")
+    g.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding; its token is printed (repeatable)")
+    common(g, None)
     g.set_defaults(run=run_generate)
 
     v = commands.add_parser("vae", help="round-trip an image through the VAE")
@@ -118,10 +204,12 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(run=run_vae)
 
     d = commands.add_parser("dit", help="class-conditional DiT sampling")
-    d.add_argument("labels", nargs="+", help="class ids or names")
-    d.add_argument("--guidance", type=float, default=4.0)
+    d.add_argument("labels", nargs="*", help="class ids or names, one per argument (quote names with spaces)")
+    d.add_argument("--class", dest="classes", action="append", metavar="NAME_OR_ID", help="a class (repeatable)")
+    d.add_argument("--count", type=int, default=1, help="images of each class")
+    d.add_argument("--guidance", type=finite_float, help="guidance scale (default: the model's recommended one)")
     d.add_argument("--guided-channels", choices=["all", "first3"], default="all")
-    common(d, 25)
+    common(d, None)
     d.set_defaults(run=run_dit)
     return main
 
@@ -130,7 +218,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

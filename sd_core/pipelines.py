@@ -12,19 +12,25 @@ import dataclasses
 import math
 import random
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from . import catalog
 from .components import DiTPipeline, StableDiffusionPipeline
+from .embeddings import add_embedding, load_embedding
 from .images import crop_to_multiple, image_to_tensor, load_image, psnr, tag, to_pil
 from .layers import randn_tensor
+from .lora import apply_loras, load_lora
+from .prompts import conditioning_states, encode_weighted_prompt, encode_weighted_prompt_sdxl
 from .schedulers import DIFFUSERS_CLASS_NAMES, Scheduler, SamplingState, make_scheduler
 from .tokenizer import CLIPTokenizer
 from .vae import AutoencoderKL
 
+PROMPT_SYNTAXES = ("plain", "a1111")
 DEFAULT_SCHEDULER = "dpmpp_2m"  # for configs written for a sampler sd_core does not implement
 MAX_SEED = 2 ** 32 - 1
 # callback(step, timestep, latents, predicted x0): called after every denoising step.
@@ -61,11 +67,45 @@ def scheduler_name(config: dict, name: str | None) -> str:
     return DIFFUSERS_CLASS_NAMES.get(class_name, DEFAULT_SCHEDULER)
 
 
+def image_seeds(seed: int, count: int, seed_per_image: bool) -> list[int]:
+    """A1111's batch rule: image k of a batch with seed S is drawn from seed S + k (wrapping at 2**32), so it is
+    the image a single run with that seed gives. Without seed_per_image, one seed draws the whole batch."""
+    return [(seed + k) % (MAX_SEED + 1) for k in range(count)] if seed_per_image else [seed]
+
+
+def display_name(source) -> str:
+    """A model's name for metadata, never a server's path: the catalog's name for a model it lists (the embedded
+    ones), the repo id for a hub download (its cache folder is models--owner--name/snapshots/<commit>), else the
+    folder's or file's name."""
+    source = str(source)
+    for model in [*catalog.EMBEDDED.values(), *catalog.HUB.values()]:
+        if source == model.source or (Path(source).exists() and Path(model.source).exists()
+                                      and Path(source).resolve() == Path(model.source).resolve()):
+            return model.name
+    parts = Path(source).parts
+    for i, part in enumerate(parts):
+        if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
+    return Path(source).name if Path(source).exists() else source
+
+
+def customize(pipe, loras=(), embeddings=(), allow_pickle: bool = False) -> list[str]:
+    """Apply LoRA files [(path, scale), ...] (merged into the weights, sd_core.lora) and bind textual-inversion
+    files [path, ...] to their tokens (sd_core.embeddings); returns the tokens to write in prompts.
+    The CLI and the app both customize a loaded pipeline through this."""
+    for path, scale in loras:
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"The LoRA scale for {path} must be a finite number; got {scale!r}.")
+    if loras:
+        apply_loras(pipe.models, [(load_lora(path, allow_pickle), float(scale)) for path, scale in loras])
+    return [add_embedding(pipe, load_embedding(path, allow_pickle)) for path in embeddings]
+
+
 def check_common(steps, guidance_scale, batch):
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}.")
-    if not isinstance(guidance_scale, (int, float)) or math.isnan(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a number >= 0; got {guidance_scale!r}.")
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a number >= 0 (and finite); got {guidance_scale!r}.")
     if batch < 1:
         raise ValueError("Nothing to generate: give at least one prompt (or class) and images_per_prompt >= 1.")
 
@@ -102,11 +142,23 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float
     return guided
 
 
-def denoise(sampler: Scheduler, state: SamplingState, x: torch.Tensor, predict: Callable, generator,
+def denoise(sampler: Scheduler, states, x: torch.Tensor, predict: Callable, generators,
             callback: StepCallback | None = None) -> torch.Tensor:
-    """The sampling loop every pipeline shares: scale the input, predict, step; report each step."""
-    for i, t in enumerate(state.timesteps):
-        x, x0 = sampler.step(state, predict(sampler.scale_model_input(state, x), t), x, generator)
+    """The sampling loop every pipeline shares: scale the input, predict, step; report each step.
+
+    `states` and `generators` are one of each for the whole batch (diffusers), or lists with one per image
+    (a seed per image): the model still sees the whole batch, and each image steps with its own sampler state
+    and generator, so a stochastic sampler draws the noise a single run with that image's seed would."""
+    states = states if isinstance(states, list) else [states]
+    generators = generators if isinstance(generators, list) else [generators]
+    for i, t in enumerate(states[0].timesteps):
+        output = predict(sampler.scale_model_input(states[0], x), t)
+        if len(states) == 1:
+            x, x0 = sampler.step(states[0], output, x, generators[0])
+        else:
+            steps = [sampler.step(state, out, xi, generator) for state, out, xi, generator in
+                     zip(states, output.chunk(len(states)), x.chunk(len(states)), generators, strict=True)]
+            x, x0 = torch.cat([step[0] for step in steps]), torch.cat([step[1] for step in steps])
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -126,14 +178,22 @@ def encode_text(tokenizer: CLIPTokenizer, prompts: list[str], device) -> torch.T
     return tokenizer.pad(tokens).to(device)
 
 
-def embed_text(pipe: StableDiffusionPipeline, texts: list[str]):
+def embed_text(pipe: StableDiffusionPipeline, texts: list[str], clip_skip: int = 0):
     """(hidden states, pooled projection or None) as the family's reference pipeline builds them: the last
-    hidden state, or the penultimate ones of every encoder concatenated (SDXL)."""
+    hidden state, or the penultimate ones of every encoder concatenated (SDXL). clip_skip > 0 takes the
+    layer diffusers' clip_skip takes (`prompts.conditioning_states`)."""
     device = pipe.unet.conv_in.weight.device
+    penultimate = pipe.traits.hidden_states == "penultimate"
     states, pooled = [], None
     for slot in pipe.traits.text_encoders:
         encoder, tokenizer = getattr(pipe, slot.component), getattr(pipe, slot.tokenizer)
-        if pipe.traits.hidden_states == "last":
+        if clip_skip:
+            hidden, slot_pooled = conditioning_states(encoder, encode_text(tokenizer, texts, device), clip_skip,
+                                                      penultimate)
+            states.append(hidden)
+            pooled = slot_pooled if slot.projected else pooled
+            continue
+        if not penultimate:
             states.append(encoder(encode_text(tokenizer, texts, device)).last_hidden_state)
             continue
         out = encoder(encode_text(tokenizer, texts, device), output_hidden_states=True)
@@ -142,15 +202,40 @@ def embed_text(pipe: StableDiffusionPipeline, texts: list[str]):
     return torch.cat(states, dim=-1), pooled
 
 
-def encode_prompt(pipe: StableDiffusionPipeline, prompts: list[str], negatives: list[str] | None, guided: bool):
-    """Text conditioning (embeddings, pooled); with guidance batched as [uncond, cond]."""
-    embeddings, pooled = embed_text(pipe, prompts)
+def embed_weighted_text(pipe: StableDiffusionPipeline, texts: list[str], clip_skip: int = 0):
+    """A1111's syntax (sd_core.prompts): all `texts` encoded in one call, so they share one chunk count."""
+    slots = pipe.traits.text_encoders
+    if pipe.traits.hidden_states == "penultimate":
+        return encode_weighted_prompt_sdxl([getattr(pipe, slot.tokenizer) for slot in slots],
+                                           [getattr(pipe, slot.component) for slot in slots], texts, clip_skip)
+    (slot,) = slots
+    return encode_weighted_prompt(getattr(pipe, slot.tokenizer), getattr(pipe, slot.component), texts, clip_skip), None
+
+
+def encode_prompt(pipe: StableDiffusionPipeline, prompts: list[str], negatives: list[str] | None, guided: bool,
+                  prompt_syntax: str = "plain", clip_skip: int = 0):
+    """Text conditioning (embeddings, pooled); with guidance batched as [uncond, cond].
+
+    clip_skip applies to the negative prompt too. (diffusers 0.42 applies it to the positive prompt only, so its
+    guidance subtracts conditioning from two different layers; A1111 and ComfyUI encode both from the same
+    layer, which is what guidance assumes. With clip_skip=0 both readings agree.)"""
+    if prompt_syntax not in PROMPT_SYNTAXES:
+        raise ValueError(f"prompt_syntax must be one of {PROMPT_SYNTAXES}; got {prompt_syntax!r}.")
+    zeros = guided and negatives is None and pipe.traits.zeros_for_empty_negative
+    if prompt_syntax == "a1111":
+        if not guided or zeros:
+            embeddings, pooled = embed_weighted_text(pipe, prompts, clip_skip)
+        else:  # negatives and prompts in one call: they share a chunk count
+            both, both_pooled = embed_weighted_text(pipe, (negatives or [""] * len(prompts)) + prompts, clip_skip)
+            return both, both_pooled
+    else:
+        embeddings, pooled = embed_text(pipe, prompts, clip_skip)
     if not guided:
         return embeddings, pooled
-    if negatives is None and pipe.traits.zeros_for_empty_negative:
+    if zeros:
         negative, negative_pooled = torch.zeros_like(embeddings), torch.zeros_like(pooled)
     else:
-        negative, negative_pooled = embed_text(pipe, negatives or [""] * len(prompts))
+        negative, negative_pooled = embed_text(pipe, negatives or [""] * len(prompts), clip_skip)
     embeddings = torch.cat([negative, embeddings])
     pooled = torch.cat([negative_pooled, pooled]) if pooled is not None else None
     return embeddings, pooled
@@ -171,10 +256,19 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
              height: int | None = None, width: int | None = None, steps: int = 30, guidance_scale: float = 7.5,
              guidance_rescale: float = 0.0, scheduler: str | None = None, seed: int | None = None,
              images_per_prompt: int = 1, latents: torch.Tensor | None = None, eta: float = 0.0,
-             original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+             original_size=None, crops_coords_top_left=(0, 0), target_size=None, prompt_syntax: str = "plain",
+             clip_skip: int = 0, seed_per_image: bool = False,
              callback: StepCallback | None = None) -> GenerationResult:
     """Text to image, or image to image when `image` is given (then `strength` in [0, 1] says how much to
-    change). `eta` is DDIM's (0: deterministic); other samplers ignore it."""
+    change). `eta` is DDIM's (0: deterministic); other samplers ignore it.
+
+    prompt_syntax "plain" encodes as diffusers does (one 77-token window, brackets are text); "a1111" reads
+    AUTOMATIC1111's weights, BREAK and long prompts (sd_core.prompts). clip_skip counts as diffusers counts it
+    (0: the family's usual layer; 1: one layer earlier) and applies to the negative prompt as well.
+
+    seed_per_image=False (the default, diffusers' rule, which the parity tests pin) draws the whole batch's noise
+    from one generator; True is A1111's rule: image k uses seed + k and is the image a single run with that
+    seed makes. Each image's metadata carries its own seed; `result.parameters` carries the first."""
     prompts = as_list(prompt, "prompt")
     negatives = None if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
     if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
@@ -186,17 +280,19 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
     if image is not None:
         image = crop_to_multiple(load_image(image), pipe.vae_scale_factor)
         height, width = image.height, image.width
-    height, width = height or pipe.default_size, width or pipe.default_size
+    height = pipe.default_size if height is None else height
+    width = pipe.default_size if width is None else width
     check_size(pipe, height, width)
     seed = resolve_seed(seed)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    seeds = image_seeds(seed, batch, seed_per_image)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     name = scheduler_name(pipe.scheduler_config, scheduler)
     sampler = make_scheduler(name, pipe.scheduler_config, eta=eta)
-    state = sampler.set_timesteps(steps, strength if image is not None else 1.0)
+    states = [sampler.set_timesteps(steps, strength if image is not None else 1.0) for _ in seeds]
     guided = guidance_scale > 1
     device, dtype = pipe.unet.conv_in.weight.device, pipe.unet.conv_in.weight.dtype
 
-    embeddings, pooled = encode_prompt(pipe, prompts, negatives, guided)
+    embeddings, pooled = encode_prompt(pipe, prompts, negatives, guided, prompt_syntax, clip_skip)
     embeddings = embeddings.repeat_interleave(images_per_prompt, dim=0).to(dtype)
     added = None
     if pipe.unet.config.addition_embed_type == "text_time":
@@ -205,17 +301,22 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
         added = {"text_embeds": pooled.repeat_interleave(images_per_prompt, dim=0).to(dtype),
                  "time_ids": time_ids.repeat(embeddings.shape[0], 1)}
 
-    shape = (batch, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = (batch // len(seeds), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+             width // pipe.vae_scale_factor)
     if image is not None:  # encode (sampling the posterior) then noise to the first step, as diffusers does
-        encoded = pipe.vae.encode(image_to_tensor(image, dtype_of(pipe.vae), device)).sample(generator)
-        x0 = (pipe.vae.config.scaling_factor * encoded).to(dtype).repeat(batch, 1, 1, 1)
-        x = sampler.add_noise_at_start(state, x0, randn_tensor(shape, generator, dtype, device))
+        posterior = pipe.vae.encode(image_to_tensor(image, dtype_of(pipe.vae), device))
+        x = []
+        for generator, state in zip(generators, states):
+            x0 = (pipe.vae.config.scaling_factor * posterior.sample(generator)).to(dtype).repeat(shape[0], 1, 1, 1)
+            x.append(sampler.add_noise_at_start(state, x0, randn_tensor(shape, generator, dtype, device)))
+        x = torch.cat(x)
     elif latents is not None:
-        if tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}.")
-        x = latents.to(device=device, dtype=dtype) * state.init_noise_sigma
+        if tuple(latents.shape) != (batch, *shape[1:]):
+            raise ValueError(f"latents must have shape {(batch, *shape[1:])}; got {tuple(latents.shape)}.")
+        x = latents.to(device=device, dtype=dtype) * states[0].init_noise_sigma
     else:
-        x = randn_tensor(shape, generator, dtype, device) * state.init_noise_sigma
+        x = torch.cat([randn_tensor(shape, generator, dtype, device) for generator in generators])
+        x = x * states[0].init_noise_sigma
 
     def predict(model_input, t):
         if not guided:
@@ -223,12 +324,15 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
         uncond, cond = pipe.unet(torch.cat([model_input] * 2), t, embeddings, added).chunk(2)
         return guide(uncond, cond, guidance_scale, guidance_rescale)
 
-    x = denoise(sampler, state, x, predict, generator, callback)
+    x = denoise(sampler, states if seed_per_image else states[0], x, predict,
+                generators if seed_per_image else generators[0], callback)
     parameters = {"prompt": prompts, "negative_prompt": negatives, "seed": seed, "steps": steps,
                   "scheduler": name, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
                   "height": height, "width": width, "images_per_prompt": images_per_prompt,
-                  "strength": strength if image is not None else None, "model": pipe.source, "family": pipe.family}
-    return GenerationResult(tag(decode(pipe.vae, x), parameters), x, parameters)
+                  "strength": strength if image is not None else None, "prompt_syntax": prompt_syntax,
+                  "clip_skip": clip_skip, "seed_per_image": seed_per_image, "model": display_name(pipe.source),
+                  "family": pipe.family}
+    return GenerationResult(tag(decode(pipe.vae, x), parameters, seeds), x, parameters)
 
 
 def text_to_image(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, **kwargs) -> GenerationResult:
@@ -291,41 +395,74 @@ def vae_roundtrip(vae: AutoencoderKL, image, sample: bool = False, seed: int | N
 GUIDED_CHANNELS = ("all", "first3")
 
 
+def class_ids(pipe: DiTPipeline, labels) -> list[int]:
+    """Class ids from ids or names (case-insensitive; an id2label entry may list several names, "a, b").
+
+    A model whose id2label names fewer classes than it embeds (the embedded DiT names 18 of 1001 rows; the rest
+    were never trained) accepts only the named ids; an unknown name is answered with the valid names."""
+    names = {name.strip().lower(): i for i, label in pipe.id2label.items() for name in label.split(",")}
+    num_classes = pipe.transformer.config.num_embeds_ada_norm
+    valid = sorted(pipe.id2label) if 0 < len(pipe.id2label) < num_classes else range(num_classes)
+    ids = []
+    for label in labels:
+        if isinstance(label, str) and label.strip().lower() in names:
+            ids.append(names[label.strip().lower()])
+        elif isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit()):
+            ids.append(int(label))
+        else:
+            close = [n for n in names if str(label).strip().lower() in n][:5]
+            listing = f" Did you mean {close}?" if close else \
+                f" This model's classes: {sorted(names, key=names.get)}." if len(names) <= 50 else ""
+            raise ValueError(f"Unknown class label {label!r}.{listing}")
+    for i in ids:
+        if not 0 <= i < num_classes:
+            raise ValueError(f"Class id {i} is outside this model's {num_classes} classes [0, {num_classes - 1}].")
+        if i not in valid:
+            raise ValueError(f"Class id {i} has no label: this model names only the classes "
+                             f"{[f'{j}: {pipe.id2label[j]}' for j in valid]}.")
+    return ids
+
+
 @torch.no_grad()
 def dit_sample(pipe: DiTPipeline, class_labels, *, guidance_scale: float = 4.0, steps: int = 25,
                scheduler: str | None = None, seed: int | None = None, guided_channels: str = "all",
-               callback: StepCallback | None = None) -> GenerationResult:
+               seed_per_image: bool = False, callback: StepCallback | None = None) -> GenerationResult:
     """Class-conditional sampling. Guidance is on all latent channels (diffusers) or, with
     guided_channels="first3", on the first three only, as the original DiT code does. A learned-sigma
-    model's variance channels reach the sampler (DDPM samples with them; the others ignore them)."""
+    model's variance channels reach the sampler (DDPM samples with them; the others ignore them).
+    seed_per_image: image k uses seed + k (A1111's rule), as in `generate`; default: diffusers' one generator."""
     if guided_channels not in GUIDED_CHANNELS:
         raise ValueError(f"guided_channels must be one of {GUIDED_CHANNELS}; got {guided_channels!r}.")
-    labels = pipe.label_ids(class_labels if isinstance(class_labels, (list, tuple)) else [class_labels])
+    labels = class_ids(pipe, class_labels if isinstance(class_labels, (list, tuple)) else [class_labels])
     check_common(steps, guidance_scale, len(labels))
     c = pipe.transformer.config
     seed = resolve_seed(seed)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    seeds = image_seeds(seed, len(labels), seed_per_image)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     name = scheduler_name(pipe.scheduler_config, scheduler)
     sampler = make_scheduler(name, pipe.scheduler_config)
-    state = sampler.set_timesteps(steps)
+    states = [sampler.set_timesteps(steps) for _ in seeds]
     device, dtype = pipe.transformer.proj_out_2.weight.device, pipe.transformer.proj_out_2.weight.dtype
     guided = guidance_scale > 1
-    x = randn_tensor((len(labels), c.in_channels, c.sample_size, c.sample_size), generator, dtype, device)
-    x = x * state.init_noise_sigma
-    class_ids = torch.tensor(labels, device=device)
-    guided_ids = torch.cat([class_ids, torch.full_like(class_ids, c.null_class)])  # DiT's order: [cond, uncond]
+    shape = (len(labels) // len(seeds), c.in_channels, c.sample_size, c.sample_size)
+    x = torch.cat([randn_tensor(shape, generator, dtype, device) for generator in generators])
+    x = x * states[0].init_noise_sigma
+    ids = torch.tensor(labels, device=device)
+    guided_ids = torch.cat([ids, torch.full_like(ids, c.null_class)])  # DiT's order: [cond, uncond]
     split = c.in_channels if guided_channels == "all" else 3
 
     def predict(model_input, t):
         if not guided:
             return pipe.transformer(model_input, torch.as_tensor(t, device=device).reshape(1).expand(len(labels)),
-                                    class_ids)
+                                    ids)
         timesteps = torch.as_tensor(t, device=device).reshape(1).expand(2 * len(labels))
         cond, uncond = pipe.transformer(torch.cat([model_input, model_input]), timesteps, guided_ids).chunk(2)
         return torch.cat([guide(uncond[:, :split], cond[:, :split], guidance_scale), cond[:, split:]], dim=1)
 
-    x = denoise(sampler, state, x, predict, generator, callback)
+    x = denoise(sampler, states if seed_per_image else states[0], x, predict,
+                generators if seed_per_image else generators[0], callback)
     names = [pipe.id2label.get(i, str(i)) for i in labels]
     parameters = {"class_labels": labels, "class_names": names, "seed": seed, "steps": steps, "scheduler": name,
-                  "guidance_scale": guidance_scale, "guided_channels": guided_channels, "model": pipe.source}
-    return GenerationResult(tag(decode(pipe.vae, x), parameters), x, parameters)
+                  "guidance_scale": guidance_scale, "guided_channels": guided_channels,
+                  "seed_per_image": seed_per_image, "model": display_name(pipe.source), "family": pipe.family}
+    return GenerationResult(tag(decode(pipe.vae, x), parameters, seeds), x, parameters)

@@ -22,9 +22,9 @@ def test_generate_writes_images_with_metadata_and_prints_the_seed(folders, tmp_p
                  "--width", "24", "--batch", "2", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "seed 5" in printed
-    for path in (tmp_path / "cat-0.png", tmp_path / "cat-1.png"):
+    for k, path in enumerate((tmp_path / "cat-0.png", tmp_path / "cat-1.png")):
         image = Image.open(path)
-        assert image.size == (24, 16) and json.loads(image.text["sd_core"])["seed"] == 5
+        assert image.size == (24, 16) and json.loads(image.text["sd_core"])["seed"] == 5 + k  # A1111's batch rule
 
 
 def test_generate_is_reproducible_and_supports_image_to_image(folders, tmp_path):
@@ -59,4 +59,80 @@ def test_cli_errors_are_one_line_and_exit_2(folders, tmp_path, capsys):
     assert "needs a DiT model" in capsys.readouterr().err
     assert main(["dit", "--model", str(dit), "unicorn", "-o", str(tmp_path / "x.png")]) == 2
     assert "Unknown class label" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def settings_of(path) -> dict:
+    return json.loads(Image.open(path).text["sd_core"])
+
+
+def test_defaults_by_door_outputs_folder_and_jpeg(folders, tmp_path, monkeypatch, capsys):
+    sd, dit = folders
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", str(sd), "a cat", "--seed", "1", "--height", "16", "--width", "16"]) == 0
+    written = sorted((tmp_path / "outputs").iterdir())
+    assert [p.name for p in written] == ["generate-00000.png"]
+    settings = settings_of(written[0])  # not in the catalog: the family's recommended settings
+    assert (settings["steps"], settings["guidance_scale"], settings["model"]) == (30, 7.5, sd.name)
+    assert main(["dit", "--model", str(dit), "--class", "class 1", "--count", "2", "--seed", "3"]) == 0
+    assert settings_of(tmp_path / "outputs" / "dit-00000-1.png")["class_labels"] == [1, 1]
+    assert settings_of(tmp_path / "outputs" / "dit-00000-1.png")["seed"] == 4
+    assert main(["generate", "--model", str(sd), "a cat", "--steps", "1", "--height", "16", "--width", "16",
+                 "-o", "outputs/x.jpg"]) == 0
+    assert Image.open(tmp_path / "outputs" / "x.jpg").format == "JPEG"
+    assert "only PNG files keep the generation parameters" in capsys.readouterr().out
+
+
+def test_embedded_models_default_to_their_catalog_settings(tmp_path):
+    from sd_core.catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS
+    assert main(["generate", "a big red circle on the left on a gray background", "--seed", "0",
+                 "-o", str(tmp_path / "e.png")]) == 0
+    settings = settings_of(tmp_path / "e.png")
+    assert (settings["steps"], settings["guidance_scale"]) == (EMBEDDED_STEPS, EMBEDDED_GUIDANCE)
+    assert settings["model"] == "embedded: shapes (text to image)"
+    assert main(["dit", "--class", "red circle", "--steps", "2", "-o", str(tmp_path / "d.png")]) == 0
+    assert settings_of(tmp_path / "d.png")["guidance_scale"] == EMBEDDED_DIT_GUIDANCE
+
+
+def test_prompt_syntax_clip_skip_lora_and_embedding_options(folders, tmp_path, capsys):
+    import safetensors.torch
+    import torch
+    sd, _ = folders
+    common = ["--model", str(sd), "--steps", "2", "--seed", "3", "--height", "16", "--width", "16"]
+    assert main(["generate", "a (cat:1.4)", *common, "--prompt-syntax", "a1111", "--clip-skip", "1",
+                 "-o", str(tmp_path / "a.png")]) == 0
+    settings = settings_of(tmp_path / "a.png")
+    assert settings["prompt_syntax"] == "a1111" and settings["clip_skip"] == 1
+    conv_in = tiny.stable_diffusion("sd1", seed=1).unet.conv_in
+    lora = {"lora_unet_conv_in.lora_down.weight": torch.randn(2, *conv_in.weight.shape[1:]),
+            "lora_unet_conv_in.lora_up.weight": torch.randn(conv_in.weight.shape[0], 2, 1, 1)}
+    safetensors.torch.save_file(lora, tmp_path / "style.safetensors")
+    width = tiny.stable_diffusion("sd1", seed=1).text_encoder.config.hidden_size
+    safetensors.torch.save_file({"emb_params": torch.randn(2, width)}, tmp_path / "sdcoretoy.safetensors")
+    capsys.readouterr()
+    assert main(["generate", "a sdcoretoy cat", *common, "--lora", f"{tmp_path / 'style.safetensors'}:0.7", "--embedding",
+                 str(tmp_path / "sdcoretoy.safetensors"), "-o", str(tmp_path / "b.png")]) == 0
+    assert "embedding tokens: sdcoretoy" in capsys.readouterr().out
+    assert main(["generate", "a sdcoretoy cat", *common, "-o", str(tmp_path / "c.png")]) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(Image.open(tmp_path / "c.png")))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lora", "style.safetensors"], "--lora takes FILE:SCALE"),
+    (["--lora", "style.safetensors:strong"], "--lora takes FILE:SCALE"),
+    (["--guidance", "inf"], "must be a finite number"),
+    (["--guidance", "nan"], "must be a finite number"),
+])
+def test_bad_option_values_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "x", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_zero_width_and_a_folder_as_output_are_clear_errors(folders, tmp_path, capsys):
+    sd, _ = folders
+    assert main(["generate", "--model", str(sd), "x", "--width", "0", "-o", str(tmp_path / "x.png")]) == 2
+    assert "width must be a positive multiple" in capsys.readouterr().err
+    assert main(["generate", "--model", str(sd), "x", "-o", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -224,3 +225,129 @@ def test_bad_input_gives_clear_errors_and_writes_nothing(pipelines, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_image(image, tmp_path / "missing" / "out.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_an_image.png"]
+
+
+# ------------------------------------------------------------------ prompt modes, clip_skip, batch seeds
+
+
+def reference_embeddings(reference, family, prompt, negative, clip_skip):
+    """diffusers' own prompt encoding at clip_skip, positive and negative each from that layer."""
+    if family == "sdxl":
+        pos, _, pooled, _ = reference.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False,
+                                                     clip_skip=clip_skip)
+        neg, _, neg_pooled, _ = reference.encode_prompt(negative, device="cpu", do_classifier_free_guidance=False,
+                                                         clip_skip=clip_skip)
+        return dict(prompt_embeds=pos, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
+                    negative_pooled_prompt_embeds=neg_pooled)
+    # diffusers 0.42 reaches the final LayerNorm through `text_encoder.text_model`, which transformers 5's
+    # CLIPTextModel no longer has: give it back as a plain attribute (as tests/test_prompts.py does).
+    object.__setattr__(reference.text_encoder, "text_model", reference.text_encoder)
+    pos, _ = reference.encode_prompt(prompt, "cpu", 1, False, clip_skip=clip_skip)
+    neg, _ = reference.encode_prompt(negative, "cpu", 1, False, clip_skip=clip_skip)
+    return dict(prompt_embeds=pos, negative_prompt_embeds=neg)
+
+
+# Not SDXL here: its clip_skip=1 takes hidden_states[-3], the embeddings of the tiny 2-layer encoders.
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_clip_skip_equals_diffusers_clip_skip_with_the_negative_from_the_same_layer(pipelines, family):
+    reference, ours = pipelines[family]
+    use_scheduler(reference, ours, "euler")
+    given = reference_embeddings(reference, family, PROMPTS[0], NEGATIVES[0], clip_skip=1)
+    expected = reference(**given, num_inference_steps=4, guidance_scale=5.0, height=16, width=16,
+                         generator=torch.Generator().manual_seed(3), output_type="np").images
+    result = text_to_image(ours, PROMPTS[0], NEGATIVES[0], steps=4, guidance_scale=5.0, height=16, width=16, seed=3,
+                           scheduler="euler", clip_skip=1)
+    assert_images_match(result.images, expected)
+    assert result.parameters["clip_skip"] == 1 and result.parameters["prompt_syntax"] == "plain"
+    unskipped = text_to_image(ours, PROMPTS[0], NEGATIVES[0], steps=4, guidance_scale=5.0, height=16, width=16,
+                              seed=3, scheduler="euler")
+    assert not np.array_equal(np.asarray(unskipped.images[0]), np.asarray(result.images[0]))
+
+
+LONG_PROMPT = "a (big:1.4) red circle, " + ", ".join(["on the left"] * 30) + " BREAK [gray] background"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a1111_syntax_encodes_negative_and_prompt_together_and_equals_diffusers_given_those_embeddings(
+        pipelines, family):
+    from sd_core.prompts import encode_weighted_prompt, encode_weighted_prompt_sdxl
+    reference, ours = pipelines[family]
+    use_scheduler(reference, ours, "dpmpp_2m")
+    if family == "sdxl":
+        states, pooled = encode_weighted_prompt_sdxl([ours.tokenizer, ours.tokenizer_2],
+                                                     [ours.text_encoder, ours.text_encoder_2], ["blurry", LONG_PROMPT])
+        given = dict(prompt_embeds=states[1:], negative_prompt_embeds=states[:1], pooled_prompt_embeds=pooled[1:],
+                     negative_pooled_prompt_embeds=pooled[:1])
+    else:
+        states = encode_weighted_prompt(ours.tokenizer, ours.text_encoder, ["blurry", LONG_PROMPT])
+        given = dict(prompt_embeds=states[1:], negative_prompt_embeds=states[:1])
+    assert states.shape[1] == 3 * 77  # the negative was padded to the prompt's three chunks
+    expected = reference(**given, num_inference_steps=4, guidance_scale=5.0, height=16, width=16,
+                         generator=torch.Generator().manual_seed(4), output_type="np").images
+    result = text_to_image(ours, LONG_PROMPT, "blurry", steps=4, guidance_scale=5.0, height=16, width=16, seed=4,
+                           scheduler="dpmpp_2m", prompt_syntax="a1111")
+    assert_images_match(result.images, expected)
+    assert result.parameters["prompt_syntax"] == "a1111"
+
+
+def test_a1111_syntax_of_a_short_plain_prompt_is_the_plain_image_and_weights_change_it(pipelines):
+    _, ours = pipelines["sd1"]
+    run = lambda prompt, syntax: np.asarray(text_to_image(  # noqa: E731
+        ours, prompt, "blurry", steps=3, guidance_scale=5.0, height=16, width=16, seed=2, prompt_syntax=syntax).images[0])
+    assert np.array_equal(run("a red circle", "a1111"), run("a red circle", "plain"))
+    assert not np.array_equal(run("a (red:1.5) circle", "a1111"), run("a red circle", "a1111"))
+    with pytest.raises(ValueError, match="prompt_syntax must be one of"):
+        run("x", "comfy")
+
+
+@pytest.mark.parametrize("scheduler", ["euler_ancestral", "dpmpp_2m"])
+def test_seed_per_image_makes_image_k_the_single_run_with_seed_plus_k(pipelines, scheduler):
+    _, ours = pipelines["sd1"]
+    settings = dict(steps=4, guidance_scale=5.0, height=16, width=16, scheduler=scheduler)
+    batch = text_to_image(ours, ["a red circle", "a blue square"], images_per_prompt=2, seed=40, seed_per_image=True,
+                          **settings)
+    singles = [text_to_image(ours, prompt, seed=40 + k, **settings).images[0]
+               for k, prompt in enumerate(["a red circle", "a red circle", "a blue square", "a blue square"])]
+    for image, single in zip(batch.images, singles, strict=True):
+        assert_images_match([image], np.asarray(single)[None] / 255.0)
+    assert [json.loads(image.info["sd_core"])["seed"] for image in batch.images] == [40, 41, 42, 43]
+    assert batch.parameters["seed"] == 40
+    diffusers_rule = text_to_image(ours, ["a red circle", "a blue square"], images_per_prompt=2, seed=40, **settings)
+    assert not np.array_equal(np.asarray(diffusers_rule.images[1]), np.asarray(singles[1]))
+
+
+def test_seed_per_image_in_image_to_image_and_dit(pipelines):
+    _, ours = pipelines["sd1"]
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    settings = dict(strength=0.7, steps=5, guidance_scale=4.0, scheduler="euler_ancestral")
+    batch = image_to_image(ours, image, "a cat", images_per_prompt=2, seed=8, seed_per_image=True, **settings)
+    single = image_to_image(ours, image, "a cat", seed=9, **settings)
+    assert_images_match(batch.images[1:], np.asarray(single.images[0])[None] / 255.0)
+    _, dit = pipelines["dit"]
+    batch = dit_sample(dit, [3, 3], steps=4, scheduler="ddpm", seed=5, seed_per_image=True)
+    single = dit_sample(dit, [3], steps=4, scheduler="ddpm", seed=6)
+    assert_images_match(batch.images[1:], np.asarray(single.images[0])[None] / 255.0)
+
+
+def test_dit_refuses_ids_without_a_label_and_lists_the_valid_names(pipelines):
+    import dataclasses
+    _, dit = pipelines["dit"]
+    named = dataclasses.replace(dit, id2label={0: "red circle", 1: "blue square"})
+    assert dit_sample(named, ["Blue Square", 0], steps=1, seed=0).parameters["class_labels"] == [1, 0]
+    with pytest.raises(ValueError, match=r"Class id 5 has no label.*'0: red circle', '1: blue square'"):
+        dit_sample(named, [5], steps=1)
+    with pytest.raises(ValueError, match=r"Unknown class label 'unicorn'. This model's classes: \['red circle', "
+                                         r"'blue square'\]"):
+        dit_sample(named, ["unicorn"], steps=1)
+
+
+def test_metadata_names_the_model_not_its_path(pipelines, tmp_path):
+    from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
+    from sd_core.pipelines import display_name
+    _, ours = pipelines["sd1"]
+    assert text_to_image(ours, "x", steps=1, height=16, width=16, seed=0).parameters["model"] == \
+        Path(ours.source).name
+    assert display_name(EMBEDDED_TEXT_TO_IMAGE) == "embedded: shapes (text to image)"
+    snapshot = tmp_path / "hub" / "models--stabilityai--sd-turbo" / "snapshots" / "0123abc"
+    assert display_name(snapshot) == "stabilityai/sd-turbo"
+    assert display_name("owner/model") == "owner/model"
