@@ -218,7 +218,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, CheckpointError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, CheckpointError,
+            FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

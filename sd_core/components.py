@@ -58,21 +58,3 @@ class DiTPipeline:
     @property
     def models(self) -> dict:
         return {"transformer": self.transformer, "vae": self.vae}
-
-    def label_ids(self, labels) -> list[int]:
-        """Class ids from ids or names (case-insensitive; an id2label entry may list several names)."""
-        names = {name.strip().lower(): i for i, label in self.id2label.items() for name in label.split(",")}
-        ids = []
-        for label in labels:
-            if isinstance(label, str) and label.strip().lower() in names:
-                ids.append(names[label.strip().lower()])
-            elif isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit()):
-                ids.append(int(label))
-            else:
-                close = [n for n in names if str(label).lower() in n][:5]
-                raise ValueError(f"Unknown class label {label!r}." + (f" Did you mean {close}?" if close else ""))
-        num_classes = self.transformer.config.num_embeds_ada_norm
-        for i in ids:
-            if not 0 <= i < num_classes:
-                raise ValueError(f"Class id {i} is outside this model's {num_classes} classes [0, {num_classes - 1}].")
-        return ids

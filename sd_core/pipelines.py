@@ -8,6 +8,7 @@ the same seed gives the same 8-bit image in both stacks. Every pipeline prepares
     result = text_to_image(pipe, "a big red circle on the left on a gray background", steps=20, seed=7)
     save_image(result.images[0], "out.png")      # PNG text metadata reproduces it
 """
+import copy
 import dataclasses
 import math
 import random
@@ -25,6 +26,7 @@ from .embeddings import add_embedding, load_embedding
 from .images import crop_to_multiple, image_to_tensor, load_image, psnr, tag, to_pil
 from .layers import randn_tensor
 from .lora import apply_loras, load_lora
+from .offload import execution_device
 from .prompts import conditioning_states, encode_weighted_prompt, encode_weighted_prompt_sdxl
 from .schedulers import DIFFUSERS_CLASS_NAMES, Scheduler, SamplingState, make_scheduler
 from .tokenizer import CLIPTokenizer
@@ -124,8 +126,22 @@ def check_size(pipe, height: int, width: int):
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> list:
-    """Latents (scaled as the diffusion model sees them) -> 8-bit PIL images."""
-    return to_pil(vae.decode(latents / vae.config.scaling_factor))
+    """Latents (scaled as the diffusion model sees them) -> 8-bit PIL images. A float16 VAE whose config says
+    force_upcast (SDXL's overflows in fp16) decodes in float32, as diffusers' SDXL pipelines do, on a private
+    fp32 copy so the shared model is never changed under a concurrent request (diffusers' SD 1.x/2.x pipelines
+    decode in fp16 regardless: there sd_core is the more accurate)."""
+    if dtype_of(vae) == torch.float16 and vae.config.force_upcast:
+        vae, latents = copy.deepcopy(vae).float(), latents.float()
+    return to_pil(check_finite(vae.decode(latents / vae.config.scaling_factor), "the VAE's decoded image"))
+
+
+def check_finite(tensor: torch.Tensor, stage: str) -> torch.Tensor:
+    """`tensor`, unless it holds NaN or infinity: then an error naming the stage, instead of a black image."""
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"NaN or infinity in {stage}: in float16 the model overflowed (try float32 or bfloat16), or its weights "
+            f"hold NaN/inf values (check the checkpoint).")
+    return tensor
 
 
 # ------------------------------------------------------------------------------------ guidance and loop
@@ -182,7 +198,7 @@ def embed_text(pipe: StableDiffusionPipeline, texts: list[str], clip_skip: int =
     """(hidden states, pooled projection or None) as the family's reference pipeline builds them: the last
     hidden state, or the penultimate ones of every encoder concatenated (SDXL). clip_skip > 0 takes the
     layer diffusers' clip_skip takes (`prompts.conditioning_states`)."""
-    device = pipe.unet.conv_in.weight.device
+    device = execution_device(pipe.unet)
     penultimate = pipe.traits.hidden_states == "penultimate"
     states, pooled = [], None
     for slot in pipe.traits.text_encoders:
@@ -290,7 +306,7 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
     sampler = make_scheduler(name, pipe.scheduler_config, eta=eta)
     states = [sampler.set_timesteps(steps, strength if image is not None else 1.0) for _ in seeds]
     guided = guidance_scale > 1
-    device, dtype = pipe.unet.conv_in.weight.device, pipe.unet.conv_in.weight.dtype
+    device, dtype = execution_device(pipe.unet), dtype_of(pipe.unet)
 
     embeddings, pooled = encode_prompt(pipe, prompts, negatives, guided, prompt_syntax, clip_skip)
     embeddings = embeddings.repeat_interleave(images_per_prompt, dim=0).to(dtype)
@@ -326,6 +342,7 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
 
     x = denoise(sampler, states if seed_per_image else states[0], x, predict,
                 generators if seed_per_image else generators[0], callback)
+    check_finite(x, "the latents after denoising (UNet)")
     parameters = {"prompt": prompts, "negative_prompt": negatives, "seed": seed, "steps": steps,
                   "scheduler": name, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
                   "height": height, "width": width, "images_per_prompt": images_per_prompt,
@@ -375,7 +392,7 @@ def vae_roundtrip(vae: AutoencoderKL, image, sample: bool = False, seed: int | N
     """image -> posterior (mean/std) -> mode or a sample -> decoded image. Any input size: centre-cropped
     to a multiple of the VAE's downscale factor; RGBA/grayscale/palette converted, EXIF orientation applied."""
     image = crop_to_multiple(load_image(image), vae.downscale_factor)
-    device = vae.encoder.conv_in.weight.device
+    device = execution_device(vae)
     posterior = vae.encode(image_to_tensor(image, dtype_of(vae), device))
     z = posterior.sample(torch.Generator("cpu").manual_seed(resolve_seed(seed))) if sample else posterior.mode()
     reconstruction = to_pil(vae.decode(z))[0]
@@ -442,7 +459,7 @@ def dit_sample(pipe: DiTPipeline, class_labels, *, guidance_scale: float = 4.0, 
     name = scheduler_name(pipe.scheduler_config, scheduler)
     sampler = make_scheduler(name, pipe.scheduler_config)
     states = [sampler.set_timesteps(steps) for _ in seeds]
-    device, dtype = pipe.transformer.proj_out_2.weight.device, pipe.transformer.proj_out_2.weight.dtype
+    device, dtype = execution_device(pipe.transformer), dtype_of(pipe.transformer)
     guided = guidance_scale > 1
     shape = (len(labels) // len(seeds), c.in_channels, c.sample_size, c.sample_size)
     x = torch.cat([randn_tensor(shape, generator, dtype, device) for generator in generators])
@@ -461,6 +478,7 @@ def dit_sample(pipe: DiTPipeline, class_labels, *, guidance_scale: float = 4.0, 
 
     x = denoise(sampler, states if seed_per_image else states[0], x, predict,
                 generators if seed_per_image else generators[0], callback)
+    check_finite(x, "the latents after denoising (DiT)")
     names = [pipe.id2label.get(i, str(i)) for i in labels]
     parameters = {"class_labels": labels, "class_names": names, "seed": seed, "steps": steps, "scheduler": name,
                   "guidance_scale": guidance_scale, "guided_channels": guided_channels,

@@ -47,3 +47,31 @@ def test_each_component_hands_the_device_to_the_next_in_execution_order(pipe, mo
     text_to_image(pipe, PROMPT, steps=3, guidance_scale=5.0, seed=0)
     # the text encoder (prompt, then negative), the UNet once per step, then the VAE's decode
     assert runs == ["text_encoder", "text_encoder", "unet", "unet", "unet", "vae"]
+
+
+def test_fp16_vae_decodes_in_fp32_on_a_copy_when_its_config_says_force_upcast(pipe):
+    """SDXL's VAE overflows in float16: decoding runs in float32 (as diffusers' SDXL pipelines do) and equals
+    the fp32 VAE's image, while the shared fp16 model stays fp16."""
+    import torch
+
+    from sd_core.pipelines import decode
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = np.asarray(decode(pipe.vae, latents)[0])
+        half = pipe.vae.half()
+        half.config.force_upcast = True  # as SDXL's VAE config says (the embedded VAE's does not)
+        upcast = np.asarray(decode(half, latents.half())[0])
+    assert next(half.parameters()).dtype == torch.float16
+    # the fp16 weights themselves are rounded, so the image is close, not identical
+    assert np.abs(upcast.astype(int) - reference.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("weight,stage", [("unet.conv_in.weight", "latents after denoising"),
+                                          ("vae.decoder.conv_in.weight", "VAE's decoded image")])
+def test_nan_weights_stop_with_the_stage_named_instead_of_a_black_image(pipe, weight, stage):
+    import torch
+    component, name = weight.split(".", 1)
+    with torch.no_grad():
+        getattr(pipe, component).get_parameter(name).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=f"NaN or infinity in the {stage}"):
+        text_to_image(pipe, PROMPT, steps=2, guidance_scale=5.0, seed=0)
