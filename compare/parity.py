@@ -248,6 +248,7 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
             image_class = (diffusers.StableDiffusionXLImg2ImgPipeline if pipe.traits.hidden_states == "penultimate"
                            else diffusers.StableDiffusionImg2ImgPipeline)
             reference = image_class(**reference.components)
+            reference.set_progress_bar_config(disable=True)
         sampler, overrides = VARIANTS.get(scheduler, (scheduler, {}))  # e.g. dpmpp_2m_karras
         reference.scheduler = getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config,
                                                                                           **overrides)
