@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sd_core.loading import load_pipeline
-from sd_core.saving import save_pipeline
 from sd_core.images import crop_to_multiple, load_image
+from sd_core.loading import load_pipeline
 from sd_core.pipelines import encode_text, image_to_image, text_to_image
+from sd_core.saving import save_pipeline
 from sd_core.schedulers import DIFFUSERS_CLASS_NAMES, VARIANTS
 
 TOLERANCE = 1e-4  # component outputs: max |a - b| relative to the reference's scale, as the parity tests use
@@ -267,7 +267,7 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
     ours_unet, their_unet = UNetRecorder(pipe.unet), UNetRecorder(reference.unet)
     ours_latents, their_latents = [], []
     try:
-        record = lambda i, t, x, x0: ours_latents.append(x.clone())  # noqa: E731
+        record = lambda i, t, x, x0: ours_latents.append(x.clone())
         if image is None:
             result = text_to_image(pipe, prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale,
                                    scheduler=scheduler, seed=seed, height=height, width=width, callback=record)

@@ -3,7 +3,10 @@ import json
 import pytest
 import torch
 
+from compare.__main__ import main as compare_main
+from compare.kinds import KINDS, run_comparison
 from compare.parity import compare_images, first_divergence, run_parity
+from compare.plots import bar_chart, line_plot
 from sd_core.loading import load_pipeline
 from tests import tiny
 
@@ -78,11 +81,6 @@ def test_image_comparison_counts_levels():
 
 
 # ------------------------------------------------------------------------------ run_comparison, every kind
-
-from compare.__main__ import main as compare_main  # noqa: E402
-from compare.kinds import KINDS, run_comparison  # noqa: E402
-from compare.plots import bar_chart, line_plot  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def dit_folder(tmp_path_factory):
@@ -239,3 +237,23 @@ def test_cli_refuses_an_existing_file_as_out_and_writes_a_report_folder(folders,
     assert capsys.readouterr().out.startswith("vae: PASS")
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.json", "report.md", "images.png",
                                                             "plot-per-module.png"}
+
+
+def test_a_swapped_sin_cos_in_the_dit_is_found_at_the_timestep_embedder(dit_folder, monkeypatch):
+    import sd_core.dit
+    real = sd_core.dit.timestep_embedding
+    monkeypatch.setattr(sd_core.dit, "timestep_embedding",
+                        lambda t, dim, flip_sin_to_cos, **kwargs: real(t, dim, not flip_sin_to_cos, **kwargs))
+    report = run_comparison("dit", dit_folder, class_labels=[3], steps=2, scheduler="ddim")
+    assert not report.passed and first_failed(report) == "step 1 noise prediction"
+    assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
+
+
+def test_diffusers_reads_the_folder_as_is_so_original_dit_frequencies_show_as_a_deviation(dit_folder, tmp_path):
+    from compare.kinds import with_timestep_frequencies
+    from sd_core.saving import save_pipeline
+    original = save_pipeline(with_timestep_frequencies(load_pipeline(dit_folder), "original"), tmp_path / "original")
+    assert load_pipeline(original).transformer.config.timestep_frequencies == "original"
+    report = run_comparison("dit", original, class_labels=[3], steps=2, scheduler="ddim")
+    assert not report.passed  # diffusers ignores the field: its DiT divides by half - 1
+    assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
