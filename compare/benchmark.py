@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from sd_core import presets
-from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sd_core.dit import DiTTransformer2DModel, dit_config
+from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.unet import UNet2DConditionModel
 from sd_core.vae import AutoencoderKL
 

@@ -15,37 +15,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sd_core.catalog import (
-    EMBEDDED_DIT,
-    EMBEDDED_DIT_GUIDANCE,
-    EMBEDDED_GUIDANCE,
-    EMBEDDED_TEXT_TO_IMAGE,
-)
+from sd_core.catalog import EMBEDDED_DIT, EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.dit import DiTTransformer2DModel
 from sd_core.images import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
 from sd_core.layers import set_attention_backend
 from sd_core.loading import load_pipeline
-from sd_core.pipelines import (
-    dit_sample,
-    image_to_image,
-    scheduler_name,
-    text_to_image,
-    vae_roundtrip,
-)
+from sd_core.pipelines import dit_sample, image_to_image, scheduler_name, text_to_image, vae_roundtrip
 from sd_core.schedulers import VARIANTS
 
-from .parity import (
-    REFERENCE_SCHEDULERS,
-    TOLERANCE,
-    UNetRecorder,
-    compare_images,
-    compare_tensors,
-    difference_map,
-    first_divergence,
-    first_tensor,
-    reference_pipeline,
-    run_parity,
-)
+from .parity import (REFERENCE_SCHEDULERS, TOLERANCE, UNetRecorder, compare_images, compare_tensors,
+                     difference_map, first_divergence, first_tensor, reference_pipeline, run_parity)
 from .report import Report, standard_plots
 
 KINDS = {
@@ -432,7 +411,8 @@ def self_comparison(kind: str, pipe_a, pipe_b, names: tuple, s: dict, tolerance:
                                                           tolerance)]
     stages += step_stages(b.predictions, a.predictions, b.latents, a.latents, tolerance)
     stages.append(compare_images(b.images, a.images))
-    device = lambda p: next(iter(p.models.values())).parameters().__next__()
+    def device(p):  # a parameter of the pipeline's first model: its dtype and device
+        return next(next(iter(p.models.values())).parameters())
     if pipe_a.family == "dit":
         probe = [dit_probe(p, s["class_labels"], s["seed"], device(p).dtype) for p in (pipe_a, pipe_b)]
         runs = [lambda p=p, x=x: p.transformer(*[t.to(device(p).device) for t in x]) for p, x in

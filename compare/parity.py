@@ -267,7 +267,8 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
     ours_unet, their_unet = UNetRecorder(pipe.unet), UNetRecorder(reference.unet)
     ours_latents, their_latents = [], []
     try:
-        record = lambda i, t, x, x0: ours_latents.append(x.clone())
+        def record(i, t, x, x0):
+            ours_latents.append(x.clone())
         if image is None:
             result = text_to_image(pipe, prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale,
                                    scheduler=scheduler, seed=seed, height=height, width=width, callback=record)
