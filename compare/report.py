@@ -59,6 +59,10 @@ class Report:
         lines += ["", "![images](images.png)"] + [f"![{name}](plot-{name}.png)" for name in self.plots]
         return "\n".join(lines) + "\n"
 
+    def gallery(self) -> list:
+        """[(image, caption)] for a gr.Gallery: the images, then the plots."""
+        return [(image, caption) for caption, image in {**self.images, **self.plots}.items()]
+
     def strip(self):
         return caption_strip(self.images, self.verdict)
 

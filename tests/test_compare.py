@@ -257,3 +257,12 @@ def test_diffusers_reads_the_folder_as_is_so_original_dit_frequencies_show_as_a_
     report = run_comparison("dit", original, class_labels=[3], steps=2, scheduler="ddim")
     assert not report.passed  # diffusers ignores the field: its DiT divides by half - 1
     assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
+
+
+def test_a_single_file_model_is_compared_through_a_temporary_diffusers_folder(folders, tmp_path):
+    from sd_core.saving import export_single_file
+    path = export_single_file(load_pipeline(folders["sd1"]), tmp_path / "sd1.safetensors")
+    pipe = load_pipeline(path, config=folders["sd1"])
+    report = run_comparison("vae", pipe, size=16)
+    assert report.passed and report.stages[-1].max_abs == 0
+    assert [caption for _, caption in report.gallery()][-1] == "per-module"
