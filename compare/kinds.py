@@ -24,7 +24,8 @@ from sd_core.pipelines import dit_sample, image_to_image, scheduler_name, text_t
 from sd_core.schedulers import VARIANTS
 
 from .parity import (REFERENCE_SCHEDULERS, TOLERANCE, UNetRecorder, compare_images, compare_tensors,
-                     difference_map, first_divergence, first_tensor, reference_pipeline, run_parity)
+                     diffusers_folder, difference_map, first_divergence, first_tensor, reference_pipeline,
+                     run_parity)
 from .report import Report, standard_plots
 
 KINDS = {
@@ -66,7 +67,14 @@ def run_comparison(kind: str, model_or_pipe=None, **settings) -> Report:
 
 
 def load(model):
-    return load_pipeline(model) if isinstance(model, (str, Path)) else model
+    """The sd_core pipeline, on the CPU in fp32 as the parity policy compares (a GPU or half-precision pipeline
+    from the app is copied, never changed)."""
+    pipe = load_pipeline(model) if isinstance(model, (str, Path)) else model
+    first = next(next(iter(pipe.models.values())).parameters())
+    if first.device.type != "cpu" or any(p.dtype != torch.float32 for m in pipe.models.values()
+                                         for p in m.parameters()):
+        pipe = cast_pipeline(pipe, torch.float32, "cpu")
+    return pipe
 
 
 def check_family(pipe, kind: str):
@@ -115,7 +123,7 @@ def from_parity(kind: str, model, image, **settings) -> Report:
     s = sd_settings(pipe, **settings)
     if kind == "image_to_image":
         s["image"] = image if image is not None else default_image(s["height"] or pipe.default_size)
-    parity = run_parity(model if isinstance(model, (str, Path)) else pipe, s["prompt"], s["negative_prompt"],
+    parity = run_parity(model if diffusers_folder(model) else pipe, s["prompt"], s["negative_prompt"],
                         s["seed"], s["steps"], s["scheduler"], s["guidance_scale"], s["height"], s["width"],
                         image=s["image"], strength=s["strength"])
     passed, verdict = parity_verdict(kind, parity.stages, parity.divergence)

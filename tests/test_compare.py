@@ -266,3 +266,16 @@ def test_a_single_file_model_is_compared_through_a_temporary_diffusers_folder(fo
     report = run_comparison("vae", pipe, size=16)
     assert report.passed and report.stages[-1].max_abs == 0
     assert [caption for _, caption in report.gallery()][-1] == "per-module"
+
+
+def test_a_half_precision_pipeline_is_compared_as_an_fp32_copy_and_left_unchanged(dit_folder):
+    pipe = load_pipeline(dit_folder, dtype=torch.bfloat16)
+    report = run_comparison("dit", pipe, class_labels=[3], steps=2, scheduler="ddim")
+    assert report.passed and pipe.transformer.proj_out_2.weight.dtype == torch.bfloat16
+
+
+def test_cli_runs_a_dit_kind_with_class_names_and_ids(dit_folder, tmp_path, capsys):
+    assert compare_main(["dit", "--model", str(dit_folder), "--classes", "class 3,7", "--steps", "2",
+                         "--scheduler", "ddim", "--guided-channels", "first3", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.startswith("dit (first3): PASS")
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["settings"]["class_labels"] == [3, 7]
