@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from sd_core.images import crop_to_multiple, load_image
 from sd_core.loading import load_pipeline
+from sd_core.pipelines import encode_text, image_to_image, text_to_image
 from sd_core.saving import save_pipeline
-from sd_core.pipelines import encode_text, text_to_image
 from sd_core.schedulers import DIFFUSERS_CLASS_NAMES, VARIANTS
 
 TOLERANCE = 1e-4  # component outputs: max |a - b| relative to the reference's scale, as the parity tests use
@@ -138,7 +139,10 @@ def first_divergence(ours: torch.nn.Module, reference: torch.nn.Module, run_ours
             first = stage
     worst = sorted(compared, key=lambda s: -s.relative)[:5]
     return {"modules_compared": len(compared), "first_divergent": dataclasses.asdict(first) if first else None,
-            "worst": [dataclasses.asdict(s) for s in worst]}
+            "worst": [dataclasses.asdict(s) for s in worst], "tolerance": tolerance,
+            # every compared module in execution order, for the per-module chart
+            "modules": [{"name": s.name, "relative": s.relative, "max_abs": s.max_abs, "cosine": s.cosine,
+                         "passed": s.passed} for s in compared]}
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -206,25 +210,45 @@ def side_by_side(images: dict) -> Image.Image:
     return canvas
 
 
-def reference_pipeline(pipe, folder: Path):
-    """diffusers' own pipeline class on exactly sd_core's weights (written to a diffusers folder first)."""
+def diffusers_folder(model) -> Path | None:
+    """`model` itself where it is a diffusers folder (diffusers then reads the very files sd_core read)."""
+    if isinstance(model, (str, Path)) and (Path(model) / "model_index.json").is_file():
+        return Path(model)
+    return None
+
+
+def reference_pipeline(pipe, folder: Path, source=None):
+    """diffusers' own pipeline class on exactly sd_core's weights: the diffusers folder `source` as is, else
+    sd_core's weights written to a diffusers folder first (single files, hub ids, pipelines in memory)."""
     import diffusers
-    save_pipeline(pipe, folder)
-    return diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True).to(torch.float32)
+    if diffusers_folder(source) is None:
+        source = save_pipeline(pipe, folder)
+    reference = diffusers.DiffusionPipeline.from_pretrained(source, local_files_only=True).to(torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    return reference
 
 
 @torch.no_grad()
 def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int = 0, steps: int = 10,
                scheduler: str = "ddim", guidance_scale: float = 7.5, height: int | None = None,
-               width: int | None = None) -> ParityReport:
-    """Generate with sd_core and with diffusers on the same weights and noise; compare every stage."""
+               width: int | None = None, image=None, strength: float = 0.8) -> ParityReport:
+    """Generate with sd_core and with diffusers on the same weights and noise; compare every stage. With `image`,
+    image to image (`strength`) against diffusers' StableDiffusion(XL)Img2ImgPipeline."""
     import diffusers
     pipe = load_pipeline(model) if isinstance(model, (str, Path)) else model
     if pipe.family == "dit":
         raise ValueError("The parity run compares text-to-image pipelines; pass a Stable Diffusion model.")
+    if image is not None:  # both sides get the very picture sd_core samples from
+        image = crop_to_multiple(load_image(image), pipe.vae_scale_factor)
+        height, width = image.height, image.width
     height, width = height or pipe.default_size, width or pipe.default_size
     with tempfile.TemporaryDirectory() as temporary:
-        reference = reference_pipeline(pipe, Path(temporary) / "reference")
+        reference = reference_pipeline(pipe, Path(temporary) / "reference", model)
+        if image is not None:
+            image_class = (diffusers.StableDiffusionXLImg2ImgPipeline if pipe.traits.hidden_states == "penultimate"
+                           else diffusers.StableDiffusionImg2ImgPipeline)
+            reference = image_class(**reference.components)
+            reference.set_progress_bar_config(disable=True)
         sampler, overrides = VARIANTS.get(scheduler, (scheduler, {}))  # e.g. dpmpp_2m_karras
         reference.scheduler = getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config,
                                                                                           **overrides)
@@ -243,17 +267,22 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
     ours_unet, their_unet = UNetRecorder(pipe.unet), UNetRecorder(reference.unet)
     ours_latents, their_latents = [], []
     try:
-        result = text_to_image(pipe, prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                               scheduler=scheduler, seed=seed, height=height, width=width,
-                               callback=lambda i, t, x, x0: ours_latents.append(x.clone()))
+        def record(i, t, x, x0):
+            ours_latents.append(x.clone())
+        if image is None:
+            result = text_to_image(pipe, prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale,
+                                   scheduler=scheduler, seed=seed, height=height, width=width, callback=record)
+        else:
+            result = image_to_image(pipe, image, prompt, negative_prompt, strength=strength, steps=steps,
+                                    guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, callback=record)
 
         def on_step_end(_, i, t, tensors):
             their_latents.append(tensors["latents"].clone())
             return {}
+        size = dict(height=height, width=width) if image is None else dict(image=image, strength=strength)
         theirs = reference(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
-                           guidance_scale=guidance_scale, height=height, width=width,
-                           generator=torch.Generator().manual_seed(seed), output_type="np",
-                           callback_on_step_end=on_step_end).images
+                           guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
+                           output_type="np", callback_on_step_end=on_step_end, **size).images
     finally:
         ours_unet.remove(), their_unet.remove()
     stages.append(compare_tensors("text embeddings (UNet input)", ours_unet.context, their_unet.context))
@@ -282,6 +311,8 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
     settings = {"model": pipe.source, "family": pipe.family, "prompt": prompt, "negative_prompt": negative_prompt,
                 "seed": seed, "steps": steps, "scheduler": scheduler, "guidance_scale": guidance_scale,
                 "height": height, "width": width}
+    if image is not None:
+        settings["strength"] = strength
     images = {"sd_core": Image.fromarray(ours_image), "diffusers": Image.fromarray(their_image),
               "difference": difference, "difference_scale": gain}
     return ParityReport(settings, stages, divergence, images)

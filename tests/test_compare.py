@@ -3,7 +3,10 @@ import json
 import pytest
 import torch
 
+from compare.__main__ import main as compare_main
+from compare.kinds import KINDS, run_comparison
 from compare.parity import compare_images, first_divergence, run_parity
+from compare.plots import bar_chart, line_plot
 from sd_core.loading import load_pipeline
 from tests import tiny
 
@@ -75,3 +78,204 @@ def test_image_comparison_counts_levels():
     assert not compare_images(a, b).passed  # 1 of 384 values: more than 0.1%
     b[0, 0, 0, 0] = 3
     assert compare_images(a, b).extra["differing_values"] == 1 and compare_images(a, b).max_abs == 3
+
+
+# ------------------------------------------------------------------------------ run_comparison, every kind
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    return tiny.save_pretrained(tiny.dit(seed=4, num_classes=1000), tmp_path_factory.mktemp("dit"))
+
+
+def first_failed(report):
+    return next(s.name for s in report.stages if not s.passed)
+
+
+def test_every_kind_is_offered():
+    assert set(KINDS) == {"text_to_image", "image_to_image", "vae", "dit", "dit_timestep_semantics", "precision",
+                          "attention"}
+    with pytest.raises(ValueError, match="Unknown comparison"):
+        run_comparison("everything")
+
+
+def test_text_to_image_report_has_plots_verdict_and_writes_home(folders, tmp_path):
+    report = run_comparison("text_to_image", folders["sd1"], prompt="a red circle", steps=3, guidance_scale=4.0,
+                            height=16, width=16, scheduler="ddim")
+    assert report.passed and report.verdict.startswith("text_to_image: PASS") and "identical" in report.verdict
+    assert set(report.plots) == {"per-step", "per-module"} and len(report.images) == 3
+    modules = report.divergence["modules"]
+    assert len(modules) == report.divergence["modules_compared"] > 50 and all(m["passed"] for m in modules)
+    folder = report.write(tmp_path / "out")
+    data = json.loads((folder / "report.json").read_text())
+    assert data["kind"] == "text_to_image" and data["passed"] and data["verdict"] == report.verdict
+    assert report.verdict in (folder / "report.md").read_text()
+    for name in ("images.png", "plot-per-step.png", "plot-per-module.png"):
+        assert (folder / name).stat().st_size > 0
+    with pytest.raises(FileExistsError):
+        report.write(folder / "report.json")
+
+
+def test_a_wrong_group_norm_eps_in_the_unet_is_reported_at_step_1_and_the_module(folders):
+    pipe = load_pipeline(folders["sd1"])
+    pipe.unet.down_blocks[0].resnets[0].norm2.eps = 1e-1
+    report = run_comparison("text_to_image", pipe, prompt="a red circle", steps=2, guidance_scale=4.0,
+                            height=16, width=16, scheduler="ddim")
+    assert report.passed is False and "FAIL" in report.verdict
+    assert next(s for s in report.stages if s.name.startswith("text embeddings")).passed
+    assert first_failed(report) == "step 1 noise prediction"
+    first = report.divergence["first_divergent"]["name"]
+    assert first == "down_blocks.0.resnets.0.norm2" and first in report.verdict
+    names = [m["name"] for m in report.divergence["modules"]]
+    assert next(m for m in report.divergence["modules"] if not m["passed"])["name"] == first
+    assert names.index(first) > 0  # modules before it agreed
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_image_to_image_equals_diffusers_img2img(folders, family):
+    report = run_comparison("image_to_image", folders[family], prompt="a red circle", strength=0.5, steps=4,
+                            guidance_scale=4.0, scheduler="euler")
+    assert report.passed, [s.name for s in report.stages if not s.passed]
+    assert "step 2 latents" in [s.name for s in report.stages] and "step 3 latents" not in [s.name for s in report.stages]
+    assert report.settings["strength"] == 0.5 and "input" in report.images
+
+
+def test_vae_round_trip_equals_diffusers_and_a_wrong_decoder_eps_is_found_at_decode(folders):
+    report = run_comparison("vae", folders["sd1"], size=16)
+    assert report.passed and [s.name for s in report.stages][:3] == ["encoder mean", "encoder std", "latents (scaled)"]
+    assert report.measurements["psnr_sd_core_db"] == report.measurements["psnr_diffusers_db"]
+    pipe = load_pipeline(folders["sd1"])
+    pipe.vae.decoder.up_blocks[0].resnets[0].norm1.eps = 1e-1
+    report = run_comparison("vae", pipe, size=16)
+    assert not report.passed and first_failed(report) == "decoded (float)"
+    assert report.divergence["first_divergent"]["name"] == "decoder.up_blocks.0.resnets.0.norm1"
+
+
+@pytest.mark.parametrize("guided_channels", ["all", "first3"])
+def test_dit_sampling_equals_its_reference_in_both_guidance_modes(dit_folder, guided_channels):
+    report = run_comparison("dit", dit_folder, class_labels=[3, 7], steps=4, scheduler="ddim", guidance_scale=4.0,
+                            guided_channels=guided_channels)
+    assert report.passed and report.stages[-1].max_abs == 0, report.verdict
+    if guided_channels == "first3":  # the deviation from diffusers' all-channel guidance is measured, and real
+        assert report.measurements["first3_vs_all_latents_relative"] > 1e-3
+        assert "diffusers (all channels)" in report.images
+
+
+def test_the_dit_divisor_planted_in_sd_core_is_found_at_the_timestep_embedder(dit_folder):
+    pipe = load_pipeline(dit_folder)
+    for block in pipe.transformer.transformer_blocks:
+        block.norm1.emb.frequency_shift = 0  # the original code's divisor where diffusers' weights expect half - 1
+    report = run_comparison("dit", pipe, class_labels=[3], steps=3, scheduler="ddim")
+    assert not report.passed and first_failed(report) == "step 1 noise prediction"
+    assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
+
+
+def test_dit_timestep_semantics_shows_what_the_choice_changes(dit_folder):
+    report = run_comparison("dit_timestep_semantics", dit_folder, class_labels=[3], steps=3, scheduler="ddim")
+    assert report.passed is None and report.stages[-1].max_abs > 0 and report.measurements["image_psnr_db"] < 80
+    assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
+    assert first_failed(report) == "step 1 noise prediction" and len(report.images) == 3
+
+
+def test_precision_measures_the_bf16_drift_of_every_stage(folders):
+    report = run_comparison("precision", folders["sd1"], dtype="bf16", device="cpu", prompt="a red circle", steps=3,
+                            guidance_scale=4.0, height=16, width=16, scheduler="ddim")
+    assert report.passed is None and report.verdict.startswith("precision: bf16 vs fp32")
+    latents = report.stages[-2]
+    assert latents.name == "step 3 latents" and 0 < latents.relative < 0.5 and latents.extra["cosine_distance"] > 0
+    assert report.measurements["bf16_image_psnr_db"] > 20 and set(report.plots) == {"per-step", "per-module"}
+    assert report.divergence["tolerance"] == torch.finfo(torch.bfloat16).eps
+
+
+def test_math_and_sdpa_attention_agree_and_a_fault_in_one_is_found(dit_folder, monkeypatch):
+    report = run_comparison("attention", dit_folder, class_labels=[3], steps=3, scheduler="ddim")
+    assert report.passed and report.stages[-1].max_abs == 0, report.verdict
+    import sd_core.layers
+    real = sd_core.layers.attend
+
+    def faulty(q, k, v, heads, *args, backend="sdpa", **kwargs):  # SDPA without its 1/sqrt(d) scale
+        return real(q * (q.shape[-1] // heads) ** 0.5 if backend == "sdpa" else q, k, v, heads, *args,
+                    backend=backend, **kwargs)
+    monkeypatch.setattr(sd_core.layers, "attend", faulty)
+    report = run_comparison("attention", dit_folder, class_labels=[3], steps=3, scheduler="ddim")
+    assert report.passed is False
+    # attend() is a function, not a module: the first module to see its output is the projection after it
+    assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.attn1.to_out.0"
+
+
+def test_plots_are_pil_images_with_the_first_module_over_threshold_marked():
+    plot = line_plot({"latents": [1e-7, 0.0, 3e-3]}, "relative error", threshold=1e-4)
+    assert plot.size == (480, 260)
+    chart = bar_chart(["a", "b", "c"], [1e-8, 1.0, 1e-8], "modules", threshold=1e-4, marked=1)
+    pixels = chart.convert("RGB").getdata()
+    assert (214, 39, 40) in set(pixels)  # the marked bar is drawn red
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["text_to_image", "--steps", "0"], "positive integer"),
+    (["text_to_image", "--width", "7"], "multiple"),
+    (["vae", "--model", "no-such-model"], "no such folder"),
+    (["vae", "--model", "/no/such/model"], "neither a folder"),
+])
+def test_cli_bad_input_is_a_clear_error_and_exit_2(folders, argv, message, capsys, tmp_path):
+    if "--model" not in argv:
+        argv = argv + ["--model", str(folders["sd1"])]
+    try:
+        code = compare_main(argv + ["--out", str(tmp_path / "out")])
+    except SystemExit as exit:
+        code = exit.code
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and "Traceback" not in error
+
+
+def test_cli_refuses_an_existing_file_as_out_and_writes_a_report_folder(folders, tmp_path, capsys):
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    with pytest.raises(SystemExit) as exit:
+        compare_main(["vae", "--model", str(folders["sd1"]), "--out", str(existing)])
+    assert exit.value.code == 2 and "existing file" in capsys.readouterr().err
+    assert compare_main(["vae", "--model", str(folders["sd1"]), "--size", "16", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.startswith("vae: PASS")
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.json", "report.md", "images.png",
+                                                            "plot-per-module.png"}
+
+
+def test_a_swapped_sin_cos_in_the_dit_is_found_at_the_timestep_embedder(dit_folder, monkeypatch):
+    import sd_core.dit
+    real = sd_core.dit.timestep_embedding
+    monkeypatch.setattr(sd_core.dit, "timestep_embedding",
+                        lambda t, dim, flip_sin_to_cos, **kwargs: real(t, dim, not flip_sin_to_cos, **kwargs))
+    report = run_comparison("dit", dit_folder, class_labels=[3], steps=2, scheduler="ddim")
+    assert not report.passed and first_failed(report) == "step 1 noise prediction"
+    assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
+
+
+def test_diffusers_reads_the_folder_as_is_so_original_dit_frequencies_show_as_a_deviation(dit_folder, tmp_path):
+    from compare.kinds import with_timestep_frequencies
+    from sd_core.saving import save_pipeline
+    original = save_pipeline(with_timestep_frequencies(load_pipeline(dit_folder), "original"), tmp_path / "original")
+    assert load_pipeline(original).transformer.config.timestep_frequencies == "original"
+    report = run_comparison("dit", original, class_labels=[3], steps=2, scheduler="ddim")
+    assert not report.passed  # diffusers ignores the field: its DiT divides by half - 1
+    assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
+
+
+def test_a_single_file_model_is_compared_through_a_temporary_diffusers_folder(folders, tmp_path):
+    from sd_core.saving import export_single_file
+    path = export_single_file(load_pipeline(folders["sd1"]), tmp_path / "sd1.safetensors")
+    pipe = load_pipeline(path, config=folders["sd1"])
+    report = run_comparison("vae", pipe, size=16)
+    assert report.passed and report.stages[-1].max_abs == 0
+    assert [caption for _, caption in report.gallery()][-1] == "per-module"
+
+
+def test_a_half_precision_pipeline_is_compared_as_an_fp32_copy_and_left_unchanged(dit_folder):
+    pipe = load_pipeline(dit_folder, dtype=torch.bfloat16)
+    report = run_comparison("dit", pipe, class_labels=[3], steps=2, scheduler="ddim")
+    assert report.passed and pipe.transformer.proj_out_2.weight.dtype == torch.bfloat16
+
+
+def test_cli_runs_a_dit_kind_with_class_names_and_ids(dit_folder, tmp_path, capsys):
+    assert compare_main(["dit", "--model", str(dit_folder), "--classes", "class 3,7", "--steps", "2",
+                         "--scheduler", "ddim", "--guided-channels", "first3", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.startswith("dit (first3): PASS")
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["settings"]["class_labels"] == [3, 7]
