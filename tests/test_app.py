@@ -242,7 +242,8 @@ def test_gpu_work_runs_inside_spaces_gpu_when_that_package_exists(monkeypatch):
     handler = app.handler(app.generate_images.__wrapped__)
     assert list(inspect.signature(handler).parameters)[:2] == ["model", "prompt"]
     handler(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 0, 1)
-    handler(SD, "a red circle", "", 50, 5.0, "ddim", 1024, 1024, 0, 8)
+    with pytest.raises(gr.Error, match="number_of_images must be between 1 and 8"):  # sized, then refused
+        handler(SD, "a red circle", "", 50, 5.0, "ddim", 1024, 1024, 0, 9)
     assert wrapped[0] < wrapped[1] <= 300
     with pytest.raises(gr.Error, match="steps must be"):
         handler(SD, "a red circle", "", 0, 5.0, "ddim", 64, 64, 0, 1)
@@ -256,7 +257,7 @@ class FakeRequest:
 
 def test_a_share_link_made_after_a_run_restores_the_tab_model_and_settings(client):
     images, seed, _, _, link = client.predict(SD, "a small blue square in the center on a white background", "", 7,
-                                              3.5, "euler_karras", 64, 48, -1, 2, False, api_name="/text_to_image")
+                                              3.5, "euler_karras", 64, 72, -1, 2, False, api_name="/text_to_image")
     query = link.split("(", 1)[1].rstrip(")").split("?", 1)[1]
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
@@ -264,7 +265,7 @@ def test_a_share_link_made_after_a_run_restores_the_tab_model_and_settings(clien
     tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number, _, gallery, used = \
         updates[:14]
     assert tabs.selected == "text_to_image" and model == SD and prompt.startswith("a small blue square")
-    assert (steps, guidance, scheduler, width, height, seed_box, number) == (7, 3.5, "euler_karras", 64, 48, seed, 2)
+    assert (steps, guidance, scheduler, width, height, seed_box, number) == (7, 3.5, "euler_karras", 64, 72, seed, 2)
     assert used == seed and np.array_equal(np.asarray(gallery[0]), np.asarray(Image.open(images[0]["image"])))
     dit_link = client.predict(DIT, "green square", 2.5, 4, "ddim", 9, 1, "first3", api_name="/dit_sample")[2]
     updates = load.fn(FakeRequest(dit_link.split("?", 1)[1].rstrip(")")))
