@@ -1,9 +1,11 @@
 """The app: handlers called directly, the launched server through gradio_client, and a real browser."""
 import concurrent.futures
 import inspect
+import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 import urllib.parse
 from pathlib import Path
@@ -279,3 +281,31 @@ def test_the_first_page_shows_a_picture_and_a_bad_link_value_is_ignored():
     assert len(updates[12]) == 4 and updates[13] >= 0  # four images and the seed used, before any click
     updates = load.fn(FakeRequest("tab=text_to_image&model=%2Fetc%2Fpasswd&steps=abc&scheduler=nonsense"))
     assert updates[1] == SD and updates[4] == 20 and updates[6] == "dpmpp_2m"
+
+
+def test_app_py_started_as_on_a_space_listens_on_all_interfaces_and_serves(tmp_path):
+    import psutil
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "SPACE_ID": "someone/sd_core"}
+    process = subprocess.Popen([sys.executable, "app.py"], env=env, cwd=Path(app.__file__).parent,
+                               stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            listening = [c.laddr for c in psutil.Process(process.pid).net_connections("tcp") if c.status == "LISTEN"]
+            if listening:
+                break
+            assert process.poll() is None, (tmp_path / "log").read_text()
+            time.sleep(0.5)
+        assert listening == [("0.0.0.0", port)]
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        choices = next(c for c in client.config["components"] if c["props"].get("label") == "Model")["props"]["choices"]
+        assert ["SD-Turbo (hub, 2.6 GB)", "SD-Turbo"] in choices
+        images, seed, *_ = client.predict(SD, "a red circle", "", 4, 5.0, "ddim", 64, 64, 2, 1, False,
+                                          api_name="/text_to_image")
+        assert seed == 2 and Image.open(images[0]["image"]).size == (64, 64)
+    finally:
+        process.terminate()
+        process.wait(30)
