@@ -20,11 +20,12 @@ REFERENCE = {
     "pndm": diffusers.PNDMScheduler,
     "lms": diffusers_lms.LMSDiscreteScheduler,  # the real class (diffusers exports a stub without scipy)
     "heun": diffusers.HeunDiscreteScheduler,
+    "unipc": diffusers.UniPCMultistepScheduler,
 }
 # What a name fixes in the reference's config (sd_core's variant names, PNDM as SD folders configure it).
 REFERENCE_CONFIG = {"dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++"}, "pndm": {"skip_prk_steps": True}}
-KARRAS = ("euler", "dpmpp_2m", "dpmpp_2m_sde", "lms", "heun")  # samplers with Karras sigmas
-DRAW_NO_NOISE = ("ddim", "euler", "dpmpp_2m", "pndm", "lms", "heun")
+KARRAS = ("euler", "dpmpp_2m", "dpmpp_2m_sde", "lms", "heun", "unipc")  # samplers with Karras sigmas
+DRAW_NO_NOISE = ("ddim", "euler", "dpmpp_2m", "pndm", "lms", "heun", "unipc")
 
 
 class GaussLegendreQuad:
@@ -122,7 +123,12 @@ LOOP_CASES = [
                   + ([{"skip_prk_steps": False}] if name == "pndm" else [])
                   + ([{"clip_sample": True, "clip_sample_range": 0.5}] if name == "heun" else [])
                   + ([{"clip_sample": True, "set_alpha_to_one": False}] if name == "ddim" else [])
-                  + ([{"variance_type": "fixed_large"}] if name == "ddpm" else []))
+                  + ([{"variance_type": "fixed_large"}] if name == "ddpm" else [])
+                  # UniPC-3 (the rho solve), B(h) = h, no lower-order last step (to sigma_min: to 0 it is inf in
+                  # both), skipped correctors, Karras sigmas ending at their own sigma_min.
+                  + ([{"solver_order": 3}, {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+                      {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, {"disable_corrector": [0, 4]},
+                      {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}] if name == "unipc" else []))
 ]
 
 
@@ -323,3 +329,33 @@ def test_lms_equals_diffusers_with_scipy_quad_where_scipy_is_installed():
         assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     finally:
         diffusers_lms.integrate = original
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_unipc_sigma_min_schedule_equals_diffusers(karras):
+    """With Karras sigmas UniPC ends at the last Karras sigma (DPM-Solver++ at the smallest training sigma)."""
+    ours, reference = pair("unipc", final_sigmas_type="sigma_min", use_karras_sigmas=karras, **SD_BETAS)
+    for n in [1, 5, 20]:
+        reference.set_timesteps(n)
+        state = ours.set_timesteps(n)
+        assert torch.equal(state.timesteps, reference.timesteps) and torch.equal(state.sigmas, reference.sigmas)
+
+
+def test_unipc_takes_a_dpm_solver_config_as_diffusers_does():
+    config = {**SD_BETAS, "solver_type": "midpoint", "algorithm_type": "dpmsolver++"}
+    assert make_scheduler("unipc", config).config.solver_type == "bh2"
+    assert diffusers.UniPCMultistepScheduler.from_config(config).config.solver_type == "bh2"
+    with pytest.raises(ValueError, match="predict_x0=True"):
+        make_scheduler("unipc", {"predict_x0": False})
+
+
+def test_unipc_bh1_last_step_to_sigma_zero_gives_x0_where_diffusers_gives_nan():
+    """diffusers multiplies B(h) = -h = -inf by a zero correction on the first-order last step; the step is
+    DPM-Solver++(1), whose result at sigma = 0 is the x0 estimate, finite (bh2 gives the same in both)."""
+    ours, reference = pair("unipc", solver_type="bh1", **SD_BETAS)
+    model = synthetic_model(4, 4)
+    noise = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+    assert run_reference(reference, model, noise, 12, None).isnan().all()
+    got = run_ours(ours, model, noise, 12, None)
+    bh2 = run_ours(make_scheduler("unipc", SD_BETAS), model, noise, 12, None)
+    assert torch.isfinite(got).all() and not torch.equal(got, bh2)  # bh1 and bh2 differ before the last step

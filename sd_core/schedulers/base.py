@@ -49,6 +49,12 @@ class SchedulerConfig(ModelConfig):
     use_lu_lambdas: bool = False
     use_flow_sigmas: bool = False
     use_dynamic_shifting: bool = False
+    predict_x0: bool = True  # UniPC: the data-prediction (x0) form
+    disable_corrector: list = dataclasses.field(default_factory=list)  # UniPC: steps whose corrector is skipped
+    solver_p: None = None  # UniPC: another scheduler as predictor (not supported)
+    shift_terminal: float | None = None  # UniPC: flow sigmas only (not supported)
+    original_inference_steps: int = 50  # LCM: the distillation grid the steps are taken from
+    timestep_scaling: float = 10.0  # LCM: t scale in the boundary-condition scalings c_skip, c_out
     # Other diffusers schedulers' knobs that do not change these samplers (e.g. PNDM's in SD1.5's config).
     inert_keys = frozenset({"dynamic_thresholding_ratio", "sample_max_value", "flow_shift",
                             "time_shift_type", "shift", "base_shift", "max_shift"})
@@ -66,6 +72,8 @@ class SchedulerConfig(ModelConfig):
         self.require(self.final_sigmas_type in ("zero", "sigma_min"), "final_sigmas_type must be 'zero' or 'sigma_min'.")
         self.require(self.interpolation_type == "linear" and self.timestep_type == "discrete",
                      "only interpolation_type='linear' and timestep_type='discrete' are supported.")
+        self.require(self.solver_p is None and self.shift_terminal is None,
+                     "solver_p and shift_terminal are not supported by sd_core; remove them from the config.")
 
 
 @dataclasses.dataclass
