@@ -359,3 +359,9 @@ def test_unipc_bh1_last_step_to_sigma_zero_gives_x0_where_diffusers_gives_nan():
     got = run_ours(ours, model, noise, 12, None)
     bh2 = run_ours(make_scheduler("unipc", SD_BETAS), model, noise, 12, None)
     assert torch.isfinite(got).all() and not torch.equal(got, bh2)  # bh1 and bh2 differ before the last step
+
+
+def test_dpm_solver_takes_a_unipc_config_as_diffusers_does():
+    config = {**SD_BETAS, "solver_type": "bh2", "predict_x0": True, "disable_corrector": []}
+    assert make_scheduler("dpmpp_2m", config).config.solver_type == "midpoint"
+    assert diffusers.DPMSolverMultistepScheduler.from_config(config).config.solver_type == "midpoint"

@@ -56,6 +56,8 @@ class DPMSolverMultistep(KarrasSigmaScheduler):
     name = "dpmpp_2m"
 
     def __init__(self, config):
+        if config.solver_type in ("logrho", "bh1", "bh2"):  # a UniPC config: diffusers maps it so
+            config.solver_type = "midpoint"
         super().__init__(config)
         config.require(config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"),
                        "only algorithm_type 'dpmsolver++' or 'sde-dpmsolver++' is supported.")
