@@ -21,6 +21,7 @@ REFERENCE = {
     "lms": diffusers_lms.LMSDiscreteScheduler,  # the real class (diffusers exports a stub without scipy)
     "heun": diffusers.HeunDiscreteScheduler,
     "unipc": diffusers.UniPCMultistepScheduler,
+    "lcm": diffusers.LCMScheduler,
 }
 # What a name fixes in the reference's config (sd_core's variant names, PNDM as SD folders configure it).
 REFERENCE_CONFIG = {"dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++"}, "pndm": {"skip_prk_steps": True}}
@@ -65,6 +66,12 @@ SCHEDULE_CASES = [(name, spacing, offset, karras)
 def test_timesteps_and_sigmas_equal_diffusers(name, spacing, offset, karras):
     ours, reference = pair(name, timestep_spacing=spacing, steps_offset=offset, use_karras_sigmas=karras, **SD_BETAS)
     for n in STEP_COUNTS:
+        if name == "lcm" and n > 50:
+            with pytest.raises(ValueError, match="too many"):
+                ours.set_timesteps(n)
+            with pytest.raises(ValueError):
+                reference.set_timesteps(n)
+            continue
         reference.set_timesteps(n)
         if name in ("ddpm", "ddim", "pndm") and reference.timesteps.max() >= 1000:
             with pytest.raises(ValueError, match="beyond the 1000 training timesteps"):
@@ -128,7 +135,10 @@ LOOP_CASES = [
                   # both), skipped correctors, Karras sigmas ending at their own sigma_min.
                   + ([{"solver_order": 3}, {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
                       {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, {"disable_corrector": [0, 4]},
-                      {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}] if name == "unipc" else []))
+                      {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}] if name == "unipc" else [])
+                  # LCM: another distillation grid, x0 clipping, alpha_bar_0 after the last listed step.
+                  + ([{"original_inference_steps": 40, "timestep_scaling": 5.0},
+                      {"clip_sample": True, "clip_sample_range": 0.5}] if name == "lcm" else []))
 ]
 
 
@@ -365,3 +375,34 @@ def test_dpm_solver_takes_a_unipc_config_as_diffusers_does():
     config = {**SD_BETAS, "solver_type": "bh2", "predict_x0": True, "disable_corrector": []}
     assert make_scheduler("dpmpp_2m", config).config.solver_type == "midpoint"
     assert diffusers.DPMSolverMultistepScheduler.from_config(config).config.solver_type == "midpoint"
+
+
+@pytest.mark.parametrize("original", [50, 40, 7, 1000])
+def test_lcm_steps_come_from_the_original_grid_like_diffusers(original):
+    ours, reference = pair("lcm", original_inference_steps=original)
+    for n in range(1, 9):
+        if n > original:
+            with pytest.raises(ValueError, match="too many"):
+                ours.set_timesteps(n)
+            continue
+        reference.set_timesteps(n)
+        assert torch.equal(ours.set_timesteps(n).timesteps, reference.timesteps), n
+    assert ours.set_timesteps(4).timesteps.tolist() == {50: [999, 759, 499, 259], 40: [999, 749, 499, 249],
+                                                        7: [993, 851, 567, 283], 1000: [999, 749, 499, 249]}[original]
+
+
+def test_lcm_is_the_consistency_estimate_on_one_step_and_draws_noise_only_between_steps():
+    ours = make_scheduler("lcm", {"clip_sample": False})
+    model = synthetic_model(4, 4)
+    noise = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(3)
+    before = generator.get_state()
+    state = ours.set_timesteps(1)
+    out = ours.step(state, model(noise, 999), noise, generator)
+    assert torch.equal(generator.get_state(), before)  # the last step adds no noise
+    x0 = (noise - (1 - ours.alphas_cumprod[999]).sqrt() * model(noise, 999)) / ours.alphas_cumprod[999].sqrt()
+    s = 9990.0  # timestep_scaling t: c_skip ~ 2.5e-9, c_out ~ 1 - 1.3e-9, so f(x, t) is x0 up to float32
+    assert torch.allclose(out.prev_sample, 0.25 / (s ** 2 + 0.25) * noise + s / (s ** 2 + 0.25) ** 0.5 * x0)
+    assert torch.equal(out.prev_sample, out.pred_original_sample)
+    first = run_ours(ours, model, noise, 4, torch.Generator().manual_seed(3))
+    assert not torch.allclose(run_ours(ours, model, noise, 4, torch.Generator().manual_seed(4)), first, atol=1e-3)

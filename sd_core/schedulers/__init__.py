@@ -22,22 +22,24 @@ from .base import (PREDICTION_TYPES, TIMESTEP_SPACINGS, SamplingState, Scheduler
 from .ddpm import DDIM, DDPM
 from .dpm_solver import DPMSolverMultistep
 from .euler import EulerAncestral, EulerDiscrete, HeunDiscrete, LMSDiscrete
+from .lcm import LCM
 from .pndm import PNDM
 from .unipc import UniPCMultistep
 
 __all__ = ["PREDICTION_TYPES", "TIMESTEP_SPACINGS", "SamplingState", "Scheduler", "SchedulerConfig", "StepOutput",
            "karras_sigmas", "make_betas", "predicted_x0_and_eps", "sigma_schedule", "spaced_timesteps", "DDIM", "DDPM",
-           "DPMSolverMultistep", "EulerAncestral", "EulerDiscrete", "HeunDiscrete", "LMSDiscrete", "PNDM", "UniPCMultistep", "SCHEDULERS", "DIFFUSERS_CLASS_NAMES", "VARIANTS",
+           "DPMSolverMultistep", "EulerAncestral", "EulerDiscrete", "HeunDiscrete", "LMSDiscrete", "PNDM",
+           "UniPCMultistep", "LCM", "SCHEDULERS", "DIFFUSERS_CLASS_NAMES", "VARIANTS",
            "SCHEDULER_NAMES", "DISPLAY_NAMES", "make_scheduler"]
 
 SCHEDULERS = {cls.name: cls for cls in (DDPM, DDIM, EulerDiscrete, EulerAncestral, DPMSolverMultistep, PNDM, LMSDiscrete,
-                                          HeunDiscrete, UniPCMultistep)}
+                                          HeunDiscrete, UniPCMultistep, LCM)}
 # The same samplers under their diffusers class names and under the names A1111/ComfyUI users know.
 DIFFUSERS_CLASS_NAMES = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
                          "EulerAncestralDiscreteScheduler": "euler_ancestral",
                          "DPMSolverMultistepScheduler": "dpmpp_2m", "PNDMScheduler": "pndm",
                          "LMSDiscreteScheduler": "lms", "HeunDiscreteScheduler": "heun",
-                         "UniPCMultistepScheduler": "unipc"}
+                         "UniPCMultistepScheduler": "unipc", "LCMScheduler": "lcm"}
 VARIANTS = {"dpmpp_2m_karras": ("dpmpp_2m", {"use_karras_sigmas": True}),
             "euler_karras": ("euler", {"use_karras_sigmas": True}),
             "dpmpp_2m_sde": ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}),
@@ -45,7 +47,7 @@ VARIANTS = {"dpmpp_2m_karras": ("dpmpp_2m", {"use_karras_sigmas": True}),
 SCHEDULER_NAMES = sorted([*SCHEDULERS, *VARIANTS])
 DISPLAY_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_karras": "Euler Karras",
                  "euler_ancestral": "Euler a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
-                 "pndm": "PLMS", "lms": "LMS", "heun": "Heun", "unipc": "UniPC",
+                 "pndm": "PLMS", "lms": "LMS", "heun": "Heun", "unipc": "UniPC", "lcm": "LCM",
                  "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras"}
 
 
