@@ -406,3 +406,14 @@ def test_lcm_is_the_consistency_estimate_on_one_step_and_draws_noise_only_betwee
     assert torch.equal(out.prev_sample, out.pred_original_sample)
     first = run_ours(ours, model, noise, 4, torch.Generator().manual_seed(3))
     assert not torch.allclose(run_ours(ours, model, noise, 4, torch.Generator().manual_seed(4)), first, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["unipc", "lcm"])
+def test_a_folder_naming_the_diffusers_class_runs_the_sampler(name):
+    """The scheduler_config.json diffusers writes for the class (every field it has) picks and configures ours."""
+    import json
+    written = json.loads(REFERENCE[name].from_config(SD15_SCHEDULER_CONFIG).to_json_string())
+    assert DIFFUSERS_CLASS_NAMES[written["_class_name"]] == name and DISPLAY_NAMES[name] in ("UniPC", "LCM")
+    ours, reference = make_scheduler(name, written), REFERENCE[name].from_config(written)
+    reference.set_timesteps(4)
+    assert torch.equal(ours.set_timesteps(4).timesteps, reference.timesteps)
