@@ -137,7 +137,8 @@ LOOP_CASES = [
                       {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, {"disable_corrector": [0, 4]},
                       {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}] if name == "unipc" else [])
                   # LCM: another distillation grid, x0 clipping, alpha_bar_0 after the last listed step.
-                  + ([{"original_inference_steps": 40, "timestep_scaling": 5.0},
+                  # (c_skip is below 1e-5 for t >= 19 at timestep_scaling 10: 0.01 makes it matter.)
+                  + ([{"original_inference_steps": 40, "timestep_scaling": 5.0}, {"timestep_scaling": 0.01},
                       {"clip_sample": True, "clip_sample_range": 0.5}] if name == "lcm" else []))
 ]
 
@@ -417,3 +418,14 @@ def test_a_folder_naming_the_diffusers_class_runs_the_sampler(name):
     ours, reference = make_scheduler(name, written), REFERENCE[name].from_config(written)
     reference.set_timesteps(4)
     assert torch.equal(ours.set_timesteps(4).timesteps, reference.timesteps)
+
+
+def test_lcm_boundary_scalings_make_the_consistency_function_the_identity_at_t0():
+    from sd_core.schedulers.lcm import consistency_boundary_scalings
+    assert consistency_boundary_scalings(torch.tensor(0), 10.0) == (1.0, 0.0)  # f(x, 0) = x
+    c_skip, c_out = consistency_boundary_scalings(torch.tensor(1), 10.0)  # s = 10
+    assert c_skip.item() == pytest.approx(0.25 / 100.25) and c_out.item() == pytest.approx(10 / 100.25 ** 0.5)
+    reference = diffusers.LCMScheduler(timestep_scaling=0.01)
+    for t in (0, 19, 259, 999):
+        expected = reference.get_scalings_for_boundary_condition_discrete(torch.tensor(t))
+        assert consistency_boundary_scalings(torch.tensor(t), 0.01) == expected
