@@ -1,10 +1,14 @@
 import argparse
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
 from sd_core import batch
-from tests.launch import launch
+from tests.launch import ROOT, launch
 
 PROMPTS = ["a big red circle on the left on a gray background",
            json.dumps({"prompt": "a small blue square", "images": 2, "seed": 41, "guidance_scale": 3.0}),
@@ -78,3 +82,30 @@ def test_an_interrupted_run_resumes_without_redoing_finished_images(one_process)
         assert (out / name).stat().st_ino == inode and (out / name).stat().st_mtime_ns == mtime, name
     for name in NAMES:
         assert (out / name).read_bytes() == (one_process / "one" / name).read_bytes(), name
+
+
+def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_files(tmp_path):
+    """SIGKILL a one-process run once a few images exist, rerun on two processes: the finished files are
+    kept as they were, and the folder ends byte-identical to an uninterrupted run's."""
+    (tmp_path / "p.txt").write_text("".join(f"a red circle number {i}\n" for i in range(24)))
+    args = ["--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONPATH=ROOT)
+    killed = subprocess.Popen([sys.executable, "-m", "sd_core.batch", *args, "--out", str(tmp_path / "killed")],
+                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while len(list((tmp_path / "killed").glob("*.png"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed.kill()
+    killed.wait()
+    finished = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in (tmp_path / "killed").glob("*.png")}
+    assert 3 <= len(finished) < 24, len(finished)  # killed part way
+    printed = launch(2, ["sd_core.batch", *args, "--out", str(tmp_path / "killed")])
+    assert f"{24 - len(finished)} images in" in printed.stdout
+    for name, (inode, mtime) in finished.items():
+        path = tmp_path / "killed" / name
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == (inode, mtime), name
+    launch(1, ["sd_core.batch", *args, "--out", str(tmp_path / "straight")])
+    names = sorted(path.name for path in (tmp_path / "straight").iterdir())
+    assert len(names) == 24 and sorted(path.name for path in (tmp_path / "killed").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
