@@ -89,6 +89,15 @@ class Loss(torch.nn.Module):
         return self.loss_fn(part)
 
 
+def resume(checkpoint: Path, models: dict, optimizer) -> tuple[int, dict, dict | None]:
+    """Load the weights and optimizer state of a checkpoint; returns (step, EMA state dicts, loss-scaler state)."""
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+    for name, model in models.items():
+        model.load_state_dict(state["models"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["ema"], state.get("scaler")
+
+
 def train(run: Run, models: dict, draw: Callable[[int], dict], loss_fn: Callable[[dict], torch.Tensor],
           describe: str, helpers: tuple = ()) -> dict | None:
     """AdamW on every model in `models`. draw(step) -> the step's global batch (a dict of tensors and lists,
@@ -109,22 +118,21 @@ def train(run: Run, models: dict, draw: Callable[[int], dict], loss_fn: Callable
     frozen = {name: {key for key, p in model.named_parameters() if not p.requires_grad}  # kept out of the EMA
               for name, model in models.items()}
     optimizer = torch.optim.AdamW(parameters, lr=run.lr, weight_decay=0.0)
-    ema = {name: {k: v.detach().clone() for k, v in model.state_dict().items()} for name, model in models.items()}
-    checkpoint, start, scaler_state = run.out / "checkpoint.pt", 0, None
-    if checkpoint.is_file():  # every process resumes the weights and optimizer; the EMA lives on the main one
-        state = torch.load(checkpoint, weights_only=True, map_location="cpu")
-        for name, model in models.items():
-            model.load_state_dict(state["models"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        ema, start, scaler_state = state["ema"], state["step"], state.get("scaler")
-        if main:
-            print(f"resumed {describe} at step {start}")
+    checkpoint = run.out / "checkpoint.pt"
+    start, ema, scaler_state = resume(checkpoint, models, optimizer) if checkpoint.is_file() else (0, None, None)
+    if start and main:
+        print(f"resumed {describe} at step {start}")
     module, optimizer = accelerator.prepare(Loss(models, loss_fn), optimizer)
     if scaler_state is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(scaler_state)
     for helper in helpers:
         helper.to(accelerator.device)
-    ema = {name: {k: v.to(accelerator.device) for k, v in values.items()} for name, values in ema.items()} if main else None
+    if not main:
+        ema = None  # the EMA lives on the main process
+    elif ema is None:
+        ema = {name: {k: v.detach().clone() for k, v in model.state_dict().items()} for name, model in models.items()}
+    else:
+        ema = {name: {k: v.to(accelerator.device) for k, v in values.items()} for name, values in ema.items()}
     log, end = None, min(run.steps, run.stop_at or run.steps)
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
