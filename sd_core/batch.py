@@ -116,6 +116,8 @@ def run(args) -> int:
 
     from .loading import load_pipeline
 
+    if args.out is None:
+        raise ValueError("--prompts needs --out FOLDER, the folder the images are written to.")
     state = PartialState(cpu=cpu_only())
     threads = getattr(args, "threads", 0)
     if threads:

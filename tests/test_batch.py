@@ -45,6 +45,8 @@ def test_prompt_file_errors_name_the_line(tmp_path):
     (tmp_path / "p.txt").write_text('{"prompt": "x",\n')
     with pytest.raises(ValueError, match="line 1: not valid JSON"):
         batch.read_prompts(tmp_path / "p.txt")
+    with pytest.raises(ValueError, match="--prompts needs --out"):
+        batch.run(arguments(prompts=tmp_path / "p.txt", out=None))
 
 
 @pytest.fixture(scope="module")
