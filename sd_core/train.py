@@ -11,12 +11,16 @@ Each run is seeded and resumable (checkpoint.pt in --out, written atomically eve
 a rerun continues from it), keeps an EMA of the weights, logs the loss, and writes a diffusers-format
 folder (--out/model) that sd_core and diffusers both load. Batches are a pure function of (seed, step),
 so a resumed run sees exactly the data an uninterrupted one would.
+
+The same commands run on several processes (DDP) under accelerate, e.g. on a machine without a GPU:
+    accelerate launch --multi_gpu --num_processes 2 -m sd_core.train text-to-image --vae ... --out runs/sd
+--batch is the global batch of one step whatever the number of processes (it is split between them), and
+--gradient-accumulation-steps only cuts each process's share into micro-batches, so neither changes what is
+learned (see sd_core.training_loop). --mixed-precision bf16/fp16 runs the forward passes under autocast.
 """
 import argparse
 import dataclasses
 import json
-import math
-import os
 import time
 from pathlib import Path
 
@@ -26,14 +30,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import presets, shapes
-from .clip import CLIPTextModel
-from .dit import DiTTransformer2DModel
 from .catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS
+from .clip import CLIPTextModel
 from .components import DiTPipeline, StableDiffusionPipeline
+from .dit import DiTTransformer2DModel
 from .loading import load_pipeline, load_vae
 from .saving import atomic_folder, commit_folder, save_model, save_pipeline
 from .schedulers import make_scheduler
 from .tokenizer import CLIPTokenizer
+from .training_loop import Run, train
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
@@ -61,20 +66,6 @@ DIT_SCHEDULER = {**presets.SCHEDULER_DIT, "_class_name": "DPMSolverMultistepSche
                  "prediction_type": "v_prediction"}
 
 
-@dataclasses.dataclass
-class Run:
-    """What every training run shares: seed, schedule, EMA, logging, checkpoints."""
-    out: Path
-    steps: int
-    batch: int
-    lr: float
-    seed: int = 0
-    save_every: int = 250
-    ema_decay: float = 0.999
-    threads: int = 0
-    stop_at: int | None = None  # stop (checkpointed) after this step, to resume later
-
-
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -84,83 +75,24 @@ def batch_of_scenes(run: Run, step: int):
     return [scene for scene, _ in scenes], to_tensor([image for _, image in scenes])
 
 
-def learning_rate(run: Run, step: int, warmup: int = 100) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
-    if step < warmup:
-        return run.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, run.steps - warmup)
-    return run.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@torch.no_grad()
-def update_ema(ema: dict, model: torch.nn.Module, decay: float, frozen: set):
-    for name, value in model.state_dict().items():
-        if name not in frozen:  # an average of a constant is not bitwise that constant
-            ema[name].mul_(decay).add_(value, alpha=1 - decay)
-
-
-def save_checkpoint(path: Path, state: dict):
-    temporary = path.with_name(path.name + ".partial")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def train(run: Run, models: dict, loss_fn, describe: str) -> dict:
-    """The shared loop: AdamW on every model in `models`, EMA copies, resumable checkpoints, loss log.
-    Returns the EMA state dicts."""
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    run.out.mkdir(parents=True, exist_ok=True)
-    parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
-    frozen = {name: {key for key, p in model.named_parameters() if not p.requires_grad}  # kept out of the EMA
-              for name, model in models.items()}
-    optimizer = torch.optim.AdamW(parameters, lr=run.lr, weight_decay=0.0)
-    ema = {name: {k: v.detach().clone() for k, v in model.state_dict().items()} for name, model in models.items()}
-    checkpoint, start = run.out / "checkpoint.pt", 0
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        for name, model in models.items():
-            model.load_state_dict(state["models"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        ema, start = state["ema"], state["step"]
-        print(f"resumed {describe} at step {start}")
-    log_path = run.out / "loss.log"
-    if log_path.is_file():  # drop lines logged after the checkpoint by an interrupted run
-        kept = [line for line in log_path.read_text().splitlines() if int(line.split()[0]) < start]
-        log_path.write_text("".join(line + "\n" for line in kept))
-    log = log_path.open("a")
-    end = min(run.steps, run.stop_at or run.steps)
-    bar = tqdm(range(start, end), initial=start, total=run.steps, desc=describe, unit="step")
-    started = time.time()
-    for step in bar:
-        torch.manual_seed(run.seed * 7919 + step)  # noise and dropout: a function of (seed, step)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(run, step)
-        loss = loss_fn(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        decay = min(run.ema_decay, (1 + step) / (10 + step))
-        for name, model in models.items():
-            update_ema(ema[name], model, decay, frozen[name])
-        log.write(f"{step} {loss.item():.6f}\n")
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % run.save_every == 0 or step + 1 == end:
-            log.flush()
-            save_checkpoint(checkpoint, {"models": {n: m.state_dict() for n, m in models.items()},
-                                         "optimizer": optimizer.state_dict(), "ema": ema, "step": step + 1})
-    log.close()
-    if end < run.steps:
-        raise SystemExit(f"{describe}: stopped at step {end} of {run.steps}; run the same command again to resume.")
-    (run.out / "time.json").write_text(json.dumps({"steps": run.steps, "seconds_this_session": time.time() - started,
-                                                   "threads": torch.get_num_threads()}))
-    return ema
-
-
 def ema_model(model: torch.nn.Module, state: dict) -> torch.nn.Module:
     model.load_state_dict(state)
     return model.eval()
+
+
+# Each trainer gives the loop a draw(step) that makes the whole global batch with every random number of the
+# step, in the order the single-process loop drew them (so old runs reproduce), and a loss(part) of a slice.
+
+
+def posterior_noise(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """The noise DiagonalGaussian.sample() would draw for these images' latents."""
+    size = images.shape[-1] // vae.downscale_factor
+    return torch.randn(len(images), vae.config.latent_channels, size, size)
+
+
+def sample_latents(vae: AutoencoderKL, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    posterior = vae.encode(images)
+    return posterior, posterior.mean + posterior.std * noise
 
 
 # ------------------------------------------------------------------------------------------------ VAE
@@ -177,21 +109,29 @@ def save_vae(vae: AutoencoderKL, folder: Path):
     print(f"wrote {folder} (scaling_factor {vae.config.scaling_factor})")
 
 
+def draw_images(run: Run, vae: AutoencoderKL):
+    def draw(step):
+        _, images = batch_of_scenes(run, step)
+        return {"images": images, "noise": posterior_noise(vae, images)}
+    return draw
+
+
 def train_vae(run: Run, config: dict = VAE_CONFIG, kl_weight: float = 1e-6):
     torch.manual_seed(run.seed)  # the initial weights, too, are a function of the seed
     vae = AutoencoderKL.from_config(config)
 
-    def loss_fn(step):
-        _, images = batch_of_scenes(run, step)
-        posterior = vae.encode(images)
-        return reconstruction_loss(vae.decode(posterior.sample()), images) + kl_weight * posterior.kl().mean()
+    def loss_fn(part):
+        posterior, latents = sample_latents(vae, part["images"], part["noise"])
+        return reconstruction_loss(vae.decode(latents), part["images"]) + kl_weight * posterior.kl().mean()
 
     vae.train()
-    ema = train(run, {"vae": vae}, loss_fn, "vae")
+    ema = train(run, {"vae": vae}, draw_images(run, vae), loss_fn, "vae")
+    if ema is None:
+        return  # not the main process
     vae = ema_model(vae, ema["vae"])
     with torch.no_grad():  # scale the latents to unit variance, as SD's 0.18215 does
         _, images = batch_of_scenes(dataclasses.replace(run, batch=256), 10 ** 7)
-        vae.config.scaling_factor = round(1.0 / vae.encode(images).mode().std().item(), 5)
+        vae.config.scaling_factor = round(1.0 / vae.encode(images.to(next(vae.parameters()).device)).mode().std().item(), 5)
     save_vae(vae, run.out / "model")
 
 
@@ -202,27 +142,35 @@ def train_vae_decoder(run: Run, vae_folder: Path):
     for name, parameter in vae.named_parameters():
         parameter.requires_grad_(not name.startswith(("encoder.", "quant_conv.")))
 
-    def loss_fn(step):
-        _, images = batch_of_scenes(run, step)
+    def loss_fn(part):
         with torch.no_grad():
-            latents = vae.encode(images).sample()
-        return reconstruction_loss(vae.decode(latents), images)
+            _, latents = sample_latents(vae, part["images"], part["noise"])
+        return reconstruction_loss(vae.decode(latents), part["images"])
 
     vae.train()
-    save_vae(ema_model(vae, train(run, {"vae": vae}, loss_fn, "vae decoder")["vae"]), run.out / "model")
+    ema = train(run, {"vae": vae}, draw_images(run, vae), loss_fn, "vae decoder")
+    if ema is not None:
+        save_vae(ema_model(vae, ema["vae"]), run.out / "model")
 
 
-def denoising_loss(scheduler, model, latents: torch.Tensor, *conditioning) -> torch.Tensor:
-    """Noise the latents at uniform random timesteps; regress the target of the scheduler's prediction type."""
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+def draw_denoising(scheduler, latent_noise: torch.Tensor) -> dict:
+    """The diffusion noise and uniform random timesteps for a batch of latents shaped like `latent_noise`.
+    (Before accelerate the noise was randn_like(latents), which follows the encoder output's memory layout,
+    channels-last on CPU, so the same random numbers landed permuted; now it is always drawn contiguous.)"""
+    return {"noise": torch.randn_like(latent_noise),
+            "t": torch.randint(0, scheduler.config.num_train_timesteps, (len(latent_noise),))}
+
+
+def denoising_loss(scheduler, model, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   *conditioning) -> torch.Tensor:
+    """Noise the latents at timesteps t; regress the target of the scheduler's prediction type."""
     target = scheduler.velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
     return F.mse_loss(model(scheduler.add_noise(latents, noise, t), t, *conditioning), target)
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-    return vae.encode(images).sample() * vae.config.scaling_factor
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return sample_latents(vae, images, noise)[1] * vae.config.scaling_factor
 
 
 # -------------------------------------------------------------------------------------- text to image
@@ -237,14 +185,22 @@ def train_text_to_image(run: Run, vae_folder: Path, text_encoder_config: dict = 
     unet = UNet2DConditionModel.from_config(unet_config)
     scheduler = make_scheduler("ddpm", SD_SCHEDULER)
 
-    def loss_fn(step):
+    def draw(step):
         scenes, images = batch_of_scenes(run, step)
-        latents = encode_latents(vae, images)
+        latent_noise = posterior_noise(vae, images)
         captions = ["" if torch.rand(()) < caption_dropout else scene.caption for scene in scenes]
-        return denoising_loss(scheduler, unet, latents, text_encoder(tokenizer(captions)).last_hidden_state)
+        return {"images": images, "latent_noise": latent_noise, "ids": tokenizer(captions),
+                **draw_denoising(scheduler, latent_noise)}
+
+    def loss_fn(part):
+        latents = encode_latents(vae, part["images"], part["latent_noise"])
+        return denoising_loss(scheduler, unet, latents, part["noise"], part["t"],
+                              text_encoder(part["ids"]).last_hidden_state)
 
     text_encoder.train(), unet.train()
-    ema = train(run, {"text_encoder": text_encoder, "unet": unet}, loss_fn, "text-to-image")
+    ema = train(run, {"text_encoder": text_encoder, "unet": unet}, draw, loss_fn, "text-to-image", helpers=(vae,))
+    if ema is None:
+        return
     pipe = StableDiffusionPipeline("sd1", ema_model(unet, ema["unet"]), vae, dict(SD_SCHEDULER),
                                    ema_model(text_encoder, ema["text_encoder"]), tokenizer)
     save_pipeline(pipe, run.out / "model", overwrite=True)
@@ -261,15 +217,22 @@ def train_dit(run: Run, vae_folder: Path, config: dict = DIT_CONFIG, label_dropo
     scheduler = make_scheduler("ddpm", DIT_SCHEDULER)
     null_class = dit.config.null_class
 
-    def loss_fn(step):
+    def draw(step):
         scenes, images = batch_of_scenes(run, step)
-        latents = encode_latents(vae, images)
+        latent_noise = posterior_noise(vae, images)
         labels = torch.tensor([scene.class_id for scene in scenes])
         labels = torch.where(torch.rand(len(labels)) < label_dropout, null_class, labels)  # for guidance
-        return denoising_loss(scheduler, dit, latents, labels)
+        return {"images": images, "latent_noise": latent_noise, "labels": labels,
+                **draw_denoising(scheduler, latent_noise)}
+
+    def loss_fn(part):
+        latents = encode_latents(vae, part["images"], part["latent_noise"])
+        return denoising_loss(scheduler, dit, latents, part["noise"], part["t"], part["labels"])
 
     dit.train()
-    ema = train(run, {"dit": dit}, loss_fn, "dit")
+    ema = train(run, {"dit": dit}, draw, loss_fn, "dit", helpers=(vae,))
+    if ema is None:
+        return
     id2label = dict(enumerate(shapes.CLASS_NAMES))
     save_pipeline(DiTPipeline(ema_model(dit, ema["dit"]), vae, dict(DIT_SCHEDULER), id2label), run.out / "model",
                   overwrite=True)
@@ -359,6 +322,10 @@ def main(argv=None):
         p.add_argument("--save-every", type=int, default=250)
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
         p.add_argument("--stop-at", type=int, help="checkpoint and stop after this step (resume later)")
+        p.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                       help="micro-batches per process per step: less memory, the same training")
+        p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                       help="autocast precision (default: accelerate launch's --mixed_precision, else no)")
         if name != "vae":
             p.add_argument("--vae", type=Path, required=True, help="a trained VAE run's model folder")
     e = commands.add_parser("evaluate")
@@ -375,7 +342,8 @@ def main(argv=None):
             args.json.write_text(json.dumps(report, indent=2))
         return
     run = Run(args.out, args.steps, args.batch, args.lr, args.seed, args.save_every, threads=args.threads,
-              stop_at=args.stop_at)
+              stop_at=args.stop_at, gradient_accumulation_steps=args.gradient_accumulation_steps,
+              mixed_precision=args.mixed_precision)
     if args.command == "vae":
         train_vae(run)
     elif args.command == "vae-decoder":
