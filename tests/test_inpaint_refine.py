@@ -64,6 +64,22 @@ def test_inpaint_equals_diffusers_inpaint_pipeline(pipelines, family, scheduler,
     assert result.parameters["inpaint"] is True and result.parameters["strength"] == strength
 
 
+@pytest.mark.parametrize("family,scheduler,strength", [("sdxl", "euler", 1.0), ("sdxl_refiner", "ddim", 0.7)])
+def test_sdxl_inpaint_equals_diffusers_sdxl_inpaint_pipeline(pipelines, family, scheduler, strength):
+    reference, ours = pipelines[family]
+    components = {k: v for k, v in reference.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = diffusers.StableDiffusionXLInpaintPipeline(**components, requires_aesthetics_score=family == "sdxl_refiner",
+                                                      force_zeros_for_empty_prompt=family == "sdxl")
+    pipe.scheduler = REFERENCE_SCHEDULERS[scheduler].from_config(ours.scheduler_config)
+    image, mask = picture_and_mask()
+    expected = pipe(PROMPT, image=image, mask_image=mask, height=24, width=32, strength=strength, num_inference_steps=8,
+                    guidance_scale=5.0, negative_prompt="blurry", generator=torch.Generator().manual_seed(3),
+                    output_type="np").images
+    result = inpaint(ours, image, mask, PROMPT, "blurry", strength=strength, steps=8, guidance_scale=5.0,
+                     scheduler=scheduler, seed=3)
+    assert_images_match(result.images, expected)
+
+
 def test_inpaint_without_guidance_and_with_a_seed_per_image(pipelines):
     reference, ours = pipelines["sd1_inpaint"]
     image, mask = picture_and_mask(16, 16)
