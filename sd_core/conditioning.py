@@ -6,11 +6,7 @@ import torch
 
 from .components import StableDiffusionPipeline
 from .offload import execution_device
-from .prompts import (
-    conditioning_states,
-    encode_weighted_prompt,
-    encode_weighted_prompt_sdxl,
-)
+from .prompts import (conditioning_states, encode_weighted_prompt, encode_weighted_prompt_sdxl)
 from .tokenizer import CLIPTokenizer
 
 PROMPT_SYNTAXES = ("plain", "a1111")
@@ -104,15 +100,16 @@ def added_conditioning(pipe: StableDiffusionPipeline, pooled: torch.Tensor | Non
     """SDXL's `added_cond_kwargs` for a batch of `rows` UNet rows ([uncond, cond] halves when guided): the
     pooled text embeddings and the micro-conditioning time ids, original size + crop corner + target size
     (base, 6 numbers), or original size + crop corner + aesthetic score (the refiner, 5 numbers), whose
-    unconditional half carries negative_aesthetic_score as diffusers' SDXL img2img pipeline does. None for
-    models without them (SD 1.x/2.x)."""
+    unconditional half carries negative_aesthetic_score and diffusers' default negative crop corner (0, 0), as
+    its SDXL img2img pipeline does. None for models without them (SD 1.x/2.x)."""
     if pipe.unet.config.addition_embed_type != "text_time":
         return None
     device = execution_device(pipe.unet)
     original_size = tuple(original_size or size)
     crops = tuple(crops_coords_top_left)
     if pipe.traits.requires_aesthetics_score:
-        ids, negative_ids = original_size + crops + (aesthetic_score,), original_size + crops + (negative_aesthetic_score,)
+        ids = original_size + crops + (aesthetic_score,)
+        negative_ids = original_size + (0, 0) + (negative_aesthetic_score,)
     else:
         ids = negative_ids = original_size + crops + tuple(target_size or size)
     ids = torch.tensor([ids], dtype=pooled.dtype, device=device)

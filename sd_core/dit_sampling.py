@@ -6,20 +6,8 @@ from .components import DiTPipeline
 from .images import tag
 from .layers import randn_tensor
 from .offload import execution_device
-from .sampling import (
-    GenerationResult,
-    StepCallback,
-    check_common,
-    check_finite,
-    decode,
-    denoise,
-    display_name,
-    dtype_of,
-    guide,
-    image_seeds,
-    resolve_seed,
-    scheduler_name,
-)
+from .sampling import (GenerationResult, StepCallback, check_common, check_finite, decode, denoise, display_name,
+                       dtype_of, guide, image_seeds, resolve_seed, scheduler_name)
 from .schedulers import make_scheduler
 
 GUIDED_CHANNELS = ("all", "first3")

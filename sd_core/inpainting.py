@@ -61,7 +61,8 @@ class Inpainting:
             return x
         known = self.image_latents
         if i < len(state.timesteps) - 1:
-            at_next = dataclasses.replace(state, timesteps=state.timesteps[i + 1:], step_index=state.begin_index + i + 1)
+            at_next = dataclasses.replace(state, timesteps=state.timesteps[i + 1:],
+                                          step_index=state.begin_index + i + 1)
             known = sampler.add_noise_at_start(at_next, known, self.noise)
         return (1 - self.mask) * known + self.mask * x
 

@@ -20,39 +20,17 @@ from PIL import Image
 
 from . import inpainting
 from .components import StableDiffusionPipeline
-from .conditioning import (  # noqa: F401
-    PROMPT_SYNTAXES,
-    added_conditioning,
-    as_list,
-    embed_text,
-    embed_weighted_text,
-    encode_prompt,
-    encode_text,
-)
+from .conditioning import (PROMPT_SYNTAXES, added_conditioning, as_list, embed_text, embed_weighted_text,  # noqa: F401
+                           encode_prompt, encode_text)
 from .dit_sampling import GUIDED_CHANNELS, class_ids, dit_sample  # noqa: F401
 from .embeddings import add_embedding, load_embedding
 from .images import crop_to_multiple, image_to_tensor, load_image, psnr, tag, to_pil
 from .layers import randn_tensor
 from .lora import apply_loras, load_lora
 from .offload import execution_device
-from .sampling import (  # noqa: F401
-    DEFAULT_SCHEDULER,
-    MAX_SEED,
-    GenerationResult,
-    StepCallback,
-    check_common,
-    check_finite,
-    check_size,
-    cut_schedule,
-    decode,
-    denoise,
-    display_name,
-    dtype_of,
-    guide,
-    image_seeds,
-    resolve_seed,
-    scheduler_name,
-)
+from .sampling import (DEFAULT_SCHEDULER, MAX_SEED, GenerationResult, StepCallback, check_common,  # noqa: F401
+                       check_finite, check_size, cut_schedule, decode, denoise, display_name, dtype_of, guide,
+                       image_seeds, resolve_seed, scheduler_name)
 from .schedulers import make_scheduler
 from .vae import AutoencoderKL
 

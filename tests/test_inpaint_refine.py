@@ -162,9 +162,11 @@ def test_refiner_image_to_image_with_aesthetic_scores_equals_diffusers(pipelines
     image, _ = picture_and_mask()
     expected = reference(PROMPT, image=image, strength=0.6, num_inference_steps=10, guidance_scale=4.0,
                          aesthetic_score=7.0, negative_aesthetic_score=2.0, negative_prompt="blurry",
-                         generator=torch.Generator().manual_seed(5), output_type="np").images
+                         crops_coords_top_left=(8, 16), generator=torch.Generator().manual_seed(5),
+                         output_type="np").images
     result = image_to_image(ours, image, PROMPT, "blurry", strength=0.6, steps=10, guidance_scale=4.0,
-                            aesthetic_score=7.0, negative_aesthetic_score=2.0, scheduler=scheduler, seed=5)
+                            aesthetic_score=7.0, negative_aesthetic_score=2.0, crops_coords_top_left=(8, 16),
+                            scheduler=scheduler, seed=5)
     assert_images_match(result.images, expected)
     swapped = image_to_image(ours, image, PROMPT, "blurry", strength=0.6, steps=10, guidance_scale=4.0,
                              aesthetic_score=2.0, negative_aesthetic_score=7.0, scheduler=scheduler, seed=5)
