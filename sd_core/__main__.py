@@ -1,5 +1,8 @@
 """Command line: python -m sd_core {generate, vae, dit} ... (the embedded models when --model is omitted).
 
+generate does text to image, image to image (--init-image), inpainting (--init-image and --mask: white is
+repainted) and SDXL's base + refiner ensemble (--refiner MODEL --high-noise-frac 0.8).
+
 Images go to outputs/ unless -o names a file; steps and guidance default to the model's recommended settings
 (the catalog's for the models it lists, else the family's); a batch gives image k the seed S + k, as A1111 does."""
 import argparse
@@ -18,7 +21,7 @@ from .catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from .components import DiTPipeline, StableDiffusionPipeline
 from .images import save_image
 from .loading import load_pipeline
-from .pipelines import PROMPT_SYNTAXES, customize, dit_sample, generate, vae_roundtrip
+from .pipelines import PROMPT_SYNTAXES, customize, dit_sample, generate, refine, vae_roundtrip
 from .schedulers import SCHEDULER_NAMES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -70,9 +73,9 @@ def recommended(source, pipe) -> tuple[int, float]:
 def progress_callback(total: int):
     bar = tqdm(total=total, unit="step")
 
-    def callback(step, timestep, latents, x0):
+    def callback(step, timestep, latents, x0):  # counts calls: a refined image steps through two models
         bar.update(1)
-        if step == total - 1:
+        if bar.n >= total:
             bar.close()
     return callback
 
@@ -127,12 +130,22 @@ def run_generate(args):
         print(f"embedding tokens: {', '.join(tokens)}")
     steps, guidance = recommended(source, pipe)
     steps = args.steps if args.steps is not None else steps
-    result = generate(pipe, args.prompt, args.negative, image=args.init_image, strength=args.strength,
-                      height=args.height, width=args.width, steps=steps, scheduler=args.scheduler,
-                      guidance_scale=args.guidance if args.guidance is not None else guidance,
-                      seed=args.seed, images_per_prompt=args.batch, seed_per_image=True,
-                      prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip,
-                      callback=progress_callback(steps_to_run(steps, args.strength if args.init_image else 1.0)))
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init-image: the image to paint into.")
+    if args.refiner and args.init_image:
+        raise ValueError("--refiner runs after text to image; it does not take --init-image.")
+    strength = args.strength if args.strength is not None else 1.0 if args.mask else 0.8
+    settings = dict(steps=steps, scheduler=args.scheduler, seed=args.seed, images_per_prompt=args.batch,
+                    guidance_scale=args.guidance if args.guidance is not None else guidance, seed_per_image=True,
+                    prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip, height=args.height, width=args.width)
+    if args.refiner:
+        refiner = load(args.refiner, args, StableDiffusionPipeline)
+        result = refine(pipe, refiner, args.prompt, args.negative, high_noise_frac=args.high_noise_frac,
+                        callback=progress_callback(steps), **settings)
+    else:
+        result = generate(pipe, args.prompt, args.negative, image=args.init_image, mask=args.mask, strength=strength,
+                          callback=progress_callback(steps_to_run(steps, strength if args.init_image else 1.0)),
+                          **settings)
     write(result.images, output, image_seeds(result))
 
 
@@ -186,7 +199,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
     g.add_argument("--init-image", help="start from this image (image to image)")
-    g.add_argument("--strength", type=finite_float, default=0.8, help="how much to change the init image, 0..1")
+    g.add_argument("--mask", help="inpaint: repaint the white region of this mask (same size as --init-image)")
+    g.add_argument("--strength", type=finite_float, help="how much to change the init image, 0..1 (default 0.8; "
+                   "with --mask 1)")
+    g.add_argument("--refiner", metavar="MODEL", help="an SDXL refiner to finish the base model's image "
+                   "(ensemble of expert denoisers)")
+    g.add_argument("--high-noise-frac", type=finite_float, default=0.8,
+                   help="with --refiner: the fraction of the noise schedule the base model runs (default 0.8)")
     g.add_argument("--prompt-syntax", choices=PROMPT_SYNTAXES, default="plain",
                    help="plain: diffusers' (77 tokens, brackets are text); a1111: (word:1.3), [word], BREAK, long prompts")
     g.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's layer N before its usual one")

@@ -72,7 +72,7 @@ FAMILIES = {family.name: family for family in [
            hidden_states="penultimate", zeros_for_empty_negative=True,
            evidence=("conditioner.embedders.1.model.ln_final.weight",), unet=presets.UNET_SDXL_BASE,
            vae=presets.VAE_SDXL, scheduler=presets.SCHEDULER_SDXL, guidance_scale=5.0),
-    Family("sdxl_refiner", "Stable Diffusion XL refiner (OpenCLIP ViT-bigG)", "StableDiffusionXLPipeline",
+    Family("sdxl_refiner", "Stable Diffusion XL refiner (OpenCLIP ViT-bigG)", "StableDiffusionXLImg2ImgPipeline",
            (OPENCLIP_BIGG("text_encoder_2",
                           rules=partial(convert.openclip_rules, "conditioner.embedders.0.model.", projected=True)),),
            hidden_states="penultimate", requires_aesthetics_score=True,

@@ -136,3 +136,38 @@ def test_zero_width_and_a_folder_as_output_are_clear_errors(folders, tmp_path, c
     assert main(["generate", "--model", str(sd), "x", "-o", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_generate_inpaints_with_a_mask_and_refines_with_an_sdxl_refiner(folders, tmp_path, capsys):
+    from sd_core.loading import load_pipeline
+    from sd_core.pipelines import inpaint, refine
+    sd, _ = folders
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((16, 24), dtype=np.uint8)
+    mask[4:12, 8:16] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert main(["generate", "--model", str(sd), "a cat", "--init-image", str(tmp_path / "in.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--steps", "3", "--seed", "4", "--guidance", "3", "--scheduler", "ddim",
+                 "-o", str(tmp_path / "painted.png")]) == 0
+    expected = inpaint(load_pipeline(sd), tmp_path / "in.png", tmp_path / "mask.png", "a cat", steps=3, seed=4,
+                       guidance_scale=3.0, scheduler="ddim").images[0]
+    painted = Image.open(tmp_path / "painted.png")
+    assert np.array_equal(np.asarray(painted), np.asarray(expected))
+    assert json.loads(painted.text["sd_core"])["inpaint"] is True and json.loads(painted.text["sd_core"])["strength"] == 1.0
+
+    base = tiny.save_pretrained(tiny.stable_diffusion("sdxl", seed=5), tmp_path / "base")
+    refiner = tiny.save_pretrained(tiny.stable_diffusion("sdxl_refiner", seed=6), tmp_path / "refiner")
+    assert main(["generate", "--model", str(base), "--refiner", str(refiner), "--high-noise-frac", "0.7", "a cat",
+                 "--steps", "5", "--seed", "2", "--height", "16", "--width", "16", "--guidance", "4", "--scheduler",
+                 "euler", "-o", str(tmp_path / "refined.png")]) == 0
+    expected = refine(load_pipeline(base), load_pipeline(refiner), "a cat", high_noise_frac=0.7, steps=5, seed=2,
+                      height=16, width=16, guidance_scale=4.0, scheduler="euler").images[0]
+    refined = Image.open(tmp_path / "refined.png")
+    assert np.array_equal(np.asarray(refined), np.asarray(expected))
+    assert json.loads(refined.text["sd_core"])["high_noise_frac"] == 0.7
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(sd), "x", "--mask", str(tmp_path / "mask.png"), "-o",
+                 str(tmp_path / "x.png")]) == 2
+    assert "--mask needs --init-image" in capsys.readouterr().err

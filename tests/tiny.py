@@ -26,6 +26,10 @@ UNETS = {
                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
                  projection_class_embeddings_input_dim=32 + 6 * 8, sample_size=8),
 }
+# The SD 1.5/2 inpainting UNet: latents + mask + masked-image latents in; the SDXL refiner: only encoder 2's
+# 32-wide states, and 5 time ids (sizes, crop corner, aesthetic score).
+UNETS["sd1_inpaint"] = dict(UNETS["sd1"], in_channels=9)
+UNETS["sdxl_refiner"] = dict(UNETS["sdxl"], cross_attention_dim=32, projection_class_embeddings_input_dim=32 + 5 * 8)
 SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                  clip_sample=False, set_alpha_to_one=False)
 
@@ -44,10 +48,23 @@ def text_encoder(projected: bool, act: str, seed: int):
 
 
 def stable_diffusion(family: str, seed: int = 0):
-    """A diffusers StableDiffusion(XL)Pipeline with tiny seeded components (eval mode)."""
+    """A diffusers StableDiffusion(XL)Pipeline with tiny seeded components (eval mode); "sd1_inpaint" gives a
+    StableDiffusionInpaintPipeline, "sdxl_refiner" a StableDiffusionXLImg2ImgPipeline as the refiner's folder
+    names it (text_encoder_2 only, aesthetic-score time ids)."""
     vae = randomize(diffusers.AutoencoderKL(**VAE), seed)
     unet = randomize(diffusers.UNet2DConditionModel(**UNETS[family]), seed + 1)
     scheduler = diffusers.DDIMScheduler(**SCHEDULER, prediction_type="v_prediction" if family == "sd2" else "epsilon")
+    if family == "sdxl_refiner":
+        return diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, tokenizer=None,
+            text_encoder_2=text_encoder(True, "gelu", seed + 3),
+            tokenizer_2=transformers.CLIPTokenizer.from_pretrained(tokenizer_folder("!")),
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    if family == "sd1_inpaint":
+        return diffusers.StableDiffusionInpaintPipeline(
+            vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoder(False, "quick_gelu", seed + 2),
+            tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_folder(None)),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if family == "sdxl":
         return diffusers.StableDiffusionXLPipeline(
             vae=vae, unet=unet, scheduler=scheduler,

@@ -1,0 +1,103 @@
+"""Inpainting as diffusers' StableDiffusionInpaintPipeline does it, for both kinds of model:
+
+- an inpainting UNet (in_channels 9: SD 1.5/2 inpainting) sees, beside the noisy latents, the mask at latent
+  size and the latents of the masked image (the image with the region to repaint set to 0, i.e. gray);
+- an ordinary UNet (in_channels 4) denoises the whole image and, after every step, the known region is put back
+  as the original image's latents noised to the next step's level (diffusers' `init_latents_proper`).
+
+The mask is white (>= 0.5) where to paint and black where to keep, binarized at 0.5 as diffusers' mask
+processor does, and resized to the latents with nearest-neighbour interpolation.
+"""
+import dataclasses
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .images import image_to_tensor
+from .layers import randn_tensor
+from .schedulers import SamplingState, Scheduler
+
+INPAINT_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
+
+
+def load_mask(mask, size: tuple[int, int]) -> Image.Image:
+    """The mask as a grayscale PIL image of `size` (the image's): diffusers' mask processor converts to "L"
+    (alpha ignored) and resamples a mask of another size with Lanczos."""
+    if not isinstance(mask, Image.Image):
+        try:
+            mask = Image.open(mask)
+            mask.load()
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Cannot read {mask!r} as a mask image ({error}). Use a PNG, JPEG or WebP file.") from None
+    mask = ImageOps.exif_transpose(mask).convert("L")
+    return mask if mask.size == size else mask.resize(size, Image.LANCZOS)
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """(1, 1, H, W) float32: 1 where to paint, 0 where to keep (binarized at 0.5)."""
+    array = torch.from_numpy(np.array(mask).astype(np.float32) / 255.0)[None, None]
+    return (array >= 0.5).float()
+
+
+@dataclasses.dataclass
+class Inpainting:
+    """What inpainting adds to a sampling run, for a batch of B images (rows)."""
+    mask: torch.Tensor  # (B, 1, h, w) at latent size
+    masked_latents: torch.Tensor  # (B, 4, h, w): the scaled latents of the image with the painted region zeroed
+    image_latents: torch.Tensor | None  # (B, 4, h, w): the image's latents (4-channel models), else None
+    noise: torch.Tensor  # (B, 4, h, w): the noise the start latents were drawn with
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The UNet's input: for a 9-channel model [latents, mask, masked-image latents] along channels."""
+        if self.image_latents is not None:
+            return x
+        return torch.cat([x, self.mask.to(x.dtype), self.masked_latents.to(x.dtype)], dim=1)
+
+    def blend(self, sampler: Scheduler, state: SamplingState, i: int, x: torch.Tensor) -> torch.Tensor:
+        """After step i of a 4-channel model: the known region becomes the image's latents noised to step
+        i + 1's level (none after the last step); the painted region keeps the sampler's latents."""
+        if self.image_latents is None:
+            return x
+        known = self.image_latents
+        if i < len(state.timesteps) - 1:
+            at_next = dataclasses.replace(state, timesteps=state.timesteps[i + 1:],
+                                          step_index=state.begin_index + i + 1)
+            known = sampler.add_noise_at_start(at_next, known, self.noise)
+        return (1 - self.mask) * known + self.mask * x
+
+
+def encode(vae, pixels: torch.Tensor, generator) -> torch.Tensor:
+    """Scaled latents of a sample of the VAE's posterior (diffusers' `retrieve_latents`, sample mode)."""
+    return vae.config.scaling_factor * vae.encode(pixels).sample(generator)
+
+
+def prepare(pipe, sampler: Scheduler, state: SamplingState, image: Image.Image, mask: Image.Image, rows: int,
+            strength: float, generator, dtype, device) -> tuple[torch.Tensor, Inpainting]:
+    """(start latents, Inpainting) for `rows` images drawn from one generator, drawing in diffusers' order:
+    the image's posterior (a 4-channel model, or strength < 1), the noise, then the masked image's posterior."""
+    channels = pipe.unet.config.in_channels
+    if channels not in (4, INPAINT_CHANNELS):
+        raise ValueError(f"Inpainting needs a UNet with 4 input channels (masked image to image) or "
+                         f"{INPAINT_CHANNELS} (an inpainting model); this one has {channels}.")
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    pixels = image_to_tensor(image, torch.float32, device)
+    shape = (rows, pipe.vae.config.latent_channels, image.height // pipe.vae_scale_factor,
+             image.width // pipe.vae_scale_factor)
+    image_latents = None
+    if channels == 4 or strength < 1.0:
+        image_latents = encode(pipe.vae, pixels.to(vae_dtype), generator).to(dtype).repeat(rows, 1, 1, 1)
+    noise = randn_tensor(shape, generator, dtype, device)
+    x = noise * state.init_noise_sigma if strength == 1.0 else sampler.add_noise_at_start(state, image_latents, noise)
+    full_mask = mask_to_tensor(mask).to(device)
+    masked_pixels = pixels * (full_mask < 0.5)
+    masked_latents = encode(pipe.vae, masked_pixels.to(vae_dtype), generator).to(dtype).repeat(rows, 1, 1, 1)
+    latent_mask = torch.nn.functional.interpolate(full_mask, size=shape[-2:]).to(dtype).repeat(rows, 1, 1, 1)
+    return x, Inpainting(latent_mask, masked_latents, image_latents if channels == 4 else None, noise)
+
+
+def concat(parts: list[Inpainting]) -> Inpainting:
+    """One Inpainting for a batch drawn with one generator per image."""
+    known = None if parts[0].image_latents is None else torch.cat([p.image_latents for p in parts])
+    return Inpainting(torch.cat([p.mask for p in parts]), torch.cat([p.masked_latents for p in parts]), known,
+                      torch.cat([p.noise for p in parts]))
