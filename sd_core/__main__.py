@@ -122,6 +122,11 @@ def image_seeds(result) -> list[int]:
 
 
 def run_generate(args):
+    if args.prompts is not None:  # a prompt file: many images, on any number of processes (sd_core.batch)
+        from . import batch
+        return batch.run(args)
+    if args.prompt is None:
+        raise ValueError("Give a prompt, or --prompts FILE --out FOLDER.")
     output = resolve_output(args)
     source = args.model or EMBEDDED_TEXT_TO_IMAGE
     pipe = load(source, args, StableDiffusionPipeline)
@@ -191,7 +196,11 @@ def parser() -> argparse.ArgumentParser:
                        "-0, -1, ... (default: outputs/<command>-<n>.png)")
 
     g = commands.add_parser("generate", help="text to image (or image to image with --init-image)")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?")
+    g.add_argument("--prompts", type=Path, help="a file of prompts (one a line, or JSON lines); needs --out")
+    g.add_argument("--out", type=Path, help="the folder --prompts writes 00000-00.png, ... to (resumable)")
+    g.add_argument("--stop-after", type=int, help="with --prompts: each process stops after this many images")
+    g.add_argument("--threads", type=int, default=0, help="with --prompts: torch threads per process")
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the model's "
                    "recommended one, e.g. 7.5; SDXL 5; the embedded model 5)")

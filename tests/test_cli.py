@@ -171,3 +171,16 @@ def test_generate_inpaints_with_a_mask_and_refines_with_an_sdxl_refiner(folders,
     assert main(["generate", "--model", str(sd), "x", "--mask", str(tmp_path / "mask.png"), "-o",
                  str(tmp_path / "x.png")]) == 2
     assert "--mask needs --init-image" in capsys.readouterr().err
+
+
+def test_generate_with_a_prompt_file_writes_one_file_per_image_and_resumes(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a big red circle on the left on a gray background\n"
+                       '{"prompt": "a small blue square in the center on a white background", "images": 2}\n')
+    out = tmp_path / "images"
+    assert main(["generate", "--prompts", str(prompts), "--out", str(out), "--steps", "2"]) == 0
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert written == ["00000-00.png", "00001-00.png", "00001-01.png"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert main(["generate", "--prompts", str(prompts), "--out", str(out), "--steps", "2"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
