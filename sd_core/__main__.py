@@ -21,6 +21,7 @@ from .catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from .components import DiTPipeline, StableDiffusionPipeline
 from .images import save_image
 from .loading import load_pipeline
+from .offload import enable_model_cpu_offload
 from .pipelines import PROMPT_SYNTAXES, customize, dit_sample, generate, refine, vae_roundtrip
 from .schedulers import SCHEDULER_NAMES
 
@@ -82,10 +83,14 @@ def progress_callback(total: int):
 
 def load(source, args, expected_type):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(source, dtype=DTYPES[args.dtype], device=device, allow_pickle=args.allow_pickle)
+    offload = getattr(args, "offload", False)
+    pipe = load_pipeline(source, dtype=DTYPES[args.dtype], device="cpu" if offload else device,
+                         allow_pickle=args.allow_pickle)
     if not isinstance(pipe, expected_type):
         raise ValueError(f"{source} is a {pipe.family} model; this command needs a "
                          f"{'DiT' if expected_type is DiTPipeline else 'Stable Diffusion'} model.")
+    if offload:  # each component moves to the GPU only while it runs
+        enable_model_cpu_offload(pipe, device)
     return pipe
 
 
@@ -192,6 +197,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, help="random when omitted; the used seed is printed")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
         p.add_argument("--allow-pickle", action="store_true", help="load .ckpt/.pt files (tensors only)")
+        p.add_argument("--offload", action="store_true",
+                       help="keep the model in CPU memory, each component on the GPU only while it runs")
         p.add_argument("-o", "--output", help="a .png (keeps the parameters), .jpg or .webp file; a batch adds "
                        "-0, -1, ... (default: outputs/<command>-<n>.png)")
 

@@ -184,3 +184,11 @@ def test_generate_with_a_prompt_file_writes_one_file_per_image_and_resumes(tmp_p
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert main(["generate", "--prompts", str(prompts), "--out", str(out), "--steps", "2"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
+
+
+def test_offload_draws_the_same_image(tmp_path):
+    plain, offloaded = tmp_path / "plain.png", tmp_path / "offloaded.png"
+    common = ["generate", "a big red circle on the left on a gray background", "--steps", "3", "--seed", "4"]
+    assert main([*common, "-o", str(plain)]) == 0
+    assert main([*common, "--offload", "-o", str(offloaded)]) == 0
+    assert plain.read_bytes() == offloaded.read_bytes()
