@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable
@@ -124,6 +125,10 @@ def open_upload(file_or_pil, max_pixels: int = MAX_UPLOAD_PIXELS, max_bytes: int
 # ------------------------------------------------------------------------------------------------ models
 
 
+class Busy(ValueError):
+    """A request refused because the server is busy (not because of what it asked): try again later."""
+
+
 class ModelCache:
     """Loaded models by key, at most `size` of them (the least recently used is released when another loads).
 
@@ -131,13 +136,14 @@ class ModelCache:
     load; concurrent requests for the same model wait for the one load in progress (and share its result or
     its error). A failed load is remembered for `error_ttl_s` seconds (so a failing download is not retried by
     every click), then tried again. At most `max_parallel_loads` loads run at once (each needs the memory of a
-    model beside the `size` cached)."""
+    model beside the `size` cached); no request waits for a load (its own or the one before it) longer than
+    `wait_s` seconds."""
 
     def __init__(self, load: Callable, size: int = 2, error_ttl_s: float = 10.0, max_parallel_loads: int = 1,
-                 release: Callable | None = None):
+                 wait_s: float = 900.0, release: Callable | None = None):
         if size < 1:
             raise ValueError(f"A model cache holds at least 1 model; got size={size}.")
-        self.load, self.size, self.error_ttl_s = load, size, error_ttl_s
+        self.load, self.size, self.error_ttl_s, self.wait_s = load, size, error_ttl_s, wait_s
         self.release = release or release_memory
         self._lock = threading.Lock()  # guards the three dicts below; never held during a load
         self._models: OrderedDict = OrderedDict()
@@ -153,7 +159,7 @@ class ModelCache:
         with self._lock:
             return list(self._models)
 
-    def get(self, key: Hashable, *args, timeout_s: float | None = None, **kwargs):
+    def get(self, key: Hashable, *args, **kwargs):
         """The model for `key`, loading it with `load(key, *args, **kwargs)` if needed."""
         with self._lock:
             if key in self._models:
@@ -168,14 +174,22 @@ class ModelCache:
             if owner:
                 future = self._loading[key] = Future()
         if not owner:
-            return future.result(timeout=timeout_s)
+            try:
+                return future.result(timeout=self.wait_s)
+            except FutureTimeout:
+                raise ValueError(f"This model is still loading (waited {self.wait_s:.0f} s); try again in a "
+                                 f"minute.") from None
         try:
-            with self._loads:
+            if not self._loads.acquire(timeout=self.wait_s):
+                raise Busy(f"Other models are loading (waited {self.wait_s:.0f} s); try again in a minute.")
+            try:
                 model = self.load(key, *args, **kwargs)
+            finally:
+                self._loads.release()
         except BaseException as error:
             with self._lock:
                 del self._loading[key]
-                if isinstance(error, Exception):
+                if isinstance(error, Exception) and not isinstance(error, Busy):  # the model's own failure
                     self._errors[key] = (time.monotonic(), error)
             future.set_exception(error)
             raise
@@ -286,7 +300,7 @@ class Slot:
 
     def __enter__(self):
         if self.heavy and not self.limits._slots.acquire(timeout=self.limits.slot_wait_s):
-            raise ValueError(f"The server is busy with other large requests (waited {self.limits.slot_wait_s:.0f} s). "
+            raise Busy(f"The server is busy with other large requests (waited {self.limits.slot_wait_s:.0f} s). "
                              f"Try again later, or ask for fewer pixels, steps or images.")
         return self
 

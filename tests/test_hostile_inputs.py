@@ -374,6 +374,23 @@ def test_a_failed_load_reaches_its_waiters_and_is_retried_after_its_ttl():
     assert cache.get("A") is not None and loader.calls == ["A", "A"]
 
 
+def test_waiting_for_a_load_is_bounded():
+    loader = FakeLoader()
+    loader.gates["A"] = threading.Event()
+    cache = ModelCache(loader, wait_s=0.2, max_parallel_loads=1)
+    loading, _ = in_thread(cache.get, "A")
+    try:
+        assert loader.started.setdefault("A", threading.Event()).wait(5)
+        with pytest.raises(ValueError, match=r"This model is still loading \(waited 0 s\)"):
+            cache.get("A")
+        with pytest.raises(ValueError, match=r"Other models are loading \(waited 0 s\)"):
+            cache.get("C")
+    finally:
+        loader.gates["A"].set()
+        loading.join(5)
+    assert cache.get("C") is not None and loader.calls == ["A", "C"]  # the refused wait was not remembered as C's
+
+
 def test_cache_keeps_at_most_size_models_and_releases_the_oldest():
     loader, released = FakeLoader(), []
     cache = ModelCache(loader, size=2, release=lambda: released.append(True))
