@@ -9,6 +9,7 @@
 
 Every refusal is a ValueError whose text a visitor can read: it names the parameter, the bound and what to do.
 """
+import functools
 import math
 import os
 import threading
@@ -104,6 +105,23 @@ def as_text(value, name: str, max_chars: int = 2000, allow_none: bool = True) ->
         raise ValueError(f"{name} is {len(value)} characters long; this server takes at most {max_chars} "
                          f"(only the first 77 tokens reach the model anyway).")
     return value
+
+
+@functools.cache
+def gradio_inputs():
+    """(Number, Slider): gradio's components, but the value reaches the handler exactly as the visitor sent it, to
+    be checked there with as_whole_number / as_number. Gradio's own preprocessing rounds a seed of 1.5 to 2
+    (precision=0) and answers NaN, "ten" or None with its own cryptic errors before the handler runs."""
+    import gradio as gr
+
+    class Number(gr.Number):
+        def preprocess(self, payload):
+            return payload
+
+    class Slider(gr.Slider):
+        def preprocess(self, payload):
+            return payload
+    return Number, Slider
 
 
 # ------------------------------------------------------------------------------------------------ uploads
