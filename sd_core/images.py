@@ -278,7 +278,7 @@ def check_pixels(width: int, height: int, max_pixels: int, name: str = "The imag
 
 
 def side_of(pixels: int) -> int:
-    return int(math.isqrt(int(pixels)))
+    return math.isqrt(int(pixels))
 
 
 def _clean(error: BaseException) -> str:
@@ -308,12 +308,12 @@ def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_
         if not path.is_file():
             raise ValueError(f"{name} is not an image file (it is a folder or a device).")
         size = path.stat().st_size
-        opener = lambda: open(path, "rb")  # noqa: E731
+        opener = lambda: open(path, "rb")
     elif hasattr(source, "read"):
         name = name or Path(getattr(source, "name", "") or "the upload").name
         data = source.read(max_bytes + 1)
         size = len(data)
-        opener = lambda: io.BytesIO(data)  # noqa: E731
+        opener = lambda: io.BytesIO(data)
     else:
         raise ValueError(f"An image must be a file path, a file or a PIL image; got {type(source).__name__}.")
     if size == 0:

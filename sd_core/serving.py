@@ -1,4 +1,4 @@
-"""Rules for serving sd_core to strangers (the Gradio app calls these; nothing here imports gradio).
+"""Rules for serving sd_core to strangers (the Gradio app calls these; gradio is imported only by gradio_inputs()).
 
     MODELS = ModelCache(load_source, size=2)          # loads without blocking requests for other models
     LIMITS = WorkLimits.for_device("cpu")             # work per request, and one slot shared by heavy work
@@ -10,6 +10,7 @@
 Every refusal is a ValueError whose text a visitor can read: it names the parameter, the bound and what to do.
 """
 import functools
+import logging
 import math
 import os
 import threading
@@ -19,7 +20,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 from .images import MAX_IMAGE_BYTES, describe_size, open_image, side_of
 
@@ -353,7 +354,7 @@ def check_request(limits: WorkLimits, kind: str, pixels: int, steps: int = 1, ba
 def results_folder() -> Path:
     """Where gradio keeps uploads and results: GRADIO_TEMP_DIR, else <temp>/gradio."""
     import tempfile
-    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or (Path(tempfile.gettempdir()) / "gradio").resolve())
 
 
 def clean_results(folder, max_age_s: float = 3600, max_files: int = 500, keep=frozenset(),
@@ -426,5 +427,5 @@ class ResultsJanitor:
         while not self._stop.wait(self.every_s):
             try:
                 clean_results(self.folder, **self.rules)
-            except Exception:  # a cleaning failure must never take the server down
-                pass
+            except Exception:  # noqa: BLE001 - a cleaning failure must never take the server down
+                logging.getLogger("sd_core.serving").exception("cleaning %s failed", self.folder)

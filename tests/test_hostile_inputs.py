@@ -222,11 +222,11 @@ def test_choices_and_texts():
 
 REQUESTS = [  # (kind, pixels, steps, batch, the message expected; None: accepted)
     ("text_to_image", 1024 * 1024, 100, 8,
-     r"^1024x1024 x 100 steps x 8 images is 839 Mpx-steps; this server allows 2\.73 Mpx-steps per text-to-image "
-     r"request \(about 60 s here\)\. Reduce the size, steps or number of images\.$"),
+     (r"^1024x1024 x 100 steps x 8 images is 839 Mpx-steps; this server allows 2\.73 Mpx-steps per text-to-image "
+      r"request \(about 60 s here\)\. Reduce the size, steps or number of images\.$")),
     ("dit", 256 * 256, 250, 4, r"^256x256 x 250 steps x 4 images is 65\.5 Mpx-steps; this server allows 3 Mpx-steps per DiT"),
-    ("vae_roundtrip", 2048 * 2048, 1, 1, r"^2048x2048 is 4\.19 Mpx; this server allows 2\.4 Mpx per VAE round-trip "
-     r"request \(about 60 s here\)\. Reduce the size\.$"),
+    ("vae_roundtrip", 2048 * 2048, 1, 1, (r"^2048x2048 is 4\.19 Mpx; this server allows 2\.4 Mpx per VAE round-trip "
+                                          r"request \(about 60 s here\)\. Reduce the size\.$")),
     ("compare", 512 * 512, 50, 1, r"512x512 x 50 steps is 13\.1 Mpx-steps"),
     ("text_to_image", 64 * 64, 20, 4, None),  # the embedded model's default: ~7 s
     ("vae_roundtrip", 1024 * 1024, 1, 1, None),
