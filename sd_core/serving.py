@@ -1,4 +1,4 @@
-"""Rules for serving sd_core to strangers (the Gradio app calls these; gradio is imported only by gradio_inputs()).
+"""Rules for serving sd_core to strangers (the Gradio app calls these; nothing here imports gradio).
 
     MODELS = ModelCache(load_source, size=2)          # loads without blocking requests for other models
     LIMITS = WorkLimits.for_device("cpu")             # work per request, and one slot shared by heavy work
@@ -9,7 +9,6 @@
 
 Every refusal is a ValueError whose text a visitor can read: it names the parameter, the bound and what to do.
 """
-import functools
 import logging
 import math
 import os
@@ -108,21 +107,14 @@ def as_text(value, name: str, max_chars: int = 2000, allow_none: bool = True) ->
     return value
 
 
-@functools.cache
-def gradio_inputs():
-    """(Number, Slider): gradio's components, but the value reaches the handler exactly as the visitor sent it, to
-    be checked there with as_whole_number / as_number. Gradio's own preprocessing rounds a seed of 1.5 to 2
-    (precision=0) and answers NaN, "ten" or None with its own cryptic errors before the handler runs."""
-    import gradio as gr
-
-    class Number(gr.Number):
-        def preprocess(self, payload):
-            return payload
-
-    class Slider(gr.Slider):
-        def preprocess(self, payload):
-            return payload
-    return Number, Slider
+def raw_value(component):
+    """A gradio input component (Number, Slider, Dropdown, ...) whose value reaches the handler exactly as the
+    visitor sent it, to be checked there with as_whole_number / as_number / as_choice. Gradio's own preprocessing
+    rounds a seed of 1.5 to 2 (precision=0) and answers NaN, "ten" or None with "The upstream Gradio app has
+    raised an exception" before the handler runs. (An instance attribute, not a subclass: gradio writes a .pyi
+    stub beside any module that subclasses a component.)"""
+    component.preprocess = lambda payload: payload
+    return component
 
 
 # ------------------------------------------------------------------------------------------------ uploads

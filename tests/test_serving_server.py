@@ -9,7 +9,7 @@ import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 
-from sd_core.serving import (MAX_UPLOAD_BYTES, WorkLimits, as_whole_number, check_request, gradio_inputs,
+from sd_core.serving import (MAX_UPLOAD_BYTES, WorkLimits, as_whole_number, check_request, raw_value,
                              open_upload)
 
 LIMITS = WorkLimits.for_device("cpu")
@@ -41,9 +41,10 @@ def roundtrip(path):
 
 @pytest.fixture(scope="module")
 def client():
-    Number, Slider = gradio_inputs()
     with gr.Blocks() as demo:
-        steps, seed, size = Slider(1, 100, 20, step=1, label="Steps"), Number(-1, label="Seed"), Slider(8, 1024, 64)
+        steps = raw_value(gr.Slider(1, 100, 20, step=1, label="Steps"))
+        seed = raw_value(gr.Number(-1, label="Seed", precision=0))
+        size = raw_value(gr.Slider(8, 1024, 64, step=8))
         used = gr.Textbox()
         gr.Button().click(generate, [steps, seed, size], used, api_name="generate")
         image = gr.Image(type="filepath", image_mode=None)
