@@ -212,6 +212,11 @@ def save_image(image: Image.Image, path) -> Path:
     return path
 
 
+class CannotWrite(OSError, ValueError):
+    """The output path cannot be written (no permission, no space, not a folder...): an OSError, and a ValueError
+    so that the CLI and the app show its one line like any other bad input."""
+
+
 def _write_atomically(data, path: Path):
     temporary = None
     try:
@@ -221,7 +226,7 @@ def _write_atomically(data, path: Path):
         os.replace(temporary, path)
         temporary = None
     except OSError as error:
-        raise OSError(f"Cannot write {path}: {error.strerror or error}. Choose another output path.") from None
+        raise CannotWrite(f"Cannot write {path}: {error.strerror or error}. Choose another output path.") from None
     finally:  # also on KeyboardInterrupt / SystemExit
         if temporary is not None:
             try:

@@ -495,6 +495,13 @@ def test_bad_output_paths_give_clear_errors(tmp_path, where, message):
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".partial")]
 
 
+def test_the_cli_answers_an_unwritable_output_in_one_line(tmp_path, capsys):
+    from sd_core.__main__ import main
+    assert main(["vae", str(ROOT / "sd_core" / "data" / "example-scene.png"), "-o", "/proc/sd_core-test.png"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: Cannot write /proc/sd_core-test.png: No such file or directory. "
+                                               "Choose another output path.")
+
+
 def test_jpg_name_gets_jpeg_bytes(tmp_path):
     save_image(Image.new("RGB", (8, 8)), tmp_path / "pic.jpg")
     assert Image.open(tmp_path / "pic.jpg").format == "JPEG"
