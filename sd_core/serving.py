@@ -235,6 +235,7 @@ def release_memory():
 # diffusers and a per-layer check: about 3x text to image). A GPU is taken as 50x faster. A deployment serving
 # real checkpoints sets its own rates, and observe() learns them from the requests it runs.
 CPU_SECONDS_PER_MPX_STEP = {"text_to_image": 22.0, "dit": 20.0, "vae_roundtrip": 25.0, "compare": 66.0}
+MAX_KINDS = 256
 KIND_NAMES = {"text_to_image": "text-to-image", "dit": "DiT", "vae_roundtrip": "VAE round-trip", "compare": "compare"}
 
 
@@ -284,7 +285,10 @@ class WorkLimits:
         return self.max_seconds / self.rate(kind)
 
     def rate(self, kind: str) -> float:
-        return self.seconds_per_mpx_step.get(kind, max(self.seconds_per_mpx_step.values()))
+        """Seconds per Mpx-step for `kind`: "text_to_image", or "text_to_image:<model>" for one model's own speed
+        (learned by observe(); until then the kind's). An unknown kind is priced as the slowest known one."""
+        rates = self.seconds_per_mpx_step
+        return rates.get(kind) or rates.get(kind.split(":")[0]) or max(rates.values())
 
     def estimate_seconds(self, kind: str, pixels: int, steps: int = 1, batch: int = 1) -> float:
         return pixels * steps * batch / 1e6 * self.rate(kind)
@@ -296,6 +300,8 @@ class WorkLimits:
         if mpx_steps <= 0 or not math.isfinite(seconds) or seconds <= 0:
             return
         with self._observed_lock:
+            if kind not in self.seconds_per_mpx_step and len(self.seconds_per_mpx_step) >= MAX_KINDS:
+                return  # model names come from visitors (hub ids): the table stays bounded
             measured, current = seconds / mpx_steps, self.rate(kind)
             self.seconds_per_mpx_step[kind] = measured if measured > current else 0.9 * current + 0.1 * measured
 
@@ -335,7 +341,8 @@ def check_request(limits: WorkLimits, kind: str, pixels: int, steps: int = 1, ba
                  if present]
         fewer = fewer[0] if len(fewer) == 1 else ", ".join(fewer[:-1]) + " or " + fewer[-1]
         raise ValueError(f"{' x '.join(parts)} is {work:.3g} {unit}; this server allows {budget:.3g} {unit} per "
-                         f"{KIND_NAMES.get(kind, kind)} request (about {limits.max_seconds:.0f} s here). "
+                         f"{KIND_NAMES.get(kind.split(':')[0], kind)} request (about {limits.max_seconds:.0f} s "
+                         f"here). "
                          f"Reduce the {fewer}.")
     return work * limits.rate(kind)
 

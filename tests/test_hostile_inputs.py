@@ -266,6 +266,20 @@ def test_observed_speed_tightens_the_bound_at_once():
     assert np.isfinite(limits.budget_mpx_steps("text_to_image"))
 
 
+def test_each_model_learns_its_own_speed_and_the_table_stays_bounded(monkeypatch):
+    limits = WorkLimits.for_device("cpu")
+    base = limits.budget_mpx_steps("text_to_image")
+    assert limits.budget_mpx_steps("text_to_image:embedded") == base  # the kind's speed until observed
+    limits.observe("text_to_image:sd15", seconds=300.0, pixels=512 * 512, steps=20)  # 57 s per Mpx-step
+    assert limits.budget_mpx_steps("text_to_image:sd15") < base
+    assert limits.budget_mpx_steps("text_to_image:embedded") == limits.budget_mpx_steps("text_to_image") == base
+    with pytest.raises(ValueError, match=r"per text-to-image request"):
+        check_request(limits, "text_to_image:sd15", 512 * 512, 20, 1)
+    monkeypatch.setattr(serving, "MAX_KINDS", len(limits.seconds_per_mpx_step))
+    limits.observe("text_to_image:owner/visitor-model", seconds=1.0, pixels=64 * 64, steps=1)
+    assert "text_to_image:owner/visitor-model" not in limits.seconds_per_mpx_step
+
+
 def test_heavy_work_shares_one_slot_across_endpoints_and_light_work_passes():
     limits = WorkLimits.for_device("cpu", heavy_slots=1, slot_wait_s=0.2)
     heavy = check_request(limits, "text_to_image", 256 * 256, 30, 1)  # ~43 s
