@@ -178,7 +178,7 @@ class ModelCache:
                 return self._models[key]
             failed = self._errors.get(key)
             if failed is not None and time.monotonic() - failed[0] < self.error_ttl_s:
-                raise failed[1]
+                raise failed[1].with_traceback(None)  # (re-raising would lengthen its traceback each time)
             self._errors.pop(key, None)
             future = self._loading.get(key)
             owner = future is None
@@ -201,7 +201,9 @@ class ModelCache:
             with self._lock:
                 del self._loading[key]
                 if isinstance(error, Exception) and not isinstance(error, Busy):  # the model's own failure
-                    self._errors[key] = (time.monotonic(), error)
+                    now = time.monotonic()  # keys come from visitors: keep only the unexpired errors
+                    self._errors = {k: e for k, e in self._errors.items() if now - e[0] < self.error_ttl_s}
+                    self._errors[key] = (now, error)
             future.set_exception(error)
             raise
         released = []

@@ -405,6 +405,21 @@ def test_waiting_for_a_load_is_bounded():
     assert cache.get("C") is not None and loader.calls == ["A", "C"]  # the refused wait was not remembered as C's
 
 
+def test_remembered_errors_expire_and_do_not_pile_up():
+    loader = FakeLoader()
+    cache = ModelCache(loader, error_ttl_s=0.05)
+    for i in range(50):
+        loader.failures[f"owner/missing-{i}"] = OSError("no such repo")
+        with pytest.raises(OSError):
+            cache.get(f"owner/missing-{i}")
+        time.sleep(0.002)
+    time.sleep(0.06)
+    loader.failures["last"] = OSError("no such repo")
+    with pytest.raises(OSError):
+        cache.get("last")
+    assert list(cache._errors) == ["last"]
+
+
 def test_cache_keeps_at_most_size_models_and_releases_the_oldest():
     loader, released = FakeLoader(), []
     cache = ModelCache(loader, size=2, release=lambda: released.append(True))
