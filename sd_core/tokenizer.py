@@ -9,6 +9,7 @@ Deliberate difference from OpenAI's original tokenizer: it also runs `ftfy.fix_t
 """
 import functools
 import gzip
+import heapq
 import json
 import unicodedata
 from pathlib import Path
@@ -21,6 +22,10 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-split: contractions, letter runs, single digits, runs of other non-space characters.
 PRE_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 NUM_MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 2 x 256 byte symbols (with/without </w>), merges, 2 specials
+# The BPE of a word is cached, but only for words a prompt really repeats: at most CACHED_WORDS of them (least
+# recently used dropped first), each at most CACHED_WORD_LENGTH symbols. A 100,000-letter word is tokenized (in
+# O(n log n)) and forgotten, so no visitor can grow the cache without bound.
+CACHED_WORDS, CACHED_WORD_LENGTH = 10_000, 64
 
 
 @functools.lru_cache()
@@ -90,6 +95,7 @@ class CLIPTokenizer:
     def __init__(self, folder: str | Path | None = None, pad_token: str | None = None, model_max_length: int = 77):
         self.vocab, merges, settings = read_vocabulary(folder)
         self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
+        self.merges = list(merges)
         self.id_to_token = {i: t for t, i in self.vocab.items()}
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
@@ -109,7 +115,7 @@ class CLIPTokenizer:
         # Added tokens (textual inversion): normalised text -> ids, matched in the normalised prompt before BPE.
         self.added_tokens: dict[str, list[int]] = {}
         self.added_split = None
-        self._bpe = functools.lru_cache(maxsize=65536)(self._bpe_uncached)
+        self._bpe_cached = functools.lru_cache(maxsize=CACHED_WORDS)(self._bpe_uncached)
 
     def add_token(self, text: str, count: int = 1) -> list[int]:
         """Add `text` as a new token, or as `count` tokens named `text`, `text_1`, ... (diffusers' names for the
@@ -131,24 +137,44 @@ class CLIPTokenizer:
         self.added_split = regex.compile("(" + "|".join(regex.escape(t) for t in longest_first) + ")")
         return ids
 
+    def _bpe(self, word: str) -> tuple[str, ...]:
+        return self._bpe_cached(word) if len(word) <= CACHED_WORD_LENGTH else self._bpe_uncached(word)
+
     def _bpe_uncached(self, word: str) -> tuple[str, ...]:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pairs = [(self.merge_rank.get(pair, float("inf")), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
-            rank, i = min(pairs)
-            if rank == float("inf"):
-                break
-            first, second = symbols[i], symbols[i + 1]
-            merged, j = [], 0
-            while j < len(symbols):  # merge every occurrence of the best pair, left to right
-                if j < len(symbols) - 1 and symbols[j] == first and symbols[j + 1] == second:
-                    merged.append(first + second)
-                    j += 2
-                else:
-                    merged.append(symbols[j])
-                    j += 1
-            symbols = merged
-        return tuple(symbols)
+        """BPE as CLIP (and transformers) define it: repeatedly take the pair of adjacent symbols with the lowest
+        merge rank and merge every occurrence of it, left to right; stop when no adjacent pair has a rank.
+
+        The same merges, found with a heap of (rank, position) over a linked list of symbols instead of a rescan
+        of the whole word per merge: O(n log n) rather than O(n^2), so a word of any length ends in bounded time.
+        """
+        symbols: list[str | None] = [*word[:-1], word[-1] + "</w>"]
+        after = [*range(1, len(symbols)), -1]  # the next live symbol's position, -1 at the end
+        before = list(range(-1, len(symbols) - 1))
+        rank_of = self.merge_rank.get
+        heap = [(rank, i) for i, pair in enumerate(zip(symbols, symbols[1:])) if (rank := rank_of(pair)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
+            first, second = self.merges[rank]
+            positions = []
+            while heap and heap[0][0] == rank:  # every occurrence of this pair (some stale), in order
+                positions.append(heapq.heappop(heap)[1])
+            merged = []
+            for i in positions:
+                j = after[i]
+                if j == -1 or symbols[i] != first or symbols[j] != second:
+                    continue  # stale: already merged into another symbol this pass or before
+                symbols[i], symbols[j] = first + second, None
+                after[i] = after[j]
+                if after[j] != -1:
+                    before[after[j]] = i
+                merged.append(i)
+            # New pairs around the merged symbols; a merge never recreates its own pair, so none has rank `rank`.
+            for left in {left for i in merged for left in (before[i], i) if left != -1}:
+                right = after[left]
+                if right != -1 and (new_rank := rank_of((symbols[left], symbols[right]))) is not None:
+                    heapq.heappush(heap, (new_rank, left))
+        return tuple(symbol for symbol in symbols if symbol is not None)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` without BOS/EOS, truncation or padding."""
