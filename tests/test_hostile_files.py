@@ -3,13 +3,13 @@ never by reading a file outside the model (issue: hostile files)."""
 import json
 import os
 import shutil
-import time
 
 import pytest
 import safetensors.torch
 import torch
 
 from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
+from sd_core.dit import DiTTransformer2DModel
 from sd_core.loading import load_pipeline
 from sd_core.tokenizer import CLIPTokenizer
 
@@ -79,25 +79,24 @@ CRAFTED = [  # (what, how the folder is crafted, the message expected)
 
 
 @pytest.mark.parametrize("what,craft,message", CRAFTED, ids=[c[0] for c in CRAFTED])
-def test_crafted_folder_is_refused_fast_with_a_clear_message(world, what, craft, message):
+def test_crafted_folder_is_refused_with_a_clear_message(world, what, craft, message):
     model, secret = world
     craft(model, secret)
-    start = time.perf_counter()
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_pipeline(model)
-    assert time.perf_counter() - start < 5, what
 
 
-def test_checkpoint_claiming_100000_dit_blocks_is_refused_before_anything_is_built(tmp_path):
+def test_checkpoint_claiming_100000_dit_blocks_is_refused_before_anything_is_built(tmp_path, monkeypatch):
     path = tmp_path / "dit.safetensors"
     safetensors.torch.save_file({"x_embedder.proj.weight": torch.zeros(8, 4, 2, 2),
                                  "y_embedder.embedding_table.weight": torch.zeros(3, 8),
                                  "final_layer.linear.weight": torch.zeros(32, 8),
                                  "blocks.99999.attn.qkv.weight": torch.zeros(1)}, path)
-    start = time.perf_counter()
+    def build_nothing(*args, **kwargs):
+        raise AssertionError("a model was built from the crafted architecture")
+    monkeypatch.setattr(DiTTransformer2DModel, "__init__", build_nothing)
     with pytest.raises(ValueError, match=r"num_layers=100000 is out of range: each must be a whole number in \[1, 256\]"):
         load_pipeline(path)
-    assert time.perf_counter() - start < 1
 
 
 @pytest.mark.parametrize("length", [int(1e30), 1e30, "77", None])
