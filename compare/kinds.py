@@ -20,7 +20,7 @@ from sd_core.dit import DiTTransformer2DModel
 from sd_core.images import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
 from sd_core.layers import set_attention_backend
 from sd_core.loading import load_pipeline
-from sd_core.pipelines import dit_sample, image_to_image, scheduler_name, text_to_image, vae_roundtrip
+from sd_core.pipelines import class_ids, dit_sample, image_to_image, scheduler_name, text_to_image, vae_roundtrip
 from sd_core.schedulers import VARIANTS
 
 from .parity import (REFERENCE_SCHEDULERS, TOLERANCE, UNetRecorder, compare_images, compare_tensors,
@@ -195,7 +195,7 @@ def dit_settings(pipe, class_labels=(0,), seed=0, steps=10, scheduler=None, guid
     if unknown:
         raise TypeError(f"Unknown settings for a DiT comparison: {sorted(unknown)}.")
     labels = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
-    return dict(class_labels=pipe.label_ids(labels), seed=seed, steps=steps,
+    return dict(class_labels=class_ids(pipe, labels), seed=seed, steps=steps,
                 scheduler=scheduler_name(pipe.scheduler_config, scheduler), guidance_scale=guidance_scale,
                 guided_channels=guided_channels)
 
