@@ -134,6 +134,10 @@ def selected_image(gallery, selected):
     return gallery[min(int(selected or 0), len(gallery) - 1)]
 
 
+def picked(event: gr.SelectData) -> int:
+    return event.index
+
+
 def send_to_image_to_image(gallery, selected, model, prompt, negative_prompt, steps, guidance_scale, scheduler):
     """The picked result (or the first) and its settings into the Image to image tab."""
     image, _ = selected_image(gallery, selected)
@@ -360,7 +364,7 @@ def build() -> gr.Blocks:
                         trajectory = images_gallery("Trajectory", columns=5)
                         parameters = gr.Code(label="Parameters", language="json")
                 selected = gr.State(0)
-                gallery.select(lambda event: event.index, None, selected, api_name=False)
+                gallery.select(picked, None, selected, api_name=False)
                 dice.click(random_seed, None, seed, api_name=False)
                 reuse.click(use_this_seed, [gallery, selected], seed, api_name=False)
                 model.input(recommended_settings, model, [steps, guidance, scheduler, width, height],
@@ -490,7 +494,8 @@ def compare_tab():
         with gr.Column():
             kind = gr.Dropdown([(f"{name}: {text}", name) for name, text in KINDS.items()], value="text_to_image",
                                label="Kind of comparison")
-            cmp_model = model_dropdown(compare_models_for("text_to_image"))
+            choices = compare_models_for("text_to_image")  # narrowed per kind; compare() checks the fit itself
+            cmp_model = gr.Dropdown(choices, value=choices[0][1] if choices else None, label="Model", allow_custom_value=True)
             prompt = gr.Textbox("a small green triangle on the left on a white background", label="Prompt")
             negative = gr.Textbox("", label="Negative prompt")
             class_label = gr.Textbox("red circle", label="Class label (name or id)", visible=False)
@@ -508,7 +513,8 @@ def compare_tab():
         with gr.Column():
             verdict = gr.Markdown(label="Verdict")
             cmp_images = images_gallery("Images: sd_core, reference, |difference| x gain", columns=4)
-            plots = gr.Gallery(label="Plots: error per step, error per module", columns=2, height="auto", format="png")
+            plots = gr.Gallery(label="Plots: error per step, error per module", columns=1, height="auto", format="png",
+                               object_fit="contain")
             report = gr.File(label="Report (zip: report.md, report.json, images, plots)")
     stages = gr.Dataframe(headers=["stage", "max |diff|", "relative", "cosine", "tolerance", "within"], wrap=True,
                           label="Per-stage error", max_height=600)
