@@ -150,7 +150,7 @@ def test_a_request_over_the_queue_limit_is_told_the_queue_is_full():
         demo.close()
 
 
-def test_a_browser_shows_the_four_tabs(server, tmp_path):
+def test_a_browser_shows_the_five_tabs(server, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
@@ -158,7 +158,7 @@ def test_a_browser_shows_the_four_tabs(server, tmp_path):
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
              "--virtual-time-budget=8000"]
     dom = subprocess.run(flags + ["--dump-dom", server], capture_output=True, text=True, timeout=120).stdout
-    for tab in ("Text to image", "VAE round-trip", "DiT", "Compare"):
+    for tab in ("Text to image", "Image to image", "VAE round-trip", "DiT", "Compare"):
         assert tab in dom, tab
     screenshot = tmp_path / "app.png"
     subprocess.run(flags + ["--window-size=1280,900", f"--screenshot={screenshot}", server], capture_output=True,
@@ -443,3 +443,12 @@ def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_requ
         run(lora_2="loras: ../../etc/passwd")
     with pytest.raises(gr.Error, match="the scale of loras: detail.safetensors must be a number between -4 and 4"):
         run(lora_2="loras: detail.safetensors", lora_2_scale=float("nan"))
+
+
+def test_the_readme_client_example_runs_as_written(server):
+    section = (Path(app.__file__).parent / "README.md").read_text().split("## The app", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0].replace('"http://127.0.0.1:7860"', repr(server))
+    names = {}
+    exec(code, names)  # noqa: S102 (the README's own example)
+    assert names["seed_used"] == "7" and [image["caption"] for image in names["images"]] == ["seed 7", "seed 8"]
+    assert names["verdict"].startswith("## ✅ PASS\ndit (all): PASS")
