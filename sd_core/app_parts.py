@@ -29,6 +29,7 @@ from .catalog import CatalogModel
 from .convert import CheckpointError
 from .loading import HUB_ID, load_from_hub, load_pipeline
 from .pipelines import MAX_SEED, resolve_seed
+from .schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 
 LOG = logging.getLogger("sd_core.app")
 EMBEDDED = {name: Path(model.source) for name, model in catalog.EMBEDDED.items()}
@@ -325,3 +326,48 @@ def restore(shareable: dict, request: gr.Request | None):
                 gr.Warning(f"The link's settings did not run: {error.message}")
         updates += values + results
     return updates
+
+
+# ------------------------------------------------------------------------------------ shared form pieces
+
+MODEL_DEFAULT = "default"  # scheduler choice: the one the model's own scheduler config names
+SCHEDULER_CHOICES = [(DISPLAY_NAMES.get(name, name), name) for name in SCHEDULER_NAMES] + [
+    ("the model's own", MODEL_DEFAULT)]
+SYNTAXES = [("plain (as diffusers)", "plain"), ("A1111: (word:1.2), [word], BREAK, long prompts", "a1111")]
+
+
+def scheduler_of(choice):
+    return None if choice == MODEL_DEFAULT else choice
+
+
+def model_dropdown(choices: list, label: str = "Model") -> gr.Dropdown:
+    return gr.Dropdown(choices, value=choices[0][1] if choices else None, label=label,
+                       allow_custom_value=Settings.allow_hub)
+
+
+def scheduler_dropdown(value: str) -> gr.Dropdown:
+    return gr.Dropdown(SCHEDULER_CHOICES, value=value, label="Scheduler")
+
+
+def images_gallery(label="Images", columns=4) -> gr.Gallery:
+    return gr.Gallery(label=label, columns=columns, height="auto", format="png", elem_classes="pixelated")
+
+
+def advanced_settings() -> list:
+    """Prompt syntax, clip skip, two LoRAs with a scale each, embeddings: the A1111 user's settings."""
+    loras = [(label, label) for label, _ in root_files("loras")]
+    embeddings = [(label, label) for label, _ in root_files("embeddings")]
+    where = "Add LoRAs in a model root's loras/ folder, embeddings in its embeddings/ folder (.safetensors)."
+    with gr.Accordion("Advanced: prompt syntax, clip skip, LoRAs, embeddings", open=False):
+        with gr.Row():
+            syntax = gr.Radio(SYNTAXES, value="plain", label="Prompt syntax")
+            clip_skip = gr.Slider(0, 10, 0, step=1, label="Clip skip (0: the model's usual layer; A1111's 2 is 1)")
+        components = [syntax, clip_skip]
+        for i in (1, 2):
+            with gr.Row():
+                components += [gr.Dropdown([("none", "")] + loras, value="", label=f"LoRA {i}"),
+                               gr.Slider(-2, 2, 1.0, step=0.05, label=f"LoRA {i} scale")]
+        components.append(gr.Dropdown(embeddings, value=[], multiselect=True,
+                                      label="Embeddings (write each one's file name in the prompt)"))
+        gr.Markdown(where if loras or embeddings else f"No LoRAs or embeddings found. {where}")
+    return components
