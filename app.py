@@ -76,12 +76,13 @@ def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, see
     lora_files = [(load_lora(extra_path("loras", name)), as_float(scale, f"the scale of {name}", -4, 4))
                   for name, scale in loras if name]
     with MODELS.using(pipe):  # the weights are this request's while a LoRA is merged into them
-        bind_embeddings(pipe, embeddings)
+        tokens = bind_embeddings(pipe, embeddings)
         with loras_applied(pipe.models, lora_files):
             result = generate(pipe, prompt or "", negative_prompt or None, steps=steps, guidance_scale=float(guidance_scale),
                               scheduler=scheduler_of(scheduler), seed=seed, images_per_prompt=number_of_images,
                               prompt_syntax=prompt_syntax, clip_skip=clip_skip, seed_per_image=True,
                               callback=progress_callback(progress, steps, pipe, trajectory), **size_or_image)
+    result.parameters.update(loras=[[name, scale] for name, scale in loras if name], embeddings=tokens)  # shown, not in the PNGs
     seeds = image_seeds(seed, len(result.images), True)
     return result, seed, [(image, f"seed {s}") for image, s in zip(result.images, seeds)]
 

@@ -436,7 +436,10 @@ def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_requ
     shape = ["embeddings: embeddings/shape.safetensors"]
     embedded = np.asarray(run(embeddings=shape)[0][0][0])
     assert not np.array_equal(embedded, plain)  # the token now means its vectors, not the text "<shape>"
-    styled = np.asarray(run(embeddings=shape, lora_1="loras: loras/style.safetensors", lora_1_scale=1.0)[0][0][0])
+    styled, _, _, parameters, link = run(embeddings=shape, lora_1="loras: loras/style.safetensors", lora_1_scale=0.5)
+    assert json.loads(parameters)["loras"] == [["loras: loras/style.safetensors", 0.5]] and "lora_1_scale=0.5" in link
+    assert json.loads(parameters)["embeddings"] == ["<shape>"]
+    styled = np.asarray(styled[0][0])
     assert not np.array_equal(styled, embedded)
     assert np.array_equal(np.asarray(run(embeddings=shape)[0][0][0]), embedded)  # the LoRA left with its request
     with pytest.raises(gr.Error, match="not one of the offered loras"):
