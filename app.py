@@ -78,11 +78,12 @@ def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, see
     with MODELS.using(pipe):  # the weights are this request's while a LoRA is merged into them
         tokens = bind_embeddings(pipe, embeddings)
         with loras_applied(pipe.models, lora_files):
-            result = generate(pipe, prompt or "", negative_prompt or None, steps=steps, guidance_scale=float(guidance_scale),
-                              scheduler=scheduler_of(scheduler), seed=seed, images_per_prompt=number_of_images,
+            result = generate(pipe, prompt or "", negative_prompt or None, steps=steps,
+                              guidance_scale=float(guidance_scale), scheduler=scheduler_of(scheduler), seed=seed, images_per_prompt=number_of_images,
                               prompt_syntax=prompt_syntax, clip_skip=clip_skip, seed_per_image=True,
                               callback=progress_callback(progress, steps, pipe, trajectory), **size_or_image)
-    result.parameters.update(loras=[[name, scale] for name, scale in loras if name], embeddings=tokens)  # shown, not in the PNGs
+    # shown beside the images (their PNG metadata was written before and does not name them)
+    result.parameters.update(loras=[[name, scale] for name, scale in loras if name], embeddings=tokens)
     seeds = image_seeds(seed, len(result.images), True)
     return result, seed, [(image, f"seed {s}") for image, s in zip(result.images, seeds)]
 
@@ -96,15 +97,17 @@ def generate_images(model, prompt, negative_prompt, steps, guidance_scale, sched
     parameters as JSON, share link). Image k of a batch is drawn from seed + k."""
     width, height = as_int(width, "width", 8, MAX_SIZE), as_int(height, "height", 8, MAX_SIZE)
     trajectory = [] if show_trajectory else None
+    loras = [(lora_1, lora_1_scale), (lora_2, lora_2_scale)]
     result, seed, images = run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, seed,
-                                  number_of_images, prompt_syntax, clip_skip, [(lora_1, lora_1_scale), (lora_2, lora_2_scale)],
-                                  embeddings, progress, trajectory, width=width, height=height)
-    settings = dict(model=model, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                    scheduler=scheduler, width=width, height=height, seed=seed, number_of_images=number_of_images,
+                                  number_of_images, prompt_syntax, clip_skip, loras, embeddings, progress, trajectory,
+                                  width=width, height=height)
+    settings = dict(model=model, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                    guidance_scale=guidance_scale, scheduler=scheduler, width=width, height=height, seed=seed, number_of_images=number_of_images,
                     prompt_syntax=prompt_syntax, clip_skip=clip_skip, lora_1=lora_1 or None,
                     lora_1_scale=lora_1_scale if lora_1 else None, lora_2=lora_2 or None,
                     lora_2_scale=lora_2_scale if lora_2 else None)
-    return images, str(seed), trajectory or [], json.dumps(result.parameters, indent=2), share_link("text_to_image", settings, request)
+    link = share_link("text_to_image", settings, request)
+    return images, str(seed), trajectory or [], json.dumps(result.parameters, indent=2), link
 
 
 @handler
@@ -115,9 +118,10 @@ def transform_image(model, image, prompt, negative_prompt, strength, steps, guid
     if image is None:
         raise gr.Error("Upload a starting image first (or send one here from Text to image).")
     strength = as_float(strength, "strength", 0.0, 1.0)
+    loras = [(lora_1, lora_1_scale), (lora_2, lora_2_scale)]
     result, seed, images = run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, seed,
-                                  number_of_images, prompt_syntax, clip_skip, [(lora_1, lora_1_scale), (lora_2, lora_2_scale)],
-                                  embeddings, progress, image=image, strength=strength)
+                                  number_of_images, prompt_syntax, clip_skip, loras, embeddings, progress,
+                                  image=image, strength=strength)
     return images, str(seed), json.dumps(result.parameters, indent=2)
 
 
