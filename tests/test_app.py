@@ -1,6 +1,8 @@
 """The app: handlers called directly, the launched server through gradio_client, and a real browser."""
 import concurrent.futures
+import functools
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -16,8 +18,11 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import app
+from sd_core import app_parts
+from sd_core.embeddings import token_embedding
 
 SD = "embedded: shapes (text to image)"
 DIT = "embedded: shapes (DiT)"
@@ -26,17 +31,22 @@ DIT = "embedded: shapes (DiT)"
 def test_handlers_return_images_of_the_right_size_and_reuse_seeds():
     images, seed, trajectory, parameters, link = app.generate_images(SD, "a big red circle on the left on a gray background",
                                                                "", 6, 5.0, "dpmpp_2m", 64, 48, -1, 2, True)
-    assert len(images) == 2 and images[0].size == (64, 48) and 0 <= seed < 2 ** 32
-    assert len(trajectory) == 6 and '"seed": %d' % seed in parameters
+    seed = int(seed)
+    assert len(images) == 2 and images[0][0].size == (64, 48) and 0 <= seed < 2 ** 32
+    assert [caption for _, caption in images] == [f"seed {seed}", f"seed {(seed + 1) % 2 ** 32}"]
+    assert [caption for _, caption in trajectory] == [f"step {i}" for i in range(1, 7)]
+    assert '"seed": %d' % seed in parameters
     again, *_ = app.generate_images(SD, "a big red circle on the left on a gray background", "", 6, 5.0, "dpmpp_2m",
-                                    64, 48, seed, 2, False)
-    assert np.array_equal(np.asarray(images[1]), np.asarray(again[1]))
+                                    64, 48, (seed + 1) % 2 ** 32, 1, False)  # image k of a batch is seed + k's image
+    assert np.array_equal(np.asarray(images[1][0]), np.asarray(again[0][0]))
     reconstruction, difference, psnr, channels = app.roundtrip(SD, Image.open(app.EXAMPLE_SCENE))
     assert reconstruction.size == (64, 64) and psnr > 20 and len(channels) == 4
-    dit_images, dit_seed, _ = app.sample_dit(DIT, "red circle", 3.0, 5, "ddim", 3, 2)
-    assert len(dit_images) == 2 and dit_images[0].size == (64, 64) and dit_seed == 3
-    ours, theirs, difference, rows, verdict = app.compare_models(SD, "a red circle", "", 0, 4, "ddim", 5.0)
-    assert ours.size == theirs.size == (64, 64) and "PASS" in verdict and rows[-1][-1] == "pass"
+    dit_images, dit_seed, _, semantics = app.sample_dit(DIT, "red circle", 3.0, 5, "ddim", 3, 2)
+    assert len(dit_images) == 2 and dit_images[0][0].size == (64, 64) and dit_seed == "3"
+    assert [caption for _, caption in dit_images] == ["seed 3", "seed 4"] and "**diffusers**" in semantics
+    verdict, images, plots, rows, report = app.compare("text_to_image", SD, "a red circle", seed=0, steps=4)
+    assert [caption for _, caption in images][:2] == ["sd_core", "diffusers"] and images[0][0].size == (64, 64)
+    assert "✅ PASS" in verdict and rows[-1][-1] == "yes" and [c for _, c in plots] == ["per-step", "per-module"]
 
 
 def test_handlers_check_sizes_and_steps_themselves():
@@ -75,17 +85,16 @@ def client(server):
 def test_every_endpoint_works_through_gradio_client(client, tmp_path):
     images, seed, _, parameters, _ = client.predict(SD, "a small blue square in the center on a white background", "", 5,
                                                  5.0, "euler", 64, 64, 11, 1, False, api_name="/text_to_image")
-    assert seed == 11 and Image.open(images[0]["image"]).size == (64, 64)
+    assert seed == "11" and images[0]["caption"] == "seed 11" and Image.open(images[0]["image"]).size == (64, 64)
     again = client.predict(SD, "a small blue square in the center on a white background", "", 5, 5.0, "euler", 64, 64,
                            11, 1, False, api_name="/text_to_image")
     assert np.array_equal(np.asarray(Image.open(images[0]["image"])), np.asarray(Image.open(again[0][0]["image"])))
     reconstruction, _, psnr, channels = client.predict(SD, handle_file(str(app.EXAMPLE_SCENE)), False, 0,
                                                        api_name="/vae_roundtrip")
     assert Image.open(reconstruction).size == (64, 64) and psnr > 20 and len(channels) == 4
-    dit_images, dit_seed, _ = client.predict(DIT, "green square", 3.0, 5, "dpmpp_2m", 5, 2, "all", api_name="/dit_sample")
-    assert dit_seed == 5 and len(dit_images) == 2
-    ours, theirs, _, table, verdict = client.predict(SD, "a red circle", "", 1, 3, "ddim", 5.0, api_name="/compare")
-    assert Image.open(ours).size == (64, 64) and "PASS" in verdict
+    dit_images, dit_seed, _, semantics = client.predict(DIT, "green square", 3.0, 5, "dpmpp_2m", 5, 2, "all",
+                                                        api_name="/dit_sample")
+    assert dit_seed == "5" and len(dit_images) == 2 and "Timestep embedding frequencies" in semantics
 
 
 @pytest.mark.parametrize("endpoint,arguments,message", [
@@ -98,7 +107,7 @@ def test_every_endpoint_works_through_gradio_client(client, tmp_path):
 def test_bad_input_gets_a_clear_error_and_the_app_keeps_serving(client, endpoint, arguments, message):
     with pytest.raises(Exception, match=message):
         client.predict(*arguments, api_name=endpoint)
-    assert client.predict(DIT, "red circle", 1.0, 2, "ddim", 0, 1, "all", api_name="/dit_sample")[1] == 0
+    assert client.predict(DIT, "red circle", 1.0, 2, "ddim", 0, 1, "all", api_name="/dit_sample")[1] == "0"
 
 
 def test_a_non_image_upload_is_refused(client, tmp_path):
@@ -117,10 +126,10 @@ def test_twenty_concurrent_requests_all_complete_correctly(server):
         return seed, used, np.asarray(Image.open(images[0]["image"]))
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         results = list(pool.map(request, range(20)))
-    assert [used for _, used, _ in results] == list(range(20))
+    assert [used for _, used, _ in results] == [str(seed) for seed in range(20)]
     expected, *_ = app.generate_images(SD, "a big green triangle on the right on a black background", "", 4, 5.0, "ddim",
                                        64, 64, 7, 1, False)
-    assert np.array_equal(results[7][2], np.asarray(expected[0]))
+    assert np.array_equal(results[7][2], np.asarray(expected[0][0]))
 
 
 def test_a_request_over_the_queue_limit_is_told_the_queue_is_full():
@@ -141,7 +150,7 @@ def test_a_request_over_the_queue_limit_is_told_the_queue_is_full():
         demo.close()
 
 
-def test_a_browser_shows_the_four_tabs(server, tmp_path):
+def test_a_browser_shows_the_five_tabs(server, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
@@ -149,7 +158,7 @@ def test_a_browser_shows_the_four_tabs(server, tmp_path):
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
              "--virtual-time-budget=8000"]
     dom = subprocess.run(flags + ["--dump-dom", server], capture_output=True, text=True, timeout=120).stdout
-    for tab in ("Text to image", "VAE round-trip", "DiT", "Compare"):
+    for tab in ("Text to image", "Image to image", "VAE round-trip", "DiT", "Compare"):
         assert tab in dom, tab
     screenshot = tmp_path / "app.png"
     subprocess.run(flags + ["--window-size=1280,900", f"--screenshot={screenshot}", server], capture_output=True,
@@ -167,7 +176,7 @@ def test_api_parameters_are_named_after_the_ui_labels_and_take_keywords(client):
     assert [r["label"] for r in endpoints["/text_to_image"]["returns"]][-1] == "Share link"
     images, seed, *_ = client.predict(prompt="a big red circle on the left on a gray background", seed=5,
                                       number_of_images=1, api_name="/text_to_image")
-    assert seed == 5 and len(images) == 1
+    assert seed == "5" and len(images) == 1
 
 
 def test_picking_a_model_sets_its_recommended_settings(client, monkeypatch):
@@ -180,7 +189,7 @@ def test_picking_a_model_sets_its_recommended_settings(client, monkeypatch):
 def test_scheduler_choices_show_common_names_and_take_the_models_own():
     assert ("DPM++ 2M Karras", "dpmpp_2m_karras") in app.SCHEDULER_CHOICES
     images, *_ = app.generate_images(SD, "a red circle", "", 3, 5.0, app.MODEL_DEFAULT, 64, 64, 0, 1)
-    assert images[0].size == (64, 64)
+    assert images[0][0].size == (64, 64)
 
 
 def test_a_space_offers_the_curated_hub_models_labelled_with_their_size(monkeypatch):
@@ -196,16 +205,16 @@ def test_a_space_offers_the_curated_hub_models_labelled_with_their_size(monkeypa
 def hub_loads(monkeypatch):
     """Records what reaches load_from_hub / load_pipeline instead of downloading."""
     calls = []
-    monkeypatch.setattr(app, "load_from_hub", lambda source, **kw: calls.append(("hub", source, kw)) or "pipe")
-    monkeypatch.setattr(app, "load_pipeline", lambda source, **kw: calls.append(("disk", source, kw)) or "pipe")
-    monkeypatch.setattr(app, "MODELS", app.ModelCache())
+    monkeypatch.setattr(app_parts, "load_from_hub", lambda source, **kw: calls.append(("hub", source, kw)) or "pipe")
+    monkeypatch.setattr(app_parts, "load_pipeline", lambda source, **kw: calls.append(("disk", source, kw)) or "pipe")
+    monkeypatch.setattr(app, "MODELS", app_parts.ModelCache())
     return calls
 
 
 def test_hub_models_load_from_the_hub_in_fp16_on_a_gpu_never_from_the_local_disk(hub_loads, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
     monkeypatch.setattr(app.Settings, "dtype", torch.float16)
-    monkeypatch.setattr(app, "available_memory_gb", lambda: 100.0)
+    monkeypatch.setattr(app_parts, "available_memory_gb", lambda: 100.0)
     steps = []
     app.MODELS.get("Stable Diffusion 1.5", lambda fraction, desc: steps.append((fraction, desc)))
     kind, source, options = hub_loads[0]
@@ -223,14 +232,14 @@ def test_hub_models_load_from_the_hub_in_fp16_on_a_gpu_never_from_the_local_disk
 
 def test_a_model_too_big_for_the_machine_is_refused_with_what_it_needs(hub_loads, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
-    monkeypatch.setattr(app, "available_memory_gb", lambda: 4.0)
+    monkeypatch.setattr(app_parts, "available_memory_gb", lambda: 4.0)
     with pytest.raises(gr.Error, match=r"Stable Diffusion XL base 1.0 needs about 13.8 GB .* has 4.0 GB free"):
         app.MODELS.get("Stable Diffusion XL base 1.0")  # fp32 on this CPU: twice the fp16 size
-    assert hub_loads == [] and app.available_memory_gb.__module__ == __name__  # patched, so nothing loaded
+    assert hub_loads == [] and app_parts.available_memory_gb.__module__ == __name__  # patched, so nothing loaded
 
 
 def test_gpu_work_runs_inside_spaces_gpu_when_that_package_exists(monkeypatch):
-    assert app.on_gpu(app.random_seed) is app.random_seed  # no `spaces` here: nothing changes
+    assert app_parts.on_gpu(app.random_seed) is app.random_seed  # no `spaces` here: nothing changes
     wrapped = []
 
     def gpu(duration):
@@ -264,21 +273,21 @@ def test_a_share_link_made_after_a_run_restores_the_tab_model_and_settings(clien
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
     updates = load.fn(FakeRequest(query))
-    tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number, _, gallery, used = \
-        updates[:14]
+    tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number, _, *advanced = updates[:19]
+    gallery, used = updates[19:21]
     assert tabs.selected == "text_to_image" and model == SD and prompt.startswith("a small blue square")
-    assert (steps, guidance, scheduler, width, height, seed_box, number) == (7, 3.5, "euler_karras", 64, 72, seed, 2)
-    assert used == seed and np.array_equal(np.asarray(gallery[0]), np.asarray(Image.open(images[0]["image"])))
+    assert (steps, guidance, scheduler, width, height, str(seed_box), number) == (7, 3.5, "euler_karras", 64, 72, seed, 2)
+    assert used == seed and np.array_equal(np.asarray(gallery[0][0]), np.asarray(Image.open(images[0]["image"])))
     dit_link = client.predict(DIT, "green square", 2.5, 4, "ddim", 9, 1, "first3", api_name="/dit_sample")[2]
     updates = load.fn(FakeRequest(dit_link.split("?", 1)[1].rstrip(")")))
-    assert updates[0].selected == "dit" and updates[-11:-3] == [DIT, "green square", 2.5, 4, "ddim", 9, 1, "first3"]
+    assert updates[0].selected == "dit" and updates[-12:-4] == [DIT, "green square", 2.5, 4, "ddim", 9, 1, "first3"]
 
 
 def test_the_first_page_shows_a_picture_and_a_bad_link_value_is_ignored():
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
     updates = load.fn(FakeRequest(""))
-    assert len(updates[12]) == 4 and updates[13] >= 0  # four images and the seed used, before any click
+    assert len(updates[19]) == 4 and int(updates[20]) >= 0  # four images and the seed used, before any click
     updates = load.fn(FakeRequest("tab=text_to_image&model=%2Fetc%2Fpasswd&steps=abc&scheduler=nonsense"))
     assert updates[1] == SD and updates[4] == 20 and updates[6] == "dpmpp_2m"
 
@@ -305,7 +314,144 @@ def test_app_py_started_as_on_a_space_listens_on_all_interfaces_and_serves(tmp_p
         assert ["SD-Turbo (hub, 2.6 GB)", "SD-Turbo"] in choices
         images, seed, *_ = client.predict(SD, "a red circle", "", 4, 5.0, "ddim", 64, 64, 2, 1, False,
                                           api_name="/text_to_image")
-        assert seed == 2 and Image.open(images[0]["image"]).size == (64, 64)
+        assert seed == "2" and Image.open(images[0]["image"]).size == (64, 64)
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest.mark.parametrize("kind,model,settings", [
+    ("text_to_image", SD, dict(prompt="a red circle", steps=2)),
+    ("vae", SD, dict(image=handle_file(str(app.EXAMPLE_SCENE)))),
+    ("dit", DIT, dict(class_label="red circle", steps=2, guidance_scale=3.0)),
+    ("precision", DIT, dict(class_label="blue triangle", steps=2, dtype="bf16")),
+])
+def test_compare_runs_each_kind_through_gradio_client_with_named_parameters(client, kind, model, settings, tmp_path):
+    verdict, images, plots, table, report = client.predict(kind=kind, model=model, seed=1, api_name="/compare",
+                                                           **settings)
+    badge = "📏 MEASUREMENT" if kind == "precision" else "✅ PASS"
+    assert verdict.startswith(f"## {badge}\n{kind}"), verdict
+    captions = [image["caption"] for image in images]
+    assert captions[-1].startswith("|difference| x") and len(captions) >= 3, captions
+    assert Image.open(images[0]["image"]).size == (64, 64)
+    assert [plot["caption"] for plot in plots] == (["per-module"] if kind == "vae" else ["per-step", "per-module"])
+    assert table["headers"][:2] == ["stage", "max |diff|"] and len(table["data"]) >= 3
+    assert ("Timestep embedding frequencies: **diffusers**" in verdict) == (model == DIT)
+    shutil.unpack_archive(report, tmp_path)  # one folder, named after the kind
+    assert {"report.md", "report.json", "images.png"} <= {p.name for p in (tmp_path / kind).iterdir()}
+    assert json.loads((tmp_path / kind / "report.json").read_text())["kind"] == kind
+
+
+def test_compare_refuses_a_model_of_the_wrong_family_and_names_the_fix():
+    with pytest.raises(gr.Error, match="does not fit the comparison 'dit': pick one of .*shapes \\(DiT\\)"):
+        app.compare("dit", SD, class_label="red circle")
+    with pytest.raises(gr.Error, match="kind must be one of"):
+        app.compare("speed", SD)
+    with pytest.raises(gr.Error, match="Unknown class label 'unicorn'"):
+        app.compare("dit", DIT, class_label="unicorn", steps=1)
+
+
+def test_each_compare_kind_shows_only_the_settings_it_takes():
+    assert set(app.COMPARE_FIELDS) == set(app.KINDS)
+    demo = app.build()
+    on_kind = next(d for d in demo.fns.values() if d.name == "on_kind").fn
+    dropdown, prompt, class_label, image, strength, sample, guided, dtype, negative = on_kind("vae")
+    assert [u["visible"] for u in (prompt, class_label, image, strength, sample, guided, dtype, negative)] == [
+        False, False, True, False, True, False, False, False]
+    dropdown, prompt, class_label, *_ = on_kind("dit")
+    assert [value for _, value in dropdown.choices] == [DIT] and class_label["visible"] and not prompt["visible"]
+
+
+def test_image_to_image_and_png_info_through_gradio_client(client, tmp_path):
+    images, seed, parameters = client.predict(SD, handle_file(str(app.EXAMPLE_SCENE)), "a blue circle", "", 0.5, 4,
+                                              5.0, "ddim", 21, 2, api_name="/image_to_image")
+    assert seed == "21" and [image["caption"] for image in images] == ["seed 21", "seed 22"]
+    assert '"strength": 0.5' in parameters and Image.open(images[0]["image"]).size == (64, 64)
+    made, *_ = client.predict(SD, "a small blue square in the center on a white background", "bad", 3, 4.5, "euler",
+                              72, 64, 31, 2, False, "a1111", 1, api_name="/text_to_image")
+    read = client.predict(handle_file(made[1]["image"]), api_name="/png_info")  # the app's own PNG keeps its text
+    assert list(read[:11]) == [SD, "a small blue square in the center on a white background", "bad", 3, 4.5, "euler", 72, 64,
+                         32, "a1111", 1], read
+    a1111 = tmp_path / "a1111.png"
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, Schedule type: "
+                  "Karras, CFG scale: 6, Seed: 77, Size: 64x48, Model: some-model, Clip skip: 2")
+    Image.new("RGB", (64, 48)).save(a1111, pnginfo=info)
+    model, prompt, negative, steps, guidance, scheduler, width, height, seed, syntax, skip, note = app.png_info(str(a1111))
+    assert (prompt, negative, steps, guidance, scheduler, width, height, seed, syntax, skip) == (
+        "a red circle", "blurry", 12, 6.0, "dpmpp_2m_karras", 64, 48, 77, "a1111", 1)
+    assert "'some-model' is not offered" in note and model.__class__.__name__ != "str"  # the model is kept
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(gr.Error, match="carries no generation parameters"):
+        app.png_info(str(tmp_path / "plain.png"))
+
+
+def test_use_this_seed_and_send_to_image_to_image_take_the_picked_result():
+    images, *_ = app.generate_images(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 40, 3)
+    assert app.use_this_seed(images, 2) == 42 and app.use_this_seed(images, None) == 40
+    image, model, prompt, *_, tabs = app.send_to_image_to_image(images, 1, SD, "a red circle", "", 2, 5.0, "ddim")
+    assert image is images[1][0] and prompt == "a red circle" and tabs.selected == "image_to_image"
+    with pytest.raises(gr.Error, match="Generate images first"):
+        app.use_this_seed([], 0)
+
+
+def test_seed_used_is_empty_before_a_run(client):
+    boxes = [c["props"] for c in client.config["components"] if str(c["props"].get("label")).startswith("Seed used")]
+    assert len(boxes) == 3 and all(box.get("value") in ("", None) and box["placeholder"] == "run first" for box in boxes)
+
+
+@pytest.fixture
+def model_root(tmp_path, monkeypatch):
+    """A model root with a PEFT LoRA in loras/, a kohya LoRA at its top, a single-file 'model' and an embedding."""
+    import safetensors.torch
+    pipe = app.MODELS.get(SD)
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    generator = torch.Generator().manual_seed(0)
+    layers = [name for name, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith("to_q")]
+    peft = {}
+    for name in layers:
+        module = pipe.unet.get_submodule(name)
+        peft[f"unet.{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=generator)
+        peft[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=generator)
+    safetensors.torch.save_file(peft, tmp_path / "loras" / "style.safetensors")
+    kohya = {f"lora_unet_{layers[0].replace('.', '_')}.lora_{part}.weight": value
+             for part, value in zip(("down", "up"), list(peft.values())[:2])}
+    safetensors.torch.save_file(kohya, tmp_path / "detail.safetensors")
+    safetensors.torch.save_file({"not_a_lora.weight": torch.zeros(1)}, tmp_path / "model.safetensors")
+    width = token_embedding(pipe.text_encoder).embedding_dim
+    safetensors.torch.save_file({"<shape>": torch.randn(2, width, generator=generator)},
+                                tmp_path / "embeddings" / "shape.safetensors")
+    monkeypatch.setattr(app.Settings, "model_roots", [tmp_path])
+    return tmp_path
+
+
+def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_request(model_root):
+    assert [label for label, _ in app_parts.root_files("loras")] == ["loras: loras/style.safetensors",
+                                                                     "loras: detail.safetensors"]
+    assert [label for label, _ in app_parts.root_files("embeddings")] == ["embeddings: embeddings/shape.safetensors"]
+    assert [label for label, _ in app.model_choices("text_to_image")][-1] == "models: model.safetensors"
+    run = functools.partial(app.generate_images, SD, "a red circle <shape>", "", 3, 5.0, "ddim", 64, 64, 3, 1)
+    plain = np.asarray(run()[0][0][0])
+    shape = ["embeddings: embeddings/shape.safetensors"]
+    embedded = np.asarray(run(embeddings=shape)[0][0][0])
+    assert not np.array_equal(embedded, plain)  # the token now means its vectors, not the text "<shape>"
+    styled, _, _, parameters, link = run(embeddings=shape, lora_1="loras: loras/style.safetensors", lora_1_scale=0.5)
+    assert json.loads(parameters)["loras"] == [["loras: loras/style.safetensors", 0.5]] and "lora_1_scale=0.5" in link
+    assert json.loads(parameters)["embeddings"] == ["<shape>"]
+    styled = np.asarray(styled[0][0])
+    assert not np.array_equal(styled, embedded)
+    assert np.array_equal(np.asarray(run(embeddings=shape)[0][0][0]), embedded)  # the LoRA left with its request
+    with pytest.raises(gr.Error, match="not one of the offered loras"):
+        run(lora_2="loras: ../../etc/passwd")
+    with pytest.raises(gr.Error, match="the scale of loras: detail.safetensors must be a number between -4 and 4"):
+        run(lora_2="loras: detail.safetensors", lora_2_scale=float("nan"))
+
+
+def test_the_readme_client_example_runs_as_written(server):
+    section = (Path(app.__file__).parent / "README.md").read_text().split("## The app", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0].replace('"http://127.0.0.1:7860"', repr(server))
+    names = {}
+    exec(code, names)  # noqa: S102 (the README's own example)
+    assert names["seed_used"] == "7" and [image["caption"] for image in names["images"]] == ["seed 7", "seed 8"]
+    assert names["verdict"].startswith("## ✅ PASS\ndit (all): PASS")

@@ -1,0 +1,373 @@
+"""What app.py needs besides its layout and handlers: the models a visitor may pick (and the LoRAs and
+embeddings beside them), the loaded-model cache, ZeroGPU wrapping, input checks, share links and their restore.
+
+This module may import gradio; the models, pipelines and schedulers never do.
+
+Where the extras live, under each model root (--models-dir / SD_CORE_MODELS_DIR):
+    <root>/loras/*.safetensors          LoRAs (any file there)
+    <root>/*.safetensors                a LoRA too when its keys say so (kohya `lora_unet_`/`lora_te*_`, diffusers
+                                        `.lora_A.`/`.lora.down.`/...: read with safe_open, no tensor loaded);
+                                        any other single file is offered as a model
+    <root>/embeddings/*.safetensors     textual-inversion embeddings (pickled .pt/.bin files are never loaded)
+"""
+import functools
+import gc
+import inspect
+import logging
+import os
+import threading
+import urllib.parse
+from collections import OrderedDict
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+
+from . import catalog
+from .catalog import CatalogModel
+from .convert import CheckpointError
+from .loading import HUB_ID, load_from_hub, load_pipeline
+from .pipelines import MAX_SEED, resolve_seed
+from .schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
+
+LOG = logging.getLogger("sd_core.app")
+EMBEDDED = {name: Path(model.source) for name, model in catalog.EMBEDDED.items()}
+HUB_BY_SOURCE = {model.source: model for model in catalog.HUB.values()}
+LORA_MARKERS = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", ".lora_A.", ".lora_B.", ".lora.down.",
+                ".lora.up.", ".lora_linear_layer.", "_lora.down.")
+
+
+class Settings:
+    """What the server operator chose (command line / environment), not what a visitor sends."""
+    model_roots: list[Path] = [Path(p).resolve() for p in os.environ.get("SD_CORE_MODELS_DIR", "").split(os.pathsep) if p]
+    allow_hub: bool = os.environ.get("SD_CORE_ALLOW_HUB") == "1"  # any owner/name a visitor types
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: torch.dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+
+
+def hub_offered() -> bool:
+    """The curated hub models are offered where the hub is reachable: on a Space, or when the operator allows it."""
+    return Settings.allow_hub or bool(os.environ.get("SPACE_ID"))
+
+
+@functools.lru_cache(maxsize=1024)
+def is_lora_file(path: Path, modified: float) -> bool:
+    """A .safetensors file is a LoRA when its tensor names say so (read from the header; `modified` keys the cache)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(marker in key for key in f.keys() for marker in LORA_MARKERS)
+    except Exception:  # noqa: BLE001 (an unreadable file is offered as a model; loading it says what is wrong)
+        return False
+
+
+def root_files(what: str) -> list[tuple[str, Path]]:
+    """(label, path) of the LoRAs ("loras") or embeddings ("embeddings") under the model roots."""
+    found = []
+    for root in Settings.model_roots:
+        if not root.is_dir():
+            continue
+        paths = sorted((root / what).glob("*.safetensors"))
+        if what == "loras":
+            paths += [p for p in sorted(root.glob("*.safetensors")) if is_lora_file(p, p.stat().st_mtime)]
+        found += [(f"{what}: {p.relative_to(root)}", p) for p in paths]
+    return found
+
+
+def extra_path(what: str, choice: str) -> Path:
+    for label, path in root_files(what):
+        if label == choice:
+            return path
+    raise gr.Error(f"{choice!r} is not one of the offered {what}. Pick one from the list (files in a model root's "
+                   f"{what}/ folder).")
+
+
+def model_choices(kind: str) -> list[tuple[str, str]]:
+    """(label, value) pairs a visitor may pick: embedded models, what lies under the model roots, curated hub models.
+    kind: "text_to_image", "dit" or "any"."""
+    names = [(name, name) for name, model in catalog.EMBEDDED.items()
+             if Path(model.source).is_dir() and kind in ("any", model.kind)]
+    for root in Settings.model_roots:
+        if root.is_dir():
+            files = [p for p in root.glob("*.safetensors") if not is_lora_file(p, p.stat().st_mtime)]
+            found = sorted([p.parent for p in root.glob("*/model_index.json")] + files)
+            names += [(f"models: {p.relative_to(root)}",) * 2 for p in found]
+    if hub_offered():
+        names += [(f"{model.name} (hub, {model.download_gb:g} GB)", model.name) for model in catalog.HUB.values()
+                  if kind in ("any", model.kind)]
+    return names
+
+
+def resolve_source(choice: str) -> Path | str:
+    """A visitor's model choice -> a local Path (embedded or under a model root) or a hub repo id (a str).
+    A hub-shaped string is never looked up on the local disk."""
+    choice = (choice or "").strip()
+    if choice in EMBEDDED:
+        return EMBEDDED[choice]
+    relative = choice.removeprefix("models: ")
+    for root in Settings.model_roots:
+        candidate = (root / relative).resolve()
+        if candidate.is_relative_to(root) and candidate.exists() and choice.startswith("models: "):
+            return candidate
+    if hub_offered() and (choice in catalog.HUB or choice in HUB_BY_SOURCE):
+        return catalog.HUB[choice].source if choice in catalog.HUB else choice
+    if Settings.allow_hub and HUB_ID.match(choice):
+        return choice
+    raise gr.Error(f"{choice!r} is not one of the offered models. Pick one from the list"
+                   + (" or give a hub id like owner/model." if Settings.allow_hub else "."))
+
+
+def catalog_entry(choice: str) -> CatalogModel | None:
+    return catalog.EMBEDDED.get(choice) or catalog.HUB.get(choice) or HUB_BY_SOURCE.get(choice)
+
+
+def available_memory_gb() -> float:
+    """Free memory where the weights will live: the GPU's, else the machine's RAM."""
+    if Settings.device == "cuda":
+        try:
+            return torch.cuda.mem_get_info()[0] / 1e9
+        except RuntimeError:  # ZeroGPU: no GPU attached outside a spaces.GPU call; it lends a whole one
+            return float("inf")
+    try:
+        import psutil
+        return psutil.virtual_memory().available / 1e9
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def check_fits(model: CatalogModel):
+    bytes_per_parameter = torch.finfo(Settings.dtype).bits // 8
+    needed, free = model.memory_needed_gb(bytes_per_parameter), available_memory_gb()
+    if needed > free:
+        where = "GPU memory" if Settings.device == "cuda" else "RAM"
+        raise gr.Error(f"{model.name} needs about {needed:.1f} GB of {where} for its weights ({Settings.dtype}); this "
+                       f"machine has {free:.1f} GB free. Pick a smaller model, or run the app on a larger machine.")
+
+
+class ModelCache:
+    """The last few loaded pipelines; older ones are dropped (and their memory freed) when others load.
+    `using(pipe)` is the lock a request holds while it runs a pipeline whose weights a LoRA may change."""
+
+    def __init__(self, size: int = 2):
+        self.size, self.models, self.lock = size, OrderedDict(), threading.Lock()
+        self.pipe_locks: dict[int, threading.Lock] = {}
+
+    def get(self, choice: str, progress=None):
+        source = resolve_source(choice)
+        with self.lock:
+            if source in self.models:
+                self.models.move_to_end(source)
+                return self.models[source]
+            try:
+                pipe = self.load(source, progress)
+            except (CheckpointError, OSError, ValueError) as error:  # OSError: missing files, no network
+                raise gr.Error(str(error)) from None
+            self.models[source] = pipe
+            while len(self.models) > self.size:
+                _, old = self.models.popitem(last=False)
+                self.pipe_locks.pop(id(old), None)
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            return pipe
+
+    def using(self, pipe) -> threading.Lock:
+        with self.lock:
+            return self.pipe_locks.setdefault(id(pipe), threading.Lock())
+
+    @staticmethod
+    def load(source: Path | str, progress=None):
+        if isinstance(source, Path):
+            return load_pipeline(source, dtype=Settings.dtype, device=Settings.device)
+        if source in HUB_BY_SOURCE:
+            check_fits(HUB_BY_SOURCE[source])
+
+        def on_file(name, index, total, size):
+            if progress is not None:
+                progress((index - 1, total), desc=f"downloading {source}: {name} ({size / 1e9:.2f} GB)")
+        variant = "fp16" if Settings.dtype == torch.float16 else None
+        return load_from_hub(source, dtype=Settings.dtype, device=Settings.device, variant=variant, on_file=on_file)
+
+
+MODELS = ModelCache()
+
+
+# ------------------------------------------------------------------------------ handlers: GPU, errors, inputs
+
+
+def gpu_seconds(arguments: dict) -> int:
+    """How long a request may hold a ZeroGPU GPU: loading, plus steps x images x megapixels."""
+    try:
+        pixels = int(arguments.get("width") or 512) * int(arguments.get("height") or 512)
+        work = int(arguments.get("steps") or 25) * int(arguments.get("number_of_images") or 1) * max(pixels / 512 ** 2, 0.25)
+    except (TypeError, ValueError):
+        return 60
+    return int(min(30 + 0.25 * work, 300))
+
+
+def on_gpu(fn):
+    """ZeroGPU Spaces lend a GPU only inside functions wrapped by `spaces.GPU`; where that package is not
+    installed nothing changes."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    signature = inspect.signature(fn)
+
+    def duration(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        return gpu_seconds(bound.arguments)
+    return functools.wraps(fn)(spaces.GPU(duration=duration)(fn))
+
+
+def user_errors(fn):
+    """Turn bad input (ValueError/TypeError from sd_core) into a gr.Error the visitor reads, logged as one line;
+    the app keeps serving. The handler's signature is kept: gradio names the API parameters after it."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error as error:
+            LOG.warning("%s refused: %s", fn.__name__, error.message)
+            raise
+        except (ValueError, TypeError, FileNotFoundError, CheckpointError) as error:
+            LOG.warning("%s refused: %s", fn.__name__, error)
+            raise gr.Error(str(error)) from None
+    return wrapped
+
+
+def handler(fn):
+    return on_gpu(user_errors(fn))
+
+
+def as_int(value, name: str, low: int, high: int) -> int:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or float(value) != int(value):
+        raise gr.Error(f"{name} must be a whole number; got {value!r}.")
+    number = int(value)
+    if not low <= number <= high:
+        raise gr.Error(f"{name} must be between {low} and {high}; got {number}.")
+    return number
+
+
+def as_float(value, name: str, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= float(value) <= high:
+        raise gr.Error(f"{name} must be a number between {low:g} and {high:g}; got {value!r}.")
+    return float(value)
+
+
+def seed_of(seed) -> int:
+    """A visitor's seed: -1 (or empty) draws a random one, anything else must be a valid seed."""
+    if isinstance(seed, str):  # the "Seed used" box's text, pasted back
+        try:
+            seed = int(seed.strip() or -1)
+        except ValueError:
+            raise gr.Error(f"seed must be a whole number (-1: random); got {seed!r}.") from None
+    return resolve_seed(None if seed is None or seed < 0 else as_int(seed, "seed", 0, MAX_SEED))
+
+
+def random_seed() -> int:
+    return int(np.random.randint(0, MAX_SEED))
+
+
+# ------------------------------------------------------------------------------------ share links and restore
+
+
+def share_link(tab: str, settings: dict, request: gr.Request | None = None) -> str:
+    """A Markdown link that reopens the app on this tab with these settings (read back by `restore`)."""
+    query = urllib.parse.urlencode({"tab": tab, **{k: v for k, v in settings.items() if v is not None}})
+    if os.environ.get("SPACE_ID"):
+        base = f"https://huggingface.co/spaces/{os.environ['SPACE_ID']}"
+    elif request is not None and request.headers.get("referer"):
+        base = request.headers["referer"].split("?")[0].split("#")[0]
+    else:
+        base = ""
+    return f"[🔗 Link to this result and its settings]({base}?{query})"
+
+
+def query_value(component, text: str):
+    """A setting read from a shared link, in the component's type; None when it does not fit the component."""
+    try:
+        if isinstance(component, gr.Checkbox):
+            return text.lower() == "true"
+        if isinstance(component, (gr.Slider, gr.Number)):
+            number = float(text)
+            return int(number) if number.is_integer() else number
+    except ValueError:
+        return None
+    if isinstance(component, (gr.Dropdown, gr.Radio)) and not getattr(component, "allow_custom_value", False):
+        return text if text in [value for _, value in component.choices] else None
+    return text
+
+
+def restore(shareable: dict, request: gr.Request | None):
+    """Page load: the settings of a shared link (?tab=...&model=...), and on the embedded models a first result so
+    nobody looks at empty boxes. Returns updates for the tabs, then each tab's inputs and outputs."""
+    query = dict(request.query_params) if request is not None else {}
+    tab = query.get("tab") if query.get("tab") in shareable else "text_to_image"
+    updates = [gr.Tabs(selected=tab)]
+    for name, (fn, inputs, outputs) in shareable.items():
+        if name != tab:
+            updates += [gr.skip()] * (len(inputs) + len(outputs))
+            continue
+        values = [component.value for component in inputs]
+        for i, (parameter, component) in enumerate(zip(inspect.signature(fn).parameters, inputs)):
+            if parameter in query:
+                value = query_value(component, query[parameter])
+                if value is None:
+                    gr.Warning(f"The link's {parameter}={query[parameter]!r} does not fit this app; kept {values[i]!r}.")
+                else:
+                    values[i] = value
+        results = [gr.skip()] * len(outputs)
+        if values[0] in EMBEDDED:  # fast; a hub model waits for the visitor's click (it may download gigabytes)
+            try:
+                results = list(fn(*values, request=request))
+            except gr.Error as error:
+                gr.Warning(f"The link's settings did not run: {error.message}")
+        updates += values + results
+    return updates
+
+
+# ------------------------------------------------------------------------------------ shared form pieces
+
+MODEL_DEFAULT = "default"  # scheduler choice: the one the model's own scheduler config names
+SCHEDULER_CHOICES = [(DISPLAY_NAMES.get(name, name), name) for name in SCHEDULER_NAMES] + [
+    ("the model's own", MODEL_DEFAULT)]
+SYNTAXES = [("plain (as diffusers)", "plain"), ("A1111: (word:1.2), [word], BREAK, long prompts", "a1111")]
+
+
+def scheduler_of(choice):
+    return None if choice == MODEL_DEFAULT else choice
+
+
+def model_dropdown(choices: list, label: str = "Model") -> gr.Dropdown:
+    return gr.Dropdown(choices, value=choices[0][1] if choices else None, label=label,
+                       allow_custom_value=Settings.allow_hub)
+
+
+def scheduler_dropdown(value: str) -> gr.Dropdown:
+    return gr.Dropdown(SCHEDULER_CHOICES, value=value, label="Scheduler")
+
+
+def images_gallery(label="Images", columns=4) -> gr.Gallery:
+    return gr.Gallery(label=label, columns=columns, height="auto", format="png", elem_classes="pixelated")
+
+
+def advanced_settings() -> list:
+    """Prompt syntax, clip skip, two LoRAs with a scale each, embeddings: the A1111 user's settings."""
+    loras = [(label, label) for label, _ in root_files("loras")]
+    embeddings = [(label, label) for label, _ in root_files("embeddings")]
+    where = "Add LoRAs in a model root's loras/ folder, embeddings in its embeddings/ folder (.safetensors)."
+    with gr.Accordion("Advanced: prompt syntax, clip skip, LoRAs, embeddings", open=False):
+        with gr.Row():
+            syntax = gr.Radio(SYNTAXES, value="plain", label="Prompt syntax")
+            clip_skip = gr.Slider(0, 10, 0, step=1, label="Clip skip (0: the model's usual layer; A1111's 2 is 1)")
+        components = [syntax, clip_skip]
+        for i in (1, 2):
+            with gr.Row():
+                components += [gr.Dropdown([("none", "")] + loras, value="", label=f"LoRA {i}"),
+                               gr.Slider(-2, 2, 1.0, step=0.05, label=f"LoRA {i} scale")]
+        components.append(gr.Dropdown(embeddings, value=[], multiselect=True,
+                                      label="Embeddings (write each one's file name in the prompt)"))
+        gr.Markdown(where if loras or embeddings else f"No LoRAs or embeddings found. {where}")
+    return components
