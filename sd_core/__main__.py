@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import catalog, shapes
 from .convert import CheckpointError
-from . import catalog
 from .catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from .components import DiTPipeline, StableDiffusionPipeline
 from .images import save_image
@@ -126,6 +126,14 @@ def image_seeds(result) -> list[int]:
     return [json.loads(image.info["sd_core"])["seed"] for image in result.images]
 
 
+def warn_unknown_words(source, prompts: list[str]):
+    """The embedded model knows only its captions' words: say which words of the prompt it never saw."""
+    unknown = sorted({word for prompt in prompts for word in shapes.unknown_words(prompt)})
+    if Path(source) == EMBEDDED_TEXT_TO_IMAGE and unknown:
+        print(f"note: the embedded model was trained only on captions like \"{shapes.EXAMPLE_CAPTION}\"; it never "
+              f"saw {', '.join(repr(w) for w in unknown)} and draws unrelated shapes for them.", file=sys.stderr)
+
+
 def run_generate(args):
     if args.prompts is not None:  # a prompt file: many images, on any number of processes (sd_core.batch)
         from . import batch
@@ -135,6 +143,7 @@ def run_generate(args):
     output = resolve_output(args)
     source = args.model or EMBEDDED_TEXT_TO_IMAGE
     pipe = load(source, args, StableDiffusionPipeline)
+    warn_unknown_words(source, [args.prompt, args.negative or ""])
     tokens = customize(pipe, args.lora, args.embedding, allow_pickle=args.allow_pickle)
     if tokens:
         print(f"embedding tokens: {', '.join(tokens)}")
@@ -203,7 +212,9 @@ def parser() -> argparse.ArgumentParser:
                        "-0, -1, ... (default: outputs/<command>-<n>.png)")
 
     g = commands.add_parser("generate", help="text to image (or image to image with --init-image)")
-    g.add_argument("prompt", nargs="?")
+    g.add_argument("prompt", nargs="?", help=f"what to draw; the embedded model knows captions like "
+                   f"\"{shapes.EXAMPLE_CAPTION}\" (shapes: circle/square/triangle; colours: "
+                   f"{'/'.join(shapes.COLOURS)}; small/big; left/center/right; gray/black/white background)")
     g.add_argument("--prompts", type=Path, help="a file of prompts (one a line, or JSON lines); needs --out")
     g.add_argument("--out", type=Path, help="the folder --prompts writes 00000-00.png, ... to (resumable)")
     g.add_argument("--stop-after", type=int, help="with --prompts: each process stops after this many images")

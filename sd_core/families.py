@@ -96,8 +96,8 @@ def family_of_checkpoint(tensors: dict) -> tuple[Family, str]:
         f" sd_core loads SD 1.x/2.x/XL and DiT checkpoints; a UNet-only or LoRA file is not a whole model.")
 
 
-def family_of_folder(pipeline_class: str, text_encoder_config) -> Family:
-    """The family of a diffusers folder from its pipeline class and text encoders."""
+def family_of_folder(pipeline_class: str, text_encoder_config, pad_token: str | None = None) -> Family:
+    """The family of a diffusers folder from its pipeline class, its text encoder and tokenizer."""
     if pipeline_class == "DiTPipeline":
         return FAMILIES["dit"]
     if not pipeline_class.startswith("StableDiffusion"):
@@ -107,5 +107,7 @@ def family_of_folder(pipeline_class: str, text_encoder_config) -> Family:
         return FAMILIES["sdxl" if text_encoder_config is not None else "sdxl_refiner"]
     if text_encoder_config is None:
         raise convert.CheckpointError(f"a {pipeline_class} folder needs a text_encoder; this one has none.")
-    # SD2's OpenCLIP encoder uses exact GELU, SD1's CLIP-L quick_gelu
-    return FAMILIES["sd2" if text_encoder_config.hidden_act == "gelu" else "sd1"]
+    # SD2's OpenCLIP ViT-H uses exact GELU and pads with "!"; anything else conditions the way SD1 does
+    # (the last hidden state of one encoder), whatever its activation
+    openclip = text_encoder_config.hidden_act == "gelu" and pad_token == "!"
+    return FAMILIES["sd2" if openclip else "sd1"]

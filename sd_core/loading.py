@@ -212,16 +212,17 @@ def load_diffusers_folder(folder: Path, dtype=None, device=None, variant=None, a
 
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(inside(root, scheduler_path)) if scheduler_path.is_file() else {}
-    text_encoder = component("text_encoder")
+    text_encoder, tokenizer = component("text_encoder"), component("tokenizer")
     try:
-        family = family_of_folder(pipeline_class, text_encoder.config if text_encoder is not None else None)
+        family = family_of_folder(pipeline_class, text_encoder.config if text_encoder is not None else None,
+                                  tokenizer.pad_token if tokenizer is not None else None)
     except CheckpointError as error:
         raise CheckpointError(f"{folder}: {error}") from None
     if family.name == "dit":
         id2label = {int(k): v for k, v in index.get("id2label", {}).items()}
         return DiTPipeline(component("transformer"), component("vae"), scheduler_config, id2label, str(folder))
     return StableDiffusionPipeline(family.name, component("unet"), component("vae"), scheduler_config, text_encoder,
-                                   component("tokenizer"), component("text_encoder_2"), component("tokenizer_2"),
+                                   tokenizer, component("text_encoder_2"), component("tokenizer_2"),
                                    str(folder))
 
 

@@ -7,6 +7,7 @@ drawn from a seed, on the fly, with numpy; DiT's classes are shape x colour ("re
 import dataclasses
 import itertools
 import random
+import re
 
 import numpy as np
 
@@ -19,6 +20,16 @@ POSITIONS = {"left": 16, "center": 32, "right": 48}  # x of the shape's centre, 
 POSITION_PHRASES = {"left": "on the left", "center": "in the center", "right": "on the right"}
 SIZES = {"small": 8, "big": 13}  # half-width in pixels
 CLASS_NAMES = [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]  # DiT classes
+EXAMPLE_CAPTION = "a big red circle on the left on a gray background"
+# Every word of every caption: what the embedded text-to-image model has seen.
+VOCABULARY = frozenset({"a", "on", "the", "in", "background", *SHAPES, *COLOURS, *BACKGROUNDS, *SIZES,
+                        *" ".join(POSITION_PHRASES.values()).split()})
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of `prompt` the embedded model never saw in a caption (it draws noise-like shapes for them)."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    return sorted({word for word in words if word not in VOCABULARY})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -192,3 +192,12 @@ def test_offload_draws_the_same_image(tmp_path):
     assert main([*common, "-o", str(plain)]) == 0
     assert main([*common, "--offload", "-o", str(offloaded)]) == 0
     assert plain.read_bytes() == offloaded.read_bytes()
+
+
+def test_off_vocabulary_words_are_named_for_the_embedded_model(tmp_path, capsys):
+    assert main(["generate", "an astronaut riding a horse", "--steps", "1", "-o", str(tmp_path / "a.png")]) == 0
+    note = capsys.readouterr().err
+    assert "'astronaut', 'horse', 'riding'" in note and "a big red circle on the left" in note
+    assert main(["generate", "a big red circle on the left on a gray background", "--steps", "1",
+                 "-o", str(tmp_path / "b.png")]) == 0
+    assert "never saw" not in capsys.readouterr().err

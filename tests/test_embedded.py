@@ -49,3 +49,8 @@ def test_the_shipped_model_draws_what_it_is_asked_for():
     result = text_to_image(pipe, scene.caption, steps=20, guidance_scale=5.0, images_per_prompt=4, seed=0)
     scores = [shapes.score(np.asarray(image), scene) for image in result.images]
     assert sum(s.colour and s.position for s in scores) >= 3
+
+
+def test_the_embedded_model_is_labelled_an_sd1_style_pipeline_not_sd2():
+    """Its encoder uses GELU like SD2's OpenCLIP, but it pads with <|endoftext|> and conditions like SD1."""
+    assert load_pipeline(EMBEDDED_TEXT_TO_IMAGE).family == "sd1"
