@@ -244,22 +244,60 @@ def train_dit(run: Run, vae_folder: Path, config: dict = DIT_CONFIG, label_dropo
 PHOTOS = Path(__file__).parent / "data" / "photos"
 
 
-def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | None = None) -> dict:
-    """Generate every held-out prompt x `seeds` and score the images; DiT per class; VAE PSNR."""
+def share_of_work(items: list) -> tuple:
+    """(state, this process's share of [(index, item)]): every item on one process, a contiguous share each
+    under accelerate launch / torchrun."""
+    from accelerate import PartialState
+
+    from .distributed import cpu_only
+    state = PartialState(cpu=cpu_only())
+    with state.split_between_processes(list(enumerate(items))) as share:
+        return state, share
+
+
+def gather_in_order(state, results: list) -> list:
+    """Every process's [(index, ...)] results, on every process, in index order."""
+    from accelerate.utils import gather_object
+    return sorted(gather_object(results) if state.num_processes > 1 else results, key=lambda r: r[0])
+
+
+def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | None = None,
+             limit: int | None = None) -> dict | None:
+    """Generate every held-out prompt x `seeds` and score the images; DiT per class; VAE PSNR. Under
+    accelerate launch each process generates a share of the prompts and classes (prompt i always from seed i,
+    so the scores do not depend on the process count) and the main process gathers them and returns the
+    report; the others return None. `limit` evaluates only the first prompts and classes (a quick check)."""
     from PIL import Image
 
     from .pipelines import dit_sample, text_to_image, vae_roundtrip
     pipe = load_pipeline(model)
-    held_out = sorted(shapes.HELD_OUT, key=lambda s: s.caption)
-    scores, tiles, dit_tiles = [], [], []
-    for i, scene in enumerate(tqdm(held_out, desc="text to image")):
+    held_out = sorted(shapes.HELD_OUT, key=lambda s: s.caption)[:limit]
+    state, share = share_of_work(held_out)
+    results = []
+    for i, scene in tqdm(share, desc="text to image", disable=not state.is_main_process):
         result = text_to_image(pipe, [scene.caption], steps=EMBEDDED_STEPS, guidance_scale=EMBEDDED_GUIDANCE, seed=i,
                                images_per_prompt=seeds)
-        scores += [shapes.score(np.asarray(image), scene) for image in result.images]
-        tiles.append(np.concatenate([np.asarray(image) for image in result.images], axis=1))
+        results.append((i, [shapes.score(np.asarray(image), scene) for image in result.images],
+                        np.concatenate([np.asarray(image) for image in result.images], axis=1)))
+    classes = shapes.CLASS_NAMES[:limit] if dit_model is not None else []
+    dit = load_pipeline(dit_model) if classes else None
+    _, class_share = share_of_work(classes)
+    dit_results = []
+    for class_id, name in tqdm(class_share, desc="dit", disable=not state.is_main_process):
+        result = dit_sample(dit, [class_id] * seeds, guidance_scale=EMBEDDED_DIT_GUIDANCE, steps=EMBEDDED_STEPS,
+                            seed=class_id)
+        colour, shape = name.split()
+        found = [shapes.analyse(np.asarray(image)) for image in result.images]
+        dit_results.append((class_id, [f.get("colour") == colour and f.get("shape") == shape for f in found],
+                            np.concatenate([np.asarray(image) for image in result.images], axis=1)))
+    results, dit_results = gather_in_order(state, results), gather_in_order(state, dit_results)
+    if not state.is_main_process:
+        return None
+    scores = [score for _, image_scores, _ in results for score in image_scores]
+    tiles = [tile for _, _, tile in results]
     report = {"text_to_image": {name: float(np.mean([getattr(s, name) for s in scores]))
                                 for name in ("colour", "position", "shape", "size", "clean_background", "all")},
-              "prompts": len(held_out), "images": len(scores)}
+              "prompts": len(held_out), "images": len(scores), "processes": state.num_processes}
     start = time.perf_counter()
     for _ in range(3):
         text_to_image(pipe, held_out[0].caption, steps=EMBEDDED_STEPS, guidance_scale=EMBEDDED_GUIDANCE, seed=0)
@@ -271,20 +309,10 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
     photos = sorted(PHOTOS.glob("*.png"))
     if photos:
         report["vae_psnr_photos"] = {p.stem: round(vae_roundtrip(pipe.vae, p).psnr, 2) for p in photos}
-    if dit_model is not None:
-        dit = load_pipeline(dit_model)
-        correct = []
-        for class_id, name in enumerate(tqdm(shapes.CLASS_NAMES, desc="dit")):
-            result = dit_sample(dit, [class_id] * seeds, guidance_scale=EMBEDDED_DIT_GUIDANCE, steps=EMBEDDED_STEPS,
-                                seed=class_id)
-            colour, shape = name.split()
-            for image in result.images:
-                found = shapes.analyse(np.asarray(image))
-                correct.append(found.get("colour") == colour and found.get("shape") == shape)
-            if class_id % 3 == 0:
-                dit_tiles.append(np.concatenate([np.asarray(image) for image in result.images], axis=1))
-        report["dit_class_accuracy"] = float(np.mean(correct))
+    if dit_results:
+        report["dit_class_accuracy"] = float(np.mean([ok for _, correct, _ in dit_results for ok in correct]))
     if grid is not None:
+        dit_tiles = [tile for class_id, _, tile in dit_results if class_id % 3 == 0]
         width = max(t.shape[1] for t in tiles + dit_tiles)
         rows = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles[:8] + dit_tiles]
         Image.fromarray(np.concatenate(rows, axis=0)).save(grid)
@@ -334,12 +362,14 @@ def main(argv=None):
     e.add_argument("--seeds", type=int, default=4)
     e.add_argument("--grid", type=Path)
     e.add_argument("--json", type=Path)
+    e.add_argument("--limit", type=int, help="only the first N held-out prompts and DiT classes (a quick check)")
     args = parser.parse_args(argv)
     if args.command == "evaluate":
-        report = evaluate(args.model, args.dit, args.seeds, args.grid)
-        print_report(report)
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2))
+        report = evaluate(args.model, args.dit, args.seeds, args.grid, args.limit)
+        if report is not None:  # the main process
+            print_report(report)
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=2))
         return
     run = Run(args.out, args.steps, args.batch, args.lr, args.seed, args.save_every, threads=args.threads,
               stop_at=args.stop_at, gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -186,3 +186,18 @@ def test_bf16_mixed_precision_trains_under_autocast(tiny_vae, one_process, tmp_p
     bf16, fp32 = np.array(losses(tmp_path)), np.array(losses(one_process)[:2])
     assert np.all(np.abs(bf16 - fp32) <= 0.02 * fp32) and not np.array_equal(bf16, fp32), (bf16, fp32)
     assert (tmp_path / "model" / "unet").is_dir()
+
+
+def test_evaluation_split_over_two_processes_gives_the_one_process_scores(tmp_path):
+    """Each process generates a share of the held-out prompts and DiT classes; the main process gathers them."""
+    reports = {}
+    for processes in (1, 2):
+        out = tmp_path / f"report-{processes}.json"
+        launch(processes, ["sd_core.train", "evaluate", "--model", "sd_core/weights/shapes-sd", "--dit",
+                           "sd_core/weights/shapes-dit", "--seeds", "1", "--limit", "3", "--json", str(out)],
+               timeout=300)
+        reports[processes] = json.loads(out.read_text())
+    assert reports[2]["processes"] == 2 and reports[1]["processes"] == 1
+    for key in ("text_to_image", "images", "dit_class_accuracy", "vae_psnr_held_out_scenes"):
+        assert reports[1][key] == reports[2][key], key
+    assert reports[1]["images"] == 3
