@@ -40,7 +40,8 @@ COMPILE_CACHE = Path(os.environ.get("SD_CORE_CACHE", Path.home() / ".cache" / "s
 class FastOptions:
     channels_last: bool = True
     compile: bool = False
-    compile_mode: str | None = None  # None: torch.compile's default ("max-autotune-no-cudagraphs" measured no faster here)
+    compile_mode: str | None = None  # None: torch.compile's default mode
+    compile_backend: str = "inductor"  # "eager": dynamo's tracing and guards only (tests)
     bf16: str | bool = "auto"  # "auto": only where this machine's bf16 kernels are measured faster than fp32
     deepcache: int = 0  # 0/1: off; N: the full UNet every N steps, the shallow pass between
 
@@ -84,8 +85,9 @@ class FastUNet(nn.Module):
         self.shallow = self._shallow
         if options.compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
-            self.full = torch.compile(self._full, mode=options.compile_mode)
-            self.shallow = torch.compile(self._shallow, mode=options.compile_mode)
+            self.full = torch.compile(self._full, mode=options.compile_mode, backend=options.compile_backend)
+            self.shallow = torch.compile(self._shallow, mode=options.compile_mode,
+                                         backend=options.compile_backend)
         self.reset()
 
     @property
