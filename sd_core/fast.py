@@ -72,6 +72,14 @@ def bf16_speedup(size: int = 512) -> float:
     return totals[torch.float32] / totals[torch.bfloat16]
 
 
+def use_compile_cache():
+    """Point inductor's on-disk cache at sd_core's (unless the user chose one), so a second process reuses the
+    compiled kernels. Importing some libraries fills in torch's default (/tmp/torchinductor_$USER) early."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE)
+
+
 class FastUNet(nn.Module):
     """Runs a shared `UNet2DConditionModel` with the fast options; `.config` and parameters are the UNet's.
 
@@ -84,7 +92,7 @@ class FastUNet(nn.Module):
         self.full = self._full
         self.shallow = self._shallow
         if options.compile:
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
+            use_compile_cache()
             self.full = torch.compile(self._full, mode=options.compile_mode, backend=options.compile_backend)
             self.shallow = torch.compile(self._shallow, mode=options.compile_mode,
                                          backend=options.compile_backend)
