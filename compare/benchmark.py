@@ -18,6 +18,7 @@ torch.compile); DeepCache has no diffusers counterpart (there it runs the plain 
 fast path's PSNR against sd_core's parity path (images, or the UNet output for random weights).
 """
 import ctypes
+import copy
 import dataclasses
 import functools
 import json
@@ -228,6 +229,17 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
             return min(tensor_psnr(a, b) for a, b in zip(ours_steps(), exact))
         return Pair(ours_steps, theirs_steps, psnr=psnr)
     pairs["fast: 3 UNet steps, DeepCache N=3 (diffusers: plain)"] = deepcache_pair
+
+    def bf16_pair():  # last: it casts the reference in place
+        fast_ours = FastUNet(copy.deepcopy(ours).to(torch.bfloat16), FastOptions(bf16=False))
+        reference.to(torch.bfloat16)
+        low = [x if x is None else x.to(torch.bfloat16) for x in (sample, context)]
+        low_added = added and {k: v.to(torch.bfloat16) for k, v in added.items()}
+        return Pair(lambda: fast_ours(low[0], t, low[1], low_added),
+                    lambda: reference(low[0], t, encoder_hidden_states=low[1], added_cond_kwargs=low_added),
+                    psnr=lambda: tensor_psnr(fast_ours(low[0], t, low[1], low_added), plain_ours()))
+    if dtype == torch.float32:
+        pairs["fast: UNet step, bf16 + channels_last (diffusers: bf16 + channels_last)"] = bf16_pair
     return pairs
 
 
@@ -308,15 +320,18 @@ def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
         return pairs
 
     def fast_pair(compiled: bool = False, **fast_options):
-        fast_pipe = make_fast(ours, bf16=False, compile=compiled, **fast_options)
+        fast_options.setdefault("bf16", False)
+        fast_pipe = make_fast(ours, compile=compiled, **fast_options)
         theirs = diffusers_pipeline()
+        if fast_options.get("bf16"):
+            theirs.to(torch.bfloat16)  # diffusers' way: the whole pipeline (its UNet input follows the text encoder's dtype)
         if "deepcache" not in fast_options:
             theirs.unet.to(memory_format=torch.channels_last)
             theirs.vae.to(memory_format=torch.channels_last)
             if compiled:
                 theirs.unet = torch.compile(theirs.unet)
         fast_run = lambda: fast_pipe.text_to_image(EMBEDDED_PROMPT, **options)  # noqa: E731
-        eager = make_fast(ours, bf16=False, **fast_options)
+        eager = make_fast(ours, **fast_options)
         reference = run_ours().images[0]
         return Pair(fast_run, run_theirs(theirs),
                     flops=(lambda: eager.text_to_image(EMBEDDED_PROMPT, **options), run_theirs(plain)),
@@ -326,6 +341,7 @@ def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
         pairs["fast: pipeline, compile + channels_last"] = lambda: fast_pair(compiled=True)
     for interval in (2, 3):
         pairs[f"fast: pipeline, DeepCache N={interval} (diffusers: plain)"] = functools.partial(fast_pair, deepcache=interval)
+    pairs["fast: pipeline, bf16 UNet + channels_last (diffusers: all bf16 + channels_last)"] = functools.partial(fast_pair, bf16=True)
     return pairs
 
 
