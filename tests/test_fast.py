@@ -3,7 +3,7 @@
 Figures measured on the embedded model (the tests' settings; see the README's benchmark section), each asserted
 with a margin: channels_last images are identical or within a level (PSNR inf/inf/83 dB), DeepCache N=3 over
 12 steps of the model's own scheduler gives 26.4 dB (N=2: 30.6, N=4: 23.3), the linear preview's mean colour error against
-the full decode on encoded shapes scenes is 53.5 levels of 255, against 64.5 for a mid-gray image (this small VAE's latents are far from linear in
+the full decode on encoded shapes scenes is 50.4 levels of 255, against 64.5 for a mid-gray image (this small VAE's latents are far from linear in
 colour: the best any per-pixel linear map does on those very images is 46).
 """
 import numpy as np
@@ -22,7 +22,7 @@ from sd_core.preview import fast_preview, latent_preview, latent_preview_tensor,
 PROMPT = "a big yellow triangle on the right on a black background"
 SETTINGS = dict(steps=12, guidance_scale=5.0, seed=2)
 DEEPCACHE_MIN_PSNR = 22.0  # measured 26.4 dB (DeepCache N=3, SETTINGS)
-PREVIEW_MAX_ERROR = 58.0  # measured 53.5 levels mean |preview - decode|; a mid-gray image scores 64.5
+PREVIEW_MAX_ERROR = 55.0  # measured 50.4 levels mean |preview - decode|; a mid-gray image scores 64.5
 
 
 @pytest.fixture(scope="module")
