@@ -17,8 +17,8 @@ fast path (sd_core.fast) beside diffusers with the same tricks applied to its mo
 torch.compile); DeepCache has no diffusers counterpart (there it runs the plain model), and its rows show the
 fast path's PSNR against sd_core's parity path (images, or the UNet output for random weights).
 """
-import ctypes
 import copy
+import ctypes
 import dataclasses
 import functools
 import json
@@ -32,9 +32,9 @@ import torch
 from torch.utils import flop_counter
 
 from sd_core import presets
+from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sd_core.dit import DiTTransformer2DModel, dit_config
-from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.unet import UNet2DConditionModel
 from sd_core.vae import AutoencoderKL
 
@@ -194,8 +194,8 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
     ours = twin(UNet2DConditionModel, reference)
     sample, context, added = unet_inputs(reference, dtype, latent, context_dim)
     t = torch.tensor(500, device=device())
-    plain_ours = lambda: ours(sample, t, context, added)  # noqa: E731
-    plain_theirs = lambda: reference(sample, t, encoder_hidden_states=context, added_cond_kwargs=added)  # noqa: E731
+    plain_ours = lambda: ours(sample, t, context, added)
+    plain_theirs = lambda: reference(sample, t, encoder_hidden_states=context, added_cond_kwargs=added)
     pairs = {"UNet step (batch 2)": lambda: Pair(plain_ours, plain_theirs)}
     if fast == "none":
         return pairs
@@ -311,8 +311,8 @@ def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device())
 
-    options = dict(steps=steps, seed=0, guidance_scale=5.0)
-    run_ours = lambda: text_to_image(ours, EMBEDDED_PROMPT, **options)  # noqa: E731
+    options = {"steps": steps, "seed": 0, "guidance_scale": 5.0}
+    run_ours = lambda: text_to_image(ours, EMBEDDED_PROMPT, **options)
 
     def run_theirs(pipe):
         return lambda: pipe(EMBEDDED_PROMPT, num_inference_steps=steps, guidance_scale=5.0,
@@ -334,7 +334,7 @@ def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
             theirs.vae.to(memory_format=torch.channels_last)
             if compiled:
                 theirs.unet = torch.compile(theirs.unet)
-        fast_run = lambda: fast_pipe.text_to_image(EMBEDDED_PROMPT, **options)  # noqa: E731
+        fast_run = lambda: fast_pipe.text_to_image(EMBEDDED_PROMPT, **options)
         eager = make_fast(ours, **fast_options)
         reference = run_ours().images[0]
         return Pair(fast_run, run_theirs(theirs),
@@ -362,13 +362,13 @@ def run(configs: list[str], dtypes: list[str], repeats: int, latent: int = 32, f
                     pairs.update(embedded_pipeline_pairs(fast))
             elif config == "sd15":
                 pairs.update(unet_pairs(presets.UNET_SD15, dtype, latent, 768, fast))
-                pairs["text encoder (CLIP-L)"] = lambda: text_pair(presets.CLIP_VIT_L, dtype, False)
+                pairs["text encoder (CLIP-L)"] = functools.partial(text_pair, presets.CLIP_VIT_L, dtype, False)
                 pairs.update(vae_pairs(presets.VAE_SD, dtype, latent, fast))
             elif config == "sdxl":
                 pairs.update(unet_pairs(presets.UNET_SDXL_BASE, dtype, latent, 2048, "none"))
-                pairs["text encoder 2 (bigG)"] = lambda: text_pair(presets.OPENCLIP_VIT_BIGG, dtype, True)
+                pairs["text encoder 2 (bigG)"] = functools.partial(text_pair, presets.OPENCLIP_VIT_BIGG, dtype, True)
             elif config == "dit-xl-2":
-                pairs["transformer step (batch 2)"] = lambda: dit_pair(dtype, latent)
+                pairs["transformer step (batch 2)"] = functools.partial(dit_pair, dtype, latent)
             for what, factory in pairs.items():
                 peak = peak_gflops(dtype)
                 pair = factory()
@@ -390,8 +390,8 @@ def run(configs: list[str], dtypes: list[str], repeats: int, latent: int = 32, f
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| config | dtype | measurement | sd_core (s) | diffusers (s) | ratio | sd_core GFLOP | sd_core % of peak "
-             "| diffusers GFLOP | diffusers % of peak | PSNR vs parity (dB) | sd_core peak MB | diffusers peak MB |",
+    lines = [("| config | dtype | measurement | sd_core (s) | diffusers (s) | ratio | sd_core GFLOP | sd_core % of peak "
+              "| diffusers GFLOP | diffusers % of peak | PSNR vs parity (dB) | sd_core peak MB | diffusers peak MB |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r.config} | {r.dtype} | {r.what} | {r.sd_core_s:.3f} | {r.diffusers_s:.3f} | {r.ratio:.2f} | "
               f"{r.sd_core_gflop:.1f} | {r.peak_share(r.sd_core_gflop, r.sd_core_s):.1f} | {r.diffusers_gflop:.1f} | "

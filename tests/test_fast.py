@@ -20,7 +20,7 @@ from sd_core.pipelines import text_to_image
 from sd_core.preview import fast_preview, latent_preview, latent_preview_tensor, latent_to_rgb
 
 PROMPT = "a big yellow triangle on the right on a black background"
-SETTINGS = dict(steps=12, guidance_scale=5.0, seed=2)
+SETTINGS = {"steps": 12, "guidance_scale": 5.0, "seed": 2}
 DEEPCACHE_MIN_PSNR = 22.0  # measured 26.4 dB (DeepCache N=3, SETTINGS)
 PREVIEW_MAX_ERROR = 55.0  # measured 50.4 levels mean |preview - decode|; a mid-gray image scores 64.5
 
