@@ -228,6 +228,8 @@ def make_fast(pipe, options: FastOptions | None = None, **overrides) -> FastPipe
     """The fast path over a loaded StableDiffusionPipeline, sharing its models (a bf16 copy of the UNet only when
     bf16 is chosen). `make_fast(pipe, deepcache=3, compile=True)`; see FastOptions."""
     options = dataclasses.replace(options or FastOptions(), **overrides)
+    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        raise TypeError(f"make_fast takes a loaded Stable Diffusion pipeline (with a UNet); got {type(pipe).__name__}.")
     unet = pipe.unet
     dtype = next(unet.parameters()).dtype
     use_bf16 = options.bf16 is True or (options.bf16 == "auto" and dtype == torch.float32 and bf16_speedup() > 1.1)

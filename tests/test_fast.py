@@ -117,3 +117,17 @@ def test_preview_api(pipe):
     assert thumbnail.size == (32, 32)
     expected = ((latent_preview_tensor(pipe.vae, latents[:1])[0] + 1) * 127.5).round().byte().permute(1, 2, 0)
     assert np.array_equal(np.asarray(image), expected.numpy())
+
+
+def test_make_fast_takes_a_unet_pipeline():
+    with pytest.raises(TypeError, match="Stable Diffusion pipeline"):
+        make_fast(object())
+
+
+def test_benchmark_counts_cpu_attention_flops():
+    """torch's flop counter has no formula for CPU flash attention; the benchmark adds it (else a UNet's attention
+    would count as free and its share of the peak would read low)."""
+    from compare.benchmark import count_flops
+    q = torch.randn(2, 4, 64, 16)
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) * 1e9 == 4 * 2 * 4 * 64 * 64 * 16
+    assert count_flops(lambda: q @ q.transpose(-1, -2)) * 1e9 == 2 * 2 * 4 * 64 * 64 * 16
