@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--latent", type=int, default=32, help="latent size of the real-size configs (32: 256 px)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    b.add_argument("--fast", choices=("none", "default", "all"), default="default",
+                   help="fast-path rows: none; default (channels_last, DeepCache); all (also torch.compile, minutes to build)")
     b.add_argument("--json")
     args = parser.parse_args(argv)
     if args.command == "benchmark":
