@@ -21,6 +21,7 @@ What it can do, each a named option (`FastOptions`), each measured by `python -m
 import copy
 import dataclasses
 import functools
+import json
 import os
 import statistics
 import time
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import pipelines
+from .images import tag
 from .unet import UNet2DConditionModel
 
 COMPILE_CACHE = Path(os.environ.get("SD_CORE_CACHE", Path.home() / ".cache" / "sd_core")) / "inductor"
@@ -205,6 +207,9 @@ class FastPipeline:
         self.reset()
         result = pipelines.generate(self.pipe, prompt, negative_prompt, **kwargs)
         result.parameters["fast"] = describe(self.options, self.dtype)
+        for image in result.images:  # each image's metadata says it came from the fast path, not the parity one
+            own = {**json.loads(image.info["sd_core"]), "fast": result.parameters["fast"]}
+            tag([image], own)
         return result
 
     def text_to_image(self, prompt, negative_prompt=None, **kwargs) -> pipelines.GenerationResult:

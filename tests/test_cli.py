@@ -201,3 +201,14 @@ def test_off_vocabulary_words_are_named_for_the_embedded_model(tmp_path, capsys)
     assert main(["generate", "a big red circle on the left on a gray background", "--steps", "1",
                  "-o", str(tmp_path / "b.png")]) == 0
     assert "never saw" not in capsys.readouterr().err
+
+
+def test_fast_path_is_opt_in_and_says_so_in_the_image(tmp_path):
+    from PIL import Image
+    common = ["generate", "a big red circle on the left on a gray background", "--steps", "6", "--seed", "2"]
+    assert main([*common, "-o", str(tmp_path / "parity.png")]) == 0
+    assert main([*common, "--deepcache", "2", "-o", str(tmp_path / "fast.png")]) == 0
+    parity, fast = Image.open(tmp_path / "parity.png"), Image.open(tmp_path / "fast.png")
+    assert "fast" not in json.loads(parity.info["sd_core"])
+    assert "deepcache=2" in json.loads(fast.info["sd_core"])["fast"]
+    assert np.asarray(parity).tolist() != np.asarray(fast).tolist()
