@@ -349,43 +349,43 @@ def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
     return pairs
 
 
-def run(configs: list[str], dtypes: list[str], repeats: int, latent: int = 32, fast: str = "default") -> list[Row]:
+def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str = "default") -> list[Row]:
+    """The rows of every (dtype, config) job."""
     rows = []
-    for dtype_name in dtypes:
+    for dtype_name, config in jobs:
         dtype = DTYPES[dtype_name]
         peak = peak_gflops(dtype)
         print(f"peak {dtype_name} matmul: {peak:.1f} GFLOP/s", flush=True)
-        for config in configs:
-            pairs = {}  # what -> a zero-argument factory of a Pair, built just before it is measured
-            if config == "embedded":
-                if dtype_name == "fp32" and EMBEDDED_TEXT_TO_IMAGE.is_dir():
-                    pairs.update(embedded_pipeline_pairs(fast))
-            elif config == "sd15":
-                pairs.update(unet_pairs(presets.UNET_SD15, dtype, latent, 768, fast))
-                pairs["text encoder (CLIP-L)"] = functools.partial(text_pair, presets.CLIP_VIT_L, dtype, False)
-                pairs.update(vae_pairs(presets.VAE_SD, dtype, latent, fast))
-            elif config == "sdxl":
-                pairs.update(unet_pairs(presets.UNET_SDXL_BASE, dtype, latent, 2048, "none"))
-                pairs["text encoder 2 (bigG)"] = functools.partial(text_pair, presets.OPENCLIP_VIT_BIGG, dtype, True)
-            elif config == "dit-xl-2":
-                pairs["transformer step (batch 2)"] = functools.partial(dit_pair, dtype, latent)
-            for what, factory in pairs.items():
-                peak = peak_gflops(dtype)
-                pair = factory()
-                flops = pair.flops or (pair.ours, pair.theirs)
-                row = measure(config, dtype_name, what, pair.ours, pair.theirs, repeats)
-                row.sd_core_gflop, row.diffusers_gflop = count_flops(flops[0]), count_flops(flops[1])
-                row.peak_gflops = peak
-                if pair.psnr is not None:
-                    with torch.no_grad():
-                        row.psnr = pair.psnr()
-                print(f"{row.config:9} {row.dtype:5} {row.what:28} sd_core {row.sd_core_s:8.3f}s  diffusers "
-                      f"{row.diffusers_s:8.3f}s  ratio {row.ratio:5.2f}  {row.sd_core_gflop:9.1f} GFLOP  "
-                      f"{row.peak_share(row.sd_core_gflop, row.sd_core_s):5.1f}% of peak"
-                      + (f"  PSNR {row.psnr:.1f} dB" if row.psnr is not None else ""), flush=True)
-                rows.append(row)
-                del pair
-            del pairs
+        pairs = {}  # what -> a zero-argument factory of a Pair, built just before it is measured
+        if config == "embedded":
+            if dtype_name == "fp32" and EMBEDDED_TEXT_TO_IMAGE.is_dir():
+                pairs.update(embedded_pipeline_pairs(fast))
+        elif config == "sd15":
+            pairs.update(unet_pairs(presets.UNET_SD15, dtype, latent, 768, fast))
+            pairs["text encoder (CLIP-L)"] = functools.partial(text_pair, presets.CLIP_VIT_L, dtype, False)
+            pairs.update(vae_pairs(presets.VAE_SD, dtype, latent, fast))
+        elif config == "sdxl":
+            pairs.update(unet_pairs(presets.UNET_SDXL_BASE, dtype, latent, 2048, "none"))
+            pairs["text encoder 2 (bigG)"] = functools.partial(text_pair, presets.OPENCLIP_VIT_BIGG, dtype, True)
+        elif config == "dit-xl-2":
+            pairs["transformer step (batch 2)"] = functools.partial(dit_pair, dtype, latent)
+        for what, factory in pairs.items():
+            peak = peak_gflops(dtype)
+            pair = factory()
+            flops = pair.flops or (pair.ours, pair.theirs)
+            row = measure(config, dtype_name, what, pair.ours, pair.theirs, repeats)
+            row.sd_core_gflop, row.diffusers_gflop = count_flops(flops[0]), count_flops(flops[1])
+            row.peak_gflops = peak
+            if pair.psnr is not None:
+                with torch.no_grad():
+                    row.psnr = pair.psnr()
+            print(f"{row.config:9} {row.dtype:5} {row.what:28} sd_core {row.sd_core_s:8.3f}s  diffusers "
+                  f"{row.diffusers_s:8.3f}s  ratio {row.ratio:5.2f}  {row.sd_core_gflop:9.1f} GFLOP  "
+                  f"{row.peak_share(row.sd_core_gflop, row.sd_core_s):5.1f}% of peak"
+                  + (f"  PSNR {row.psnr:.1f} dB" if row.psnr is not None else ""), flush=True)
+            rows.append(row)
+            del pair
+        del pairs
     return rows
 
 
@@ -401,16 +401,29 @@ def table(rows: list[Row]) -> str:
 
 
 def main(args):
+    """One process, or under accelerate launch / torchrun a share of the (dtype, config) jobs per process (each on
+    its own device), the rows gathered and printed by the main process."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from sd_core.distributed import cpu_only
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = run(args.configs.split(","), args.dtypes.split(","), args.repeats, args.latent,
-               getattr(args, "fast", "default"))
+    state = PartialState(cpu=cpu_only())
+    jobs = [(dtype, config) for dtype in args.dtypes.split(",") for config in args.configs.split(",")]
+    with state.split_between_processes(jobs) as share:
+        rows = run(share, args.repeats, args.latent, getattr(args, "fast", "default"))
+    if state.num_processes > 1:
+        rows = gather_object(rows)
+    if not state.is_main_process:
+        return
     for row in rows:  # every share against the best peak the whole run saw
         row.peak_gflops = peak_gflops(DTYPES[row.dtype])
     print()
     print(f"device: {device()}, torch {torch.__version__}, threads {torch.get_num_threads()}; peak matmul GFLOP/s: "
-          + ", ".join(f"{name} {PEAKS[DTYPES[name]]:.1f}" for name in args.dtypes.split(",")))
+          + ", ".join(f"{name} {PEAKS.get(DTYPES[name]) or peak_gflops(DTYPES[name]):.1f}"
+                      for name in args.dtypes.split(",")))
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows], indent=2))

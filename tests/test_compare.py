@@ -279,3 +279,16 @@ def test_cli_runs_a_dit_kind_with_class_names_and_ids(dit_folder, tmp_path, caps
                          "--scheduler", "ddim", "--guided-channels", "first3", "--out", str(tmp_path / "r")]) == 0
     assert capsys.readouterr().out.startswith("dit (first3): PASS")
     assert json.loads((tmp_path / "r" / "report.json").read_text())["settings"]["class_labels"] == [3, 7]
+
+
+def test_benchmark_under_two_processes_gathers_every_row_on_the_main_process(tmp_path):
+    """Each process measures a share of the (dtype, config) jobs; the main process prints and writes them all."""
+    from tests.launch import launch
+    rows = {}
+    for processes in (1, 2):
+        out = tmp_path / f"bench-{processes}.json"
+        result = launch(processes, ["compare", "benchmark", "--configs", "embedded", "--dtypes", "fp32,bf16",
+                                    "--repeats", "1", "--fast", "none", "--json", str(out)], timeout=300)
+        rows[processes] = [(r["config"], r["dtype"], r["what"]) for r in json.loads(out.read_text())]
+        assert result.stdout.count("| embedded | fp32 | pipeline") == 1
+    assert rows[1] == rows[2] == [("embedded", "fp32", "pipeline (20 steps, CFG)")]
