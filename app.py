@@ -26,19 +26,58 @@ from PIL import Image
 from compare.app_tab import COMPARE_FIELDS, compare, compare_tab  # noqa: F401  (the Compare tab)
 from compare.kinds import KINDS  # noqa: F401  (app.KINDS: what the Compare tab offers)
 from sd_core import catalog
-from sd_core.app_parts import (EMBEDDED, LIMITS, MODEL_DEFAULT, MODELS, SCHEDULER_CHOICES, Settings,  # noqa: F401
-                               advanced_settings, as_float, as_int, bind_embeddings, catalog_entry, dit_labels,
-                               drawn_side, editor_files, extra_path, handler, hub_offered, images_gallery,
-                               model_choices, model_dropdown, painted_mask, picked, progress_callback, random_seed,
-                               recommended_dit_settings, recommended_settings, refiner_choices, resolve_source, restore, run_bounded,
-                               scheduler_dropdown, scheduler_of, seed_of, send_to_image_to_image, share_link,
-                               timestep_semantics, use_this_seed)
+from sd_core.app_parts import (  # noqa: F401
+    EMBEDDED,
+    LIMITS,
+    MODEL_DEFAULT,
+    MODELS,
+    SCHEDULER_CHOICES,
+    Settings,
+    advanced_settings,
+    as_float,
+    as_int,
+    bind_embeddings,
+    catalog_entry,
+    dit_labels,
+    drawn_side,
+    editor_files,
+    extra_path,
+    handler,
+    hub_offered,
+    images_gallery,
+    model_choices,
+    model_dropdown,
+    painted_mask,
+    picked,
+    progress_callback,
+    random_seed,
+    recommended_dit_settings,
+    recommended_settings,
+    refiner_choices,
+    resolve_source,
+    restore,
+    run_bounded,
+    scheduler_dropdown,
+    scheduler_of,
+    seed_of,
+    send_to_image_to_image,
+    share_link,
+    timestep_semantics,
+    use_this_seed,
+)
 from sd_core.components import DiTPipeline, StableDiffusionPipeline
 from sd_core.images import read_png_parameters
 from sd_core.lora import load_lora, loras_applied
 from sd_core.pipelines import dit_sample, generate, image_seeds, refine, vae_roundtrip
 from sd_core.schedulers import DISPLAY_NAMES
-from sd_core.serving import MAX_UPLOAD_BYTES, ResultsJanitor, as_choice, as_text, open_upload, raw_value
+from sd_core.serving import (
+    MAX_UPLOAD_BYTES,
+    ResultsJanitor,
+    as_choice,
+    as_text,
+    open_upload,
+    raw_value,
+)
 
 PHOTOS = Path(__file__).resolve().parent / "sd_core" / "data" / "photos"
 EXAMPLE_SCENE = Path(__file__).resolve().parent / "sd_core" / "data" / "example-scene.png"

@@ -7,9 +7,21 @@ from pathlib import Path
 import gradio as gr
 
 from compare.kinds import DIT_KINDS, KINDS, SD_KINDS, run_comparison
-
-from sd_core.app_parts import (LIMITS, MODELS, Settings, as_float, as_int, drawn_side, handler, images_gallery, model_choices,
-                               run_bounded, scheduler_dropdown, scheduler_of, timestep_semantics)
+from sd_core.app_parts import (
+    LIMITS,
+    MODELS,
+    Settings,
+    as_float,
+    as_int,
+    drawn_side,
+    handler,
+    images_gallery,
+    model_choices,
+    run_bounded,
+    scheduler_dropdown,
+    scheduler_of,
+    timestep_semantics,
+)
 from sd_core.components import DiTPipeline
 from sd_core.pipelines import MAX_SEED
 from sd_core.serving import as_choice, as_text, open_upload, raw_value

@@ -11,10 +11,11 @@ Where the extras live, under each model root (--models-dir / SD_CORE_MODELS_DIR)
     <root>/embeddings/*.safetensors     textual-inversion embeddings (pickled .pt/.bin files are never loaded)
 """
 import functools
-import io
 import inspect
+import io
 import logging
 import os
+import re
 import threading
 import time
 import urllib.parse
@@ -27,13 +28,21 @@ from PIL import Image
 
 from . import catalog, serving
 from .catalog import CatalogModel
-from .convert import CheckpointError
-from .loading import HUB_ID, load_from_hub, load_pipeline
 from .components import DiTPipeline
+from .convert import CheckpointError
 from .embeddings import add_embedding, load_embedding
+from .loading import HUB_ID, load_from_hub, load_pipeline
 from .pipelines import MAX_SEED, preview, resolve_seed
 from .schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
-from .serving import WorkLimits, as_choice, as_number, as_whole_number, check_request, open_upload, raw_value
+from .serving import (
+    WorkLimits,
+    as_choice,
+    as_number,
+    as_whole_number,
+    check_request,
+    open_upload,
+    raw_value,
+)
 
 LOG = logging.getLogger("sd_core.app")
 EMBEDDED = {name: Path(model.source) for name, model in catalog.EMBEDDED.items()}
