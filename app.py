@@ -26,58 +26,18 @@ from PIL import Image
 from compare.app_tab import COMPARE_FIELDS, compare, compare_tab  # noqa: F401  (the Compare tab)
 from compare.kinds import KINDS  # noqa: F401  (app.KINDS: what the Compare tab offers)
 from sd_core import catalog
-from sd_core.app_parts import (  # noqa: F401
-    EMBEDDED,
-    LIMITS,
-    MODEL_DEFAULT,
-    MODELS,
-    SCHEDULER_CHOICES,
-    Settings,
-    advanced_settings,
-    as_float,
-    as_int,
-    bind_embeddings,
-    catalog_entry,
-    dit_labels,
-    drawn_side,
-    editor_files,
-    extra_path,
-    handler,
-    hub_offered,
-    images_gallery,
-    model_choices,
-    model_dropdown,
-    painted_mask,
-    picked,
-    progress_callback,
-    random_seed,
-    recommended_dit_settings,
-    recommended_settings,
-    refiner_choices,
-    resolve_source,
-    restore,
-    run_bounded,
-    scheduler_dropdown,
-    scheduler_of,
-    seed_of,
-    send_to_image_to_image,
-    share_link,
-    timestep_semantics,
-    use_this_seed,
-)
+from sd_core.app_parts import (EMBEDDED, LIMITS, MODEL_DEFAULT, MODELS, PNG_FIELDS, SCHEDULER_CHOICES,  # noqa: F401
+                               Settings, advanced_settings, as_float, as_int, bind_embeddings, catalog_entry,
+                               dit_labels, drawn_side, extra_path, handler, hub_offered, images_gallery, inpaint_tab,
+                               model_choices, model_dropdown, painted_mask, picked, png_info, progress_callback,
+                               random_seed, recommended_dit_settings, recommended_settings, refiner_choices,
+                               resolve_source, restore, run_bounded, scheduler_dropdown, scheduler_of, seed_of,
+                               send_to_image_to_image, share_link, timestep_semantics, use_this_seed)
 from sd_core.components import DiTPipeline, StableDiffusionPipeline
-from sd_core.images import read_png_parameters
 from sd_core.lora import load_lora, loras_applied
 from sd_core.pipelines import dit_sample, generate, image_seeds, refine, vae_roundtrip
 from sd_core.schedulers import DISPLAY_NAMES
-from sd_core.serving import (
-    MAX_UPLOAD_BYTES,
-    ResultsJanitor,
-    as_choice,
-    as_text,
-    open_upload,
-    raw_value,
-)
+from sd_core.serving import MAX_UPLOAD_BYTES, ResultsJanitor, as_choice, as_text, open_upload, raw_value
 
 PHOTOS = Path(__file__).resolve().parent / "sd_core" / "data" / "photos"
 EXAMPLE_SCENE = Path(__file__).resolve().parent / "sd_core" / "data" / "example-scene.png"
@@ -181,37 +141,6 @@ def inpaint_image(model, image_and_mask, prompt, negative_prompt, strength, step
     return images, str(seed), mask, json.dumps(result.parameters, indent=2)
 
 
-PNG_FIELDS = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "width", "height", "seed",
-              "prompt_syntax", "clip_skip")
-
-
-@handler
-def png_info(png):
-    """Settings from a PNG made by sd_core or AUTOMATIC1111, for the Text to image inputs (unchanged where absent)."""
-    if png is None:
-        return [gr.skip()] * len(PNG_FIELDS) + [""]
-    try:
-        settings = read_png_parameters(png)
-    except (OSError, Image.DecompressionBombError) as error:
-        raise gr.Error(f"Cannot read this file as a PNG ({error}); drop a .png image made by sd_core or A1111.") from None
-    if not isinstance(settings.get("prompt"), str):
-        raise gr.Error("This image is a DiT sample or one of a diffusers-rule batch; its settings fit the DiT tab "
-                       "or the CLI, not one prompt here.")
-    notes = []
-    if settings.get("model") not in dict(model_choices("text_to_image")).values():
-        notes.append(f"its model {settings.get('model')!r} is not offered here: the selected model is kept")
-        settings.pop("model", None)
-    if settings.get("strength") is not None:
-        notes.append(f"it was made from an image (strength {settings['strength']}): use Image to image")
-    if settings.get("scheduler") not in dict((v, k) for k, v in SCHEDULER_CHOICES):
-        notes.append(f"its sampler {settings.pop('scheduler', None)!r} is not offered")
-    values = [settings[field] if settings.get(field) is not None else (None if field == "negative_prompt" else gr.skip())
-              for field in PNG_FIELDS]
-    values[PNG_FIELDS.index("negative_prompt")] = settings.get("negative_prompt") or ""
-    return values + ["Read " + ", ".join(f"{k}={settings[k]!r}" for k in PNG_FIELDS if settings.get(k) is not None)
-                     + (". Note: " + "; ".join(notes) + "." if notes else ".")]
-
-
 @handler
 def roundtrip(model, image, sample_posterior=False, seed=0):
     """VAE round trip. Returns (reconstruction, difference x4, PSNR dB, latent channels)."""
@@ -272,14 +201,16 @@ def build() -> gr.Blocks:
                         run = gr.Button("Generate", variant="primary")
                         with gr.Row():
                             steps = raw_value(gr.Slider(1, MAX_STEPS, SD_DEFAULTS.steps, step=1, label="Steps"))
-                            guidance = raw_value(gr.Slider(0, 20, SD_DEFAULTS.guidance_scale, step=0.5, label="Guidance scale"))
+                            guidance = raw_value(gr.Slider(0, 20, SD_DEFAULTS.guidance_scale, step=0.5,
+                                                           label="Guidance scale"))
                             scheduler = scheduler_dropdown(SD_DEFAULTS.scheduler)
                         with gr.Row():
                             width = raw_value(gr.Slider(64, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Width"))
                             height = raw_value(gr.Slider(64, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Height"))
                             batch = raw_value(gr.Slider(1, MAX_BATCH, 4, step=1, label="Number of images"))
                         with gr.Row():
-                            seed = raw_value(gr.Number(-1, label="Seed (-1: random; image k uses seed + k)", precision=0))
+                            seed = raw_value(gr.Number(-1,
+                                                       label="Seed (-1: random; image k uses seed + k)", precision=0))
                             dice = gr.Button("🎲", size="sm", min_width=60)
                             trajectory_on = gr.Checkbox(False, label="Show trajectory (the x0 estimate per step)")
                         advanced = advanced_settings(refiners=refiner_choices())
@@ -324,13 +255,16 @@ def build() -> gr.Blocks:
                         i2i_prompt = gr.Textbox("a big blue circle on the left on a gray background", label="Prompt")
                         i2i_negative = gr.Textbox("", label="Negative prompt")
                         i2i_run = gr.Button("Transform", variant="primary")
-                        i2i_strength = raw_value(gr.Slider(0, 1, 0.6, step=0.05, label="Strength (0: keep the image; 1: ignore it)"))
+                        i2i_strength = raw_value(gr.Slider(0, 1, 0.6, step=0.05,
+                                                           label="Strength (0: keep the image; 1: ignore it)"))
                         with gr.Row():
                             i2i_steps = raw_value(gr.Slider(1, MAX_STEPS, SD_DEFAULTS.steps, step=1, label="Steps"))
-                            i2i_guidance = raw_value(gr.Slider(0, 20, SD_DEFAULTS.guidance_scale, step=0.5, label="Guidance scale"))
+                            i2i_guidance = raw_value(gr.Slider(0, 20, SD_DEFAULTS.guidance_scale, step=0.5,
+                                                               label="Guidance scale"))
                             i2i_scheduler = scheduler_dropdown(SD_DEFAULTS.scheduler)
                         with gr.Row():
-                            i2i_seed = raw_value(gr.Number(-1, label="Seed (-1: random; image k uses seed + k)", precision=0))
+                            i2i_seed = raw_value(gr.Number(-1,
+                                                           label="Seed (-1: random; image k uses seed + k)", precision=0))
                             i2i_batch = raw_value(gr.Slider(1, MAX_BATCH, 4, step=1, label="Number of images"))
                         i2i_advanced = advanced_settings()
                     with gr.Column():
@@ -347,35 +281,8 @@ def build() -> gr.Blocks:
                 if first_sd:
                     gr.Examples([[first_sd, str(EXAMPLE_SCENE)]], [i2i_model, i2i_image])
             with gr.Tab("Inpaint", id="inpaint"):
-                with gr.Row():
-                    with gr.Column():
-                        inp_model = model_dropdown(t2i_models)
-                        inp_editor = editor_files(gr.ImageEditor(
-                            value=str(EXAMPLE_SCENE) if first_sd else None, type="filepath", image_mode=None,
-                            label="Image and mask: paint over what to repaint", height=320, layers=False,
-                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), eraser=gr.Eraser()))
-                        inp_prompt = gr.Textbox("a big red circle on the left on a gray background", label="Prompt")
-                        inp_negative = gr.Textbox("", label="Negative prompt")
-                        inp_run = gr.Button("Inpaint", variant="primary")
-                        inp_strength = raw_value(gr.Slider(0, 1, 1.0, step=0.05, label="Strength (1: repaint fully)"))
-                        with gr.Row():
-                            inp_steps = raw_value(gr.Slider(1, MAX_STEPS, SD_DEFAULTS.steps, step=1, label="Steps"))
-                            inp_guidance = raw_value(gr.Slider(0, 20, SD_DEFAULTS.guidance_scale, step=0.5,
-                                                               label="Guidance scale"))
-                            inp_scheduler = scheduler_dropdown(SD_DEFAULTS.scheduler)
-                        with gr.Row():
-                            inp_seed = raw_value(gr.Number(-1, label="Seed (-1: random; image k uses seed + k)",
-                                                           precision=0))
-                            inp_batch = raw_value(gr.Slider(1, MAX_BATCH, 2, step=1, label="Number of images"))
-                    with gr.Column():
-                        inp_gallery = images_gallery()
-                        inp_used_seed = gr.Textbox(label="Seed used", placeholder="run first", interactive=False)
-                        inp_mask = gr.Image(label="Mask used (white: repainted)", format="png", height=160,
-                                            elem_classes="pixelated")
-                        inp_parameters = gr.Code(label="Parameters", language="json")
-                inp_run.click(inpaint_image, [inp_model, inp_editor, inp_prompt, inp_negative, inp_strength, inp_steps,
-                                              inp_guidance, inp_scheduler, inp_seed, inp_batch],
-                              [inp_gallery, inp_used_seed, inp_mask, inp_parameters], api_name="inpaint")
+                inpaint_tab(t2i_models, inpaint_image, str(EXAMPLE_SCENE) if first_sd else None, SD_DEFAULTS,
+                            MAX_STEPS, MAX_BATCH)
             with gr.Tab("VAE round-trip", id="vae"):
                 with gr.Row():
                     with gr.Column():
@@ -406,11 +313,13 @@ def build() -> gr.Blocks:
                         class_label = gr.Dropdown(labels, value=labels[0] if labels else None, allow_custom_value=True,
                                                   label="Class label (name or id)")
                         with gr.Row():
-                            dit_guidance = raw_value(gr.Slider(0, 10, DIT_DEFAULTS.guidance_scale, step=0.5, label="Guidance scale"))
+                            dit_guidance = raw_value(gr.Slider(0, 10, DIT_DEFAULTS.guidance_scale, step=0.5,
+                                                               label="Guidance scale"))
                             dit_steps = raw_value(gr.Slider(1, MAX_STEPS, DIT_DEFAULTS.steps, step=1, label="Steps"))
                         dit_scheduler = scheduler_dropdown(DIT_DEFAULTS.scheduler)
                         with gr.Row():
-                            dit_seed = raw_value(gr.Number(-1, label="Seed (-1: random; image k uses seed + k)", precision=0))
+                            dit_seed = raw_value(gr.Number(-1,
+                                                           label="Seed (-1: random; image k uses seed + k)", precision=0))
                             dit_batch = raw_value(gr.Slider(1, MAX_BATCH, 4, step=1, label="Number of images"))
                         guided_channels = gr.Radio(["all", "first3"], value="all",
                                                    label="Guided channels (all: diffusers; first3: original DiT code)")

@@ -31,6 +31,7 @@ from .catalog import CatalogModel
 from .components import DiTPipeline
 from .convert import CheckpointError
 from .embeddings import add_embedding, load_embedding
+from .images import read_png_parameters
 from .loading import HUB_ID, load_from_hub, load_pipeline
 from .pipelines import MAX_SEED, preview, resolve_seed
 from .schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
@@ -406,7 +407,8 @@ def advanced_settings(refiners: list | None = None) -> list:
     with gr.Accordion(title, open=False):
         with gr.Row():
             syntax = gr.Radio(SYNTAXES, value="plain", label="Prompt syntax")
-            clip_skip = raw_value(gr.Slider(0, 10, 0, step=1, label="Clip skip (0: the model's usual layer; A1111's 2 is 1)"))
+            clip_skip = raw_value(gr.Slider(0, 10, 0, step=1,
+                                            label="Clip skip (0: the model's usual layer; A1111's 2 is 1)"))
         components = [syntax, clip_skip]
         for i in (1, 2):
             with gr.Row():
@@ -539,3 +541,62 @@ def painted_mask(editor: dict | None, max_pixels: int) -> tuple[Image.Image, Ima
     if mask.getbbox() is None:
         raise gr.Error("Nothing is painted: paint over the region to repaint (white in the mask), then Inpaint.")
     return image, mask
+
+
+PNG_FIELDS = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "width", "height", "seed",
+              "prompt_syntax", "clip_skip")
+
+
+@handler
+def png_info(png):
+    """Settings from a PNG made by sd_core or AUTOMATIC1111, for the Text to image inputs (unchanged where absent)."""
+    if png is None:
+        return [gr.skip()] * len(PNG_FIELDS) + [""]
+    try:
+        settings = read_png_parameters(png)
+    except (OSError, Image.DecompressionBombError) as error:
+        raise gr.Error(f"Cannot read this file as a PNG ({error}); drop a .png image made by sd_core or A1111.") from None
+    if not isinstance(settings.get("prompt"), str):
+        raise gr.Error("This image is a DiT sample or one of a diffusers-rule batch; its settings fit the DiT tab "
+                       "or the CLI, not one prompt here.")
+    notes = []
+    if settings.get("model") not in dict(model_choices("text_to_image")).values():
+        notes.append(f"its model {settings.get('model')!r} is not offered here: the selected model is kept")
+        settings.pop("model", None)
+    if settings.get("strength") is not None:
+        notes.append(f"it was made from an image (strength {settings['strength']}): use Image to image")
+    if settings.get("scheduler") not in dict((v, k) for k, v in SCHEDULER_CHOICES):
+        notes.append(f"its sampler {settings.pop('scheduler', None)!r} is not offered")
+    values = [settings[field] if settings.get(field) is not None else (None if field == "negative_prompt" else gr.skip())
+              for field in PNG_FIELDS]
+    values[PNG_FIELDS.index("negative_prompt")] = settings.get("negative_prompt") or ""
+    return values + ["Read " + ", ".join(f"{k}={settings[k]!r}" for k in PNG_FIELDS if settings.get(k) is not None)
+                     + (". Note: " + "; ".join(notes) + "." if notes else ".")]
+
+def inpaint_tab(models: list, fn, example: str | None, defaults, max_steps: int, max_batch: int):
+    """The Inpaint tab: the image in a mask editor (the visitor paints what to repaint), the usual settings;
+    `fn` is the handler (named endpoint /inpaint)."""
+    with gr.Row():
+        with gr.Column():
+            model = model_dropdown(models)
+            editor = editor_files(gr.ImageEditor(
+                value=example, type="filepath", image_mode=None, label="Image and mask: paint over what to repaint",
+                height=320, layers=False, brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), eraser=gr.Eraser()))
+            prompt = gr.Textbox("a big red circle on the left on a gray background", label="Prompt")
+            negative = gr.Textbox("", label="Negative prompt")
+            run = gr.Button("Inpaint", variant="primary")
+            strength = raw_value(gr.Slider(0, 1, 1.0, step=0.05, label="Strength (1: repaint fully)"))
+            with gr.Row():
+                steps = raw_value(gr.Slider(1, max_steps, defaults.steps, step=1, label="Steps"))
+                guidance = raw_value(gr.Slider(0, 20, defaults.guidance_scale, step=0.5, label="Guidance scale"))
+                scheduler = scheduler_dropdown(defaults.scheduler)
+            with gr.Row():
+                seed = raw_value(gr.Number(-1, label="Seed (-1: random; image k uses seed + k)", precision=0))
+                batch = raw_value(gr.Slider(1, max_batch, 2, step=1, label="Number of images"))
+        with gr.Column():
+            gallery = images_gallery()
+            used_seed = gr.Textbox(label="Seed used", placeholder="run first", interactive=False)
+            mask = gr.Image(label="Mask used (white: repainted)", format="png", height=160, elem_classes="pixelated")
+            parameters = gr.Code(label="Parameters", language="json")
+    run.click(fn, [model, editor, prompt, negative, strength, steps, guidance, scheduler, seed, batch],
+              [gallery, used_seed, mask, parameters], api_name="inpaint")
