@@ -209,6 +209,12 @@ def hook(event, args):
         except Exception:
             pass
 sys.addaudithook(hook)
+import safetensors, safetensors.torch  # opened by Rust, unseen by the hook: announce each file as an "open"
+real_safe_open = safetensors.safe_open
+def safe_open(filename, *args, **kwargs):
+    sys.audit("open", os.fspath(filename), "rb", 0)
+    return real_safe_open(filename, *args, **kwargs)
+safetensors.safe_open = safetensors.torch.safe_open = safe_open
 sys.argv = ["app.py"] + sys.argv[2:]
 sys.path.insert(0, os.getcwd())  # as `python app.py` run here has it
 runpy.run_path("app.py", run_name="__main__")
@@ -216,7 +222,8 @@ runpy.run_path("app.py", run_name="__main__")
 
 
 def test_no_visitor_path_trick_makes_the_server_open_a_file_outside_its_folders(tmp_path):
-    """app.py in a subprocess with an audit hook logging every open(): after warming up, a battery of path tricks
+    """app.py in a subprocess with an audit hook logging every open() (and every safetensors file, which Rust
+    opens unseen by the hook): after warming up, a battery of path tricks
     through every door (model choices, hub-shaped ids with --allow-hub, upload payloads, gradio's file route)
     opens nothing outside the model roots, the package, the Python install, the temp/gradio/hub cache folders
     and /proc, /sys, /dev."""
@@ -228,11 +235,17 @@ def test_no_visitor_path_trick_makes_the_server_open_a_file_outside_its_folders(
     from pathlib import Path
 
     import httpx
+    import torch
+    from safetensors.torch import save_file
     repo = Path(__file__).resolve().parent.parent
     models, temp, hub = tmp_path / "models", tmp_path / "tmp", tmp_path / "hf"
     for folder in (models, temp, hub):
         folder.mkdir()
     (models / "escape").symlink_to("/etc")  # a link out of the model root
+    secret = tmp_path / "outside" / "secret.safetensors"  # a loadable-looking file no visitor may reach
+    secret.parent.mkdir()
+    save_file({"weight": torch.zeros(1)}, str(secret))
+    (models / "out.safetensors").symlink_to(secret)
     (tmp_path / "launcher.py").write_text(AUDIT_LAUNCHER)
     log = tmp_path / "opened.log"
     with socket.socket() as probe:
@@ -272,7 +285,9 @@ def test_no_visitor_path_trick_makes_the_server_open_a_file_outside_its_folders(
         choices = ["/etc/passwd", "../../../../etc/passwd", "~/.ssh/id_rsa", "~", "file:///etc/passwd",
                    "http://127.0.0.1:1/x", "models: ../../etc/passwd", "models: /etc/passwd", "models: escape",
                    "models: escape/passwd", "models: ~root", "a\x00b", "x" * 5000, "etc/passwd", "root/.ssh",
-                   "sd_core/weights", "../sd_core", "sd_core/../../etc", "models/escape", f"{models}/escape/passwd"]
+                   "sd_core/weights", "../sd_core", "sd_core/../../etc", "models/escape", f"{models}/escape/passwd",
+                   str(secret), "models: ../outside/secret.safetensors", "models: out.safetensors",
+                   f"models: {secret}", f"{models}/../outside/secret.safetensors"]
         for choice in choices:
             for api, data in (("text_to_image", [choice, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1, False]),
                               ("dit_sample", [choice, "red circle", 1.0, 2, "ddim", 0, 1, "all"]),
