@@ -520,3 +520,14 @@ def test_raw_api_values_reach_the_app_s_checks_as_sent(client, endpoint, argumen
                 "/vae_roundtrip": dict(model=SD, image=handle_file(str(app.EXAMPLE_SCENE)), seed=0)}[endpoint]
     with pytest.raises(Exception, match=message):
         client.predict(api_name=endpoint, **{**defaults, **arguments})
+
+
+def test_sd_core_never_imports_compare():
+    """compare depends on sd_core, never the reverse: the app's support module and the whole package load alone."""
+    code = ("import sys, pkgutil, importlib, sd_core, sd_core.app_parts\n"
+            "for m in pkgutil.iter_modules(sd_core.__path__):\n"
+            "    if m.name not in ('__main__', 'train'): importlib.import_module('sd_core.' + m.name)\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] == 'compare'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(app.__file__).parent)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout
