@@ -11,25 +11,39 @@ Where the extras live, under each model root (--models-dir / SD_CORE_MODELS_DIR)
     <root>/embeddings/*.safetensors     textual-inversion embeddings (pickled .pt/.bin files are never loaded)
 """
 import functools
-import gc
 import inspect
+import io
 import logging
 import os
+import re
 import threading
+import time
 import urllib.parse
-from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import torch
+from PIL import Image
 
-from . import catalog
+from . import catalog, serving
 from .catalog import CatalogModel
+from .components import DiTPipeline
 from .convert import CheckpointError
+from .embeddings import add_embedding, load_embedding
+from .images import read_png_parameters
 from .loading import HUB_ID, load_from_hub, load_pipeline
-from .pipelines import MAX_SEED, resolve_seed
+from .pipelines import MAX_SEED, preview, resolve_seed
 from .schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
+from .serving import (
+    WorkLimits,
+    as_choice,
+    as_number,
+    as_whole_number,
+    check_request,
+    open_upload,
+    raw_value,
+)
 
 LOG = logging.getLogger("sd_core.app")
 EMBEDDED = {name: Path(model.source) for name, model in catalog.EMBEDDED.items()}
@@ -85,7 +99,7 @@ def extra_path(what: str, choice: str) -> Path:
 
 def model_choices(kind: str) -> list[tuple[str, str]]:
     """(label, value) pairs a visitor may pick: embedded models, what lies under the model roots, curated hub models.
-    kind: "text_to_image", "dit" or "any"."""
+    kind: "text_to_image", "dit", "sdxl_refiner" or "any"."""
     names = [(name, name) for name, model in catalog.EMBEDDED.items()
              if Path(model.source).is_dir() and kind in ("any", model.kind)]
     for root in Settings.model_roots:
@@ -145,49 +159,46 @@ def check_fits(model: CatalogModel):
                        f"machine has {free:.1f} GB free. Pick a smaller model, or run the app on a larger machine.")
 
 
+def load_source(source: Path | str, progress=None):
+    """Load a resolved source (a local Path inside the offered models, or a hub repo id); no lock is held."""
+    if isinstance(source, Path):
+        return load_pipeline(source, dtype=Settings.dtype, device=Settings.device)
+    if source in HUB_BY_SOURCE:
+        check_fits(HUB_BY_SOURCE[source])
+
+    def on_file(name, index, total, size):
+        if progress is not None:
+            progress((index - 1, total), desc=f"downloading {source}: {name} ({size / 1e9:.2f} GB)")
+    variant = "fp16" if Settings.dtype == torch.float16 else None
+    return load_from_hub(source, dtype=Settings.dtype, device=Settings.device, variant=variant, on_file=on_file)
+
+
 class ModelCache:
-    """The last few loaded pipelines; older ones are dropped (and their memory freed) when others load.
+    """A visitor's model choice -> resolve_source -> serving.ModelCache: the last few pipelines, each loaded without
+    blocking requests for the others (no lock is held while a model loads).
     `using(pipe)` is the lock a request holds while it runs a pipeline whose weights a LoRA may change."""
 
     def __init__(self, size: int = 2):
-        self.size, self.models, self.lock = size, OrderedDict(), threading.Lock()
-        self.pipe_locks: dict[int, threading.Lock] = {}
+        self.cache = serving.ModelCache(lambda source, progress=None: load_source(source, progress), size=size)
+        self.lock = threading.Lock()
 
     def get(self, choice: str, progress=None):
         source = resolve_source(choice)
-        with self.lock:
-            if source in self.models:
-                self.models.move_to_end(source)
-                return self.models[source]
-            try:
-                pipe = self.load(source, progress)
-            except (CheckpointError, OSError, ValueError) as error:  # OSError: missing files, no network
-                raise gr.Error(str(error)) from None
-            self.models[source] = pipe
-            while len(self.models) > self.size:
-                _, old = self.models.popitem(last=False)
-                self.pipe_locks.pop(id(old), None)
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            return pipe
+        try:
+            return self.cache.get(source, progress)
+        except (CheckpointError, OSError, ValueError) as error:  # OSError: missing files, no network
+            raise gr.Error(str(error)) from None
+
+    def __contains__(self, choice: str) -> bool:
+        """Loaded already (a hub model is never downloaded just to ask)."""
+        try:
+            return resolve_source(choice) in self.cache
+        except gr.Error:
+            return False
 
     def using(self, pipe) -> threading.Lock:
-        with self.lock:
-            return self.pipe_locks.setdefault(id(pipe), threading.Lock())
-
-    @staticmethod
-    def load(source: Path | str, progress=None):
-        if isinstance(source, Path):
-            return load_pipeline(source, dtype=Settings.dtype, device=Settings.device)
-        if source in HUB_BY_SOURCE:
-            check_fits(HUB_BY_SOURCE[source])
-
-        def on_file(name, index, total, size):
-            if progress is not None:
-                progress((index - 1, total), desc=f"downloading {source}: {name} ({size / 1e9:.2f} GB)")
-        variant = "fp16" if Settings.dtype == torch.float16 else None
-        return load_from_hub(source, dtype=Settings.dtype, device=Settings.device, variant=variant, on_file=on_file)
+        with self.lock:  # kept on the pipeline: it goes when the cache releases the model
+            return pipe.__dict__.setdefault("app_lock", threading.Lock())
 
 
 MODELS = ModelCache()
@@ -222,8 +233,9 @@ def on_gpu(fn):
 
 
 def user_errors(fn):
-    """Turn bad input (ValueError/TypeError from sd_core) into a gr.Error the visitor reads, logged as one line;
-    the app keeps serving. The handler's signature is kept: gradio names the API parameters after it."""
+    """Turn bad input (ValueError/TypeError from sd_core and sd_core.serving's refusals) and non-finite latents
+    (FloatingPointError) into a one-line gr.Error the visitor reads, logged as one line; the app keeps serving.
+    The handler's signature is kept: gradio names the API parameters after it."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
@@ -231,9 +243,10 @@ def user_errors(fn):
         except gr.Error as error:
             LOG.warning("%s refused: %s", fn.__name__, error.message)
             raise
-        except (ValueError, TypeError, FileNotFoundError, CheckpointError) as error:
-            LOG.warning("%s refused: %s", fn.__name__, error)
-            raise gr.Error(str(error)) from None
+        except (ValueError, TypeError, FileNotFoundError, CheckpointError, FloatingPointError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            LOG.warning("%s refused: %s", fn.__name__, message)
+            raise gr.Error(message) from None
     return wrapped
 
 
@@ -241,29 +254,54 @@ def handler(fn):
     return on_gpu(user_errors(fn))
 
 
+LIMITS = WorkLimits.from_environment(Settings.device)  # work per request; heavy requests share one slot
+
+
+def run_bounded(kind: str, pixels: int, steps: int, batch: int, work):
+    """Refuse work beyond this machine's budget for `kind` ("text_to_image:<model>": each model's own speed; the
+    message states the bound), run the rest (heavy requests one at a time across all endpoints), and learn the
+    model's speed from each run."""
+    with LIMITS.slot(check_request(LIMITS, kind, pixels, steps, batch)):
+        start = time.perf_counter()
+        result = work()
+        LIMITS.observe(kind, time.perf_counter() - start, pixels, steps, batch)
+    return result
+
+
+def timestep_semantics(pipe) -> str:
+    frequencies = pipe.transformer.config.timestep_frequencies
+    why = ("the original DiT code's (exponent / half), as the released DiT weights were trained" if frequencies == "original"
+           else "diffusers' (exponent / (half - 1)), as diffusers-trained weights expect")
+    return f"Timestep embedding frequencies: **{frequencies}**: {why}. Compare → dit_timestep_semantics shows the other."
+
+
+def drawn_side(pipe) -> int:
+    """The side of the square image a model draws by default (what a compare or DiT request is priced at)."""
+    if hasattr(pipe, "transformer"):
+        return pipe.transformer.config.sample_size * pipe.vae.downscale_factor
+    return pipe.default_size
+
+
 def as_int(value, name: str, low: int, high: int) -> int:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or float(value) != int(value):
-        raise gr.Error(f"{name} must be a whole number; got {value!r}.")
-    number = int(value)
-    if not low <= number <= high:
-        raise gr.Error(f"{name} must be between {low} and {high}; got {number}.")
-    return number
+    """NaN, inf, "ten", None, 1.5: refused with a message naming the parameter and its range."""
+    return as_whole_number(value, name, low, high)
 
 
 def as_float(value, name: str, low: float, high: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= float(value) <= high:
-        raise gr.Error(f"{name} must be a number between {low:g} and {high:g}; got {value!r}.")
-    return float(value)
+    return as_number(value, name, low, high)
 
 
 def seed_of(seed) -> int:
-    """A visitor's seed: -1 (or empty) draws a random one, anything else must be a valid seed."""
-    if isinstance(seed, str):  # the "Seed used" box's text, pasted back
+    """A visitor's seed: -1 (or empty) draws a random one, anything else must be a whole number in range."""
+    if seed is None or (isinstance(seed, str) and not seed.strip()):
+        return resolve_seed(None)
+    if not isinstance(seed, bool) and isinstance(seed, (int, float, str)):
         try:
-            seed = int(seed.strip() or -1)
+            if float(seed) == -1:
+                return resolve_seed(None)
         except ValueError:
-            raise gr.Error(f"seed must be a whole number (-1: random); got {seed!r}.") from None
-    return resolve_seed(None if seed is None or seed < 0 else as_int(seed, "seed", 0, MAX_SEED))
+            pass
+    return resolve_seed(as_whole_number(seed, "seed", 0, MAX_SEED))
 
 
 def random_seed() -> int:
@@ -337,6 +375,7 @@ SYNTAXES = [("plain (as diffusers)", "plain"), ("A1111: (word:1.2), [word], BREA
 
 
 def scheduler_of(choice):
+    choice = as_choice(choice, "scheduler", [value for _, value in SCHEDULER_CHOICES])
     return None if choice == MODEL_DEFAULT else choice
 
 
@@ -353,21 +392,211 @@ def images_gallery(label="Images", columns=4) -> gr.Gallery:
     return gr.Gallery(label=label, columns=columns, height="auto", format="png", elem_classes="pixelated")
 
 
-def advanced_settings() -> list:
-    """Prompt syntax, clip skip, two LoRAs with a scale each, embeddings: the A1111 user's settings."""
+def refiner_choices() -> list[tuple[str, str]]:
+    """("none", "") and the SDXL refiners a visitor may pick (the curated hub ones where the hub is offered)."""
+    return [("none", "")] + [(label, value) for label, value in model_choices("sdxl_refiner")]
+
+
+def advanced_settings(refiners: list | None = None) -> list:
+    """Prompt syntax, clip skip, two LoRAs with a scale each, embeddings: the A1111 user's settings; with
+    `refiners`, an SDXL refiner and the fraction of the noise schedule the base runs."""
     loras = [(label, label) for label, _ in root_files("loras")]
     embeddings = [(label, label) for label, _ in root_files("embeddings")]
     where = "Add LoRAs in a model root's loras/ folder, embeddings in its embeddings/ folder (.safetensors)."
-    with gr.Accordion("Advanced: prompt syntax, clip skip, LoRAs, embeddings", open=False):
+    title = "Advanced: prompt syntax, clip skip, LoRAs, embeddings" + (", SDXL refiner" if refiners else "")
+    with gr.Accordion(title, open=False):
         with gr.Row():
             syntax = gr.Radio(SYNTAXES, value="plain", label="Prompt syntax")
-            clip_skip = gr.Slider(0, 10, 0, step=1, label="Clip skip (0: the model's usual layer; A1111's 2 is 1)")
+            clip_skip = raw_value(gr.Slider(0, 10, 0, step=1,
+                                            label="Clip skip (0: the model's usual layer; A1111's 2 is 1)"))
         components = [syntax, clip_skip]
         for i in (1, 2):
             with gr.Row():
                 components += [gr.Dropdown([("none", "")] + loras, value="", label=f"LoRA {i}"),
-                               gr.Slider(-2, 2, 1.0, step=0.05, label=f"LoRA {i} scale")]
+                               raw_value(gr.Slider(-2, 2, 1.0, step=0.05, label=f"LoRA {i} scale"))]
         components.append(gr.Dropdown(embeddings, value=[], multiselect=True,
                                       label="Embeddings (write each one's file name in the prompt)"))
         gr.Markdown(where if loras or embeddings else f"No LoRAs or embeddings found. {where}")
+        if refiners is not None:
+            with gr.Row():
+                components += [gr.Dropdown(refiners, value="", label="Refiner (SDXL base models only)",
+                                           allow_custom_value=Settings.allow_hub),
+                               raw_value(gr.Slider(0.05, 0.95, 0.8, step=0.05,
+                                                   label="High noise frac (the base's share of the schedule)"))]
     return components
+
+
+# ------------------------------------------------------------------------------------ handler helpers
+
+
+def progress_callback(progress, total: int, pipe=None, trajectory: list | None = None):
+    def callback(step, timestep, latents, x0):
+        progress((step + 1, total), desc="denoising")
+        if trajectory is not None:
+            trajectory.append((preview(pipe, x0), f"step {step + 1}"))
+    return callback
+
+
+def bind_embeddings(pipe, choices) -> list[str]:
+    """Bind the chosen embeddings to the cached pipeline once each (their tokens stay); returns their tokens."""
+    bound = pipe.__dict__.setdefault("app_embeddings", {})
+    for choice in choices or []:
+        path = extra_path("embeddings", choice)
+        if path not in bound:
+            bound[path] = add_embedding(pipe, load_embedding(path))
+    return [bound[extra_path("embeddings", choice)] for choice in choices or []]
+
+
+def selected_image(gallery, selected):
+    if not gallery:
+        raise gr.Error("Generate images first, then pick one.")
+    return gallery[min(int(selected or 0), len(gallery) - 1)]
+
+
+def picked(event: gr.SelectData) -> int:
+    return event.index
+
+
+def send_to_image_to_image(gallery, selected, model, prompt, negative_prompt, steps, guidance_scale, scheduler):
+    """The picked result (or the first) and its settings into the Image to image tab."""
+    image, _ = selected_image(gallery, selected)
+    return image, model, prompt, negative_prompt, steps, guidance_scale, scheduler, gr.Tabs(selected="image_to_image")
+
+
+def use_this_seed(gallery, selected):
+    """The picked result's own seed (from its caption) into the seed box."""
+    _, caption = selected_image(gallery, selected)
+    return int(re.search(r"seed (\d+)", caption or "").group(1))
+
+
+def recommended_settings(model):
+    """A catalog model's recommended steps, guidance, scheduler, width and height (unchanged for other models)."""
+    entry = catalog_entry(model)
+    if entry is None:
+        return [gr.skip()] * 5
+    return entry.steps, entry.guidance_scale, entry.scheduler or MODEL_DEFAULT, entry.size, entry.size
+
+
+def recommended_dit_settings(model):
+    """A catalog DiT model's recommended guidance, steps and scheduler."""
+    entry = catalog_entry(model)
+    if entry is None:
+        return [gr.skip()] * 3
+    return entry.guidance_scale, entry.steps, entry.scheduler or MODEL_DEFAULT
+
+
+def dit_labels(choice: str) -> list[str]:
+    """The model's class names; a hub model is never downloaded just to list them."""
+    try:
+        local = choice in EMBEDDED or choice.startswith("models: ")
+        pipe = MODELS.get(choice) if local or choice in MODELS else None
+    except gr.Error:
+        return []
+    return [pipe.id2label[i] for i in sorted(pipe.id2label)] if isinstance(pipe, DiTPipeline) else []
+
+
+# ------------------------------------------------------------------------------------ inpainting's mask editor
+
+
+def editor_files(editor: gr.ImageEditor) -> gr.ImageEditor:
+    """An ImageEditor whose handler receives {"background", "layers", "composite"} as uploaded files (paths, or
+    file objects for the canvas's blobs), not decoded images: gradio's own preprocessing decodes everything
+    first, a decompression bomb included. The handler opens each with open_upload's bounds. (An instance
+    attribute, as serving.raw_value does.)"""
+    def files(payload):
+        if payload is None:
+            return None
+        data = payload
+        if getattr(payload, "id", None) is not None:
+            data = editor.blob_storage.pop(payload.id, None) or payload
+
+        def one(file):
+            if file is None:
+                return None
+            return io.BytesIO(bytes(file)) if isinstance(file, (bytes, bytearray, memoryview)) else file.path
+        return {"background": one(data.background), "layers": [one(layer) for layer in data.layers or []
+                                                                if layer is not None], "composite": one(data.composite)}
+    editor.preprocess = files
+    return editor
+
+
+def painted_mask(editor: dict | None, max_pixels: int) -> tuple[Image.Image, Image.Image]:
+    """(image, mask) from the mask editor: the background image, and white wherever a layer is painted (a layer
+    with transparency: its opaque pixels; an opaque layer, e.g. a mask sent through the API: its light pixels)."""
+    if not editor or editor.get("background") is None:
+        raise gr.Error("Upload an image into the editor first, then paint over the region to repaint.")
+    image = open_upload(editor["background"], max_pixels=max_pixels, name="the image")
+    mask = Image.new("L", image.size, 0)
+    for i, layer in enumerate(editor.get("layers") or []):
+        open_upload(layer, max_pixels=max_pixels, name=f"layer {i + 1}")  # bounds and decodability, checked
+        if hasattr(layer, "seek"):
+            layer.seek(0)
+        with Image.open(layer) as opened:
+            alpha = opened.mode in ("RGBA", "LA", "PA") or "transparency" in opened.info
+            painted = (opened.convert("RGBA").getchannel("A") if alpha else opened.convert("L")).point(
+                lambda v: 255 if v > 127 else 0)
+        if painted.size != image.size:
+            painted = painted.resize(image.size, Image.NEAREST)
+        mask.paste(255, mask=painted)
+    if mask.getbbox() is None:
+        raise gr.Error("Nothing is painted: paint over the region to repaint (white in the mask), then Inpaint.")
+    return image, mask
+
+
+PNG_FIELDS = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "width", "height", "seed",
+              "prompt_syntax", "clip_skip")
+
+
+@handler
+def png_info(png):
+    """Settings from a PNG made by sd_core or AUTOMATIC1111, for the Text to image inputs (unchanged where absent)."""
+    if png is None:
+        return [gr.skip()] * len(PNG_FIELDS) + [""]
+    try:
+        settings = read_png_parameters(png)
+    except (OSError, Image.DecompressionBombError) as error:
+        raise gr.Error(f"Cannot read this file as a PNG ({error}); drop a .png image made by sd_core or A1111.") from None
+    if not isinstance(settings.get("prompt"), str):
+        raise gr.Error("This image is a DiT sample or one of a diffusers-rule batch; its settings fit the DiT tab "
+                       "or the CLI, not one prompt here.")
+    notes = []
+    if settings.get("model") not in dict(model_choices("text_to_image")).values():
+        notes.append(f"its model {settings.get('model')!r} is not offered here: the selected model is kept")
+        settings.pop("model", None)
+    if settings.get("strength") is not None:
+        notes.append(f"it was made from an image (strength {settings['strength']}): use Image to image")
+    if settings.get("scheduler") not in dict((v, k) for k, v in SCHEDULER_CHOICES):
+        notes.append(f"its sampler {settings.pop('scheduler', None)!r} is not offered")
+    values = [settings[field] if settings.get(field) is not None else (None if field == "negative_prompt" else gr.skip())
+              for field in PNG_FIELDS]
+    values[PNG_FIELDS.index("negative_prompt")] = settings.get("negative_prompt") or ""
+    return values + ["Read " + ", ".join(f"{k}={settings[k]!r}" for k in PNG_FIELDS if settings.get(k) is not None)
+                     + (". Note: " + "; ".join(notes) + "." if notes else ".")]
+
+def inpaint_tab(models: list, fn, example: str | None, defaults, max_steps: int, max_batch: int):
+    """The Inpaint tab: the image in a mask editor (the visitor paints what to repaint), the usual settings;
+    `fn` is the handler (named endpoint /inpaint)."""
+    with gr.Row():
+        with gr.Column():
+            model = model_dropdown(models)
+            editor = editor_files(gr.ImageEditor(
+                value=example, type="filepath", image_mode=None, label="Image and mask: paint over what to repaint",
+                height=320, layers=False, brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), eraser=gr.Eraser()))
+            prompt = gr.Textbox("a big red circle on the left on a gray background", label="Prompt")
+            negative = gr.Textbox("", label="Negative prompt")
+            run = gr.Button("Inpaint", variant="primary")
+            strength = raw_value(gr.Slider(0, 1, 1.0, step=0.05, label="Strength (1: repaint fully)"))
+            with gr.Row():
+                steps = raw_value(gr.Slider(1, max_steps, defaults.steps, step=1, label="Steps"))
+                guidance = raw_value(gr.Slider(0, 20, defaults.guidance_scale, step=0.5, label="Guidance scale"))
+                scheduler = scheduler_dropdown(defaults.scheduler)
+            with gr.Row():
+                seed = raw_value(gr.Number(-1, label="Seed (-1: random; image k uses seed + k)", precision=0))
+                batch = raw_value(gr.Slider(1, max_batch, 2, step=1, label="Number of images"))
+        with gr.Column():
+            gallery = images_gallery()
+            used_seed = gr.Textbox(label="Seed used", placeholder="run first", interactive=False)
+            mask = gr.Image(label="Mask used (white: repainted)", format="png", height=160, elem_classes="pixelated")
+            parameters = gr.Code(label="Parameters", language="json")
+    run.click(fn, [model, editor, prompt, negative, strength, steps, guidance, scheduler, seed, batch],
+              [gallery, used_seed, mask, parameters], api_name="inpaint")

@@ -13,7 +13,7 @@ EMBEDDED_DIT = WEIGHTS / "shapes-dit"
 class CatalogModel:
     name: str  # what a user picks
     source: str  # a folder, or a hub repo id
-    kind: str  # "text_to_image" or "dit"
+    kind: str  # "text_to_image", "dit" or "sdxl_refiner" (offered only as Text to image's refiner)
     steps: int  # the recommended settings
     guidance_scale: float
     size: int  # height = width, in pixels
@@ -51,6 +51,9 @@ HUB = {model.name: model for model in [
                  steps=30, guidance_scale=5.0, size=1024, download_gb=6.9, memory_gb=6.9),
     CatalogModel("SDXL-Turbo", "stabilityai/sdxl-turbo", "text_to_image", steps=1, guidance_scale=0.0, size=512,
                  download_gb=6.9, memory_gb=6.9, note="1-4 steps, no guidance"),
+    CatalogModel("SDXL refiner 1.0", "stabilityai/stable-diffusion-xl-refiner-1.0", "sdxl_refiner", steps=40,
+                 guidance_scale=5.0, size=1024, download_gb=6.1, memory_gb=6.1,
+                 note="the last 20% of an SDXL base model's schedule (Text to image, Advanced: Refiner)"),
     CatalogModel("DiT-XL/2 256", "facebook/DiT-XL-2-256", "dit", steps=25, guidance_scale=4.0, size=256,
                  download_gb=1.5, memory_gb=1.5),
     CatalogModel("DiT-XL/2 512", "facebook/DiT-XL-2-512", "dit", steps=25, guidance_scale=4.0, size=512,

@@ -50,9 +50,9 @@ def test_handlers_return_images_of_the_right_size_and_reuse_seeds():
 
 
 def test_handlers_check_sizes_and_steps_themselves():
-    with pytest.raises(gr.Error, match="width must be between 8 and 1024"):
+    with pytest.raises(gr.Error, match="width must be a whole number from 8 to 1024"):
         app.generate_images(SD, "x", "", 5, 5.0, "ddim", 1000000, 64, 0, 1)
-    with pytest.raises(gr.Error, match="steps must be between 1 and 100"):
+    with pytest.raises(gr.Error, match="steps must be a whole number from 1 to 100"):
         app.generate_images(SD, "x", "", -1, 5.0, "ddim", 64, 64, 0, 1)
     with pytest.raises(gr.Error, match="steps must be a whole number"):
         app.generate_images(SD, "x", "", 2.5, 5.0, "ddim", 64, 64, 0, 1)
@@ -98,8 +98,8 @@ def test_every_endpoint_works_through_gradio_client(client, tmp_path):
 
 
 @pytest.mark.parametrize("endpoint,arguments,message", [
-    ("/text_to_image", [SD, "x", "", 5, 5.0, "ddim", 1000000, 64, 0, 1, False], "greater than maximum value 1024"),
-    ("/text_to_image", [SD, "x", "", -1, 5.0, "ddim", 64, 64, 0, 1, False], "less than minimum value 1"),
+    ("/text_to_image", [SD, "x", "", 5, 5.0, "ddim", 1000000, 64, 0, 1, False], "width must be a whole number from 8 to 1024; got 1000000"),
+    ("/text_to_image", [SD, "x", "", -1, 5.0, "ddim", 64, 64, 0, 1, False], "steps must be a whole number from 1 to 100; got -1"),
     ("/text_to_image", ["/etc/passwd", "x", "", 5, 5.0, "ddim", 64, 64, 0, 1, False], "not in the list of choices|not one of the offered"),
     ("/text_to_image", ["../", "x", "", 5, 5.0, "ddim", 64, 64, 0, 1, False], "not in the list of choices|not one of the offered"),
     ("/dit_sample", [DIT, "unicorn", 3.0, 5, "ddim", 0, 1, "all"], "Unknown class label"),
@@ -150,7 +150,7 @@ def test_a_request_over_the_queue_limit_is_told_the_queue_is_full():
         demo.close()
 
 
-def test_a_browser_shows_the_five_tabs(server, tmp_path):
+def test_a_browser_shows_the_six_tabs(server, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
@@ -158,7 +158,7 @@ def test_a_browser_shows_the_five_tabs(server, tmp_path):
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
              "--virtual-time-budget=8000"]
     dom = subprocess.run(flags + ["--dump-dom", server], capture_output=True, text=True, timeout=120).stdout
-    for tab in ("Text to image", "Image to image", "VAE round-trip", "DiT", "Compare"):
+    for tab in ("Text to image", "Image to image", "Inpaint", "VAE round-trip", "DiT", "Compare"):
         assert tab in dom, tab
     screenshot = tmp_path / "app.png"
     subprocess.run(flags + ["--window-size=1280,900", f"--screenshot={screenshot}", server], capture_output=True,
@@ -253,7 +253,7 @@ def test_gpu_work_runs_inside_spaces_gpu_when_that_package_exists(monkeypatch):
     handler = app.handler(app.generate_images.__wrapped__)
     assert list(inspect.signature(handler).parameters)[:2] == ["model", "prompt"]
     handler(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 0, 1)
-    with pytest.raises(gr.Error, match="number_of_images must be between 1 and 8"):  # sized, then refused
+    with pytest.raises(gr.Error, match="number_of_images must be a whole number from 1 to 8"):  # sized, then refused
         handler(SD, "a red circle", "", 50, 5.0, "ddim", 1024, 1024, 0, 9)
     assert wrapped[0] < wrapped[1] <= 300
     with pytest.raises(gr.Error, match="steps must be"):
@@ -273,8 +273,8 @@ def test_a_share_link_made_after_a_run_restores_the_tab_model_and_settings(clien
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
     updates = load.fn(FakeRequest(query))
-    tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number, _, *advanced = updates[:19]
-    gallery, used = updates[19:21]
+    tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number, _, *advanced = updates[:21]
+    gallery, used = updates[21:23]
     assert tabs.selected == "text_to_image" and model == SD and prompt.startswith("a small blue square")
     assert (steps, guidance, scheduler, width, height, str(seed_box), number) == (7, 3.5, "euler_karras", 64, 72, seed, 2)
     assert used == seed and np.array_equal(np.asarray(gallery[0][0]), np.asarray(Image.open(images[0]["image"])))
@@ -287,7 +287,7 @@ def test_the_first_page_shows_a_picture_and_a_bad_link_value_is_ignored():
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
     updates = load.fn(FakeRequest(""))
-    assert len(updates[19]) == 4 and int(updates[20]) >= 0  # four images and the seed used, before any click
+    assert len(updates[21]) == 4 and int(updates[22]) >= 0  # four images and the seed used, before any click
     updates = load.fn(FakeRequest("tab=text_to_image&model=%2Fetc%2Fpasswd&steps=abc&scheduler=nonsense"))
     assert updates[1] == SD and updates[4] == 20 and updates[6] == "dpmpp_2m"
 
@@ -397,7 +397,7 @@ def test_use_this_seed_and_send_to_image_to_image_take_the_picked_result():
 
 def test_seed_used_is_empty_before_a_run(client):
     boxes = [c["props"] for c in client.config["components"] if str(c["props"].get("label")).startswith("Seed used")]
-    assert len(boxes) == 3 and all(box.get("value") in ("", None) and box["placeholder"] == "run first" for box in boxes)
+    assert len(boxes) == 4 and all(box.get("value") in ("", None) and box["placeholder"] == "run first" for box in boxes)
 
 
 @pytest.fixture
@@ -444,7 +444,7 @@ def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_requ
     assert np.array_equal(np.asarray(run(embeddings=shape)[0][0][0]), embedded)  # the LoRA left with its request
     with pytest.raises(gr.Error, match="not one of the offered loras"):
         run(lora_2="loras: ../../etc/passwd")
-    with pytest.raises(gr.Error, match="the scale of loras: detail.safetensors must be a number between -4 and 4"):
+    with pytest.raises(gr.Error, match="the scale of loras: detail.safetensors must be a number from -4 to 4; got nan"):
         run(lora_2="loras: detail.safetensors", lora_2_scale=float("nan"))
 
 
@@ -455,3 +455,79 @@ def test_the_readme_client_example_runs_as_written(server):
     exec(code, names)  # noqa: S102 (the README's own example)
     assert names["seed_used"] == "7" and [image["caption"] for image in names["images"]] == ["seed 7", "seed 8"]
     assert names["verdict"].startswith("## ✅ PASS\ndit (all): PASS")
+
+
+def painted_layer(path, size, box):
+    """A transparent layer with `box` painted opaque, as the mask editor's brush leaves it."""
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), box)
+    layer.save(path)
+    return path
+
+
+def test_inpaint_repaints_the_painted_region_and_keeps_the_rest_through_gradio_client(client, tmp_path):
+    scene = Image.open(app.EXAMPLE_SCENE).convert("RGB")
+    width, height = scene.size
+    layer = painted_layer(tmp_path / "layer.png", scene.size, (width // 2, 0, width, height))  # the right half
+    editor = {"background": handle_file(str(app.EXAMPLE_SCENE)), "layers": [handle_file(str(layer))], "composite": None}
+    images, seed, mask, parameters = client.predict(model=SD, image_and_mask=editor, prompt="a big blue square on a "
+                                                    "white background", strength=1.0, steps=8, seed=3,
+                                                    number_of_images=1, api_name="/inpaint")
+    assert seed == "3" and json.loads(parameters)["inpaint"] is True
+    mask = np.asarray(Image.open(mask).convert("L"))
+    assert mask[:, : width // 2].max() == 0 and mask[:, width // 2:].min() == 255
+    result = np.asarray(Image.open(images[0]["image"]).convert("RGB")).astype(float)
+    original = np.asarray(scene).astype(float)
+    kept = np.abs(result[:, : width // 2 - 4] - original[:, : width // 2 - 4]).mean()  # (4 px from the seam)
+    repainted = np.abs(result[:, width // 2 + 4:] - original[:, width // 2 + 4:]).mean()
+    assert kept < 12 and repainted > 3 * kept, (kept, repainted)
+    with pytest.raises(Exception, match="Nothing is painted"):
+        client.predict(SD, {"background": handle_file(str(app.EXAMPLE_SCENE)), "layers": [], "composite": None},
+                       "x", "", 1.0, 2, 5.0, "ddim", 0, 1, api_name="/inpaint")
+
+
+def test_the_refiner_is_refused_on_a_model_that_is_not_an_sdxl_base(monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "someone/sd_core")
+    assert ("SDXL refiner 1.0 (hub, 6.1 GB)", "SDXL refiner 1.0") in app.refiner_choices()
+    assert "SDXL refiner 1.0" not in dict(app.model_choices("text_to_image")).values()
+    with pytest.raises(gr.Error, match=r"A refiner follows an SDXL base model; embedded: shapes \(text to image\) is sd2\. Set Refiner to none"):
+        app.generate_images(SD, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1, refiner="SDXL refiner 1.0")
+
+
+def test_non_finite_latents_reach_the_visitor_as_one_line(monkeypatch):
+    def overflow(*args, **kwargs):
+        raise FloatingPointError("the latents after denoising (UNet) contain NaN or inf: try fp32 or fewer steps.\n"
+                                 "  (detail for the log)")
+    monkeypatch.setattr(app, "generate", overflow)
+    with pytest.raises(gr.Error) as refused:
+        app.generate_images(SD, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1)
+    assert refused.value.message == "the latents after denoising (UNet) contain NaN or inf: try fp32 or fewer steps."
+
+
+@pytest.mark.parametrize("endpoint,arguments,message", [
+    ("/text_to_image", dict(seed=1.5), r"seed must be a whole number from 0 to 4294967295; got 1\.5, which is not whole"),
+    ("/text_to_image", dict(steps="ten"), r"steps must be a whole number from 1 to 100; got the text 'ten'"),
+    ("/text_to_image", dict(number_of_images=None), r"number_of_images must be a whole number from 1 to 8; none"),
+    ("/text_to_image", dict(guidance_scale="nan"), r"guidance_scale must be a number from 0 to 50; got nan"),
+    ("/text_to_image", dict(prompt="x" * 2001), r"prompt is 2001 characters long; this server takes at most 2000"),
+    ("/text_to_image", dict(scheduler="rm -rf"), r"rm -rf is not in the list of choices: \['ddim'"),
+    ("/dit_sample", dict(steps=2.5), r"steps must be a whole number from 1 to 100; got 2\.5, which is not whole"),
+    ("/vae_roundtrip", dict(seed=-3), r"seed must be a whole number from 0 to 4294967295; got -3"),
+])
+def test_raw_api_values_reach_the_app_s_checks_as_sent(client, endpoint, arguments, message):
+    defaults = {"/text_to_image": dict(model=SD, prompt="x", steps=2, width=64, height=64, seed=0, number_of_images=1),
+                "/dit_sample": dict(model=DIT, class_label="red circle", steps=2, seed=0, number_of_images=1),
+                "/vae_roundtrip": dict(model=SD, image=handle_file(str(app.EXAMPLE_SCENE)), seed=0)}[endpoint]
+    with pytest.raises(Exception, match=message):
+        client.predict(api_name=endpoint, **{**defaults, **arguments})
+
+
+def test_sd_core_never_imports_compare():
+    """compare depends on sd_core, never the reverse: the app's support module and the whole package load alone."""
+    code = ("import sys, pkgutil, importlib, sd_core, sd_core.app_parts\n"
+            "for m in pkgutil.iter_modules(sd_core.__path__):\n"
+            "    if m.name not in ('__main__', 'train'): importlib.import_module('sd_core.' + m.name)\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] == 'compare'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(app.__file__).parent)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout

@@ -9,8 +9,14 @@ import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 
-from sd_core.serving import (MAX_UPLOAD_BYTES, WorkLimits, as_whole_number, check_request, raw_value,
-                             open_upload)
+from sd_core.serving import (
+    MAX_UPLOAD_BYTES,
+    WorkLimits,
+    as_whole_number,
+    check_request,
+    open_upload,
+    raw_value,
+)
 
 LIMITS = WorkLimits.for_device("cpu")
 
@@ -112,3 +118,210 @@ def test_upload_bomb_and_oversize_upload_are_refused_and_the_server_keeps_servin
     Image.new("L", (1600, 1600)).save(tmp_path / "work.png")  # 2.56 Mpx: readable, but beyond the work budget
     with pytest.raises(Exception, match=r"1600x1600 is 2\.56 Mpx; this server allows 2\.4 Mpx per VAE round-trip"):
         client.predict(handle_file(str(tmp_path / "work.png")), api_name="/roundtrip")
+
+
+# --------------------------------------------------------------------------- the app itself under load (issue 19)
+
+SD, DIT = "embedded: shapes (text to image)", "embedded: shapes (DiT)"
+ANSWER_WITHIN_S = 45  # each small request, from submission to answer; generous: this machine is shared
+
+
+@pytest.fixture(scope="module")
+def app_server():
+    import app
+    demo = app.build().queue(max_size=64, default_concurrency_limit=2)  # app.py's defaults: --concurrency 2
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                            max_file_size=MAX_UPLOAD_BYTES)
+    yield url, app
+    demo.close()
+
+
+def test_twenty_clients_on_every_endpoint_with_oversized_requests_in_flight_lose_nothing(app_server, tmp_path):
+    import concurrent.futures
+    import time
+
+    from PIL import Image
+    url, app = app_server
+    scene = handle_file(str(app.EXAMPLE_SCENE))
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (32, 0, 64, 64))
+    layer.save(tmp_path / "layer.png")
+    Image.new("RGB", (2048, 2048), (90, 90, 90)).save(tmp_path / "big.png")
+    editor = {"background": scene, "layers": [handle_file(str(tmp_path / "layer.png"))], "composite": None}
+    small = [  # (endpoint, keyword arguments, check of the answer)
+        ("/text_to_image", dict(model=SD, prompt="a red circle", steps=3, width=64, height=64, number_of_images=1),
+         lambda out, seed: out[1] == str(seed)),
+        ("/image_to_image", dict(model=SD, image=scene, prompt="a blue circle", strength=0.5, steps=3,
+                                 number_of_images=1), lambda out, seed: out[1] == str(seed)),
+        ("/inpaint", dict(model=SD, image_and_mask=editor, prompt="a blue square", steps=3, number_of_images=1),
+         lambda out, seed: out[1] == str(seed)),
+        ("/vae_roundtrip", dict(model=SD, image=scene), lambda out, seed: out[2] > 20),
+        ("/dit_sample", dict(model=DIT, class_label="red circle", steps=3, number_of_images=1),
+         lambda out, seed: out[1] == str(seed)),
+        ("/compare", dict(kind="vae", model=SD, image=scene), lambda out, seed: out[0].startswith("## ✅ PASS")),
+    ]
+    oversized = [  # refused with the bound, whatever this machine's learned speed
+        ("/text_to_image", dict(model=SD, prompt="x", steps=100, width=1024, height=1024, number_of_images=8, seed=0),
+         r"1024x1024 x 100 steps x 8 images is 839 Mpx-steps; this server allows [\d.]+ Mpx-steps per text-to-image "
+         r"request \(about 60 s here\)"),
+        ("/image_to_image", dict(model=SD, image=handle_file(str(tmp_path / "big.png")), prompt="x", steps=100,
+                                 number_of_images=8, seed=0),  # 4.19 Mpx: a readable upload, far too much work
+         r"2048x2048 x 100 steps x 8 images is 3\.36e\+03 Mpx-steps; this server allows [\d.]+ Mpx-steps per "
+         r"text-to-image request"),
+    ]
+
+    def ask(i):
+        start = time.monotonic()
+        client = Client(url, verbose=False)
+        if i >= 20:
+            endpoint, arguments, message = oversized[i - 20]
+            try:
+                client.predict(api_name=endpoint, **arguments)
+            except Exception as error:  # noqa: BLE001 (the client reports the server's message)
+                return i, "refused", str(error), time.monotonic() - start
+            return i, "ran", None, time.monotonic() - start
+        endpoint, arguments, check = small[i % len(small)]
+        seed = 100 + i
+        if endpoint != "/vae_roundtrip" and endpoint != "/compare":
+            arguments = dict(arguments, seed=seed)
+        out = client.predict(api_name=endpoint, **arguments)
+        return i, "ok" if check(out, seed) else f"wrong answer {out!r}", endpoint, time.monotonic() - start
+
+    order = [20] + list(range(10)) + [21] + list(range(10, 20))  # the oversized ones among the small ones
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(22) as pool:
+        outcomes = sorted(pool.map(ask, order))
+    wall = time.monotonic() - start
+    assert len(outcomes) == 22  # nothing lost: every request came back with an answer or a refusal
+    answers = outcomes[:20]
+    assert [status for _, status, _, _ in answers] == ["ok"] * 20, answers
+    slowest = max(seconds for *_, seconds in answers)
+    assert slowest < ANSWER_WITHIN_S, answers
+    for (_, status, message, _), (_, _, expected) in zip(outcomes[20:], oversized):
+        assert status == "refused" and re.search(expected, message), message
+    print(f"20 small requests on 6 endpoints + 2 oversized: slowest small answer {slowest:.1f} s, all in {wall:.1f} s")
+
+
+AUDIT_LAUNCHER = """
+import os, runpy, sys
+log = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+def hook(event, args):
+    if event == "open" and not isinstance(args[0], int):
+        try:
+            os.write(log, (ascii(os.fsdecode(args[0])) + chr(10)).encode())
+        except Exception:
+            pass
+sys.addaudithook(hook)
+import safetensors, safetensors.torch  # opened by Rust, unseen by the hook: announce each file as an "open"
+real_safe_open = safetensors.safe_open
+def safe_open(filename, *args, **kwargs):
+    sys.audit("open", os.fspath(filename), "rb", 0)
+    return real_safe_open(filename, *args, **kwargs)
+safetensors.safe_open = safetensors.torch.safe_open = safe_open
+sys.argv = ["app.py"] + sys.argv[2:]
+sys.path.insert(0, os.getcwd())  # as `python app.py` run here has it
+runpy.run_path("app.py", run_name="__main__")
+"""
+
+
+def test_no_visitor_path_trick_makes_the_server_open_a_file_outside_its_folders(tmp_path):
+    """app.py in a subprocess with an audit hook logging every open() (and every safetensors file, which Rust
+    opens unseen by the hook): after warming up, a battery of path tricks
+    through every door (model choices, hub-shaped ids with --allow-hub, upload payloads, gradio's file route)
+    opens nothing outside the model roots, the package, the Python install, the temp/gradio/hub cache folders
+    and /proc, /sys, /dev."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    import torch
+    from safetensors.torch import save_file
+    repo = Path(__file__).resolve().parent.parent
+    models, temp, hub = tmp_path / "models", tmp_path / "tmp", tmp_path / "hf"
+    for folder in (models, temp, hub):
+        folder.mkdir()
+    (models / "escape").symlink_to("/etc")  # a link out of the model root
+    secret = tmp_path / "outside" / "secret.safetensors"  # a loadable-looking file no visitor may reach
+    secret.parent.mkdir()
+    save_file({"weight": torch.zeros(1)}, str(secret))
+    (models / "out.safetensors").symlink_to(secret)
+    (tmp_path / "launcher.py").write_text(AUDIT_LAUNCHER)
+    log = tmp_path / "opened.log"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "TMPDIR": str(temp), "GRADIO_TEMP_DIR": str(temp / "gradio"), "HF_HOME": str(hub),
+           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "SD_CORE_MODELS_DIR": ""}
+    process = subprocess.Popen([sys.executable, str(tmp_path / "launcher.py"), str(log), "--models-dir", str(models),
+                                "--allow-hub", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
+                               env=env, cwd=repo, stdout=open(tmp_path / "out", "w"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(url + "/config", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, (tmp_path / "out").read_text()
+            time.sleep(0.5)
+        client = Client(url, verbose=False)
+        scene = str(repo / "sd_core" / "data" / "example-scene.png")  # warm up: lazy imports, mime types, uploads
+        images, *_ = client.predict(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 0, 1, False, api_name="/text_to_image")
+        client.predict(SD, handle_file(scene), False, 0, api_name="/vae_roundtrip")
+        httpx.get(f"{url}/gradio_api/file={images[0]['image']}", timeout=10)
+        with open(log, "a") as marker:
+            marker.write("'=== battery'\n")
+
+        def call(api, data):
+            """Raw HTTP as any script can send it (no client-side checks); returns the event stream's text."""
+            base = f"{url}/gradio_api/call/{api}"
+            response = httpx.post(base, json={"data": data}, timeout=30)
+            if response.status_code != 200:
+                return response.text
+            return httpx.get(f"{base}/{response.json()['event_id']}", timeout=60).text
+
+        choices = ["/etc/passwd", "../../../../etc/passwd", "~/.ssh/id_rsa", "~", "file:///etc/passwd",
+                   "http://127.0.0.1:1/x", "models: ../../etc/passwd", "models: /etc/passwd", "models: escape",
+                   "models: escape/passwd", "models: ~root", "a\x00b", "x" * 5000, "etc/passwd", "root/.ssh",
+                   "sd_core/weights", "../sd_core", "sd_core/../../etc", "models/escape", f"{models}/escape/passwd",
+                   str(secret), "models: ../outside/secret.safetensors", "models: out.safetensors",
+                   f"models: {secret}", f"{models}/../outside/secret.safetensors"]
+        for choice in choices:
+            for api, data in (("text_to_image", [choice, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1, False]),
+                              ("dit_sample", [choice, "red circle", 1.0, 2, "ddim", 0, 1, "all"]),
+                              ("compare", ["vae", choice])):
+                answer = call(api, data)
+                assert "event: complete" not in answer, (choice, api, answer)
+        for path in ("/etc/passwd", "../../../../etc/passwd", "~/.bashrc", str(repo / "app.py"), "/proc/self/environ",
+                     "file:///etc/passwd", "/etc/passwd\x00.png", "/" + "a" * 5000):
+            payload = {"path": path, "meta": {"_type": "gradio.FileData"}}
+            answer = call("vae_roundtrip", [SD, payload, False, 0])
+            assert "event: complete" not in answer, (path, answer)
+            editor = {"background": payload, "layers": [payload], "composite": None}
+            answer = call("inpaint", [SD, editor, "x", "", 1.0, 2, 5.0, "ddim", 0, 1])
+            assert "event: complete" not in answer, (path, answer)
+            httpx.get(f"{url}/gradio_api/file={path.replace(chr(0), '%00')}", timeout=10)
+        for lora in ("loras: ../../etc/passwd", "/etc/passwd"):
+            assert "event: complete" not in call("text_to_image", [SD, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1, False,
+                                                                    "plain", 0, lora, 1.0])
+        assert client.predict(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 4, 1, False,
+                              api_name="/text_to_image")[1] == "4"  # still serving
+    finally:
+        process.terminate()
+        process.wait(30)
+    import ast
+    battery = [ast.literal_eval(line) for line in log.read_text().split("'=== battery'\n", 1)[1].splitlines()]
+    allowed = [repo, models.resolve(), temp.resolve(), hub.resolve(), Path(sys.prefix).resolve(),
+               Path(sys.base_prefix).resolve(), Path("/proc"), Path("/sys"), Path("/dev")]
+    outside = set()
+    for line in battery:
+        path = Path(os.path.realpath(os.path.join(repo, line.replace(chr(0), ''))))
+        if not any(path.is_relative_to(root) for root in allowed):
+            outside.add(line)
+    assert len(battery) > 0 and not outside, sorted(outside)
+    print(f"{len(battery)} files opened during the battery, all inside {[str(p) for p in allowed]}")

@@ -1,4 +1,5 @@
-"""The Compare tab: every kind of compare.kinds, with the model list and the settings each kind takes."""
+"""The app's Compare tab: every kind of compare.kinds, with the model list and the settings each kind takes.
+(It lives in compare/, not sd_core/: sd_core never depends on compare.)"""
 import shutil
 import tempfile
 from pathlib import Path
@@ -6,21 +7,27 @@ from pathlib import Path
 import gradio as gr
 
 from compare.kinds import DIT_KINDS, KINDS, SD_KINDS, run_comparison
-
-from .app_parts import (MODELS, Settings, as_float, as_int, handler, images_gallery, model_choices, scheduler_dropdown,
-                        scheduler_of)
-from .components import DiTPipeline
-from .pipelines import MAX_SEED
+from sd_core.app_parts import (
+    LIMITS,
+    MODELS,
+    Settings,
+    as_float,
+    as_int,
+    drawn_side,
+    handler,
+    images_gallery,
+    model_choices,
+    run_bounded,
+    scheduler_dropdown,
+    scheduler_of,
+    timestep_semantics,
+)
+from sd_core.components import DiTPipeline
+from sd_core.pipelines import MAX_SEED
+from sd_core.serving import as_choice, as_text, open_upload, raw_value
 
 MAX_COMPARE_STEPS = 50
-EXAMPLE_SCENE = Path(__file__).resolve().parent / "data" / "example-scene.png"
-
-
-def timestep_semantics(pipe) -> str:
-    frequencies = pipe.transformer.config.timestep_frequencies
-    why = ("the original DiT code's (exponent / half), as the released DiT weights were trained" if frequencies == "original"
-           else "diffusers' (exponent / (half - 1)), as diffusers-trained weights expect")
-    return f"Timestep embedding frequencies: **{frequencies}**: {why}. Compare → dit_timestep_semantics shows the other."
+EXAMPLE_SCENE = Path(__file__).resolve().parent.parent / "sd_core" / "data" / "example-scene.png"
 
 
 def compare_models_for(kind: str) -> list:
@@ -44,21 +51,27 @@ def compare(kind, model, prompt="", negative_prompt="", class_label="0", image=N
         raise gr.Error(f"{kind} compares {'DiT' if kind in DIT_KINDS else 'Stable Diffusion'} models; {model} is not one.")
     common = dict(seed=as_int(seed, "seed", 0, MAX_SEED), steps=as_int(steps, "steps", 1, MAX_COMPARE_STEPS),
                   scheduler=scheduler_of(scheduler), guidance_scale=as_float(guidance_scale, "guidance_scale", 0, 30))
+    side = drawn_side(pipe)
+    pixels, steps = side * side, common["steps"]
+    if kind in ("vae", "image_to_image"):
+        image = open_upload(image, max_pixels=LIMITS.max_upload_pixels)  # a bomb is refused from its header
+        pixels = image.width * image.height
     if kind == "vae":
-        settings = dict(image=image, sample=bool(sample_posterior), seed=common["seed"])
+        settings, steps = dict(image=image, sample=bool(sample_posterior), seed=common["seed"]), 1
     elif dit:
-        settings = dict(common, class_labels=[str(class_label)])
+        settings = dict(common, class_labels=[as_text(str(class_label), "class_label", 200)])
         if kind != "dit_timestep_semantics":
-            settings["guided_channels"] = guided_channels
+            settings["guided_channels"] = as_choice(guided_channels, "guided_channels", ["all", "first3"])
     else:
-        settings = dict(common, prompt=prompt or "", negative_prompt=negative_prompt or None)
+        settings = dict(common, prompt=as_text(prompt, "prompt"), negative_prompt=as_text(negative_prompt,
+                                                                                          "negative_prompt") or None)
         if kind == "image_to_image":
             settings.update(image=image, strength=as_float(strength, "strength", 0.0, 1.0))
     if kind in ("precision", "attention"):
-        settings["dtype"] = dtype if kind == "precision" else "fp32"
+        settings["dtype"] = as_choice(dtype, "dtype", ["bf16", "fp16"]) if kind == "precision" else "fp32"
     progress(0, desc=f"running {kind}")
     with MODELS.using(pipe):  # never while another request has a LoRA merged into these weights
-        report = run_comparison(kind, pipe, **settings)
+        report = run_bounded(f"compare:{model}", pixels, steps, 1, lambda: run_comparison(kind, pipe, **settings))
     badge = {True: "✅ PASS", False: "❌ FAIL", None: "📏 MEASUREMENT"}[report.passed]
     verdict = f"## {badge}\n{report.verdict}" + (f"\n\n{timestep_semantics(pipe)}" if dit else "")
     rows = [[s.name, f"{s.max_abs:.3g}", f"{s.relative:.3g}", f"{s.cosine:.8f}", f"{s.tolerance:.3g}",
@@ -88,16 +101,17 @@ def compare_tab():
             prompt = gr.Textbox("a small green triangle on the left on a white background", label="Prompt")
             negative = gr.Textbox("", label="Negative prompt")
             class_label = gr.Textbox("red circle", label="Class label (name or id)", visible=False)
-            cmp_image = gr.Image(type="pil", label="Image", height=200, visible=False, value=str(EXAMPLE_SCENE))
+            cmp_image = gr.Image(type="filepath", image_mode=None, label="Image", height=200, visible=False, value=str(EXAMPLE_SCENE))
             strength = gr.Slider(0, 1, 0.6, step=0.05, label="Strength", visible=False)
             sample = gr.Checkbox(False, label="Sample posterior (else its mean)", visible=False)
             guided = gr.Radio(["all", "first3"], value="all", label="Guided channels", visible=False)
             dtype = gr.Radio(["bf16", "fp16"], value="bf16", label="Dtype (against fp32)", visible=False)
             with gr.Row():
-                cmp_seed = gr.Number(0, label="Seed", precision=0)
-                cmp_steps = gr.Slider(1, MAX_COMPARE_STEPS, 10, step=1, label="Steps")
+                cmp_seed = raw_value(gr.Number(0, label="Seed", precision=0))
+                cmp_steps = raw_value(gr.Slider(1, MAX_COMPARE_STEPS, 10, step=1, label="Steps"))
             cmp_scheduler = scheduler_dropdown("ddim")
-            cmp_guidance = gr.Slider(0, 20, 5.0, step=0.5, label="Guidance scale")
+            cmp_guidance = raw_value(gr.Slider(0, 20, 5.0, step=0.5, label="Guidance scale"))
+            strength = raw_value(strength)
             cmp_run = gr.Button("Compare", variant="primary")
         with gr.Column():
             verdict = gr.Markdown(label="Verdict")
