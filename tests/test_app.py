@@ -118,6 +118,7 @@ def test_a_non_image_upload_is_refused(client, tmp_path):
         app.roundtrip(SD, str(tmp_path / "notes.txt"))
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_requests_all_complete_correctly(server):
     def request(seed):
         images, used, *_ = Client(server, verbose=False).predict(
@@ -132,6 +133,7 @@ def test_twenty_concurrent_requests_all_complete_correctly(server):
     assert np.array_equal(results[7][2], np.asarray(expected[0][0]))
 
 
+@pytest.mark.slow
 def test_a_request_over_the_queue_limit_is_told_the_queue_is_full():
     demo = app.build().queue(max_size=1, default_concurrency_limit=1)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
@@ -150,6 +152,7 @@ def test_a_request_over_the_queue_limit_is_told_the_queue_is_full():
         demo.close()
 
 
+@pytest.mark.slow
 def test_a_browser_shows_the_six_tabs(server, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -292,6 +295,7 @@ def test_the_first_page_shows_a_picture_and_a_bad_link_value_is_ignored():
     assert updates[1] == SD and updates[4] == 20 and updates[6] == "dpmpp_2m"
 
 
+@pytest.mark.slow
 def test_app_py_started_as_on_a_space_listens_on_all_interfaces_and_serves(tmp_path):
     import psutil
     import socket
@@ -490,7 +494,7 @@ def test_the_refiner_is_refused_on_a_model_that_is_not_an_sdxl_base(monkeypatch)
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
     assert ("SDXL refiner 1.0 (hub, 6.1 GB)", "SDXL refiner 1.0") in app.refiner_choices()
     assert "SDXL refiner 1.0" not in dict(app.model_choices("text_to_image")).values()
-    with pytest.raises(gr.Error, match=r"A refiner follows an SDXL base model; embedded: shapes \(text to image\) is sd2\. Set Refiner to none"):
+    with pytest.raises(gr.Error, match=r"A refiner follows an SDXL base model; embedded: shapes \(text to image\) is sd1\. Set Refiner to none"):
         app.generate_images(SD, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1, refiner="SDXL refiner 1.0")
 
 

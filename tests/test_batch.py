@@ -60,6 +60,7 @@ def one_process(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_bytes_as_one(one_process):
     printed = launch(2, ["sd_core.batch", "--prompts", str(one_process / "p.txt"), "--out", str(one_process / "two"),
                          *FLAGS])
@@ -71,6 +72,7 @@ def test_two_processes_write_the_same_bytes_as_one(one_process):
     assert a != b  # images of one prompt differ (their own seeds)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_without_redoing_finished_images(one_process):
     out = one_process / "resumed"
     args = ["sd_core.batch", "--prompts", str(one_process / "p.txt"), "--out", str(out), *FLAGS]
@@ -86,6 +88,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_images(one_process)
         assert (out / name).read_bytes() == (one_process / "one" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_files(tmp_path):
     """SIGKILL a one-process run once a few images exist, rerun on two processes: the finished files are
     kept as they were, and the folder ends byte-identical to an uninterrupted run's."""

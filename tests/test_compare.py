@@ -281,6 +281,7 @@ def test_cli_runs_a_dit_kind_with_class_names_and_ids(dit_folder, tmp_path, caps
     assert json.loads((tmp_path / "r" / "report.json").read_text())["settings"]["class_labels"] == [3, 7]
 
 
+@pytest.mark.slow
 def test_benchmark_under_two_processes_gathers_every_row_on_the_main_process(tmp_path):
     """Each process measures a share of the (dtype, config) jobs; the main process prints and writes them all."""
     from tests.launch import launch

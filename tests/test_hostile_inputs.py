@@ -483,6 +483,7 @@ def test_a_signal_mid_write_leaves_the_old_file_and_no_partial(tmp_path, signum)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_signals_at_random_moments_of_repeated_saves_leave_no_partial(tmp_path, signum):
     rng = np.random.default_rng(int(signum))
     for attempt in range(3):

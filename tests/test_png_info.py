@@ -128,10 +128,10 @@ def test_an_a1111_infotext_is_read_into_sd_core_settings(tmp_path):
     settings = read_png_parameters(tmp_path / "old.png")
     assert settings["scheduler"] == "euler_ancestral" and settings["clip_skip"] == 0
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", older.replace("Euler a", "UniPC"))
-    Image.new("RGB", (8, 8)).save(tmp_path / "unipc.png", pnginfo=info)
-    with pytest.raises(ValueError, match=re.escape("sampler 'UniPC', which sd_core lacks")):
-        read_png_parameters(tmp_path / "unipc.png")
+    info.add_text("parameters", older.replace("Euler a", "DPM adaptive"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "unknown-sampler.png", pnginfo=info)
+    with pytest.raises(ValueError, match=re.escape("sampler 'DPM adaptive', which sd_core lacks")):
+        read_png_parameters(tmp_path / "unknown-sampler.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
     with pytest.raises(ValueError, match="carries no generation parameters"):
         read_png_parameters(tmp_path / "bare.png")

@@ -136,6 +136,7 @@ def app_server():
     demo.close()
 
 
+@pytest.mark.slow
 def test_twenty_clients_on_every_endpoint_with_oversized_requests_in_flight_lose_nothing(app_server, tmp_path):
     import concurrent.futures
     import time
@@ -224,6 +225,7 @@ runpy.run_path("app.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_no_visitor_path_trick_makes_the_server_open_a_file_outside_its_folders(tmp_path):
     """app.py in a subprocess with an audit hook logging every open() (and every safetensors file, which Rust
     opens unseen by the hook): after warming up, a battery of path tricks

@@ -145,6 +145,7 @@ def checkpoint(folder):
     return torch.load(folder / "checkpoint.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_processes_with_accumulation_train_as_one_process_with_the_whole_batch(tiny_vae, one_process, tmp_path):
     """2 processes x 2 accumulated micro-batches of 1 example = 1 process with the batch of 4, interrupted and
     resumed on the way. The runs differ only in float summation order (per-example vs batched kernels, the
@@ -188,6 +189,7 @@ def test_bf16_mixed_precision_trains_under_autocast(tiny_vae, one_process, tmp_p
     assert (tmp_path / "model" / "unet").is_dir()
 
 
+@pytest.mark.slow
 def test_evaluation_split_over_two_processes_gives_the_one_process_scores(tmp_path):
     """Each process generates a share of the held-out prompts and DiT classes; the main process gathers them."""
     reports = {}

@@ -77,6 +77,7 @@ def test_unet_latent_sizes_not_divisible_by_the_downsampling_match_diffusers(nam
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_real_size_sd15_unet_matches_diffusers_at_32x32_latent():
     torch.manual_seed(0)
     reference = ReferenceUNet.from_config(presets.UNET_SD15).eval()
