@@ -183,6 +183,14 @@ def example_images() -> list[str]:
     return [str(EXAMPLE_SCENE)] + sorted(str(p) for p in PHOTOS.glob("*.png"))
 
 
+def sampling_controls() -> tuple:
+    """Steps, guidance and scheduler in a row, at the embedded model's settings (a model's pick changes them)."""
+    with gr.Row():
+        steps = raw_value(gr.Slider(1, MAX_STEPS, SD_DEFAULTS.steps, step=1, label="Steps"))
+        guidance = raw_value(gr.Slider(0, 20, SD_DEFAULTS.guidance_scale, step=0.5, label="Guidance scale"))
+        return steps, guidance, scheduler_dropdown(SD_DEFAULTS.scheduler)
+
+
 def build() -> gr.Blocks:
     t2i_models, dit_models = model_choices("text_to_image"), model_choices("dit")
     first_sd = t2i_models[0][1] if t2i_models else None
@@ -199,11 +207,7 @@ def build() -> gr.Blocks:
                         prompt = gr.Textbox("a big red circle on the left on a gray background", label="Prompt")
                         negative = gr.Textbox("", label="Negative prompt")
                         run = gr.Button("Generate", variant="primary")
-                        with gr.Row():
-                            steps = raw_value(gr.Slider(1, MAX_STEPS, SD_DEFAULTS.steps, step=1, label="Steps"))
-                            guidance = raw_value(gr.Slider(0, 20, SD_DEFAULTS.guidance_scale, step=0.5,
-                                                           label="Guidance scale"))
-                            scheduler = scheduler_dropdown(SD_DEFAULTS.scheduler)
+                        steps, guidance, scheduler = sampling_controls()
                         with gr.Row():
                             width = raw_value(gr.Slider(64, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Width"))
                             height = raw_value(gr.Slider(64, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Height"))
@@ -257,11 +261,7 @@ def build() -> gr.Blocks:
                         i2i_run = gr.Button("Transform", variant="primary")
                         i2i_strength = raw_value(gr.Slider(0, 1, 0.6, step=0.05,
                                                            label="Strength (0: keep the image; 1: ignore it)"))
-                        with gr.Row():
-                            i2i_steps = raw_value(gr.Slider(1, MAX_STEPS, SD_DEFAULTS.steps, step=1, label="Steps"))
-                            i2i_guidance = raw_value(gr.Slider(0, 20, SD_DEFAULTS.guidance_scale, step=0.5,
-                                                               label="Guidance scale"))
-                            i2i_scheduler = scheduler_dropdown(SD_DEFAULTS.scheduler)
+                        i2i_steps, i2i_guidance, i2i_scheduler = sampling_controls()
                         with gr.Row():
                             i2i_seed = raw_value(gr.Number(-1,
                                                            label="Seed (-1: random; image k uses seed + k)", precision=0))

@@ -35,10 +35,11 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def as_whole_number(value, name: str, low: int, high: int) -> int:
-    """A visitor's integer: an int, an integral float (3.0) or a numeral string ("3"); never a bool, None, NaN,
-    inf, 1.5 (a seed 1.5 is refused, not rounded) or text."""
-    expected = f"{name} must be a whole number from {low} to {high}"
+def visitor_number(value, expected: str) -> int | float:
+    """The number a visitor sent: an int, a float or a numeral string; never a bool, None or other text.
+    `expected` opens the error message ("seed must be a whole number from 0 to ...")."""
+    if value is None:
+        raise ValueError(f"{expected}; none was given.")
     number = value
     if isinstance(value, str):
         try:
@@ -48,10 +49,16 @@ def as_whole_number(value, name: str, low: int, high: int) -> int:
                 number = float(value.strip())
             except ValueError:
                 raise ValueError(f"{expected}; got the text {_shown(value)}.") from None
-    if value is None:
-        raise ValueError(f"{expected}; none was given.")
     if isinstance(number, bool) or not isinstance(number, (int, float)):
         raise ValueError(f"{expected}; got {type(value).__name__} {_shown(value)}.")
+    return number
+
+
+def as_whole_number(value, name: str, low: int, high: int) -> int:
+    """A visitor's integer: an int, an integral float (3.0) or a numeral string ("3"); never a bool, None, NaN,
+    inf, 1.5 (a seed 1.5 is refused, not rounded) or text."""
+    expected = f"{name} must be a whole number from {low} to {high}"
+    number = visitor_number(value, expected)
     if isinstance(number, float):
         if not math.isfinite(number):
             raise ValueError(f"{expected}; got {number} (not a finite number).")
@@ -66,18 +73,8 @@ def as_whole_number(value, name: str, low: int, high: int) -> int:
 def as_number(value, name: str, low: float, high: float) -> float:
     """A visitor's real number: finite and within [low, high]; never a bool, None, NaN, inf or text."""
     expected = f"{name} must be a number from {low:g} to {high:g}"
-    number = value
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise ValueError(f"{expected}; got the text {_shown(value)}.") from None
-    if value is None:
-        raise ValueError(f"{expected}; none was given.")
-    if isinstance(number, bool) or not isinstance(number, (int, float)):
-        raise ValueError(f"{expected}; got {type(value).__name__} {_shown(value)}.")
     try:
-        number = float(number)
+        number = float(visitor_number(value, expected))
     except OverflowError:  # an int beyond float's range
         raise ValueError(f"{expected}; got {_shown(value)}.") from None
     if not math.isfinite(number):

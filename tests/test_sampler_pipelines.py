@@ -1,5 +1,8 @@
 """Folders configured like the real ones run their own scheduler by default and give diffusers' image:
-SD 1.5's PNDM (PLMS), SD-Turbo's Euler ancestral with trailing spacing at 1 and 4 steps."""
+SD 1.5's PNDM (PLMS), SD-Turbo's Euler ancestral with trailing spacing at 1 and 4 steps, and folders naming
+UniPC or LCM (LCM as LCM-LoRA runs it)."""
+import functools
+
 import diffusers
 import pytest
 import torch
@@ -11,28 +14,36 @@ from tests.helpers import assert_images_match
 from tests.test_schedulers import SD15_SCHEDULER_CONFIG, TURBO_SCHEDULER_CONFIGS
 
 PROMPTS = ["a small red circle on the left", "a big blue square, top right!"]
+# (diffusers scheduler class, its config, sd_core's name for it, guidance, step counts)
+FOLDERS = {
+    "sd15-pndm": (diffusers.PNDMScheduler, SD15_SCHEDULER_CONFIG, "pndm", 6.0, [1, 6]),
+    "sd-turbo": (diffusers.EulerAncestralDiscreteScheduler, TURBO_SCHEDULER_CONFIGS["sd-turbo"], "euler_ancestral",
+                 0.0, [1, 4]),
+    "unipc": (diffusers.UniPCMultistepScheduler, SD15_SCHEDULER_CONFIG, "unipc", 6.0, [1, 5]),
+    "lcm": (diffusers.LCMScheduler, SD15_SCHEDULER_CONFIG, "lcm", 1.5, [1, 4]),
+}
+CASES = [(folder, steps) for folder, (*_, counts) in FOLDERS.items() for steps in counts]
 
 
-def folder_with_scheduler(tmp_path_factory, scheduler):
+@functools.cache
+def folder_with_scheduler(name: str, root):
+    scheduler_class, config, *_ = FOLDERS[name]
     reference = tiny.stable_diffusion("sd1", seed=3)
-    reference.scheduler = scheduler
-    folder = tmp_path_factory.mktemp(type(scheduler).__name__)
+    reference.scheduler = scheduler_class.from_config(config)
+    folder = root / name
     tiny.save_pretrained(reference, folder)
     return reference, load_pipeline(folder)
 
 
 @pytest.fixture(scope="module")
-def sd15_folder(tmp_path_factory):
-    return folder_with_scheduler(tmp_path_factory, diffusers.PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG))
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("scheduler-folders")
 
 
-@pytest.fixture(scope="module")
-def turbo_folder(tmp_path_factory):
-    config = TURBO_SCHEDULER_CONFIGS["sd-turbo"]
-    return folder_with_scheduler(tmp_path_factory, diffusers.EulerAncestralDiscreteScheduler.from_config(config))
-
-
-def run_both(reference, ours, steps, guidance_scale, expected_scheduler):
+@pytest.mark.parametrize("name,steps", CASES, ids=[f"{name}-{steps}" for name, steps in CASES])
+def test_folder_runs_its_own_scheduler_and_equals_diffusers(root, name, steps):
+    reference, ours = folder_with_scheduler(name, root)
+    _, _, expected_scheduler, guidance_scale, _ = FOLDERS[name]
     assert ours.scheduler_config["_class_name"] == type(reference.scheduler).__name__
     kwargs = dict(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=guidance_scale, height=24, width=32)
     latents = reference(**kwargs, generator=torch.Generator().manual_seed(11), output_type="latent").images
@@ -41,15 +52,3 @@ def run_both(reference, ours, steps, guidance_scale, expected_scheduler):
     assert result.parameters["scheduler"] == expected_scheduler
     assert (result.latents - latents).abs().max() <= 1e-5 * max(1.0, latents.abs().max().item())
     assert_images_match(result.images, images)
-
-
-@pytest.mark.parametrize("steps", [1, 6])
-def test_sd15_pndm_folder_equals_diffusers_default_pipeline(sd15_folder, steps):
-    reference, ours = sd15_folder
-    run_both(reference, ours, steps, 6.0, "pndm")
-
-
-@pytest.mark.parametrize("steps", [1, 4])
-def test_turbo_folder_equals_diffusers_at_guidance_0(turbo_folder, steps):
-    reference, ours = turbo_folder
-    run_both(reference, ours, steps, 0.0, "euler_ancestral")
