@@ -214,7 +214,7 @@ class DiTTransformer2DModel(nn.Module):
     def from_config(cls, config: dict) -> "DiTTransformer2DModel":
         return cls(DiTConfig.from_dict(config))
 
-    def _check_inputs(self, x, class_labels):
+    def check_inputs(self, x, class_labels):
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"Latents must be (batch, {c.in_channels}, height, width); got {tuple(x.shape)}.")
@@ -231,7 +231,7 @@ class DiTTransformer2DModel(nn.Module):
     def forward(self, hidden_states, timestep, class_labels) -> torch.Tensor:
         c = self.config
         class_labels = torch.as_tensor(class_labels, device=hidden_states.device).reshape(-1)
-        self._check_inputs(hidden_states, class_labels)
+        self.check_inputs(hidden_states, class_labels)
         batch, _, height, width = hidden_states.shape
         timestep = broadcast_timesteps(timestep, batch, hidden_states.device)
         x = self.pos_embed(hidden_states)

@@ -145,7 +145,7 @@ class FastUNet(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None) -> torch.Tensor:
         unet = self.unet
-        unet._check_inputs(sample, encoder_hidden_states, added_cond_kwargs)
+        unet.check_inputs(sample, encoder_hidden_states, added_cond_kwargs)
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = unet.time_conditioning(timestep, sample.shape[0], sample.dtype, sample.device, added_cond_kwargs)

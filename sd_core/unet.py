@@ -218,7 +218,7 @@ class UNet2DConditionModel(nn.Module):
     def from_config(cls, config: dict) -> "UNet2DConditionModel":
         return cls(UNet2DConditionConfig.from_dict(config))
 
-    def _check_inputs(self, sample, encoder_hidden_states, added_cond_kwargs):
+    def check_inputs(self, sample, encoder_hidden_states, added_cond_kwargs):
         c = self.config
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
             raise ValueError(f"sample must be (batch, {c.in_channels}, height, width); got {tuple(sample.shape)}.")
@@ -244,7 +244,7 @@ class UNet2DConditionModel(nn.Module):
         return emb
 
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None) -> torch.Tensor:
-        self._check_inputs(sample, encoder_hidden_states, added_cond_kwargs)
+        self.check_inputs(sample, encoder_hidden_states, added_cond_kwargs)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.time_conditioning(timestep, sample.shape[0], sample.dtype, sample.device, added_cond_kwargs)
