@@ -223,7 +223,15 @@ def reference_pipeline(pipe, folder: Path, source=None):
     import diffusers
     if diffusers_folder(source) is None:
         source = save_pipeline(pipe, folder)
-    reference = diffusers.DiffusionPipeline.from_pretrained(source, local_files_only=True).to(torch.float32)
+    # diffusers' loading bars and its safety-checker notice are not news in a comparison's log (nor the app's)
+    diffusers.utils.logging.disable_progress_bar()
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        reference = diffusers.DiffusionPipeline.from_pretrained(source, local_files_only=True,
+                                                                torch_dtype=torch.float32)
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
     reference.set_progress_bar_config(disable=True)
     return reference
 

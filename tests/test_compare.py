@@ -293,3 +293,11 @@ def test_benchmark_under_two_processes_gathers_every_row_on_the_main_process(tmp
         rows[processes] = [(r["config"], r["dtype"], r["what"]) for r in json.loads(out.read_text())]
         assert result.stdout.count("| embedded | fp32 | pipeline") == 1
     assert rows[1] == rows[2] == [("embedded", "fp32", "pipeline (20 steps, CFG)")]
+
+
+def test_a_comparison_keeps_the_log_quiet(capfd):
+    """Every Compare used to print diffusers' loading bars and notices into the server's log."""
+    from compare.kinds import run_comparison
+    run_comparison("image_to_image", None, steps=2)
+    log = capfd.readouterr().err
+    assert "Loading pipeline components" not in log and "safety checker" not in log, log[-500:]
