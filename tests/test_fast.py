@@ -161,6 +161,5 @@ def test_tome_merges_the_most_similar_tokens_and_unmerges_by_copying():
     # unmerge copies: every token is one of the merged tokens; kept sources and untouched destinations come back exactly
     assert all((restored[b, :, None] == merged[b, None]).all(-1).any(-1).all() for b in range(2))
     assert ((restored == x).all(dim=-1).sum(dim=1) >= 36 - 2 * 5).all()
-    assert (torch.cdist(restored, x).diagonal(dim1=1, dim2=2) > 0).sum(dim=1).le(10).all()
     identity = bipartite_soft_matching(x, 6, 6, 0, torch.Generator())
     assert all(f(x) is x for f in identity)
