@@ -14,6 +14,7 @@ ZeroGPU hardware the handlers run inside `spaces.GPU`.
 """
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -28,14 +29,15 @@ from compare.kinds import KINDS  # noqa: F401  (app.KINDS: what the Compare tab 
 from sd_core import catalog
 from sd_core.app_parts import (EMBEDDED, LIMITS, MODEL_DEFAULT, MODELS, PNG_FIELDS, SCHEDULER_CHOICES,  # noqa: F401
                                Settings, advanced_settings, as_float, as_int, bind_embeddings, catalog_entry,
-                               dit_labels, drawn_side, extra_path, handler, hub_offered, images_gallery, inpaint_tab,
+                               dit_labels, drawn_side, extra_path, fast_pipeline, handler, hub_offered, images_gallery, inpaint_tab,
                                model_choices, model_dropdown, painted_mask, picked, png_info, progress_callback,
                                random_seed, recommended_dit_settings, recommended_settings, refiner_choices,
                                resolve_source, restore, run_bounded, scheduler_dropdown, scheduler_of, seed_of,
                                send_to_image_to_image, share_link, timestep_semantics, use_this_seed)
 from sd_core.components import DiTPipeline, StableDiffusionPipeline
 from sd_core.lora import load_lora, loras_applied
-from sd_core.pipelines import dit_sample, generate, image_seeds, refine, vae_roundtrip
+from sd_core.pipelines import dit_sample, generate, image_seeds, preview, refine, vae_roundtrip
+from sd_core.preview import fast_preview
 from sd_core.schedulers import DISPLAY_NAMES
 from sd_core.serving import MAX_UPLOAD_BYTES, ResultsJanitor, as_choice, as_text, open_upload, raw_value
 
@@ -47,9 +49,11 @@ CSS = ".pixelated img { image-rendering: pixelated; }"  # the embedded models dr
 
 
 def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, seed, number_of_images, prompt_syntax,
-           clip_skip, loras, embeddings, progress, trajectory=None, refiner=None, high_noise_frac=0.8, **size_or_image):
+           clip_skip, loras, embeddings, progress, trajectory=None, refiner=None, high_noise_frac=0.8, fast=False,
+           deepcache=0, **size_or_image):
     """Text or image to image (or inpainting, or SDXL base + refiner) on cached pipelines, LoRAs merged for this
-    request only, A1111's seed per image, the work bounded. Returns (result, seed, [(image, "seed N")])."""
+    request only, A1111's seed per image, the work bounded; `fast`: through sd_core.fast (approximate, DeepCache
+    every `deepcache` steps). Returns (result, seed, [(image, "seed N")])."""
     pipe = MODELS.get(model, progress)
     if not isinstance(pipe, StableDiffusionPipeline):
         raise gr.Error(f"{model} is a DiT model: use the DiT tab.")
@@ -66,6 +70,9 @@ def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, see
             raise gr.Error(f"A refiner follows an SDXL base model; {model} is {pipe.family}. Set Refiner to none.")
         high_noise_frac = as_float(high_noise_frac, "high_noise_frac", 0.05, 0.95)
         second = MODELS.get(refiner, progress)
+    if fast and (refiner or any(name for name, _ in loras)):
+        raise gr.Error("The fast path does not combine with LoRAs or a refiner: set them to none, or turn the fast "
+                       "path off.")
     lora_files = [(load_lora(extra_path("loras", name)), as_float(scale, f"the scale of {name}", -4, 4))
                   for name, scale in loras if name]
     image = size_or_image.get("image")
@@ -77,9 +84,10 @@ def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, see
             held.enter_context(MODELS.using(locked[1]))
         tokens = bind_embeddings(pipe, embeddings)
         with loras_applied(pipe.models, lora_files):
-            callback = progress_callback(progress, steps, pipe, trajectory)
-            result = run_bounded(f"text_to_image:{model}", pixels, steps, number_of_images, lambda: generate(
-                pipe, prompt, negative_prompt or None, steps=steps, callback=callback, **options) if second is None
+            callback = progress_callback(progress, steps, pipe, trajectory, fast_preview if fast else preview)
+            run = fast_pipeline(pipe, deepcache).generate if fast else functools.partial(generate, pipe)
+            result = run_bounded(f"text_to_image:{model}", pixels, steps, number_of_images, lambda: run(
+                prompt, negative_prompt or None, steps=steps, callback=callback, **options) if second is None
                 else refine(pipe, second, prompt, negative_prompt or None, high_noise_frac=high_noise_frac,
                             steps=steps, **{k: v for k, v in options.items() if k != "seed"}, seed=seed))
     # shown beside the images (their PNG metadata was written before and does not name them)
@@ -92,8 +100,9 @@ def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, see
 def generate_images(model, prompt, negative_prompt, steps, guidance_scale, scheduler, width, height, seed,
                     number_of_images, show_trajectory=False, prompt_syntax="plain", clip_skip=0, lora_1=None,
                     lora_1_scale=1.0, lora_2=None, lora_2_scale=1.0, embeddings=None, refiner="",
-                    high_noise_frac=0.8, progress=gr.Progress(), request: gr.Request = None):
-    """Text to image (an SDXL base model may hand its last steps to a refiner). Returns (images captioned with
+                    high_noise_frac=0.8, fast=False, deepcache=0, progress=gr.Progress(), request: gr.Request = None):
+    """Text to image (an SDXL base model may hand its last steps to a refiner; `fast`: the approximate fast path,
+    its images' metadata says "fast", with DeepCache every `deepcache` steps, 0 off). Returns (images captioned with
     their seeds, seed used, trajectory of x0 previews, parameters as JSON, share link). Image k of a batch is
     drawn from seed + k."""
     width, height = as_int(width, "width", 8, MAX_SIZE), as_int(height, "height", 8, MAX_SIZE)
@@ -101,13 +110,14 @@ def generate_images(model, prompt, negative_prompt, steps, guidance_scale, sched
     loras = [(lora_1, lora_1_scale), (lora_2, lora_2_scale)]
     result, seed, images = run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, seed,
                                   number_of_images, prompt_syntax, clip_skip, loras, embeddings, progress, trajectory,
-                                  refiner, high_noise_frac, width=width, height=height)
+                                  refiner, high_noise_frac, bool(fast), deepcache, width=width, height=height)
     settings = dict(model=model, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                     guidance_scale=guidance_scale, scheduler=scheduler, width=width, height=height, seed=seed,
                     number_of_images=number_of_images, prompt_syntax=prompt_syntax, clip_skip=clip_skip,
                     lora_1=lora_1 or None, lora_1_scale=lora_1_scale if lora_1 else None, lora_2=lora_2 or None,
                     lora_2_scale=lora_2_scale if lora_2 else None, refiner=refiner or None,
-                    high_noise_frac=high_noise_frac if refiner else None)
+                    high_noise_frac=high_noise_frac if refiner else None, fast=bool(fast) or None,
+                    deepcache=deepcache if fast else None)
     link = share_link("text_to_image", settings, request)
     return images, str(seed), trajectory or [], json.dumps(result.parameters, indent=2), link
 
@@ -217,7 +227,7 @@ def build() -> gr.Blocks:
                                                        label="Seed (-1: random; image k uses seed + k)", precision=0))
                             dice = gr.Button("🎲", size="sm", min_width=60)
                             trajectory_on = gr.Checkbox(False, label="Show trajectory (the x0 estimate per step)")
-                        advanced = advanced_settings(refiners=refiner_choices())
+                        advanced = advanced_settings(refiners=refiner_choices(), fast=True)
                         png = gr.File(label="PNG Info: drop a PNG made by sd_core or AUTOMATIC1111 to load its settings",
                                       file_types=[".png"], height=90)
                         png_read = gr.Markdown()

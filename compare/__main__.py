@@ -1,5 +1,5 @@
 """python -m compare <kind> [--model SRC] [options] [--out folder]   (kinds: text_to_image, image_to_image, vae,
-dit, dit_timestep_semantics, precision, attention)  |  python -m compare parity "a prompt"  |  python -m compare benchmark
+dit, dit_timestep_semantics, precision, attention, fast_path)  |  python -m compare parity "a prompt"  |  python -m compare benchmark
 
 Each kind writes report.json, report.md, images.png and plot-*.png into --out and prints the verdict. Exit status:
 0 when the comparison holds (or is a measurement), 1 when sd_core and its reference differ, 2 on bad input."""
@@ -53,6 +53,11 @@ def add_kind(commands, kind: str):
         p.add_argument("--dtype", choices=["bf16", "fp16"] if kind == "precision" else ["fp32", "bf16", "fp16"],
                        default="bf16" if kind == "precision" else "fp32")
         p.add_argument("--device", help="cpu or cuda (default: cuda where available)")
+    if kind == "fast_path":
+        p.add_argument("--deepcache", type=int, default=3, help="the full UNet every N steps (0: off; default 3)")
+        p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                       help="a bf16 UNet copy (auto: where measured faster on this machine)")
+        p.add_argument("--channels-last", dest="channels_last", choices=["on", "off"], default="on")
     if kind not in ("dit", "dit_timestep_semantics"):
         p.add_argument("--prompt")
         p.add_argument("--negative", dest="negative_prompt")

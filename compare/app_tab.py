@@ -31,12 +31,12 @@ EXAMPLE_SCENE = Path(__file__).resolve().parent.parent / "sd_core" / "data" / "e
 
 
 def compare_models_for(kind: str) -> list:
-    return model_choices("text_to_image" if kind in SD_KINDS else "dit" if kind in DIT_KINDS else "any")
+    return model_choices("text_to_image" if kind in SD_KINDS + ("fast_path",) else "dit" if kind in DIT_KINDS else "any")
 
 
 @handler
 def compare(kind, model, prompt="", negative_prompt="", class_label="0", image=None, strength=0.6, sample_posterior=False,
-            guided_channels="all", dtype="bf16", seed=0, steps=4, scheduler="ddim", guidance_scale=5.0,
+            guided_channels="all", dtype="bf16", seed=0, steps=4, scheduler="ddim", guidance_scale=5.0, deepcache=3,
             progress=gr.Progress()):
     """sd_core beside diffusers (or beside itself under one changed choice) on the same weights and noise.
     Returns (verdict with a PASS/FAIL badge, images, plots, per-stage table, report as a zip)."""
@@ -69,6 +69,8 @@ def compare(kind, model, prompt="", negative_prompt="", class_label="0", image=N
             settings.update(image=image, strength=as_float(strength, "strength", 0.0, 1.0))
     if kind in ("precision", "attention"):
         settings["dtype"] = as_choice(dtype, "dtype", ["bf16", "fp16"]) if kind == "precision" else "fp32"
+    if kind == "fast_path":
+        settings["deepcache"] = as_int(deepcache, "deepcache", 0, 10)
     progress(0, desc=f"running {kind}")
     with MODELS.using(pipe):  # never while another request has a LoRA merged into these weights
         report = run_bounded(f"compare:{model}", pixels, steps, 1, lambda: run_comparison(kind, pipe, **settings))
@@ -86,7 +88,7 @@ def compare(kind, model, prompt="", negative_prompt="", class_label="0", image=N
 
 COMPARE_FIELDS = {  # which settings each kind shows: prompt, class label, image, strength, sample, guided channels, dtype
     "text_to_image": "p", "image_to_image": "pis", "vae": "im", "dit": "cg", "dit_timestep_semantics": "c",
-    "precision": "pcd", "attention": "pc"}
+    "precision": "pcd", "attention": "pc", "fast_path": "pf"}
 
 
 def compare_tab():
@@ -106,6 +108,8 @@ def compare_tab():
             sample = gr.Checkbox(False, label="Sample posterior (else its mean)", visible=False)
             guided = gr.Radio(["all", "first3"], value="all", label="Guided channels", visible=False)
             dtype = gr.Radio(["bf16", "fp16"], value="bf16", label="Dtype (against fp32)", visible=False)
+            deepcache = raw_value(gr.Dropdown([("off", 0), ("2", 2), ("3", 3), ("4", 4)], value=3,
+                                              label="DeepCache interval (fast path)", visible=False))
             with gr.Row():
                 cmp_seed = raw_value(gr.Number(0, label="Seed", precision=0))
                 cmp_steps = raw_value(gr.Slider(1, MAX_COMPARE_STEPS, 10, step=1, label="Steps"))
@@ -126,8 +130,8 @@ def compare_tab():
     def on_kind(name):
         shown, choices = COMPARE_FIELDS[name], compare_models_for(name)
         return [gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)] + [
-            gr.update(visible=flag in shown) for flag in "pcismgdp"]
-    kind.change(on_kind, kind, [cmp_model] + fields[:4] + [sample, guided, dtype, negative], api_name=False)
+            gr.update(visible=flag in shown) for flag in "pcismgdpf"]
+    kind.change(on_kind, kind, [cmp_model] + fields[:4] + [sample, guided, dtype, negative, deepcache], api_name=False)
     cmp_run.click(compare, [kind, cmp_model, prompt, negative, class_label, cmp_image, strength, sample, guided, dtype,
-                            cmp_seed, cmp_steps, cmp_scheduler, cmp_guidance],
+                            cmp_seed, cmp_steps, cmp_scheduler, cmp_guidance, deepcache],
                   [verdict, cmp_images, plots, stages, report], api_name="compare")

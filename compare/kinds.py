@@ -4,7 +4,7 @@
     report.verdict, report.images, report.plots, report.stages, report.write("out")
 
 Kinds (KINDS): sd_core against diffusers on the same weights and noise (text_to_image, image_to_image, vae,
-dit), and sd_core against itself under one changed choice (dit_timestep_semantics, precision, attention).
+dit), and sd_core against itself under one changed choice (dit_timestep_semantics, precision, attention, fast_path).
 """
 import copy
 import dataclasses
@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from sd_core.catalog import EMBEDDED_DIT, EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.dit import DiTTransformer2DModel
+from sd_core.fast import describe, make_fast
 from sd_core.images import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
 from sd_core.layers import set_attention_backend
 from sd_core.loading import load_pipeline
@@ -36,6 +37,7 @@ KINDS = {
     "dit_timestep_semantics": "sd_core vs sd_core: DiT timestep frequencies 'original' vs 'diffusers'",
     "precision": "sd_core vs sd_core: fp32 against bf16 (or fp16) on the same weights and noise",
     "attention": "sd_core vs sd_core: math attention (the parity reference) against PyTorch SDPA",
+    "fast_path": "sd_core fast path (DeepCache, bf16, channels_last) vs the parity path: a measurement, not parity",
 }
 SD_KINDS, DIT_KINDS = ("text_to_image", "image_to_image", "vae"), ("dit", "dit_timestep_semantics")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,7 +82,7 @@ def load(model):
 def check_family(pipe, kind: str):
     if kind in DIT_KINDS and pipe.family != "dit":
         raise ValueError(f"'{kind}' compares DiT models; {pipe.source or 'this model'} is {pipe.family}.")
-    if kind in ("text_to_image", "image_to_image") and pipe.family == "dit":
+    if kind in ("text_to_image", "image_to_image", "fast_path") and pipe.family == "dit":
         raise ValueError(f"'{kind}' compares Stable Diffusion models; use 'dit' for a DiT model.")
 
 
@@ -540,6 +542,41 @@ def attention_kind(model, dtype: str = "fp32", device: str | None = None, **sett
                   ["sd_core against sd_core: math attention is the parity reference, SDPA the fast path."])
 
 
+def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channels_last: bool = True,
+                   **settings) -> Report:
+    """The fast path (sd_core.fast) against the parity path on the same weights and noise: how far its
+    approximations (DeepCache's reused deep features, a bf16 UNet) move every step and the image."""
+    switch = {"on": True, "off": False}  # the CLI's words
+    bf16, channels_last = switch.get(bf16, bf16), switch.get(channels_last, channels_last)
+    if not isinstance(deepcache, int) or deepcache < 0:
+        raise ValueError(f"deepcache must be a whole number >= 0 (0 or 1: off); got {deepcache!r}.")
+    pipe = load(model)
+    check_family(pipe, "fast_path")
+    s = sd_settings(pipe, **settings)
+    fast = make_fast(pipe, deepcache=deepcache, bf16=bf16, channels_last=channels_last)
+    fast.reset()
+    parity, quick = sd_core_trace(pipe, s), sd_core_trace(fast.pipe, s)
+    described = describe(fast.options, fast.dtype)
+    stages = step_stages(quick.predictions, parity.predictions, quick.latents, parity.latents, TOLERANCE)
+    stages.append(compare_images(quick.images, parity.images))
+    image, latents = stages[-1], stages[-2]
+    image_a, image_b = Image.fromarray(parity.images[0]), Image.fromarray(quick.images[0])
+    difference, gain = difference_map(image_b, image_a)
+    images = {"parity path": image_a, f"fast path ({described})": image_b, f"|difference| x{gain:g}": difference}
+    measurements = {"image_psnr_db": image.extra["psnr_db"], "image_max_levels": image.max_abs,
+                    "final_latents_relative": latents.relative, "fast": described}
+    verdict = (f"fast_path: a measurement, not parity: the fast path ({described}) against the parity path: image "
+               f"PSNR {image.extra['psnr_db']:.1f} dB, max {image.max_abs:.0f} levels; final latents relative "
+               f"{latents.relative:.3g}")
+    notes = ["sd_core against sd_core on the same weights and noise: the fast path is approximate by design and is "
+             "never held to the parity tolerance (the line marked on the plot, for scale only).",
+             f"Settings: deepcache={deepcache} (the full UNet every N steps; 0/1 off), bf16={bf16!r} ('auto': only "
+             f"where bf16 is measured faster here), channels_last={channels_last}."]
+    return Report("fast_path", {"model": pipe.source, "deepcache": deepcache, "bf16": bf16,
+                                "channels_last": channels_last, "fast": described, **s}, stages, verdict, None, images,
+                  standard_plots(stages, {}, "UNet", TOLERANCE), {}, measurements, notes)
+
+
 RUNNERS = {"text_to_image": text_to_image_kind, "image_to_image": image_to_image_kind, "vae": vae_kind,
            "dit": dit_kind, "dit_timestep_semantics": dit_timestep_semantics_kind, "precision": precision_kind,
-           "attention": attention_kind}
+           "attention": attention_kind, "fast_path": fast_path_kind}

@@ -31,6 +31,7 @@ from .catalog import CatalogModel
 from .components import DiTPipeline
 from .convert import CheckpointError
 from .embeddings import add_embedding, load_embedding
+from .fast import make_fast
 from .images import read_png_parameters
 from .loading import HUB_ID, load_from_hub, load_pipeline
 from .pipelines import MAX_SEED, preview, resolve_seed
@@ -334,7 +335,7 @@ def query_value(component, text: str):
     except ValueError:
         return None
     if isinstance(component, (gr.Dropdown, gr.Radio)) and not getattr(component, "allow_custom_value", False):
-        return text if text in [value for _, value in component.choices] else None
+        return next((value for _, value in component.choices if str(value) == text), None)  # ints too
     return text
 
 
@@ -397,13 +398,15 @@ def refiner_choices() -> list[tuple[str, str]]:
     return [("none", "")] + [(label, value) for label, value in model_choices("sdxl_refiner")]
 
 
-def advanced_settings(refiners: list | None = None) -> list:
+def advanced_settings(refiners: list | None = None, fast: bool = False) -> list:
     """Prompt syntax, clip skip, two LoRAs with a scale each, embeddings: the A1111 user's settings; with
-    `refiners`, an SDXL refiner and the fraction of the noise schedule the base runs."""
+    `refiners`, an SDXL refiner and the fraction of the noise schedule the base runs; with `fast`, the fast path
+    (approximate) and its DeepCache interval."""
     loras = [(label, label) for label, _ in root_files("loras")]
     embeddings = [(label, label) for label, _ in root_files("embeddings")]
     where = "Add LoRAs in a model root's loras/ folder, embeddings in its embeddings/ folder (.safetensors)."
-    title = "Advanced: prompt syntax, clip skip, LoRAs, embeddings" + (", SDXL refiner" if refiners else "")
+    title = ("Advanced: prompt syntax, clip skip, LoRAs, embeddings" + (", SDXL refiner" if refiners else "")
+             + (", fast path" if fast else ""))
     with gr.Accordion(title, open=False):
         with gr.Row():
             syntax = gr.Radio(SYNTAXES, value="plain", label="Prompt syntax")
@@ -423,18 +426,41 @@ def advanced_settings(refiners: list | None = None) -> list:
                                            allow_custom_value=Settings.allow_hub),
                                raw_value(gr.Slider(0.05, 0.95, 0.8, step=0.05,
                                                    label="High noise frac (the base's share of the schedule)"))]
+        if fast:
+            with gr.Row():
+                components += [gr.Checkbox(False, label="Fast path (approximate)"),
+                               gr.Dropdown(DEEPCACHE_CHOICES, value=0, label="DeepCache interval")]
+            gr.Markdown("The fast path is not the parity path: its images differ from diffusers' (see Compare: "
+                        "fast_path). DeepCache N runs the full UNet every N steps; it does not combine with LoRAs.")
     return components
 
 
 # ------------------------------------------------------------------------------------ handler helpers
 
 
-def progress_callback(progress, total: int, pipe=None, trajectory: list | None = None):
+def progress_callback(progress, total: int, pipe=None, trajectory: list | None = None, previewer=preview):
+    """Progress per step; with `trajectory`, each step's x0 estimate as a thumbnail drawn by `previewer`
+    (pipelines.preview, a full VAE decode; the fast path's preview.fast_preview, a linear map)."""
     def callback(step, timestep, latents, x0):
         progress((step + 1, total), desc="denoising")
         if trajectory is not None:
-            trajectory.append((preview(pipe, x0), f"step {step + 1}"))
+            trajectory.append((previewer(pipe, x0), f"step {step + 1}"))
     return callback
+
+
+DEEPCACHE_CHOICES = [("off", 0), ("2", 2), ("3", 3)]
+
+
+def fast_pipeline(pipe, deepcache: int):
+    """The cached FastPipeline over `pipe` for these options (kept on the pipeline, so it goes when the model cache
+    releases the model). DeepCache keeps state between steps: run it under MODELS.using(pipe)."""
+    deepcache = as_int(deepcache or 0, "deepcache", 0, max(value for _, value in DEEPCACHE_CHOICES))
+    if deepcache not in [value for _, value in DEEPCACHE_CHOICES]:
+        raise gr.Error(f"deepcache must be 0 (off), 2 or 3; got {deepcache}.")
+    made = pipe.__dict__.setdefault("app_fast", {})
+    if deepcache not in made:
+        made[deepcache] = make_fast(pipe, deepcache=deepcache)
+    return made[deepcache]
 
 
 def bind_embeddings(pipe, choices) -> list[str]:

@@ -15,6 +15,15 @@ What it can do, each a named option (`FastOptions`), each measured by `python -m
   up block (the deep features) is kept; the steps between run only conv_in, the first down block (without
   its downsampler) and the last up block, on the cached deep features. A wrapper over the UNet's own
   submodules: unet.py's forward is unchanged.
+- tome (Bolya & Hoffman 2023, Token Merging for Stable Diffusion): before self-attention in the transformer blocks at
+  the UNet's highest resolution, merge the `tome` fraction of tokens into their most similar neighbours (bipartite
+  soft matching: one random destination per 2x2 cell, cosine similarity of the block's input tokens, the top-r
+  sources averaged into their best destination), attend over the fewer tokens, and unmerge by copying each
+  destination's output back to the sources merged into it. A view of the UNet whose top-resolution blocks are
+  wrapped (`ToMeBlock`), sharing every parameter: layers.py and the parity forward are unchanged.
+  Measured (CPU, 2 threads, fp32, one batch-2 step, tome=0.5): no speedup at these sizes: the embedded model at
+  16x16 latents 0.95x, an SD1.5-size random UNet at 32x32 latents 1.00x (self-attention on 1024 tokens is a small
+  share of the step there; the paper's gains are at 64x64+ latents). Image PSNR against parity: 34.4 dB (embedded).
 - SDPA attention: sd_core's attention layers default to SDPA; the fast path leaves the backend as it is (the
   parity tests switch to `math` explicitly).
 """
@@ -46,6 +55,7 @@ class FastOptions:
     compile_backend: str = "inductor"  # "eager": dynamo's tracing and guards only (tests)
     bf16: str | bool = "auto"  # "auto": only where this machine's bf16 kernels are measured faster than fp32
     deepcache: int = 0  # 0/1: off; N: the full UNet every N steps, the shallow pass between
+    tome: float | None = None  # None: off; r in [0, 1): the fraction of top-resolution tokens merged (0: wrapped, none merged)
 
 
 @functools.cache
@@ -88,6 +98,87 @@ def use_compile_cache():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE)
 
 
+def bipartite_soft_matching(metric: torch.Tensor, height: int, width: int, r: int, generator: torch.Generator):
+    """ToMe for SD's matching on (B, N = height * width, C) tokens: returns (merge, unmerge).
+
+    Destinations: one token per 2x2 cell, picked at random; sources: the rest. Each source's best destination by
+    cosine similarity of `metric`; the r sources with the highest similarity are averaged into their destination
+    (merge: N -> N - r tokens), the others kept. unmerge copies each destination's output back to its sources."""
+    batch, n, _ = metric.shape
+    if r <= 0:
+        return (lambda x: x), (lambda x: x)
+    cells_h, cells_w = height // 2, width // 2
+    choice = torch.randint(4, (cells_h, cells_w, 1), generator=generator).to(metric.device)
+    is_dst = torch.zeros(cells_h, cells_w, 4, dtype=torch.int64, device=metric.device).scatter_(2, choice, -1)
+    is_dst = is_dst.view(cells_h, cells_w, 2, 2).transpose(1, 2).reshape(cells_h * 2, cells_w * 2)
+    full = torch.zeros(height, width, dtype=torch.int64, device=metric.device)  # odd sizes: the last row/column are sources
+    full[:cells_h * 2, :cells_w * 2] = is_dst
+    order = full.reshape(1, n, 1).argsort(dim=1)  # destinations (-1) first
+    num_dst = cells_h * cells_w
+    dst_idx, src_idx = order[:, :num_dst], order[:, num_dst:]
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    src = metric.gather(1, src_idx.expand(batch, -1, metric.shape[-1]))
+    dst = metric.gather(1, dst_idx.expand(batch, -1, metric.shape[-1]))
+    best, best_dst = (src @ dst.transpose(-1, -2)).max(dim=-1)  # (B, sources)
+    ranked = best.argsort(dim=-1, descending=True)[..., None]
+    r = min(r, src.shape[1])
+    kept, merged = ranked[:, r:], ranked[:, :r]  # positions among the sources
+    into = best_dst[..., None].gather(1, merged)  # positions among the destinations
+
+    def merge(x):
+        c = x.shape[-1]
+        x_src = x.gather(1, src_idx.expand(batch, -1, c))
+        x_dst = x.gather(1, dst_idx.expand(batch, -1, c))
+        unmerged = x_src.gather(1, kept.expand(-1, -1, c))
+        x_dst = x_dst.scatter_reduce(1, into.expand(-1, -1, c), x_src.gather(1, merged.expand(-1, -1, c)), "mean")
+        return torch.cat([unmerged, x_dst], dim=1)
+
+    def unmerge(x):
+        c, num_kept = x.shape[-1], kept.shape[1]
+        unmerged, x_dst = x[:, :num_kept], x[:, num_kept:]
+        out = x.new_zeros(batch, n, c)
+        out.scatter_(1, dst_idx.expand(batch, -1, c), x_dst)
+        out.scatter_(1, src_idx.expand(batch, -1, 1).gather(1, kept).expand(-1, -1, c), unmerged)
+        out.scatter_(1, src_idx.expand(batch, -1, 1).gather(1, merged).expand(-1, -1, c),
+                     x_dst.gather(1, into.expand(-1, -1, c)))
+        return out
+    return merge, unmerge
+
+
+class ToMeBlock(nn.Module):
+    """A BasicTransformerBlock whose self-attention runs on merged tokens (ToMe for SD), sharing its parameters.
+    `state` (shared with FastUNet) holds the current latent size and the partition's generator."""
+
+    def __init__(self, block, ratio: float, state: dict):
+        super().__init__()
+        self.block, self.ratio, self.state = block, ratio, state
+
+    def forward(self, x, context):
+        block, (height, width) = self.block, self.state["size"]
+        r = int(x.shape[1] * self.ratio) if x.shape[1] == height * width else 0  # the highest resolution only
+        merge, unmerge = bipartite_soft_matching(x, height, width, r, self.state["generator"])
+        x = x + unmerge(block.attn1(merge(block.norm1(x))))
+        x = x + block.attn2(block.norm2(x), context)
+        return x + block.ff(block.norm3(x))
+
+
+def with_tome(unet: UNet2DConditionModel, ratio: float, state: dict) -> UNet2DConditionModel:
+    """A view of `unet` (shallow copies along the way, every parameter shared) whose transformer blocks are ToMeBlocks;
+    each merges only when it sees the highest resolution's tokens. The original module tree is unchanged."""
+    from .layers import BasicTransformerBlock
+
+    def view(module):
+        if isinstance(module, BasicTransformerBlock):
+            return ToMeBlock(module, ratio, state)
+        children = {name: view(child) for name, child in module.named_children()}
+        if all(children[name] is child for name, child in module.named_children()):
+            return module
+        clone = copy.copy(module)
+        clone._modules = {**module._modules, **children}  # copy.copy shared the dict; the original keeps its own
+        return clone
+    return view(unet)
+
+
 class FastUNet(nn.Module):
     """Runs a shared `UNet2DConditionModel` with the fast options; `.config` and parameters are the UNet's.
 
@@ -96,6 +187,11 @@ class FastUNet(nn.Module):
 
     def __init__(self, unet: UNet2DConditionModel, options: FastOptions):
         super().__init__()
+        self.tome = {"size": (0, 0), "generator": torch.Generator()}
+        if options.tome is not None:
+            if not 0 <= options.tome < 1:
+                raise ValueError(f"tome is the fraction of tokens merged, from 0 to below 1; got {options.tome}.")
+            unet = with_tome(unet, options.tome, self.tome)
         self.unet, self.options = unet, options
         self.full = self._full
         self.shallow = self._shallow
@@ -112,6 +208,7 @@ class FastUNet(nn.Module):
 
     def reset(self):
         self.calls, self.deep, self.last_timestep = 0, None, None
+        self.tome["generator"].manual_seed(0)  # ToMe's random partition: the same for the same request
 
     def _full(self, sample, emb, context):
         """The UNet's forward after the time embedding; also returns the last up block's input."""
@@ -151,6 +248,7 @@ class FastUNet(nn.Module):
         emb = unet.time_conditioning(timestep, sample.shape[0], sample.dtype, sample.device, added_cond_kwargs)
         if self.options.channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last)
+        self.tome["size"] = tuple(sample.shape[-2:])
         t = float(torch.as_tensor(timestep).flatten()[0])
         if (self.deep is None or self.deep.shape[0] != sample.shape[0]
                 or (self.last_timestep is not None and t > self.last_timestep)):
@@ -225,6 +323,8 @@ def describe(options: FastOptions, dtype: torch.dtype) -> str:
     parts = [name for name in ("channels_last", "compile") if getattr(options, name)]
     if options.deepcache > 1:
         parts.append(f"deepcache={options.deepcache}")
+    if options.tome is not None:
+        parts.append(f"tome={options.tome:g}")
     parts.append(str(dtype).removeprefix("torch."))
     return ",".join(parts)
 

@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 import app
 from sd_core import app_parts
 from sd_core.embeddings import token_embedding
+from sd_core.images import psnr
 
 SD = "embedded: shapes (text to image)"
 DIT = "embedded: shapes (DiT)"
@@ -276,8 +277,8 @@ def test_a_share_link_made_after_a_run_restores_the_tab_model_and_settings(clien
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
     updates = load.fn(FakeRequest(query))
-    tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number, _, *advanced = updates[:21]
-    gallery, used = updates[21:23]
+    tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number, _, *advanced = updates[:23]
+    gallery, used = updates[23:25]
     assert tabs.selected == "text_to_image" and model == SD and prompt.startswith("a small blue square")
     assert (steps, guidance, scheduler, width, height, str(seed_box), number) == (7, 3.5, "euler_karras", 64, 72, seed, 2)
     assert used == seed and np.array_equal(np.asarray(gallery[0][0]), np.asarray(Image.open(images[0]["image"])))
@@ -290,7 +291,7 @@ def test_the_first_page_shows_a_picture_and_a_bad_link_value_is_ignored():
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
     updates = load.fn(FakeRequest(""))
-    assert len(updates[21]) == 4 and int(updates[22]) >= 0  # four images and the seed used, before any click
+    assert len(updates[23]) == 4 and int(updates[24]) >= 0  # four images and the seed used, before any click
     updates = load.fn(FakeRequest("tab=text_to_image&model=%2Fetc%2Fpasswd&steps=abc&scheduler=nonsense"))
     assert updates[1] == SD and updates[4] == 20 and updates[6] == "dpmpp_2m"
 
@@ -329,16 +330,18 @@ def test_app_py_started_as_on_a_space_listens_on_all_interfaces_and_serves(tmp_p
     ("vae", SD, dict(image=handle_file(str(app.EXAMPLE_SCENE)))),
     ("dit", DIT, dict(class_label="red circle", steps=2, guidance_scale=3.0)),
     ("precision", DIT, dict(class_label="blue triangle", steps=2, dtype="bf16")),
+    ("fast_path", SD, dict(prompt="a red circle", steps=3, deepcache=2)),
 ])
 def test_compare_runs_each_kind_through_gradio_client_with_named_parameters(client, kind, model, settings, tmp_path):
     verdict, images, plots, table, report = client.predict(kind=kind, model=model, seed=1, api_name="/compare",
                                                            **settings)
-    badge = "📏 MEASUREMENT" if kind == "precision" else "✅ PASS"
+    badge = "📏 MEASUREMENT" if kind in ("precision", "fast_path") else "✅ PASS"
     assert verdict.startswith(f"## {badge}\n{kind}"), verdict
     captions = [image["caption"] for image in images]
     assert captions[-1].startswith("|difference| x") and len(captions) >= 3, captions
     assert Image.open(images[0]["image"]).size == (64, 64)
-    assert [plot["caption"] for plot in plots] == (["per-module"] if kind == "vae" else ["per-step", "per-module"])
+    assert [plot["caption"] for plot in plots] == {"vae": ["per-module"], "fast_path": ["per-step"]}.get(
+        kind, ["per-step", "per-module"])
     assert table["headers"][:2] == ["stage", "max |diff|"] and len(table["data"]) >= 3
     assert ("Timestep embedding frequencies: **diffusers**" in verdict) == (model == DIT)
     shutil.unpack_archive(report, tmp_path)  # one folder, named after the kind
@@ -359,11 +362,54 @@ def test_each_compare_kind_shows_only_the_settings_it_takes():
     assert set(app.COMPARE_FIELDS) == set(app.KINDS)
     demo = app.build()
     on_kind = next(d for d in demo.fns.values() if d.name == "on_kind").fn
-    dropdown, prompt, class_label, image, strength, sample, guided, dtype, negative = on_kind("vae")
-    assert [u["visible"] for u in (prompt, class_label, image, strength, sample, guided, dtype, negative)] == [
-        False, False, True, False, True, False, False, False]
+    dropdown, prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache = on_kind("vae")
+    assert [u["visible"] for u in (prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache)] == [
+        False, False, True, False, True, False, False, False, False]
+    dropdown, prompt, *_, deepcache = on_kind("fast_path")
+    assert [value for _, value in dropdown.choices][0] == SD and prompt["visible"] and deepcache["visible"]
     dropdown, prompt, class_label, *_ = on_kind("dit")
     assert [value for _, value in dropdown.choices] == [DIT] and class_label["visible"] and not prompt["visible"]
+
+
+FAST_MIN_PSNR = 20.0  # dB against the parity image; measured 47.2 (bf16 UNet) and 26.7 (bf16, DeepCache 3)
+
+
+def test_the_fast_path_is_tagged_and_differs_from_the_parity_image_through_gradio_client(client):
+    common = dict(model=SD, prompt="a big yellow triangle on the right on a black background", steps=12, seed=2,
+                  scheduler="ddim", number_of_images=1, api_name="/text_to_image")
+    parity = np.asarray(Image.open(client.predict(**common)[0][0]["image"]))
+    runs = {}
+    for deepcache in (0, 3):
+        images, _, trajectory, parameters, link = client.predict(**common, fast=True, deepcache=deepcache,
+                                                                 show_trajectory=True)
+        image = Image.open(images[0]["image"])
+        tagged = json.loads(image.info["sd_core"])["fast"]
+        assert json.loads(parameters)["fast"] == tagged and "fast=True" in link and f"deepcache={deepcache}" in link
+        assert ("deepcache=3" in tagged) == (deepcache == 3) and len(trajectory) == 12
+        runs[deepcache] = tagged, np.asarray(image.convert("RGB"))
+    for deepcache, (tagged, pixels) in runs.items():
+        print(f"fast deepcache={deepcache} ({tagged}): PSNR {psnr(pixels, parity):.1f} dB against the parity image")
+        assert psnr(pixels, parity) > FAST_MIN_PSNR
+    assert not np.array_equal(runs[3][1], parity) and not np.array_equal(runs[3][1], runs[0][1])
+    if "bfloat16" in runs[0][0]:  # the fast path chose a bf16 UNet on this machine; fp32 channels_last is within a level
+        assert not np.array_equal(runs[0][1], parity)
+    else:
+        assert np.abs(runs[0][1].astype(int) - parity).max() <= 1
+
+
+def test_the_fast_path_previews_its_trajectory_without_a_vae_decode(monkeypatch):
+    drawn = {"fast_preview": 0, "preview": 0}
+    for name in drawn:
+        original = getattr(app, name)
+        monkeypatch.setattr(app, name, lambda pipe, x0, name=name, original=original: (
+            drawn.__setitem__(name, drawn[name] + 1), original(pipe, x0))[1])
+    run = functools.partial(app.generate_images, SD, "a red circle", "", 4, 5.0, "ddim", 64, 64, 1, 1, True)
+    run(fast=True, deepcache=2)
+    assert drawn == {"fast_preview": 4, "preview": 0}
+    run()
+    assert drawn == {"fast_preview": 4, "preview": 4}
+    with pytest.raises(gr.Error, match="deepcache must be 0 \\(off\\), 2 or 3; got 1"):
+        run(fast=True, deepcache=1)
 
 
 def test_image_to_image_and_png_info_through_gradio_client(client, tmp_path):
@@ -448,6 +494,8 @@ def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_requ
     assert np.array_equal(np.asarray(run(embeddings=shape)[0][0][0]), embedded)  # the LoRA left with its request
     with pytest.raises(gr.Error, match="not one of the offered loras"):
         run(lora_2="loras: ../../etc/passwd")
+    with pytest.raises(gr.Error, match="fast path does not combine with LoRAs"):
+        run(lora_1="loras: loras/style.safetensors", fast=True)
     with pytest.raises(gr.Error, match="the scale of loras: detail.safetensors must be a number from -4 to 4; got nan"):
         run(lora_2="loras: detail.safetensors", lora_2_scale=float("nan"))
 

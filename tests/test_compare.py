@@ -93,7 +93,7 @@ def first_failed(report):
 
 def test_every_kind_is_offered():
     assert set(KINDS) == {"text_to_image", "image_to_image", "vae", "dit", "dit_timestep_semantics", "precision",
-                          "attention"}
+                          "attention", "fast_path"}
     with pytest.raises(ValueError, match="Unknown comparison"):
         run_comparison("everything")
 
@@ -184,6 +184,31 @@ def test_precision_measures_the_bf16_drift_of_every_stage(folders):
     assert latents.name == "step 3 latents" and 0 < latents.relative < 0.5 and latents.extra["cosine_distance"] > 0
     assert report.measurements["bf16_image_psnr_db"] > 20 and set(report.plots) == {"per-step", "per-module"}
     assert report.divergence["tolerance"] == torch.finfo(torch.bfloat16).eps
+
+
+FAST_PATH_MIN_PSNR = {0: 40.0, 3: 22.0}  # dB; measured on the embedded model (fp32, 12 steps): 83.0 and 26.4
+
+
+@pytest.mark.parametrize("deepcache", [0, 3])
+def test_fast_path_is_measured_against_the_parity_path_on_the_embedded_model(deepcache, tmp_path, capsys):
+    report = run_comparison("fast_path", deepcache=deepcache, bf16="off", prompt="a big yellow triangle on the right on "
+                            "a black background", steps=12, guidance_scale=5.0, seed=2)
+    assert report.passed is None and report.verdict.startswith("fast_path: a measurement, not parity")
+    assert list(report.images)[:2] == ["parity path", f"fast path ({report.settings['fast']})"]
+    assert list(report.images)[2].startswith("|difference| x") and set(report.plots) == {"per-step"}
+    psnr_db, levels = report.measurements["image_psnr_db"], report.measurements["image_max_levels"]
+    print(f"fast_path deepcache={deepcache}: PSNR {psnr_db:.1f} dB, max {levels:.0f} levels")
+    assert psnr_db > FAST_PATH_MIN_PSNR[deepcache]
+    steps = {s.name: s for s in report.stages}
+    if deepcache:  # step 1 is a full pass (DeepCache starts full); step 2 reuses step 1's deep features
+        assert steps["step 1 noise prediction"].max_abs < 1e-4 < steps["step 2 noise prediction"].max_abs
+        assert levels > 0 and "deepcache=3" in report.settings["fast"]
+    else:  # fp32 channels_last: the same convolutions in another layout
+        assert levels <= 1 and max(s.relative for s in report.stages if s.name.startswith("step")) < 1e-3
+    assert compare_main(["fast_path", "--deepcache", "2", "--bf16", "off", "--steps", "3",
+                         "--out", str(tmp_path / "cli")]) == 0
+    assert ("\nfast_path: a measurement, not parity: the fast path (channels_last,deepcache=2,float32)"
+            in capsys.readouterr().out)
 
 
 def test_math_and_sdpa_attention_agree_and_a_fault_in_one_is_found(dit_folder, monkeypatch):

@@ -131,3 +131,35 @@ def test_benchmark_counts_cpu_attention_flops():
     q = torch.randn(2, 4, 64, 16)
     assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) * 1e9 == 4 * 2 * 4 * 64 * 64 * 16
     assert count_flops(lambda: q @ q.transpose(-1, -2)) * 1e9 == 2 * 2 * 4 * 64 * 64 * 16
+
+
+TOME_MIN_PSNR = 30.0  # dB against the parity image at ratio 0.5 (SETTINGS, fp32): measured 34.4
+
+
+def test_tome_ratio_0_is_the_plain_fast_path_and_0_5_stays_within_stated_psnr(pipe, parity_image):
+    from sd_core.fast import ToMeBlock
+    plain = make_fast(pipe, bf16=False).text_to_image(PROMPT, **SETTINGS).images[0]
+    wrapped = make_fast(pipe, bf16=False, tome=0.0)
+    assert any(isinstance(m, ToMeBlock) for m in wrapped.pipe.unet.unet.modules())
+    assert not any(isinstance(m, ToMeBlock) for m in pipe.unet.modules())  # the parity UNet's tree is untouched
+    assert np.array_equal(np.asarray(wrapped.text_to_image(PROMPT, **SETTINGS).images[0]), np.asarray(plain))
+    merged = make_fast(pipe, bf16=False, tome=0.5).text_to_image(PROMPT, **SETTINGS)
+    assert "tome=0.5" in merged.parameters["fast"]
+    assert not np.array_equal(np.asarray(merged.images[0]), np.asarray(plain))
+    assert TOME_MIN_PSNR < psnr(merged.images[0], parity_image) < float("inf")
+    assert np.array_equal(np.asarray(text_to_image(pipe, PROMPT, **SETTINGS).images[0]), np.asarray(parity_image))
+
+
+def test_tome_merges_the_most_similar_tokens_and_unmerges_by_copying():
+    from sd_core.fast import bipartite_soft_matching
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 36, 8, generator=generator)  # 6x6 tokens: 9 destinations, 27 sources
+    merge, unmerge = bipartite_soft_matching(x, 6, 6, 5, torch.Generator().manual_seed(1))
+    merged = merge(x)
+    assert merged.shape == (2, 31, 8)
+    restored = unmerge(merged)
+    # unmerge copies: every token is one of the merged tokens; kept sources and untouched destinations come back exactly
+    assert all((restored[b, :, None] == merged[b, None]).all(-1).any(-1).all() for b in range(2))
+    assert ((restored == x).all(dim=-1).sum(dim=1) >= 36 - 2 * 5).all()
+    identity = bipartite_soft_matching(x, 6, 6, 0, torch.Generator())
+    assert all(f(x) is x for f in identity)
