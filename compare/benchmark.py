@@ -406,7 +406,7 @@ def main(args):
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from sd_core.distributed import cpu_only
+    from sd_core.distributed import cpu_only, finish
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -416,8 +416,13 @@ def main(args):
         rows = run(share, args.repeats, args.latent, getattr(args, "fast", "default"))
     if state.num_processes > 1:
         rows = gather_object(rows)
-    if not state.is_main_process:
-        return
+    if state.is_main_process:
+        report(rows, args)
+    finish(state)
+
+
+def report(rows: list[Row], args):
+    """The table (and --json) of every row, against the best peak each dtype reached."""
     for row in rows:  # every share against the best peak the whole run saw
         row.peak_gflops = peak_gflops(DTYPES[row.dtype])
     print()

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .catalog import EMBEDDED, EMBEDDED_GUIDANCE, EMBEDDED_STEPS, EMBEDDED_TEXT_TO_IMAGE
-from .distributed import cpu_only
+from .distributed import cpu_only, finish
 from .images import save_image
 from .pipelines import MAX_SEED, text_to_image
 
@@ -157,6 +157,7 @@ def run(args) -> int:
         print(f"{total} images in {seconds:.1f} s ({total / seconds if seconds else 0:.3f} images/s, "
               f"{state.num_processes} process{'es' * (state.num_processes > 1)}); "
               f"{len(jobs) - len(todo)} already there, {len(todo) - total} left; folder {out}")
+    finish(state)
     return 0
 
 

@@ -19,3 +19,12 @@ def cpu_only() -> bool:
                       "`accelerate launch --multi_gpu --num_processes N` (on a machine without a GPU) or "
                       "`torchrun --nproc_per_node N`.", stacklevel=2)
     return cpu or not torch.cuda.is_available()
+
+
+def finish(state):
+    """Wait for every process, then take the process group down, before any process exits: a process leaving
+    with the group still up can abort at exit ("terminate called without an active exception"), and the
+    launcher then stops the others mid-work."""
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()

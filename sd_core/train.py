@@ -34,6 +34,7 @@ from .catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS
 from .clip import CLIPTextModel
 from .components import DiTPipeline, StableDiffusionPipeline
 from .dit import DiTTransformer2DModel
+from .distributed import cpu_only, finish
 from .loading import load_pipeline, load_vae
 from .saving import atomic_folder, commit_folder, save_model, save_pipeline
 from .schedulers import make_scheduler
@@ -248,8 +249,6 @@ def share_of_work(items: list) -> tuple:
     """(state, this process's share of [(index, item)]): every item on one process, a contiguous share each
     under accelerate launch / torchrun."""
     from accelerate import PartialState
-
-    from .distributed import cpu_only
     state = PartialState(cpu=cpu_only())
     with state.split_between_processes(list(enumerate(items))) as share:
         return state, share
@@ -292,6 +291,7 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
                             np.concatenate([np.asarray(image) for image in result.images], axis=1)))
     results, dit_results = gather_in_order(state, results), gather_in_order(state, dit_results)
     if not state.is_main_process:
+        finish(state)
         return None
     scores = [score for _, image_scores, _ in results for score in image_scores]
     tiles = [tile for _, _, tile in results]
@@ -316,6 +316,7 @@ def evaluate(model: Path, dit_model: Path | None, seeds: int = 4, grid: Path | N
         width = max(t.shape[1] for t in tiles + dit_tiles)
         rows = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles[:8] + dit_tiles]
         Image.fromarray(np.concatenate(rows, axis=0)).save(grid)
+    finish(state)
     return report
 
 
