@@ -21,7 +21,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import app
-from sd_core import app_parts
+from sd_core import app_models, app_parts
 from sd_core.embeddings import token_embedding
 from sd_core.images import psnr
 
@@ -209,16 +209,16 @@ def test_a_space_offers_the_curated_hub_models_labelled_with_their_size(monkeypa
 def hub_loads(monkeypatch):
     """Records what reaches load_from_hub / load_pipeline instead of downloading."""
     calls = []
-    monkeypatch.setattr(app_parts, "load_from_hub", lambda source, **kw: calls.append(("hub", source, kw)) or "pipe")
-    monkeypatch.setattr(app_parts, "load_pipeline", lambda source, **kw: calls.append(("disk", source, kw)) or "pipe")
-    monkeypatch.setattr(app, "MODELS", app_parts.ModelCache())
+    monkeypatch.setattr(app_models, "load_from_hub", lambda source, **kw: calls.append(("hub", source, kw)) or "pipe")
+    monkeypatch.setattr(app_models, "load_pipeline", lambda source, **kw: calls.append(("disk", source, kw)) or "pipe")
+    monkeypatch.setattr(app, "MODELS", app_models.ModelCache())
     return calls
 
 
 def test_hub_models_load_from_the_hub_in_fp16_on_a_gpu_never_from_the_local_disk(hub_loads, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
     monkeypatch.setattr(app.Settings, "dtype", torch.float16)
-    monkeypatch.setattr(app_parts, "available_memory_gb", lambda: 100.0)
+    monkeypatch.setattr(app_models, "available_memory_gb", lambda: 100.0)
     steps = []
     app.MODELS.get("Stable Diffusion 1.5", lambda fraction, desc: steps.append((fraction, desc)))
     kind, source, options = hub_loads[0]
@@ -236,10 +236,10 @@ def test_hub_models_load_from_the_hub_in_fp16_on_a_gpu_never_from_the_local_disk
 
 def test_a_model_too_big_for_the_machine_is_refused_with_what_it_needs(hub_loads, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
-    monkeypatch.setattr(app_parts, "available_memory_gb", lambda: 4.0)
+    monkeypatch.setattr(app_models, "available_memory_gb", lambda: 4.0)
     with pytest.raises(gr.Error, match=r"Stable Diffusion XL base 1.0 needs about 13.8 GB .* has 4.0 GB free"):
         app.MODELS.get("Stable Diffusion XL base 1.0")  # fp32 on this CPU: twice the fp16 size
-    assert hub_loads == [] and app_parts.available_memory_gb.__module__ == __name__  # patched, so nothing loaded
+    assert hub_loads == [] and app_models.available_memory_gb.__module__ == __name__  # patched, so nothing loaded
 
 
 def test_gpu_work_runs_inside_spaces_gpu_when_that_package_exists(monkeypatch):
@@ -477,9 +477,9 @@ def model_root(tmp_path, monkeypatch):
 
 
 def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_request(model_root):
-    assert [label for label, _ in app_parts.root_files("loras")] == ["loras: loras/style.safetensors",
+    assert [label for label, _ in app_models.root_files("loras")] == ["loras: loras/style.safetensors",
                                                                      "loras: detail.safetensors"]
-    assert [label for label, _ in app_parts.root_files("embeddings")] == ["embeddings: embeddings/shape.safetensors"]
+    assert [label for label, _ in app_models.root_files("embeddings")] == ["embeddings: embeddings/shape.safetensors"]
     assert [label for label, _ in app.model_choices("text_to_image")][-1] == "models: model.safetensors"
     run = functools.partial(app.generate_images, SD, "a red circle <shape>", "", 3, 5.0, "ddim", 64, 64, 3, 1)
     plain = np.asarray(run()[0][0][0])
