@@ -9,8 +9,23 @@ from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
 
+class Components:
+    """What both kinds of pipeline answer: their family's record, and their models by component name."""
+    family: str
+    model_names: tuple = ()
+
+    @property
+    def traits(self) -> Family:
+        """What this model family does differently (text encoding, defaults, file layout)."""
+        return FAMILIES[self.family]
+
+    @property
+    def models(self) -> dict:
+        return {name: getattr(self, name) for name in self.model_names if getattr(self, name) is not None}
+
+
 @dataclasses.dataclass
-class StableDiffusionPipeline:
+class StableDiffusionPipeline(Components):
     """SD 1.x / 2.x (one CLIP encoder), SDXL (CLIP-L + OpenCLIP bigG), SDXL refiner (bigG only)."""
     family: str
     unet: UNet2DConditionModel
@@ -21,16 +36,7 @@ class StableDiffusionPipeline:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
     source: str = ""
-
-    @property
-    def traits(self) -> Family:
-        """What this model family does differently (text encoding, defaults, file layout)."""
-        return FAMILIES[self.family]
-
-    @property
-    def models(self) -> dict:
-        names = ("unet", "vae", "text_encoder", "text_encoder_2")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+    model_names = ("unet", "vae", "text_encoder", "text_encoder_2")
 
     @property
     def vae_scale_factor(self) -> int:
@@ -42,7 +48,7 @@ class StableDiffusionPipeline:
 
 
 @dataclasses.dataclass
-class DiTPipeline:
+class DiTPipeline(Components):
     """Class-conditional DiT on the SD VAE's latents; `id2label` names the classes."""
     transformer: DiTTransformer2DModel
     vae: AutoencoderKL
@@ -50,11 +56,4 @@ class DiTPipeline:
     id2label: dict = dataclasses.field(default_factory=dict)
     source: str = ""
     family: str = "dit"
-
-    @property
-    def traits(self) -> Family:
-        return FAMILIES[self.family]
-
-    @property
-    def models(self) -> dict:
-        return {"transformer": self.transformer, "vae": self.vae}
+    model_names = ("transformer", "vae")

@@ -193,11 +193,11 @@ class FastUNet(nn.Module):
                 raise ValueError(f"tome is the fraction of tokens merged, from 0 to below 1; got {options.tome}.")
             unet = with_tome(unet, options.tome, self.tome)
         self.unet, self.options = unet, options
-        self.full = self._full
+        self.full = unet.blocks
         self.shallow = self._shallow
         if options.compile:
             use_compile_cache()
-            self.full = torch.compile(self._full, mode=options.compile_mode, backend=options.compile_backend)
+            self.full = torch.compile(unet.blocks, mode=options.compile_mode, backend=options.compile_backend)
             self.shallow = torch.compile(self._shallow, mode=options.compile_mode,
                                          backend=options.compile_backend)
         self.reset()
@@ -209,22 +209,6 @@ class FastUNet(nn.Module):
     def reset(self):
         self.calls, self.deep, self.last_timestep = 0, None, None
         self.tome["generator"].manual_seed(0)  # ToMe's random partition: the same for the same request
-
-    def _full(self, sample, emb, context):
-        """The UNet's forward after the time embedding; also returns the last up block's input."""
-        unet = self.unet
-        x = unet.conv_in(sample)
-        skips = [x]
-        for block in unet.down_blocks:
-            x, block_skips = block(x, emb, context)
-            skips.extend(block_skips)
-        if unet.config.mid_block_type is not None:
-            x = unet.mid_block(x, emb, context)
-        for block in unet.up_blocks[:-1]:
-            x = block(x, skips, emb, context)
-        deep = x
-        x = unet.up_blocks[-1](x, skips, emb, context)
-        return unet.conv_out(F.silu(unet.conv_norm_out(x))), deep
 
     def _shallow(self, sample, emb, context, deep):
         """conv_in, the first down block's ResNets/transformers (no downsampler), the last up block on `deep`."""

@@ -248,6 +248,11 @@ class UNet2DConditionModel(nn.Module):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.time_conditioning(timestep, sample.shape[0], sample.dtype, sample.device, added_cond_kwargs)
+        return self.blocks(sample, emb, encoder_hidden_states)[0]
+
+    def blocks(self, sample, emb, encoder_hidden_states):
+        """conv_in, the down blocks (keeping their skips), the mid block, the up blocks, the output conv; also
+        returns the last up block's input (the deep features DeepCache reuses, sd_core.fast)."""
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
@@ -255,6 +260,8 @@ class UNet2DConditionModel(nn.Module):
             skips.extend(block_skips)
         if self.config.mid_block_type is not None:
             x = self.mid_block(x, emb, encoder_hidden_states)
-        for block in self.up_blocks:
+        for block in self.up_blocks[:-1]:
             x = block(x, skips, emb, encoder_hidden_states)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        deep = x
+        x = self.up_blocks[-1](x, skips, emb, encoder_hidden_states)
+        return self.conv_out(F.silu(self.conv_norm_out(x))), deep
