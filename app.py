@@ -36,7 +36,7 @@ from sd_core.app_parts import (EMBEDDED, LIMITS, MODEL_DEFAULT, MODELS, PNG_FIEL
                                send_to_image_to_image, share_link, timestep_semantics, use_this_seed)
 from sd_core.components import DiTPipeline, StableDiffusionPipeline
 from sd_core.lora import load_lora, loras_applied
-from sd_core.pipelines import dit_sample, generate, image_seeds, preview, refine, vae_roundtrip
+from sd_core.pipelines import MAX_SEED, dit_sample, generate, image_seeds, preview, refine, vae_roundtrip
 from sd_core.preview import fast_preview
 from sd_core.schedulers import DISPLAY_NAMES
 from sd_core.serving import MAX_UPLOAD_BYTES, ResultsJanitor, as_choice, as_text, open_upload, raw_value
@@ -155,7 +155,7 @@ def inpaint_image(model, image_and_mask, prompt, negative_prompt, strength, step
 def roundtrip(model, image, sample_posterior=False, seed=0):
     """VAE round trip. Returns (reconstruction, difference x4, PSNR dB, latent channels)."""
     image = open_upload(image, max_pixels=LIMITS.max_upload_pixels)  # a bomb is refused from its header
-    seed = as_int(0 if seed is None else seed, "seed", 0, 2 ** 32 - 1)
+    seed = as_int(0 if seed is None else seed, "seed", 0, MAX_SEED)
     pipe = MODELS.get(model)
     result = run_bounded(f"vae_roundtrip:{model}", image.width * image.height, 1, 1,
                          lambda: vae_roundtrip(pipe.vae, image, sample=bool(sample_posterior), seed=seed))

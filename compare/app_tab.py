@@ -8,11 +8,13 @@ import gradio as gr
 
 from compare.kinds import DIT_KINDS, KINDS, SD_KINDS, run_comparison
 from sd_core.app_parts import (
+    DEEPCACHE_CHOICES,
     LIMITS,
     MODELS,
     Settings,
     as_float,
     as_int,
+    deepcache_of,
     drawn_side,
     handler,
     images_gallery,
@@ -70,7 +72,7 @@ def compare(kind, model, prompt="", negative_prompt="", class_label="0", image=N
     if kind in ("precision", "attention"):
         settings["dtype"] = as_choice(dtype, "dtype", ["bf16", "fp16"]) if kind == "precision" else "fp32"
     if kind == "fast_path":
-        settings["deepcache"] = as_int(deepcache, "deepcache", 0, 10)
+        settings["deepcache"] = deepcache_of(deepcache)
     progress(0, desc=f"running {kind}")
     with MODELS.using(pipe):  # never while another request has a LoRA merged into these weights
         report = run_bounded(f"compare:{model}", pixels, steps, 1, lambda: run_comparison(kind, pipe, **settings))
@@ -108,7 +110,7 @@ def compare_tab():
             sample = gr.Checkbox(False, label="Sample posterior (else its mean)", visible=False)
             guided = gr.Radio(["all", "first3"], value="all", label="Guided channels", visible=False)
             dtype = gr.Radio(["bf16", "fp16"], value="bf16", label="Dtype (against fp32)", visible=False)
-            deepcache = raw_value(gr.Dropdown([("off", 0), ("2", 2), ("3", 3), ("4", 4)], value=3,
+            deepcache = raw_value(gr.Dropdown(DEEPCACHE_CHOICES, value=3,
                                               label="DeepCache interval (fast path)", visible=False))
             with gr.Row():
                 cmp_seed = raw_value(gr.Number(0, label="Seed", precision=0))

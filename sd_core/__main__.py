@@ -7,7 +7,6 @@ Images go to outputs/ unless -o names a file; steps and guidance default to the 
 (the catalog's for the models it lists, else the family's); a batch gives image k the seed S + k, as A1111 does."""
 import argparse
 import itertools
-import json
 import math
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from .components import DiTPipeline, StableDiffusionPipeline
 from .images import save_image
 from .loading import load_pipeline
 from .offload import enable_model_cpu_offload
-from .pipelines import PROMPT_SYNTAXES, customize, dit_sample, generate, refine, vae_roundtrip
+from .pipelines import PROMPT_SYNTAXES, customize, dit_sample, generate, image_seeds, refine, vae_roundtrip
 from .schedulers import SCHEDULER_NAMES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -65,10 +64,8 @@ def finite_float(text: str) -> float:
 
 def recommended(source, pipe) -> tuple[int, float]:
     """(steps, guidance) the catalog recommends for `source`, else the family's."""
-    for model in [*catalog.EMBEDDED.values(), *catalog.HUB.values()]:
-        if str(source) == model.source or (Path(source).exists() and Path(source).resolve() == Path(model.source).resolve()):
-            return model.steps, model.guidance_scale
-    return pipe.traits.steps, pipe.traits.guidance_scale
+    model = catalog.entry_for(source)
+    return (model.steps, model.guidance_scale) if model else (pipe.traits.steps, pipe.traits.guidance_scale)
 
 
 def progress_callback(total: int):
@@ -122,8 +119,9 @@ def write(images, output: Path, seeds: list[int]):
     print(f"seed {seeds[0]}" + (f" (image k of the batch: seed {seeds[0]} + k)" if len(seeds) > 1 else ""))
 
 
-def image_seeds(result) -> list[int]:
-    return [json.loads(image.info["sd_core"])["seed"] for image in result.images]
+def seeds_of(result) -> list[int]:
+    """Each image's seed, by the rule that drew them (image k: seed + k)."""
+    return image_seeds(result.parameters["seed"], len(result.images), result.parameters["seed_per_image"])
 
 
 def warn_unknown_words(source, prompts: list[str]):
@@ -170,7 +168,7 @@ def run_generate(args):
             result = fast.generate(args.prompt, args.negative, **inputs)
         else:
             result = generate(pipe, args.prompt, args.negative, **inputs)
-    write(result.images, output, image_seeds(result))
+    write(result.images, output, seeds_of(result))
 
 
 def run_vae(args):
@@ -196,7 +194,7 @@ def run_dit(args):
                         guidance_scale=args.guidance if args.guidance is not None else guidance, steps=steps,
                         scheduler=args.scheduler, seed=args.seed, guided_channels=args.guided_channels,
                         seed_per_image=True, callback=progress_callback(steps))
-    write(result.images, output, image_seeds(result))
+    write(result.images, output, seeds_of(result))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -108,6 +108,7 @@ def resolve_source(choice: str) -> Path | str:
 
 
 def catalog_entry(choice: str) -> CatalogModel | None:
+    """The catalog's record for a visitor's choice (a name or a hub id; never resolved on the disk)."""
     return catalog.EMBEDDED.get(choice) or catalog.HUB.get(choice) or HUB_BY_SOURCE.get(choice)
 
 

@@ -283,12 +283,18 @@ def progress_callback(progress, total: int, pipe=None, trajectory: list | None =
 DEEPCACHE_CHOICES = [("off", 0), ("2", 2), ("3", 3)]
 
 
+def deepcache_of(value) -> int:
+    """A visitor's DeepCache interval: one of DEEPCACHE_CHOICES (the Text-to-image and Compare tabs share it)."""
+    deepcache = as_int(value or 0, "deepcache", 0, max(value for _, value in DEEPCACHE_CHOICES))
+    if deepcache not in [value for _, value in DEEPCACHE_CHOICES]:
+        raise gr.Error(f"deepcache must be 0 (off), 2 or 3; got {deepcache}.")
+    return deepcache
+
+
 def fast_pipeline(pipe, deepcache: int):
     """The cached FastPipeline over `pipe` for these options (kept on the pipeline, so it goes when the model cache
     releases the model). DeepCache keeps state between steps: run it under MODELS.using(pipe)."""
-    deepcache = as_int(deepcache or 0, "deepcache", 0, max(value for _, value in DEEPCACHE_CHOICES))
-    if deepcache not in [value for _, value in DEEPCACHE_CHOICES]:
-        raise gr.Error(f"deepcache must be 0 (off), 2 or 3; got {deepcache}.")
+    deepcache = deepcache_of(deepcache)
     made = pipe.__dict__.setdefault("app_fast", {})
     if deepcache not in made:
         made[deepcache] = make_fast(pipe, deepcache=deepcache)

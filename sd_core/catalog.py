@@ -59,3 +59,18 @@ HUB = {model.name: model for model in [
     CatalogModel("DiT-XL/2 512", "facebook/DiT-XL-2-512", "dit", steps=25, guidance_scale=4.0, size=512,
                  download_gb=1.5, memory_gb=1.5),
 ]}
+
+
+def entry_for(name_or_source) -> CatalogModel | None:
+    """The catalog's record for a model named by its catalog name, its hub id, or its folder (any spelling of
+    the same path); None for a model the catalog does not list."""
+    text = str(name_or_source)
+    for model in [*EMBEDDED.values(), *HUB.values()]:
+        if text in (model.name, model.source):
+            return model
+    path = Path(text)
+    if path.exists():
+        for model in EMBEDDED.values():
+            if path.resolve() == Path(model.source).resolve():
+                return model
+    return None

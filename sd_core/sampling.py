@@ -8,7 +8,9 @@ import copy
 import dataclasses
 import math
 import random
+import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,8 +109,20 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> list:
     fp32 copy so the shared model is never changed under a concurrent request (diffusers' SD 1.x/2.x pipelines
     decode in fp16 regardless: there sd_core is the more accurate)."""
     if dtype_of(vae) == torch.float16 and vae.config.force_upcast:
-        vae, latents = copy.deepcopy(vae).float(), latents.float()
+        vae, latents = fp32_copy(vae), latents.float()
     return to_pil(check_finite(vae.decode(latents / vae.config.scaling_factor), "the VAE's decoded image"))
+
+
+FP32_COPIES = weakref.WeakKeyDictionary()  # float16 VAE -> its float32 copy, made once (previews decode every step)
+FP32_COPIES_LOCK = threading.Lock()
+
+
+def fp32_copy(vae: AutoencoderKL) -> AutoencoderKL:
+    """A float32 copy of a float16 VAE, made once per VAE and kept as long as the VAE lives."""
+    with FP32_COPIES_LOCK:
+        if vae not in FP32_COPIES:
+            FP32_COPIES[vae] = copy.deepcopy(vae).float()
+        return FP32_COPIES[vae]
 
 
 def check_finite(tensor: torch.Tensor, stage: str) -> torch.Tensor:

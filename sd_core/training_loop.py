@@ -164,8 +164,9 @@ def train(run: Run, models: dict, draw: Callable[[int], dict], loss_fn: Callable
         decay = min(run.ema_decay, (1 + step) / (10 + step))
         for name, model in models.items():
             update_ema(ema[name], model, decay, frozen[name])
-        log.write(f"{step} {loss.item():.6f}\n")
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        value = loss.item()  # one host sync a step
+        log.write(f"{step} {value:.6f}\n")
+        bar.set_postfix(loss=f"{value:.4f}")
         if (step + 1) % run.save_every == 0 or step + 1 == end:
             log.flush()
             state = {"models": {n: m.state_dict() for n, m in models.items()}, "optimizer": optimizer.state_dict(),

@@ -75,3 +75,16 @@ def test_nan_weights_stop_with_the_stage_named_instead_of_a_black_image(pipe, we
         getattr(pipe, component).get_parameter(name).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=f"NaN or infinity in the {stage}"):
         text_to_image(pipe, PROMPT, steps=2, guidance_scale=5.0, seed=0)
+
+
+def test_the_fp32_copy_of_a_half_vae_is_made_once_not_at_every_preview(pipe):
+    import torch
+
+    from sd_core.sampling import decode, fp32_copy
+    half = pipe.vae.half()
+    half.config.force_upcast = True
+    with torch.no_grad():
+        decode(half, torch.zeros(1, 4, 8, 8, dtype=torch.float16))
+        first = fp32_copy(half)
+        decode(half, torch.zeros(1, 4, 8, 8, dtype=torch.float16))
+    assert fp32_copy(half) is first and next(first.parameters()).dtype == torch.float32
