@@ -35,6 +35,7 @@ from sd_core import presets
 from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sd_core.dit import DiTTransformer2DModel, dit_config
+from sd_core.loading import on_meta
 from sd_core.unet import UNet2DConditionModel
 from sd_core.vae import AutoencoderKL
 
@@ -167,7 +168,7 @@ def measure(config: str, dtype: str, what: str, ours, theirs, repeats: int) -> R
 
 def twin(ours_class, reference, config=None):
     """An sd_core model sharing the reference's tensors (no copy)."""
-    with torch.device("meta"):
+    with on_meta():
         model = ours_class.from_config(config or dict(reference.config))
     model.load_state_dict(reference.state_dict(), strict=True, assign=True)
     return model.eval()

@@ -8,6 +8,7 @@ Weights are checked key by key: a missing, unexpected or wrongly shaped tensor i
 names it. Pickle files (.ckpt/.pt/.bin) are refused unless `allow_pickle=True`, and even then only
 tensors are unpickled (`torch.load(weights_only=True)`): no code in the file can run.
 """
+import contextlib
 import json
 import pickle
 import re
@@ -102,14 +103,33 @@ def check_keys(expected: dict, given: dict, what: str):
                               ". The weights are for another architecture, or the file is damaged.")
 
 
+class SkipRandomInit(torch.overrides.TorchFunctionMode):
+    """Random initializers (`normal_`, `uniform_`) do nothing: for modules built on `meta`, whose tensors hold no
+    values anyway. torch's meta `normal_` imports sympy on first use: 0.9 s of the app's start, for nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__name__", None) in ("normal_", "uniform_") and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Modules built inside are shapes only (meta tensors, initializers skipped): weights are assigned next."""
+    with torch.device("meta"), SkipRandomInit():
+        yield
+
+
 def expected_shapes(model_class, config: dict) -> dict:
-    with torch.device("meta"):
+    with on_meta():
         return {k: tuple(v.shape) for k, v in model_class.from_config(config).state_dict().items()}
 
 
 def build(model_class, config: dict, state_dict: dict, what: str, dtype=None, device=None):
     """An eval-mode model from config + weights, allocated once (built on `meta`, weights assigned)."""
-    with torch.device("meta"):
+    with on_meta():
         model = model_class.from_config(config)
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict, what)
     model.load_state_dict(state_dict, strict=True, assign=True)

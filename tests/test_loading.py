@@ -270,3 +270,20 @@ def test_real_size_rules_produce_the_original_names_and_invert_exactly(family):
     for name, (model_class, config, rules) in layout.items():
         converted, _ = convert.convert_component(tensors, rules, expected_shapes(model_class, config), name)
         assert {k: tuple(v.shape) for k, v in converted.items()} == expected_shapes(model_class, config)
+
+
+def test_models_are_built_as_shapes_without_running_initializers_that_cost_the_app_its_start():
+    """Weights are assigned after building on meta, so initializers are skipped there (torch's meta normal_
+    imports sympy: 0.9 s of the app's start); tensors on a real device are still initialized."""
+    import subprocess
+    import sys
+    from sd_core.loading import on_meta
+    with on_meta():
+        embedding = torch.nn.Embedding(8, 4)
+        real = torch.zeros(3, device="cpu").normal_()
+    assert embedding.weight.is_meta and real.abs().sum() > 0
+    loads = ("import sys; from sd_core.catalog import EMBEDDED; from sd_core.loading import load_pipeline; "
+             "[load_pipeline(entry.source) for entry in EMBEDDED.values()]; print('sympy' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", loads], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.stdout.strip() == "False"
