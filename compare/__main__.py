@@ -1,5 +1,6 @@
 """python -m compare <kind> [--model SRC] [options] [--out folder]   (kinds: text_to_image, image_to_image, vae,
-dit, dit_timestep_semantics, precision, attention, fast_path)  |  python -m compare parity "a prompt"  |  python -m compare benchmark
+dit, dit_timestep_semantics, precision, attention, fast_path)  |  python -m compare parity "a prompt"
+|  python -m compare benchmark  |  python -m compare startup (app.py to the first pictures on the page)
 
 Each kind writes report.json, report.md, images.png and plot-*.png into --out and prints the verdict. Exit status:
 0 when the comparison holds (or is a measurement), 1 when sd_core and its reference differ, 2 on bad input."""
@@ -10,7 +11,7 @@ from pathlib import Path
 from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.schedulers import SCHEDULER_NAMES
 
-from . import benchmark
+from . import benchmark, startup
 from .kinds import KINDS, default_model, run_comparison
 from .parity import REFERENCE_SCHEDULERS, run_parity
 
@@ -106,9 +107,14 @@ def main(argv=None) -> int:
     b.add_argument("--fast", choices=("none", "default", "all"), default="default",
                    help="fast-path rows: none; default (channels_last, DeepCache); all (also torch.compile, minutes to build)")
     b.add_argument("--json")
+    s = commands.add_parser("startup", help="python app.py to the first pictures on the page (needs chromium)")
+    s.add_argument("--runs", type=positive, default=3)
     args = parser.parse_args(argv)
     if args.command == "benchmark":
         benchmark.main(args)
+        return 0
+    if args.command == "startup":
+        startup.main(args.runs)
         return 0
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is an existing file; give a folder (it is created, or reused).")
