@@ -16,6 +16,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -94,12 +95,12 @@ def one_start(browser: str) -> tuple[float, float]:
     start = time.perf_counter()
     server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    chrome = None
+    chrome, profile = None, tempfile.TemporaryDirectory()
     try:
         wait_for(f"http://127.0.0.1:{port}/")
         listening = time.perf_counter() - start
         chrome = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                   f"--remote-debugging-port={debug_port}", "about:blank"],
+                                   f"--user-data-dir={profile.name}", f"--remote-debugging-port={debug_port}", "about:blank"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         pages = json.loads(wait_for(f"http://127.0.0.1:{debug_port}/json"))
         page = DevTools(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"])
@@ -115,6 +116,7 @@ def one_start(browser: str) -> tuple[float, float]:
             if process is not None:
                 process.kill()
                 process.wait()
+        profile.cleanup()
 
 
 def main(runs: int = 3):

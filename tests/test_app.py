@@ -170,6 +170,16 @@ def test_a_browser_shows_the_six_tabs(server, tmp_path):
     assert Image.open(screenshot).size == (1280, 900)
 
 
+@pytest.mark.slow
+def test_the_startup_measurement_sees_the_first_pictures_in_a_browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
+    from compare import startup
+    listening, page = startup.one_start(chromium)  # raises unless the gallery shows pictures within 60 s
+    assert listening > 0 and page > 0
+
+
 def test_api_parameters_are_named_after_the_ui_labels_and_take_keywords(client):
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     for name in ("/text_to_image", "/vae_roundtrip", "/dit_sample", "/compare"):
