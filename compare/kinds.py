@@ -545,7 +545,7 @@ def attention_kind(model, dtype: str = "fp32", device: str | None = None, **sett
 def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channels_last: bool = True,
                    **settings) -> Report:
     """The fast path (sd_core.fast) against the parity path on the same weights and noise: how far its
-    approximations (DeepCache's reused deep features, a bf16 UNet) move every step and the image."""
+    approximations (DeepCache's reused deep features, bf16 copies of the UNet and VAE) move every step and the image."""
     switch = {"on": True, "off": False}  # the CLI's words
     bf16, channels_last = switch.get(bf16, bf16), switch.get(channels_last, channels_last)
     if not isinstance(deepcache, int) or deepcache < 0:
