@@ -12,12 +12,13 @@ without a copy) at small latent sizes. This is a measurement, never a test.
 
 Each row also gives the work done (GFLOP per call, counted by torch.utils.flop_counter on the eager models, with
 CPU flash attention counted as SDPA) and the achieved FLOP/s as a share of this machine's peak, measured in the
-same run as the best square matmul (2048) in the row's dtype, sampled before every row and at the end. Rows marked "fast:" run sd_core's opt-in
-fast path (sd_core.fast) beside diffusers with the same tricks applied to its models (channels_last, and
-torch.compile); DeepCache has no diffusers counterpart (there it runs the plain model), and its rows show the
-fast path's PSNR against sd_core's parity path (images, or the UNet output for random weights).
+same run as the best square matmul (2048) in the dtype the row computes in, sampled before every row and at the end.
+Rows marked "fast:" run sd_core's opt-in fast path (sd_core.fast) beside diffusers with the same tricks applied to
+its models (the same dtype, channels_last, and torch.compile where the row compiles): "ratio" is against that, and
+"fast / diffusers default" against diffusers' plain fp32 run of the row the fast one speeds up. DeepCache has no
+diffusers counterpart. Fast rows give the fast path's PSNR against sd_core's parity path (images, or the UNet/VAE
+output for random weights). "sd15" ends with the whole pipeline (4 DPM++ 2M steps with CFG, random weights).
 """
-import copy
 import ctypes
 import dataclasses
 import functools
@@ -40,6 +41,7 @@ from sd_core.unet import UNet2DConditionModel
 from sd_core.vae import AutoencoderKL
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def device() -> str:
@@ -98,6 +100,7 @@ class Row:
     diffusers_gflop: float = 0.0
     peak_gflops: float = 0.0  # this machine's measured matmul peak in this dtype
     psnr: float | None = None  # fast rows: sd_core fast path against sd_core's parity path
+    vs_default: float | None = None  # fast rows: sd_core fast / diffusers default (the plain row's diffusers time)
 
     @property
     def ratio(self) -> float:
@@ -145,6 +148,8 @@ class Pair:
     theirs: object
     flops: tuple | None = None
     psnr: object = None
+    dtype: torch.dtype | None = None  # what sd_core's side computes in, where not the job's dtype (bf16 fast rows)
+    baseline: str | None = None  # the plain row whose diffusers time is "diffusers default" for this row
 
 
 def measure(config: str, dtype: str, what: str, ours, theirs, repeats: int) -> Row:
@@ -190,21 +195,22 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
     """The UNet step, then (built lazily, after the plain row) the fast-path rows on the same weights."""
     import diffusers
 
-    from sd_core.fast import FastOptions, FastUNet
+    from sd_core.fast import FastOptions, FastUNet, bf16_copy
     reference = diffusers.UNet2DConditionModel.from_config(unet_config).eval().to(device(), dtype)
     ours = twin(UNet2DConditionModel, reference)
     sample, context, added = unet_inputs(reference, dtype, latent, context_dim)
     t = torch.tensor(500, device=device())
     plain_ours = lambda: ours(sample, t, context, added)
     plain_theirs = lambda: reference(sample, t, encoder_hidden_states=context, added_cond_kwargs=added)
-    pairs = {"UNet step (batch 2)": lambda: Pair(plain_ours, plain_theirs)}
+    plain = "UNet step (batch 2)"
+    pairs = {plain: lambda: Pair(plain_ours, plain_theirs)}
     if fast == "none":
         return pairs
 
-    def channels_last_pair():
+    def channels_last_pair():  # from here on the reference is channels_last (and then bf16): the rows' order matters
         reference.to(memory_format=torch.channels_last)
         fast_ours = FastUNet(ours, FastOptions(bf16=False))
-        return Pair(lambda: fast_ours(sample, t, context, added), plain_theirs,
+        return Pair(lambda: fast_ours(sample, t, context, added), plain_theirs, baseline=plain,
                     psnr=lambda: tensor_psnr(fast_ours(sample, t, context, added), plain_ours()))
     pairs["fast: UNet step, channels_last"] = channels_last_pair
 
@@ -214,7 +220,7 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
             compiled = torch.compile(reference)
             return Pair(lambda: fast_ours(sample, t, context, added),
                         lambda: compiled(sample, t, encoder_hidden_states=context, added_cond_kwargs=added),
-                        flops=(plain_ours, plain_theirs),
+                        flops=(plain_ours, plain_theirs), baseline=plain,
                         psnr=lambda: tensor_psnr(fast_ours(sample, t, context, added), plain_ours()))
         pairs["fast: UNet step, compile + channels_last"] = compiled_pair
 
@@ -233,18 +239,19 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
             exact = [ours(sample, step, context, added) for step in timesteps]
             return min(tensor_psnr(a, b) for a, b in zip(ours_steps(), exact))
         return Pair(ours_steps, theirs_steps, psnr=psnr)
-    pairs["fast: 3 UNet steps, DeepCache N=3 (diffusers: plain)"] = deepcache_pair
+    pairs["fast: 3 UNet steps, channels_last + DeepCache N=3 (diffusers: 3 steps, channels_last)"] = deepcache_pair
 
     def bf16_pair():  # last: it casts the reference in place
-        fast_ours = FastUNet(copy.deepcopy(ours).to(torch.bfloat16), FastOptions(bf16=False))
+        fast_ours = FastUNet(bf16_copy(ours, channels_last=True), FastOptions(bf16=False))
         reference.to(torch.bfloat16)
         low = [x if x is None else x.to(torch.bfloat16) for x in (sample, context)]
         low_added = added and {k: v.to(torch.bfloat16) for k, v in added.items()}
         return Pair(lambda: fast_ours(low[0], t, low[1], low_added),
                     lambda: reference(low[0], t, encoder_hidden_states=low[1], added_cond_kwargs=low_added),
-                    psnr=lambda: tensor_psnr(fast_ours(low[0], t, low[1], low_added), plain_ours()))
+                    psnr=lambda: tensor_psnr(fast_ours(low[0], t, low[1], low_added), plain_ours()),
+                    dtype=torch.bfloat16, baseline=plain)
     if dtype == torch.float32:
-        pairs["fast: UNet step, bf16 + channels_last (diffusers: bf16 + channels_last)"] = bf16_pair
+        pairs["fast: UNet step, bf16 + channels_last"] = bf16_pair
     return pairs
 
 
@@ -256,20 +263,29 @@ def tensor_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def vae_pairs(vae_config: dict, dtype, latent: int, fast: str) -> dict:
+    """The VAE decode, then the fast path's channels_last and bf16 decodes beside diffusers' with the same tricks."""
     import diffusers
 
-    from sd_core.fast import FastDecoder, FastOptions
+    from sd_core.fast import FastDecoder, FastOptions, bf16_copy
     reference = diffusers.AutoencoderKL.from_config(vae_config).eval().to(device(), dtype)
     ours = twin(AutoencoderKL, reference)
     z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device(), dtype)
-    pairs = {f"VAE decode ({latent * 8}px)": lambda: Pair(lambda: ours.decode(z), lambda: reference.decode(z).sample)}
-    if fast != "none":
-        def channels_last_pair():
-            reference.to(memory_format=torch.channels_last)
-            fast_ours = FastDecoder(ours, FastOptions(bf16=False))
-            return Pair(lambda: fast_ours.decode(z), lambda: reference.decode(z).sample,
-                        psnr=lambda: tensor_psnr(fast_ours.decode(z), ours.decode(z)))
-        pairs[f"fast: VAE decode ({latent * 8}px), channels_last"] = channels_last_pair
+    plain = f"VAE decode ({latent * 8}px)"
+    pairs = {plain: lambda: Pair(lambda: ours.decode(z), lambda: reference.decode(z).sample)}
+    if fast == "none":
+        return pairs
+
+    def fast_pair(low: bool):  # converts the reference in place: channels_last, then bf16
+        reference.to(memory_format=torch.channels_last)
+        fast_ours = FastDecoder(ours, FastOptions(bf16=False), bf16_copy(ours, channels_last=True) if low else None)
+        if low:
+            reference.to(torch.bfloat16)
+        theirs_z = z.to(torch.bfloat16) if low else z
+        return Pair(lambda: fast_ours.decode(z), lambda: reference.decode(theirs_z).sample, baseline=plain,
+                    psnr=lambda: tensor_psnr(fast_ours.decode(z), ours.decode(z)), dtype=torch.bfloat16 if low else None)
+    pairs[f"fast: VAE decode ({latent * 8}px), channels_last"] = functools.partial(fast_pair, False)
+    if dtype == torch.float32:
+        pairs[f"fast: VAE decode ({latent * 8}px), bf16 + channels_last"] = functools.partial(fast_pair, True)
     return pairs
 
 
@@ -295,59 +311,99 @@ def dit_pair(dtype, latent: int) -> Pair:
 EMBEDDED_PROMPT = "a small red circle on the left on a gray background"
 
 
-def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
-    """The shipped text-to-image model end to end: sd_core's text_to_image vs diffusers' pipeline; then the fast
-    path beside diffusers' pipeline with the same tricks on its UNet and VAE."""
-    import diffusers
+def trick_names(fast_options: dict, dtype: torch.dtype) -> str:
+    names = ["bf16" if dtype == torch.bfloat16 else "fp32"]
+    names += [name for name in ("compile", "channels_last") if fast_options.get(name, name == "channels_last")]
+    names += [f"DeepCache N={fast_options['deepcache']}"] if fast_options.get("deepcache", 0) > 1 else []
+    return " + ".join(names)
+
+
+def pipeline_pairs(ours, diffusers_pipeline, prompt: str, options: dict, fast: str, variants: list[dict]) -> dict:
+    """sd_core's text_to_image vs diffusers' pipeline on the same weights; then, per fast-path variant, sd_core's
+    fast path beside diffusers' pipeline with the same tricks: the same dtype, channels_last UNet and VAE, and
+    torch.compile where the variant compiles (DeepCache alone has no diffusers counterpart).
+    `diffusers_pipeline(dtype)` gives the pipeline in that dtype (a fresh one, or the one converted in place)."""
     import numpy as np
 
     from sd_core.fast import make_fast
     from sd_core.images import psnr
-    from sd_core.loading import load_pipeline
     from sd_core.pipelines import text_to_image
-    ours = load_pipeline(EMBEDDED_TEXT_TO_IMAGE, device=device())
-
-    def diffusers_pipeline():
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(EMBEDDED_TEXT_TO_IMAGE, local_files_only=True)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device())
-
-    options = {"steps": steps, "seed": 0, "guidance_scale": 5.0}
-    run_ours = lambda: text_to_image(ours, EMBEDDED_PROMPT, **options)
+    size = options.get("height") or ours.default_size
+    name = f"pipeline ({options['steps']} steps, CFG, {size} px)"
+    run_ours = lambda: text_to_image(ours, prompt, **options)
 
     def run_theirs(pipe):
-        return lambda: pipe(EMBEDDED_PROMPT, num_inference_steps=steps, guidance_scale=5.0,
-                            generator=torch.Generator().manual_seed(0)).images
+        return lambda: pipe(prompt, num_inference_steps=options["steps"], guidance_scale=options["guidance_scale"],
+                            height=size, width=size, generator=torch.Generator().manual_seed(options["seed"])).images
 
-    plain = diffusers_pipeline()
-    pairs = {f"pipeline ({steps} steps, CFG)": lambda: Pair(run_ours, run_theirs(plain))}
+    pairs = {name: lambda: Pair(run_ours, run_theirs(diffusers_pipeline(torch.float32)))}
     if fast == "none":
         return pairs
 
-    def fast_pair(compiled: bool = False, **fast_options):
-        fast_options.setdefault("bf16", False)
-        fast_pipe = make_fast(ours, compile=compiled, **fast_options)
-        theirs = diffusers_pipeline()
-        if fast_options.get("bf16"):
-            theirs.to(torch.bfloat16)  # diffusers' way: the whole pipeline (its UNet input follows the text encoder's dtype)
-        if "deepcache" not in fast_options:
-            theirs.unet.to(memory_format=torch.channels_last)
-            theirs.vae.to(memory_format=torch.channels_last)
-            if compiled:
-                theirs.unet = torch.compile(theirs.unet)
-        fast_run = lambda: fast_pipe.text_to_image(EMBEDDED_PROMPT, **options)
-        eager = make_fast(ours, **fast_options)
-        reference = run_ours().images[0]
-        return Pair(fast_run, run_theirs(theirs),
-                    flops=(lambda: eager.text_to_image(EMBEDDED_PROMPT, **options), run_theirs(plain)),
-                    psnr=lambda: psnr(np.asarray(fast_run().images[0]), np.asarray(reference)))
-    pairs["fast: pipeline, channels_last"] = fast_pair
-    if fast == "all":
-        pairs["fast: pipeline, compile + channels_last"] = lambda: fast_pair(compiled=True)
-    for interval in (2, 3):
-        pairs[f"fast: pipeline, DeepCache N={interval} (diffusers: plain)"] = functools.partial(fast_pair, deepcache=interval)
-    pairs["fast: pipeline, bf16 UNet + channels_last (diffusers: all bf16 + channels_last)"] = functools.partial(fast_pair, bf16=True)
+    def fast_pair(fast_options: dict):
+        fast_pipe = make_fast(ours, **fast_options)
+        theirs = diffusers_pipeline(fast_pipe.dtype)  # diffusers' way: the whole pipeline in that dtype
+        theirs.unet.to(memory_format=torch.channels_last)
+        theirs.vae.to(memory_format=torch.channels_last)
+        if fast_options.get("compile"):
+            theirs.unet = torch.compile(theirs.unet)
+        fast_run = lambda: fast_pipe.text_to_image(prompt, **options)
+        eager = make_fast(ours, **{**fast_options, "compile": False})
+        return Pair(fast_run, run_theirs(theirs), flops=(lambda: eager.text_to_image(prompt, **options), run_theirs(theirs)),
+                    psnr=lambda: psnr(np.asarray(fast_run().images[0]), np.asarray(parity_image())),
+                    dtype=fast_pipe.dtype, baseline=name)
+
+    @functools.cache
+    def parity_image():
+        return run_ours().images[0]
+    for fast_options in variants + ([{"bf16": False, "compile": True}] if fast == "all" else []):
+        dtype = torch.bfloat16 if fast_options["bf16"] else torch.float32
+        pairs[f"fast: pipeline, {trick_names(fast_options, dtype)}"] = functools.partial(fast_pair, fast_options)
     return pairs
+
+
+def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
+    """The shipped text-to-image model end to end (a fresh diffusers pipeline for every row)."""
+    import diffusers
+
+    from sd_core.loading import load_pipeline
+
+    def diffusers_pipeline(dtype):
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(EMBEDDED_TEXT_TO_IMAGE, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device(), dtype)
+
+    variants = [{"bf16": False}, {"bf16": False, "deepcache": 2}, {"bf16": False, "deepcache": 3}, {"bf16": True}]
+    return pipeline_pairs(load_pipeline(EMBEDDED_TEXT_TO_IMAGE, device=device()), diffusers_pipeline,
+                          EMBEDDED_PROMPT, {"steps": steps, "seed": 0, "guidance_scale": 5.0}, fast, variants)
+
+
+def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
+    """A real-size SD 1.5 pipeline end to end (random weights, shared by both stacks; the CLIP tokenizer) at
+    `latent` * 8 px with DPM++ 2M. One diffusers pipeline: the fast rows convert it in place, so they come last."""
+    import diffusers
+    import transformers
+
+    from sd_core.components import StableDiffusionPipeline
+    from sd_core.fast import uses_bf16
+    from sd_core.tokenizer import CLIPTokenizer
+    unet = diffusers.UNet2DConditionModel.from_config(presets.UNET_SD15).eval()
+    vae = diffusers.AutoencoderKL.from_config(presets.VAE_SD).eval()
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**presets.CLIP_VIT_L)).eval()
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(EMBEDDED_TEXT_TO_IMAGE / "tokenizer")
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(presets.SCHEDULER_SD)
+    theirs = diffusers.StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
+                                               feature_extractor=None, requires_safety_checker=False).to(device())
+    theirs.set_progress_bar_config(disable=True)
+    ours = StableDiffusionPipeline("sd1", twin(UNet2DConditionModel, unet), twin(AutoencoderKL, vae),
+                                   dict(scheduler.config), twin(CLIPTextModel, text_encoder, text_encoder.config.to_dict()),
+                                   CLIPTokenizer(EMBEDDED_TEXT_TO_IMAGE / "tokenizer"))
+    options = {"steps": steps, "seed": 0, "guidance_scale": 7.5, "height": latent * 8, "width": latent * 8,
+               "scheduler": "dpmpp_2m"}
+    low = uses_bf16("auto", torch.float32)  # bf16 where this machine runs it faster, as make_fast decides
+    variants = [{"bf16": low}, {"bf16": low, "deepcache": 2}]
+    return pipeline_pairs(ours, lambda dtype: theirs.to(device(), dtype), "a photograph of an astronaut riding a horse",
+                          options, fast, variants)
 
 
 def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str = "default") -> list[Row]:
@@ -365,25 +421,32 @@ def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str =
             pairs.update(unet_pairs(presets.UNET_SD15, dtype, latent, 768, fast))
             pairs["text encoder (CLIP-L)"] = functools.partial(text_pair, presets.CLIP_VIT_L, dtype, False)
             pairs.update(vae_pairs(presets.VAE_SD, dtype, latent, fast))
+            if dtype == torch.float32:
+                pairs.update(sd15_pipeline_pairs(fast, latent))
         elif config == "sdxl":
             pairs.update(unet_pairs(presets.UNET_SDXL_BASE, dtype, latent, 2048, "none"))
             pairs["text encoder 2 (bigG)"] = functools.partial(text_pair, presets.OPENCLIP_VIT_BIGG, dtype, True)
         elif config == "dit-xl-2":
             pairs["transformer step (batch 2)"] = functools.partial(dit_pair, dtype, latent)
+        plain = {}  # this job's rows by name: a fast row's "diffusers default" is its baseline's diffusers time
         for what, factory in pairs.items():
-            peak = peak_gflops(dtype)
             pair = factory()
+            peak = peak_gflops(pair.dtype or dtype)  # against the peak of the dtype the row computes in
             flops = pair.flops or (pair.ours, pair.theirs)
-            row = measure(config, dtype_name, what, pair.ours, pair.theirs, repeats)
+            row = measure(config, DTYPE_NAMES[pair.dtype or dtype], what, pair.ours, pair.theirs, repeats)
             row.sd_core_gflop, row.diffusers_gflop = count_flops(flops[0]), count_flops(flops[1])
             row.peak_gflops = peak
             if pair.psnr is not None:
                 with torch.no_grad():
                     row.psnr = pair.psnr()
+            if pair.baseline in plain:
+                row.vs_default = row.sd_core_s / plain[pair.baseline].diffusers_s
+            plain[what] = row
             print(f"{row.config:9} {row.dtype:5} {row.what:28} sd_core {row.sd_core_s:8.3f}s  diffusers "
                   f"{row.diffusers_s:8.3f}s  ratio {row.ratio:5.2f}  {row.sd_core_gflop:9.1f} GFLOP  "
                   f"{row.peak_share(row.sd_core_gflop, row.sd_core_s):5.1f}% of peak"
-                  + (f"  PSNR {row.psnr:.1f} dB" if row.psnr is not None else ""), flush=True)
+                  + (f"  PSNR {row.psnr:.1f} dB" if row.psnr is not None else "")
+                  + (f"  vs diffusers default {row.vs_default:.2f}" if row.vs_default is not None else ""), flush=True)
             rows.append(row)
             del pair
         del pairs
@@ -391,10 +454,12 @@ def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str =
 
 
 def table(rows: list[Row]) -> str:
-    lines = [("| config | dtype | measurement | sd_core (s) | diffusers (s) | ratio | sd_core GFLOP | sd_core % of peak "
-              "| diffusers GFLOP | diffusers % of peak | PSNR vs parity (dB) | sd_core peak MB | diffusers peak MB |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [("| config | dtype | measurement | sd_core (s) | diffusers (s) | ratio | fast / diffusers default | sd_core GFLOP "
+              "| sd_core % of peak | diffusers GFLOP | diffusers % of peak | PSNR vs parity (dB) | sd_core peak MB "
+              "| diffusers peak MB |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r.config} | {r.dtype} | {r.what} | {r.sd_core_s:.3f} | {r.diffusers_s:.3f} | {r.ratio:.2f} | "
+              f"{'' if r.vs_default is None else f'{r.vs_default:.2f}'} | "
               f"{r.sd_core_gflop:.1f} | {r.peak_share(r.sd_core_gflop, r.sd_core_s):.1f} | {r.diffusers_gflop:.1f} | "
               f"{r.peak_share(r.diffusers_gflop, r.diffusers_s):.1f} | "
               f"{'' if r.psnr is None else f'{r.psnr:.1f}'} | {r.sd_core_mb:.0f} | {r.diffusers_mb:.0f} |" for r in rows]
@@ -428,8 +493,7 @@ def report(rows: list[Row], args):
         row.peak_gflops = peak_gflops(DTYPES[row.dtype])
     print()
     print(f"device: {device()}, torch {torch.__version__}, threads {torch.get_num_threads()}; peak matmul GFLOP/s: "
-          + ", ".join(f"{name} {PEAKS.get(DTYPES[name]) or peak_gflops(DTYPES[name]):.1f}"
-                      for name in args.dtypes.split(",")))
+          + ", ".join(f"{name} {peak_gflops(DTYPES[name]):.1f}" for name in sorted({row.dtype for row in rows})))
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows], indent=2))

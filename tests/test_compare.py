@@ -317,7 +317,7 @@ def test_benchmark_under_two_processes_gathers_every_row_on_the_main_process(tmp
                                     "--repeats", "1", "--fast", "none", "--json", str(out)], timeout=300)
         rows[processes] = [(r["config"], r["dtype"], r["what"]) for r in json.loads(out.read_text())]
         assert result.stdout.count("| embedded | fp32 | pipeline") == 1
-    assert rows[1] == rows[2] == [("embedded", "fp32", "pipeline (20 steps, CFG)")]
+    assert rows[1] == rows[2] == [("embedded", "fp32", "pipeline (20 steps, CFG, 64 px)")]
 
 
 def test_a_comparison_keeps_the_log_quiet(capfd):
