@@ -50,10 +50,10 @@ CSS = ".pixelated img { image-rendering: pixelated; }"  # the embedded models dr
 
 def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, seed, number_of_images, prompt_syntax,
            clip_skip, loras, embeddings, progress, trajectory=None, refiner=None, high_noise_frac=0.8, fast=False,
-           deepcache=0, **size_or_image):
+           deepcache=0, tome=0.0, **size_or_image):
     """Text or image to image (or inpainting, or SDXL base + refiner) on cached pipelines, LoRAs merged for this
     request only, A1111's seed per image, the work bounded; `fast`: through sd_core.fast (approximate, DeepCache
-    every `deepcache` steps). Returns (result, seed, [(image, "seed N")])."""
+    every `deepcache` steps, ToMe merging the `tome` share of tokens). Returns (result, seed, [(image, "seed N")])."""
     pipe = MODELS.get(model, progress)
     if not isinstance(pipe, StableDiffusionPipeline):
         raise gr.Error(f"{model} is a DiT model: use the DiT tab.")
@@ -85,7 +85,7 @@ def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, see
         tokens = bind_embeddings(pipe, embeddings)
         with loras_applied(pipe.models, lora_files):
             callback = progress_callback(progress, steps, pipe, trajectory, fast_preview if fast else preview)
-            run = fast_pipeline(pipe, deepcache).generate if fast else functools.partial(generate, pipe)
+            run = fast_pipeline(pipe, deepcache, tome).generate if fast else functools.partial(generate, pipe)
             result = run_bounded(f"text_to_image:{model}", pixels, steps, number_of_images, lambda: run(
                 prompt, negative_prompt or None, steps=steps, callback=callback, **options) if second is None
                 else refine(pipe, second, prompt, negative_prompt or None, high_noise_frac=high_noise_frac,
@@ -100,9 +100,11 @@ def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, see
 def generate_images(model, prompt, negative_prompt, steps, guidance_scale, scheduler, width, height, seed,
                     number_of_images, show_trajectory=False, prompt_syntax="plain", clip_skip=0, lora_1=None,
                     lora_1_scale=1.0, lora_2=None, lora_2_scale=1.0, embeddings=None, refiner="",
-                    high_noise_frac=0.8, fast=False, deepcache=0, progress=gr.Progress(), request: gr.Request = None):
+                    high_noise_frac=0.8, fast=False, deepcache=0, tome=0.0, progress=gr.Progress(),
+                    request: gr.Request = None):
     """Text to image (an SDXL base model may hand its last steps to a refiner; `fast`: the approximate fast path,
-    its images' metadata says "fast", with DeepCache every `deepcache` steps, 0 off). Returns (images captioned with
+    its images' metadata says "fast", with DeepCache every `deepcache` steps, 0 off, and ToMe merging the `tome`
+    share of the top-resolution tokens, 0 off). Returns (images captioned with
     their seeds, seed used, trajectory of x0 previews, parameters as JSON, share link). Image k of a batch is
     drawn from seed + k."""
     width, height = as_int(width, "width", 8, MAX_SIZE), as_int(height, "height", 8, MAX_SIZE)
@@ -110,14 +112,14 @@ def generate_images(model, prompt, negative_prompt, steps, guidance_scale, sched
     loras = [(lora_1, lora_1_scale), (lora_2, lora_2_scale)]
     result, seed, images = run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, seed,
                                   number_of_images, prompt_syntax, clip_skip, loras, embeddings, progress, trajectory,
-                                  refiner, high_noise_frac, bool(fast), deepcache, width=width, height=height)
+                                  refiner, high_noise_frac, bool(fast), deepcache, tome, width=width, height=height)
     settings = dict(model=model, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                     guidance_scale=guidance_scale, scheduler=scheduler, width=width, height=height, seed=seed,
                     number_of_images=number_of_images, prompt_syntax=prompt_syntax, clip_skip=clip_skip,
                     lora_1=lora_1 or None, lora_1_scale=lora_1_scale if lora_1 else None, lora_2=lora_2 or None,
                     lora_2_scale=lora_2_scale if lora_2 else None, refiner=refiner or None,
                     high_noise_frac=high_noise_frac if refiner else None, fast=bool(fast) or None,
-                    deepcache=deepcache if fast else None)
+                    deepcache=deepcache if fast else None, tome=tome if fast and tome else None)
     link = share_link("text_to_image", settings, request)
     return images, str(seed), trajectory or [], json.dumps(result.parameters, indent=2), link
 

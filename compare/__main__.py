@@ -59,6 +59,8 @@ def add_kind(commands, kind: str):
         p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                        help="a bf16 UNet copy (auto: where measured faster on this machine)")
         p.add_argument("--channels-last", dest="channels_last", choices=["on", "off"], default="on")
+        p.add_argument("--tome", type=float, help="ToMe: the share of top-resolution tokens merged, in [0, 1) "
+                       "(default: off)")
     if kind not in ("dit", "dit_timestep_semantics"):
         p.add_argument("--prompt")
         p.add_argument("--negative", dest="negative_prompt")

@@ -10,6 +10,7 @@ from compare.kinds import DIT_KINDS, KINDS, SD_KINDS, run_comparison
 from sd_core.app_parts import (
     DEEPCACHE_CHOICES,
     LIMITS,
+    TOME_CHOICES,
     MODELS,
     Settings,
     as_float,
@@ -23,6 +24,7 @@ from sd_core.app_parts import (
     scheduler_dropdown,
     scheduler_of,
     timestep_semantics,
+    tome_of,
 )
 from sd_core.components import DiTPipeline
 from sd_core.pipelines import MAX_SEED
@@ -39,7 +41,7 @@ def compare_models_for(kind: str) -> list:
 @handler
 def compare(kind, model, prompt="", negative_prompt="", class_label="0", image=None, strength=0.6, sample_posterior=False,
             guided_channels="all", dtype="bf16", seed=0, steps=4, scheduler="ddim", guidance_scale=5.0, deepcache=3,
-            progress=gr.Progress()):
+            tome=0.0, progress=gr.Progress()):
     """sd_core beside diffusers (or beside itself under one changed choice) on the same weights and noise.
     Returns (verdict with a PASS/FAIL badge, images, plots, per-stage table, report as a zip)."""
     if kind not in KINDS:
@@ -72,7 +74,7 @@ def compare(kind, model, prompt="", negative_prompt="", class_label="0", image=N
     if kind in ("precision", "attention"):
         settings["dtype"] = as_choice(dtype, "dtype", ["bf16", "fp16"]) if kind == "precision" else "fp32"
     if kind == "fast_path":
-        settings["deepcache"] = deepcache_of(deepcache)
+        settings.update(deepcache=deepcache_of(deepcache), tome=tome_of(tome))
     progress(0, desc=f"running {kind}")
     with MODELS.using(pipe):  # never while another request has a LoRA merged into these weights
         report = run_bounded(f"compare:{model}", pixels, steps, 1, lambda: run_comparison(kind, pipe, **settings))
@@ -112,6 +114,7 @@ def compare_tab():
             dtype = gr.Radio(["bf16", "fp16"], value="bf16", label="Dtype (against fp32)", visible=False)
             deepcache = raw_value(gr.Dropdown(DEEPCACHE_CHOICES, value=3,
                                               label="DeepCache interval (fast path)", visible=False))
+            tome = raw_value(gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged (fast path)", visible=False))
             with gr.Row():
                 cmp_seed = raw_value(gr.Number(0, label="Seed", precision=0))
                 cmp_steps = raw_value(gr.Slider(1, MAX_COMPARE_STEPS, 10, step=1, label="Steps"))
@@ -132,8 +135,9 @@ def compare_tab():
     def on_kind(name):
         shown, choices = COMPARE_FIELDS[name], compare_models_for(name)
         return [gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)] + [
-            gr.update(visible=flag in shown) for flag in "pcismgdpf"]
-    kind.change(on_kind, kind, [cmp_model] + fields[:4] + [sample, guided, dtype, negative, deepcache], api_name=False)
+            gr.update(visible=flag in shown) for flag in "pcismgdpff"]
+    kind.change(on_kind, kind, [cmp_model] + fields[:4] + [sample, guided, dtype, negative, deepcache, tome],
+                api_name=False)
     cmp_run.click(compare, [kind, cmp_model, prompt, negative, class_label, cmp_image, strength, sample, guided, dtype,
-                            cmp_seed, cmp_steps, cmp_scheduler, cmp_guidance, deepcache],
+                            cmp_seed, cmp_steps, cmp_scheduler, cmp_guidance, deepcache, tome],
                   [verdict, cmp_images, plots, stages, report], api_name="compare")

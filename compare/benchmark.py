@@ -250,8 +250,16 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
                     lambda: reference(low[0], t, encoder_hidden_states=low[1], added_cond_kwargs=low_added),
                     psnr=lambda: tensor_psnr(fast_ours(low[0], t, low[1], low_added), plain_ours()),
                     dtype=torch.bfloat16, baseline=plain)
+    def tome_pair():  # after bf16_pair: the reference is bf16 + channels_last by now
+        fast_ours = FastUNet(bf16_copy(ours, channels_last=True), FastOptions(bf16=False, tome=0.5))
+        low = sample.to(torch.bfloat16), context.to(torch.bfloat16)
+        return Pair(lambda: fast_ours(low[0], t, low[1], added), lambda: reference(low[0], t, encoder_hidden_states=low[1]),
+                    psnr=lambda: tensor_psnr(fast_ours(low[0], t, low[1], added), plain_ours()),
+                    dtype=torch.bfloat16, baseline=plain)
     if dtype == torch.float32:
         pairs["fast: UNet step, bf16 + channels_last"] = bf16_pair
+        if added is None:  # ToMe wraps SD 1.x/2.x blocks here
+            pairs["fast: UNet step, bf16 + channels_last + ToMe 0.5"] = tome_pair
     return pairs
 
 

@@ -543,9 +543,10 @@ def attention_kind(model, dtype: str = "fp32", device: str | None = None, **sett
 
 
 def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channels_last: bool = True,
-                   **settings) -> Report:
+                   tome: float | None = None, **settings) -> Report:
     """The fast path (sd_core.fast) against the parity path on the same weights and noise: how far its
-    approximations (DeepCache's reused deep features, bf16 copies of the UNet and VAE) move every step and the image."""
+    approximations (DeepCache's reused deep features, bf16 copies of the UNet and VAE, ToMe's merged tokens) move
+    every step and the image."""
     switch = {"on": True, "off": False}  # the CLI's words
     bf16, channels_last = switch.get(bf16, bf16), switch.get(channels_last, channels_last)
     if not isinstance(deepcache, int) or deepcache < 0:
@@ -553,7 +554,7 @@ def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channel
     pipe = load(model)
     check_family(pipe, "fast_path")
     s = sd_settings(pipe, **settings)
-    fast = make_fast(pipe, deepcache=deepcache, bf16=bf16, channels_last=channels_last)
+    fast = make_fast(pipe, deepcache=deepcache, bf16=bf16, channels_last=channels_last, tome=tome)
     fast.reset()
     parity, quick = sd_core_trace(pipe, s), sd_core_trace(fast.pipe, s)
     described = describe(fast.options, fast.dtype)
@@ -571,9 +572,11 @@ def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channel
     notes = ["sd_core against sd_core on the same weights and noise: the fast path is approximate by design and is "
              "never held to the parity tolerance (the line marked on the plot, for scale only).",
              f"Settings: deepcache={deepcache} (the full UNet every N steps; 0/1 off), bf16={bf16!r} ('auto': only "
-             f"where bf16 is measured faster here), channels_last={channels_last}."]
-    return Report("fast_path", {"model": pipe.source, "deepcache": deepcache, "bf16": bf16,
-                                "channels_last": channels_last, "fast": described, **s}, stages, verdict, None, images,
+             f"where bf16 is measured faster here), channels_last={channels_last}, tome={tome} (the share of "
+             f"top-resolution tokens merged before self-attention; None: off)."]
+    settings = {"model": pipe.source, "deepcache": deepcache, "bf16": bf16, "channels_last": channels_last,
+                "tome": tome, "fast": described, **s}
+    return Report("fast_path", settings, stages, verdict, None, images,
                   standard_plots(stages, {}, "UNet", TOLERANCE), {}, measurements, notes)
 
 

@@ -261,9 +261,12 @@ def advanced_settings(refiners: list | None = None, fast: bool = False) -> list:
         if fast:
             with gr.Row():
                 components += [gr.Checkbox(False, label="Fast path (approximate)"),
-                               gr.Dropdown(DEEPCACHE_CHOICES, value=0, label="DeepCache interval")]
+                               gr.Dropdown(DEEPCACHE_CHOICES, value=0, label="DeepCache interval"),
+                               gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged")]
             gr.Markdown("The fast path is not the parity path: its images differ from diffusers' (see Compare: "
-                        "fast_path). DeepCache N runs the full UNet every N steps; it does not combine with LoRAs.")
+                        "fast_path). DeepCache N runs the full UNet every N steps; ToMe merges that share of the "
+                        "tokens before self-attention at the highest resolution (it pays from 512 px up). Neither "
+                        "combines with LoRAs.")
     return components
 
 
@@ -281,6 +284,7 @@ def progress_callback(progress, total: int, pipe=None, trajectory: list | None =
 
 
 DEEPCACHE_CHOICES = [("off", 0), ("2", 2), ("3", 3)]
+TOME_CHOICES = [("off", 0.0), ("50%", 0.5), ("75%", 0.75)]
 
 
 def deepcache_of(value) -> int:
@@ -291,14 +295,23 @@ def deepcache_of(value) -> int:
     return deepcache
 
 
-def fast_pipeline(pipe, deepcache: int):
+def tome_of(value) -> float | None:
+    """A visitor's ToMe ratio: one of TOME_CHOICES (the Text-to-image and Compare tabs share it); None when off."""
+    tome = as_float(value or 0.0, "tome", 0.0, max(value for _, value in TOME_CHOICES))
+    if tome not in [value for _, value in TOME_CHOICES]:
+        raise gr.Error(f"tome must be one of {[value for _, value in TOME_CHOICES]}; got {tome}.")
+    return tome or None
+
+
+def fast_pipeline(pipe, deepcache: int, tome: float = 0.0):
     """The cached FastPipeline over `pipe` for these options (kept on the pipeline, so it goes when the model cache
-    releases the model). DeepCache keeps state between steps: run it under MODELS.using(pipe)."""
-    deepcache = deepcache_of(deepcache)
+    releases the model; every one shares the same bf16 copies). DeepCache keeps state between steps: run it under
+    MODELS.using(pipe)."""
+    options = (deepcache_of(deepcache), tome_of(tome))
     made = pipe.__dict__.setdefault("app_fast", {})
-    if deepcache not in made:
-        made[deepcache] = make_fast(pipe, deepcache=deepcache)
-    return made[deepcache]
+    if options not in made:
+        made[options] = make_fast(pipe, deepcache=options[0], tome=options[1])
+    return made[options]
 
 
 def bind_embeddings(pipe, choices) -> list[str]:

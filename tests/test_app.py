@@ -287,8 +287,8 @@ def test_a_share_link_made_after_a_run_restores_the_tab_model_and_settings(clien
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
     updates = load.fn(FakeRequest(query))
-    tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number, _, *advanced = updates[:23]
-    gallery, used = updates[23:25]
+    tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number, _, *advanced = updates[:24]
+    gallery, used = updates[24:26]
     assert tabs.selected == "text_to_image" and model == SD and prompt.startswith("a small blue square")
     assert (steps, guidance, scheduler, width, height, str(seed_box), number) == (7, 3.5, "euler_karras", 64, 72, seed, 2)
     assert used == seed and np.array_equal(np.asarray(gallery[0][0]), np.asarray(Image.open(images[0]["image"])))
@@ -301,7 +301,7 @@ def test_the_first_page_shows_a_picture_and_a_bad_link_value_is_ignored():
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
     updates = load.fn(FakeRequest(""))
-    assert len(updates[23]) == 4 and int(updates[24]) >= 0  # four images and the seed used, before any click
+    assert len(updates[24]) == 4 and int(updates[25]) >= 0  # four images and the seed used, before any click
     updates = load.fn(FakeRequest("tab=text_to_image&model=%2Fetc%2Fpasswd&steps=abc&scheduler=nonsense"))
     assert updates[1] == SD and updates[4] == 20 and updates[6] == "dpmpp_2m"
 
@@ -340,7 +340,7 @@ def test_app_py_started_as_on_a_space_listens_on_all_interfaces_and_serves(tmp_p
     ("vae", SD, dict(image=handle_file(str(app.EXAMPLE_SCENE)))),
     ("dit", DIT, dict(class_label="red circle", steps=2, guidance_scale=3.0)),
     ("precision", DIT, dict(class_label="blue triangle", steps=2, dtype="bf16")),
-    ("fast_path", SD, dict(prompt="a red circle", steps=3, deepcache=2)),
+    ("fast_path", SD, dict(prompt="a red circle", steps=3, deepcache=2, tome=0.5)),
 ])
 def test_compare_runs_each_kind_through_gradio_client_with_named_parameters(client, kind, model, settings, tmp_path):
     verdict, images, plots, table, report = client.predict(kind=kind, model=model, seed=1, api_name="/compare",
@@ -366,17 +366,19 @@ def test_compare_refuses_a_model_of_the_wrong_family_and_names_the_fix():
         app.compare("speed", SD)
     with pytest.raises(gr.Error, match="Unknown class label 'unicorn'"):
         app.compare("dit", DIT, class_label="unicorn", steps=1)
+    with pytest.raises(gr.Error, match=r"tome must be one of \[0.0, 0.5, 0.75\]; got 0.3"):
+        app.compare("fast_path", SD, tome=0.3, steps=1)
 
 
 def test_each_compare_kind_shows_only_the_settings_it_takes():
     assert set(app.COMPARE_FIELDS) == set(app.KINDS)
     demo = app.build()
     on_kind = next(d for d in demo.fns.values() if d.name == "on_kind").fn
-    dropdown, prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache = on_kind("vae")
-    assert [u["visible"] for u in (prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache)] == [
-        False, False, True, False, True, False, False, False, False]
-    dropdown, prompt, *_, deepcache = on_kind("fast_path")
-    assert [value for _, value in dropdown.choices][0] == SD and prompt["visible"] and deepcache["visible"]
+    dropdown, prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache, tome = on_kind("vae")
+    assert [u["visible"] for u in (prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache,
+                                   tome)] == [False, False, True, False, True, False, False, False, False, False]
+    dropdown, prompt, *_, deepcache, tome = on_kind("fast_path")
+    assert [value for _, value in dropdown.choices][0] == SD and prompt["visible"] and deepcache["visible"] and tome["visible"]
     dropdown, prompt, class_label, *_ = on_kind("dit")
     assert [value for _, value in dropdown.choices] == [DIT] and class_label["visible"] and not prompt["visible"]
 
@@ -389,22 +391,26 @@ def test_the_fast_path_is_tagged_and_differs_from_the_parity_image_through_gradi
                   scheduler="ddim", number_of_images=1, api_name="/text_to_image")
     parity = np.asarray(Image.open(client.predict(**common)[0][0]["image"]))
     runs = {}
-    for deepcache in (0, 3):
-        images, _, trajectory, parameters, link = client.predict(**common, fast=True, deepcache=deepcache,
+    for deepcache, tome in ((0, 0.0), (3, 0.0), (0, 0.5)):
+        images, _, trajectory, parameters, link = client.predict(**common, fast=True, deepcache=deepcache, tome=tome,
                                                                  show_trajectory=True)
         image = Image.open(images[0]["image"])
         tagged = json.loads(image.info["sd_core"])["fast"]
         assert json.loads(parameters)["fast"] == tagged and "fast=True" in link and f"deepcache={deepcache}" in link
-        assert ("deepcache=3" in tagged) == (deepcache == 3) and len(trajectory) == 12
-        runs[deepcache] = tagged, np.asarray(image.convert("RGB"))
-    for deepcache, (tagged, pixels) in runs.items():
-        print(f"fast deepcache={deepcache} ({tagged}): PSNR {psnr(pixels, parity):.1f} dB against the parity image")
+        assert ("deepcache=3" in tagged) == (deepcache == 3) and ("tome=0.5" in tagged) == ("tome=0.5" in link) == (tome == 0.5)
+        assert len(trajectory) == 12
+        runs[deepcache, tome] = tagged, np.asarray(image.convert("RGB"))
+    for (deepcache, tome), (tagged, pixels) in runs.items():
+        print(f"fast deepcache={deepcache} tome={tome} ({tagged}): PSNR {psnr(pixels, parity):.1f} dB against the parity image")
         assert psnr(pixels, parity) > FAST_MIN_PSNR
-    assert not np.array_equal(runs[3][1], parity) and not np.array_equal(runs[3][1], runs[0][1])
-    if "bfloat16" in runs[0][0]:  # the fast path chose a bf16 UNet on this machine; fp32 channels_last is within a level
-        assert not np.array_equal(runs[0][1], parity)
+    plain = runs[0, 0.0][1]
+    assert not any(np.array_equal(runs[key][1], other) for key in ((3, 0.0), (0, 0.5)) for other in (parity, plain))
+    if "bfloat16" in runs[0, 0.0][0]:  # the fast path chose bf16 on this machine; fp32 channels_last is within a level
+        assert not np.array_equal(plain, parity)
     else:
-        assert np.abs(runs[0][1].astype(int) - parity).max() <= 1
+        assert np.abs(plain.astype(int) - parity).max() <= 1
+    with pytest.raises(Exception, match=r"not in the list of choices: \[0.0, 0.5, 0.75\]"):
+        client.predict(**common, fast=True, tome=0.3)
 
 
 def test_the_fast_path_previews_its_trajectory_without_a_vae_decode(monkeypatch):
