@@ -12,9 +12,9 @@ import dataclasses
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .images import image_to_tensor
+from .images import image_to_tensor, open_image, to_grey
 from .layers import randn_tensor
 from .schedulers import SamplingState, Scheduler
 
@@ -22,15 +22,10 @@ INPAINT_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
 
 
 def load_mask(mask, size: tuple[int, int]) -> Image.Image:
-    """The mask as a grayscale PIL image of `size` (the image's): diffusers' mask processor converts to "L"
-    (alpha ignored) and resamples a mask of another size with Lanczos."""
-    if not isinstance(mask, Image.Image):
-        try:
-            mask = Image.open(mask)
-            mask.load()
-        except (OSError, ValueError) as error:
-            raise ValueError(f"Cannot read {mask!r} as a mask image ({error}). Use a PNG, JPEG or WebP file.") from None
-    mask = ImageOps.exif_transpose(mask).convert("L")
+    """The mask (a path, file or PIL image) as a grayscale PIL image of `size` (the image's), read within the
+    image reader's bounds (images.open_image; 16-bit grey scaled to 8 bits): diffusers' mask processor converts
+    to "L" (alpha ignored) and resamples a mask of another size with Lanczos."""
+    mask = open_image(mask, convert=to_grey)
     return mask if mask.size == size else mask.resize(size, Image.LANCZOS)
 
 
