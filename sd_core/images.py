@@ -295,16 +295,17 @@ def _clean(error: BaseException) -> str:
 
 
 def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES,
-               name: str | None = None) -> Image.Image:
-    """A decoded RGB image from a path, a binary file object or a PIL image, within `max_pixels` and `max_bytes`.
+               name: str | None = None, convert=None) -> Image.Image:
+    """A decoded image from a path, a binary file object or a PIL image, within `max_pixels` and `max_bytes`.
 
     The header is read first (PIL opens lazily) and its size checked before decoding; truncated, corrupt,
     empty and non-image files are refused with a message naming the file by `name` (default: its base name,
-    never the server's folder). Then to_rgb(): EXIF orientation, 16-bit grey scaled to 8 bits, transparency
-    composited on white."""
+    never the server's folder). Then `convert`: to_rgb() by default (EXIF orientation, 16-bit grey scaled to
+    8 bits, transparency composited on white), to_grey() for a mask."""
+    convert = convert or to_rgb
     if isinstance(source, Image.Image):
         check_pixels(source.width, source.height, max_pixels)
-        return to_rgb(source)
+        return convert(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         name = name or path.name
@@ -351,7 +352,7 @@ def open_image(source, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_
             check_pixels(image.width, image.height, max_pixels, name)
             try:
                 image.load()
-                return to_rgb(image)
+                return convert(image)
             except DECODE_ERRORS as error:
                 raise ValueError(f"{name} is truncated or corrupt ({_clean(error)}); the image could not be "
                                  f"decoded. Save it again as PNG or JPEG.") from None
@@ -363,20 +364,31 @@ def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_I
     return open_image(image, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: EXIF orientation applied, 16/32-bit grey scaled (not clipped) to 8 bits, any transparency
-    (alpha, a palette's or a grey/RGB tRNS colour) composited on white."""
+def upright_8bit(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied, 16/32-bit grey scaled (not clipped) to 8 bits; other modes kept."""
     try:
         image = ImageOps.exif_transpose(image)
     except DECODE_ERRORS:  # a malformed EXIF block: keep the pixels as stored
         pass
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         image = grey_to_8bit(image)
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, upright (upright_8bit), any transparency (alpha, a palette's or a grey/RGB tRNS colour)
+    composited on white."""
+    image = upright_8bit(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def to_grey(image: Image.Image) -> Image.Image:
+    """8-bit grey ("L"), upright (upright_8bit), any transparency ignored: a mask as diffusers reads it."""
+    return upright_8bit(image).convert("L")
 
 
 def grey_to_8bit(image: Image.Image) -> Image.Image:

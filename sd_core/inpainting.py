@@ -12,9 +12,9 @@ import dataclasses
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .images import image_to_tensor
+from .images import image_to_tensor, open_image, to_grey
 from .layers import randn_tensor
 from .schedulers import SamplingState, Scheduler
 
@@ -22,15 +22,10 @@ INPAINT_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
 
 
 def load_mask(mask, size: tuple[int, int]) -> Image.Image:
-    """The mask as a grayscale PIL image of `size` (the image's): diffusers' mask processor converts to "L"
-    (alpha ignored) and resamples a mask of another size with Lanczos."""
-    if not isinstance(mask, Image.Image):
-        try:
-            mask = Image.open(mask)
-            mask.load()
-        except (OSError, ValueError) as error:
-            raise ValueError(f"Cannot read {mask!r} as a mask image ({error}). Use a PNG, JPEG or WebP file.") from None
-    mask = ImageOps.exif_transpose(mask).convert("L")
+    """The mask (a path, file or PIL image) as a grayscale PIL image of `size` (the image's), read within the
+    image reader's bounds (images.open_image; 16-bit grey scaled to 8 bits): diffusers' mask processor converts
+    to "L" (alpha ignored) and resamples a mask of another size with Lanczos."""
+    mask = open_image(mask, convert=to_grey)
     return mask if mask.size == size else mask.resize(size, Image.LANCZOS)
 
 
@@ -67,37 +62,33 @@ class Inpainting:
         return (1 - self.mask) * known + self.mask * x
 
 
-def encode(vae, pixels: torch.Tensor, generator) -> torch.Tensor:
-    """Scaled latents of a sample of the VAE's posterior (diffusers' `retrieve_latents`, sample mode)."""
-    return vae.config.scaling_factor * vae.encode(pixels).sample(generator)
-
-
-def prepare(pipe, sampler: Scheduler, state: SamplingState, image: Image.Image, mask: Image.Image, rows: int,
-            strength: float, generator, dtype, device) -> tuple[torch.Tensor, Inpainting]:
-    """(start latents, Inpainting) for `rows` images drawn from one generator, drawing in diffusers' order:
-    the image's posterior (a 4-channel model, or strength < 1), the noise, then the masked image's posterior."""
+def prepare(pipe, sampler: Scheduler, states: list[SamplingState], image: Image.Image, mask: Image.Image, rows: int,
+            strength: float, generators: list, dtype, device) -> tuple[torch.Tensor, Inpainting]:
+    """(start latents, Inpainting) for `rows` images per generator (one state each). The VAE encodes the image and
+    the masked image once; each generator then draws in diffusers' order: a sample of the image's posterior (a
+    4-channel model, or strength < 1), the noise, a sample of the masked image's posterior."""
     channels = pipe.unet.config.in_channels
     if channels not in (4, INPAINT_CHANNELS):
         raise ValueError(f"Inpainting needs a UNet with 4 input channels (masked image to image) or "
                          f"{INPAINT_CHANNELS} (an inpainting model); this one has {channels}.")
     vae_dtype = next(pipe.vae.parameters()).dtype
     pixels = image_to_tensor(image, torch.float32, device)
+    full_mask = mask_to_tensor(mask).to(device)
+    image_posterior = pipe.vae.encode(pixels.to(vae_dtype)) if channels == 4 or strength < 1.0 else None
+    masked_posterior = pipe.vae.encode((pixels * (full_mask < 0.5)).to(vae_dtype))
+    scale = pipe.vae.config.scaling_factor  # scaled latents of a posterior sample: diffusers' `retrieve_latents`
+    sample = lambda posterior, generator: (scale * posterior.sample(generator)).to(dtype).repeat(rows, 1, 1, 1)
     shape = (rows, pipe.vae.config.latent_channels, image.height // pipe.vae_scale_factor,
              image.width // pipe.vae_scale_factor)
-    image_latents = None
-    if channels == 4 or strength < 1.0:
-        image_latents = encode(pipe.vae, pixels.to(vae_dtype), generator).to(dtype).repeat(rows, 1, 1, 1)
-    noise = randn_tensor(shape, generator, dtype, device)
-    x = noise * state.init_noise_sigma if strength == 1.0 else sampler.add_noise_at_start(state, image_latents, noise)
-    full_mask = mask_to_tensor(mask).to(device)
-    masked_pixels = pixels * (full_mask < 0.5)
-    masked_latents = encode(pipe.vae, masked_pixels.to(vae_dtype), generator).to(dtype).repeat(rows, 1, 1, 1)
-    latent_mask = torch.nn.functional.interpolate(full_mask, size=shape[-2:]).to(dtype).repeat(rows, 1, 1, 1)
-    return x, Inpainting(latent_mask, masked_latents, image_latents if channels == 4 else None, noise)
-
-
-def concat(parts: list[Inpainting]) -> Inpainting:
-    """One Inpainting for a batch drawn with one generator per image."""
-    known = None if parts[0].image_latents is None else torch.cat([p.image_latents for p in parts])
-    return Inpainting(torch.cat([p.mask for p in parts]), torch.cat([p.masked_latents for p in parts]), known,
-                      torch.cat([p.noise for p in parts]))
+    starts, known, noises, masked = [], [], [], []
+    for generator, state in zip(generators, states, strict=True):
+        image_latents = None if image_posterior is None else sample(image_posterior, generator)
+        noise = randn_tensor(shape, generator, dtype, device)
+        starts.append(noise * state.init_noise_sigma if strength == 1.0 else
+                      sampler.add_noise_at_start(state, image_latents, noise))
+        known.append(image_latents)
+        noises.append(noise)
+        masked.append(sample(masked_posterior, generator))
+    latent_mask = torch.nn.functional.interpolate(full_mask, size=shape[-2:]).to(dtype)
+    return torch.cat(starts), Inpainting(latent_mask.repeat(rows * len(generators), 1, 1, 1), torch.cat(masked),
+                                         torch.cat(known) if channels == 4 else None, torch.cat(noises))

@@ -139,10 +139,8 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
     rows = batch // len(seeds)
     shape = (rows, pipe.vae.config.latent_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     painting = None
-    if mask is not None:  # diffusers' inpainting draws: the image's posterior, the noise, the masked image's
-        starts = [inpainting.prepare(pipe, sampler, state, image, mask, rows, strength, generator, dtype, device)
-                  for generator, state in zip(generators, states)]
-        x, painting = torch.cat([start[0] for start in starts]), inpainting.concat([start[1] for start in starts])
+    if mask is not None:  # encoded once; each generator draws as diffusers' inpainting does
+        x, painting = inpainting.prepare(pipe, sampler, states, image, mask, rows, strength, generators, dtype, device)
     elif isinstance(image, torch.Tensor):  # latents (a base model's, for the refiner); noised unless resuming
         given = image.to(device=device, dtype=dtype)
         given = given if given.shape[0] == batch else given.repeat(batch // given.shape[0], 1, 1, 1)

@@ -171,6 +171,10 @@ def test_generate_inpaints_with_a_mask_and_refines_with_an_sdxl_refiner(folders,
     assert main(["generate", "--model", str(sd), "x", "--mask", str(tmp_path / "mask.png"), "-o",
                  str(tmp_path / "x.png")]) == 2
     assert "--mask needs --init-image" in capsys.readouterr().err
+    Image.new("1", (9000, 8000)).save(tmp_path / "mask.png")  # 72 Mpixels in a small file
+    assert main(["generate", "--model", str(sd), "x", "--init-image", str(tmp_path / "in.png"), "--mask",
+                 str(tmp_path / "mask.png"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "mask.png is 9000x8000 (72.0 Mpixels); the limit is 67.1 Mpixels" in capsys.readouterr().err
 
 
 def test_generate_with_a_prompt_file_writes_one_file_per_image_and_resumes(tmp_path):

@@ -17,6 +17,7 @@ from PIL import Image
 
 from sd_core import serving
 from sd_core.images import load_image, save_image
+from sd_core.inpainting import load_mask
 from sd_core.serving import (ModelCache, ResultsJanitor, WorkLimits, as_choice, as_number, as_text, as_whole_number,
                              check_request, clean_results, open_upload)
 
@@ -94,6 +95,26 @@ def test_hostile_upload_is_refused_before_decoding_with_a_clear_message(tmp_path
     assert "upload.png" in text and str(tmp_path) not in text and " at 0x" not in text and "PIL." not in text, text
 
 
+def oversized_by_bytes(path: Path):
+    """A good PNG followed by zeros up to 257 MiB, past the 256 MiB bound (a sparse file: no disk used)."""
+    path.write_bytes(GOOD)
+    os.truncate(path, 257 * 2 ** 20)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda path: path.write_bytes(png_claiming(12000, 12000)),
+     r"^mask\.png is 12000x12000 \(144\.0 Mpixels\); the limit is 67\.1 Mpixels"),
+    (oversized_by_bytes, r"^mask\.png is 269\.5 MB; the limit is 268\.4 MB"),
+], ids=["pixels", "bytes"])
+def test_an_oversized_mask_is_refused_as_an_oversized_image_is(tmp_path, make, message):
+    make(tmp_path / "mask.png")
+    with pytest.raises(ValueError, match=message) as as_image:
+        load_image(tmp_path / "mask.png")
+    with pytest.raises(ValueError) as as_mask:
+        load_mask(tmp_path / "mask.png", (64, 48))
+    assert str(as_mask.value) == str(as_image.value)
+
+
 @pytest.mark.parametrize("source,message", [
     (None, "Upload an image"),
     ("no-such-file.png", "No such image file: no-such-file.png"),
@@ -145,6 +166,17 @@ def test_16_bit_grey_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
     expected = np.round(values / 257).astype(int)
     assert np.abs(rgb[..., 0] - expected).max() <= 1
     assert (rgb[..., 0] == rgb[..., 2]).all() and rgb.mean() == pytest.approx(127.5, abs=1)
+
+
+def test_16_bit_mask_reads_as_its_8_bit_equivalent_not_clipped_to_white(tmp_path):
+    values = np.full((16, 24), 100, dtype=np.uint8)  # mid-range levels either side of 0.5: clipped, all would be 255
+    values[4:12, 8:16] = 200
+    Image.fromarray(values).save(tmp_path / "mask8.png")
+    Image.fromarray(values.astype(np.uint16) * 257).save(tmp_path / "mask16.png")
+    assert Image.open(tmp_path / "mask16.png").mode == "I;16"
+    deep, shallow = (load_mask(tmp_path / name, (24, 16)) for name in ("mask16.png", "mask8.png"))
+    assert deep.mode == shallow.mode == "L" and np.array_equal(np.asarray(deep), values)
+    assert np.array_equal(np.asarray(deep), np.asarray(shallow))
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
