@@ -23,7 +23,7 @@ from .components import DiTPipeline
 from .convert import CheckpointError
 from .embeddings import add_embedding, load_embedding
 from .fast import make_fast
-from .images import read_png_parameters
+from .images import read_png_parameters, upright_8bit
 from .pipelines import MAX_SEED, preview, resolve_seed
 from .schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 from .serving import (
@@ -397,6 +397,14 @@ def editor_files(editor: gr.ImageEditor) -> gr.ImageEditor:
     return editor
 
 
+def painted_pixels(layer: Image.Image) -> Image.Image:
+    """A mask-editor layer as a binary "L" mask: its opaque pixels (a layer with transparency) or its light ones (an
+    opaque layer), after the reader's orientation and 16-bit scaling."""
+    layer = upright_8bit(layer)
+    alpha = layer.mode in ("RGBA", "LA", "PA") or "transparency" in layer.info
+    return (layer.convert("RGBA").getchannel("A") if alpha else layer.convert("L")).point(lambda v: 255 if v > 127 else 0)
+
+
 def painted_mask(editor: dict | None, max_pixels: int) -> tuple[Image.Image, Image.Image]:
     """(image, mask) from the mask editor: the background image, and white wherever a layer is painted (a layer
     with transparency: its opaque pixels; an opaque layer, e.g. a mask sent through the API: its light pixels)."""
@@ -405,13 +413,7 @@ def painted_mask(editor: dict | None, max_pixels: int) -> tuple[Image.Image, Ima
     image = open_upload(editor["background"], max_pixels=max_pixels, name="the image")
     mask = Image.new("L", image.size, 0)
     for i, layer in enumerate(editor.get("layers") or []):
-        open_upload(layer, max_pixels=max_pixels, name=f"layer {i + 1}")  # bounds and decodability, checked
-        if hasattr(layer, "seek"):
-            layer.seek(0)
-        with Image.open(layer) as opened:
-            alpha = opened.mode in ("RGBA", "LA", "PA") or "transparency" in opened.info
-            painted = (opened.convert("RGBA").getchannel("A") if alpha else opened.convert("L")).point(
-                lambda v: 255 if v > 127 else 0)
+        painted = open_upload(layer, max_pixels=max_pixels, name=f"layer {i + 1}", convert=painted_pixels)
         if painted.size != image.size:
             painted = painted.resize(image.size, Image.NEAREST)
         mask.paste(255, mask=painted)

@@ -118,8 +118,9 @@ def raw_value(component):
 
 
 def open_upload(file_or_pil, max_pixels: int = MAX_UPLOAD_PIXELS, max_bytes: int = MAX_UPLOAD_BYTES,
-                name: str | None = None):
-    """An uploaded image (a path gradio kept, a file object or a PIL image) as 8-bit RGB, within `max_pixels` and
+                name: str | None = None, convert=None):
+    """An uploaded image (a path gradio kept, a file object or a PIL image) as 8-bit RGB (or through `convert`, as
+    images.open_image takes it), within `max_pixels` and
     `max_bytes`; the header's size is checked before anything is decoded. Messages name the file by its base name
     (never the server's folders). For an upload checked before decoding, give gradio's Image
     `type="filepath", image_mode=None` (with type="pil" gradio decodes the whole file first)."""
@@ -127,7 +128,8 @@ def open_upload(file_or_pil, max_pixels: int = MAX_UPLOAD_PIXELS, max_bytes: int
         raise ValueError("Upload an image (or pick an example) first.")
     if isinstance(file_or_pil, dict) and "path" in file_or_pil:  # a FileData payload sent to the raw API
         file_or_pil = file_or_pil["path"]
-    return open_image(file_or_pil, max_pixels=max_pixels, max_bytes=min(max_bytes, MAX_IMAGE_BYTES), name=name)
+    return open_image(file_or_pil, max_pixels=max_pixels, max_bytes=min(max_bytes, MAX_IMAGE_BYTES), name=name,
+                      convert=convert)
 
 
 # ------------------------------------------------------------------------------------------------ models
