@@ -188,6 +188,7 @@ class Scheduler:
     name = ""
     defaults: dict = {}  # this sampler's diffusers defaults where they differ from SchedulerConfig's
     options: tuple = ()  # the sampler's own inputs beyond the config (DDIM's eta)
+    honours_set_alpha_to_one = False  # DDIM, PNDM: alpha_bar before t = 0 follows set_alpha_to_one
     order = 1  # model calls per step: the schedule lists each step's timesteps `order` times (Heun: 2)
     uses_sigmas = False
 
@@ -207,6 +208,14 @@ class Scheduler:
         config = {k: v for k, v in config.items() if not k.startswith("_") and k not in defaulted}
         return cls(SchedulerConfig.from_dict({**cls.defaults, **config}),
                    **{k: v for k, v in options.items() if k in cls.options})
+
+    def alpha_bar(self, t: int) -> torch.Tensor:
+        """alpha_bar_t; before the first training step (t < 0) 1, or alpha_bar_0 where the sampler honours
+        set_alpha_to_one=False (diffusers' "final alpha_cumprod" of DDIM and PNDM)."""
+        if t >= 0:
+            return self.alphas_cumprod[t]
+        one = self.config.set_alpha_to_one or not self.honours_set_alpha_to_one
+        return torch.tensor(1.0) if one else self.alphas_cumprod[0]
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """Sample q(x_t | x_0) in closed form: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""

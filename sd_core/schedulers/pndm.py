@@ -37,6 +37,7 @@ class PNDM(Scheduler):
     steps), then PLMS. Like diffusers, every step moves T // n timesteps whatever the spacing."""
     name = "pndm"
     defaults = {"set_alpha_to_one": False}
+    honours_set_alpha_to_one = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -66,12 +67,6 @@ class PNDM(Scheduler):
             raise ValueError("PNDM's Runge-Kutta start (skip_prk_steps=False) runs from the first step only; "
                              "use skip_prk_steps=True (PLMS) for image to image.")
         return state
-
-    def alpha_bar(self, t: int) -> torch.Tensor:
-        """alpha_bar_t; before t = 0 it is 1 (set_alpha_to_one) or alpha_bar_0."""
-        if t >= 0:
-            return self.alphas_cumprod[t]
-        return torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
     def transfer(self, x_t, model_output, t: int, t_prev: int) -> StepOutput:
         """phi from t to t_prev, with the (combined) model output read as eps or v at t."""
