@@ -136,6 +136,17 @@ def spaced_timesteps(c: SchedulerConfig, n: int, dtype=np.int64, round_linspace:
     return steps.copy().astype(dtype) + (c.steps_offset if c.timestep_spacing == "leading" else 0)
 
 
+def checked_timesteps(c: SchedulerConfig, n: int) -> np.ndarray:
+    """spaced_timesteps(c, n), refused where 'leading' steps plus steps_offset reach past the last training
+    timestep (the samplers that index alpha_bar with them: DDPM, DDIM, PNDM)."""
+    timesteps = spaced_timesteps(c, n)
+    if timesteps.max() >= c.num_train_timesteps:
+        raise ValueError(f"{n} '{c.timestep_spacing}' steps with steps_offset={c.steps_offset} reach timestep "
+                         f"{timesteps.max()}, beyond the {c.num_train_timesteps} training timesteps; use fewer steps "
+                         f"or 'trailing'.")
+    return timesteps
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022), eq. 5: n sigmas evenly spaced in sigma^(1/rho)."""
     ramp = np.linspace(0, 1, n)

@@ -2,7 +2,7 @@
 import torch
 
 from ..layers import randn_like
-from .base import Scheduler, StepOutput, predicted_x0_and_eps, spaced_timesteps
+from .base import Scheduler, StepOutput, checked_timesteps, predicted_x0_and_eps
 
 
 class DDPM(Scheduler):
@@ -10,12 +10,7 @@ class DDPM(Scheduler):
     name = "ddpm"
 
     def schedule(self, n):
-        timesteps = spaced_timesteps(self.config, n)
-        if timesteps.max() >= self.config.num_train_timesteps:
-            raise ValueError(f"{n} '{self.config.timestep_spacing}' steps with steps_offset="
-                             f"{self.config.steps_offset} reach timestep {timesteps.max()}, beyond the "
-                             f"{self.config.num_train_timesteps} training timesteps; use fewer steps or 'trailing'.")
-        return torch.from_numpy(timesteps), None, 1.0
+        return torch.from_numpy(checked_timesteps(self.config, n)), None, 1.0
 
     def predict(self, model_output, x_t, t: int):
         """(x0, eps) at timestep t, x0 clipped when the config says so."""

@@ -4,7 +4,7 @@ timesteps. Its linear multistep form, PLMS, is the sampler Stable Diffusion 1.x/
 import numpy as np
 import torch
 
-from .base import Scheduler, StepOutput, predicted_x0_and_eps, spaced_timesteps
+from .base import Scheduler, StepOutput, checked_timesteps, predicted_x0_and_eps
 
 
 def pndm_transfer(x_t, eps, alpha_bar, alpha_bar_prev):
@@ -46,11 +46,7 @@ class PNDM(Scheduler):
 
     def schedule(self, n):
         c = self.config
-        steps = spaced_timesteps(c, n)[::-1]  # ascending, as diffusers builds them
-        if steps.max() >= c.num_train_timesteps:
-            raise ValueError(f"{n} '{c.timestep_spacing}' steps with steps_offset={c.steps_offset} reach timestep "
-                             f"{steps.max()}, beyond the {c.num_train_timesteps} training timesteps; use fewer steps "
-                             f"or 'trailing'.")
+        steps = checked_timesteps(c, n)[::-1]  # ascending, as diffusers builds them
         if c.skip_prk_steps:  # the second timestep twice: the first step is redone from x_T
             timesteps = np.concatenate([steps[:-1], steps[-2:-1], steps[-1:]])[::-1]
         else:
