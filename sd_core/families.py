@@ -1,9 +1,9 @@
 """Model families as data: what differs between SD 1.x, SD 2.x, SDXL, the SDXL refiner and DiT.
 
-Every place that used to branch on a family's name reads its record instead: how its text is encoded,
-its sampling defaults, the key that identifies its original single-file checkpoints, the released
-architecture those files hold, and the diffusers pipeline class its folders name. Adding a family is
-adding a record (and its tests).
+Every place that used to branch on a family's name reads its record instead: its denoiser (a UNet, or
+DiT's transformer), how its text is encoded, its sampling defaults, the key that identifies its original
+single-file checkpoints, the released architecture those files hold, and the diffusers pipeline class its
+folders name. Adding a family is adding a record (and its tests).
 """
 import dataclasses
 from functools import partial
@@ -34,6 +34,9 @@ class Family:
     description: str
     diffusers_pipeline: str  # the pipeline class its diffusers folders name
     text_encoders: tuple[TextEncoderSlot, ...] = ()  # their hidden states are concatenated in this order
+    # Its denoising model's component: "unet" (text-conditioned, a StableDiffusionPipeline), or "transformer" (DiT:
+    # class-conditioned, a DiTPipeline; its original files hold the transformer alone, in the original code's layout).
+    denoiser: str = "unet"
     # "last": the last hidden state after the final LayerNorm (SD1; SD2's config already stops one layer
     # early); "penultimate": the hidden states before the last layer (SDXL), plus the pooled projection.
     hidden_states: str = "last"
@@ -78,7 +81,7 @@ FAMILIES = {family.name: family for family in [
            hidden_states="penultimate", requires_aesthetics_score=True,
            evidence=("conditioner.embedders.0.model.ln_final.weight",), unet=presets.UNET_SDXL_REFINER,
            vae=presets.VAE_SDXL, scheduler=presets.SCHEDULER_SDXL, guidance_scale=5.0),
-    Family("dit", "DiT (class-conditional transformer on SD VAE latents)", "DiTPipeline",
+    Family("dit", "DiT (class-conditional transformer on SD VAE latents)", "DiTPipeline", denoiser="transformer",
            evidence=("y_embedder.embedding_table.weight",), scheduler=presets.SCHEDULER_DIT, steps=25,
            guidance_scale=4.0),
 ]}
