@@ -46,6 +46,8 @@ class Family:
     unet: dict | None = None  # the released architecture, for original single files
     vae: dict = dataclasses.field(default_factory=lambda: presets.VAE_SD)
     scheduler: dict = dataclasses.field(default_factory=lambda: presets.SCHEDULER_SD)
+    # Original files saved at one of these training steps are another released model, with its own scheduler.
+    scheduler_by_step: dict = dataclasses.field(default_factory=dict)
     steps: int = 30  # recommended sampling settings
     guidance_scale: float = 7.5
 
@@ -67,7 +69,8 @@ FAMILIES = {family.name: family for family in [
            (TextEncoderSlot("text_encoder", False, "!", presets.OPENCLIP_VIT_H,
                             partial(convert.openclip_rules, "cond_stage_model.model.", projected=False)),),
            evidence=("cond_stage_model.model.ln_final.weight",), unet=presets.UNET_SD21,
-           scheduler=presets.SCHEDULER_SD2_V),
+           # as diffusers does, an SD2 file is the 768-v model unless its 875k steps say 2.x-base (epsilon prediction)
+           scheduler=presets.SCHEDULER_SD2_V, scheduler_by_step={875000: presets.SCHEDULER_SD}),
     Family("sdxl", "Stable Diffusion XL base (CLIP ViT-L + OpenCLIP ViT-bigG)", "StableDiffusionXLPipeline",
            (CLIP_L("text_encoder", rules=partial(convert.clip_rules, "conditioner.embedders.0.transformer.")),
             OPENCLIP_BIGG("text_encoder_2",

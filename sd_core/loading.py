@@ -18,7 +18,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from . import convert, presets
+from . import convert
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .components import DiTPipeline, StableDiffusionPipeline
 from .convert import CheckpointError, first_few
@@ -281,10 +281,10 @@ def single_file_layout(family: Family, tensors: dict, configs: dict) -> dict:
 
 
 def default_scheduler_config(family: Family, metadata: dict, prediction_type: str | None) -> dict:
-    """The family's released scheduler config. As diffusers does, an SD2 checkpoint is the 768-v model
-    unless its step count says 2.x-base (875k steps: epsilon prediction)."""
-    base = family.name == "sd2" and metadata.get("global_step") == 875000
-    config = dict(presets.SCHEDULER_SD if base else family.scheduler)
+    """The family's released scheduler config, or that of the released model the file's training step count
+    names (SD 2.x-base's 875k steps)."""
+    step = metadata.get("global_step")
+    config = dict(next((named for at, named in family.scheduler_by_step.items() if at == step), family.scheduler))
     if prediction_type:
         config["prediction_type"] = prediction_type
     return config
