@@ -1,9 +1,9 @@
 """Model families as data: what differs between SD 1.x, SD 2.x, SDXL, the SDXL refiner and DiT.
 
-Every place that used to branch on a family's name reads its record instead: how its text is encoded,
-its sampling defaults, the key that identifies its original single-file checkpoints, the released
-architecture those files hold, and the diffusers pipeline class its folders name. Adding a family is
-adding a record (and its tests).
+Every place that used to branch on a family's name reads its record instead: its denoiser (a UNet, or
+DiT's transformer), how its text is encoded, its sampling defaults, the key that identifies its original
+single-file checkpoints, the released architecture those files hold, and the diffusers pipeline class its
+folders name. Adding a family is adding a record (and its tests).
 """
 import dataclasses
 from functools import partial
@@ -34,6 +34,9 @@ class Family:
     description: str
     diffusers_pipeline: str  # the pipeline class its diffusers folders name
     text_encoders: tuple[TextEncoderSlot, ...] = ()  # their hidden states are concatenated in this order
+    # Its denoising model's component: "unet" (text-conditioned, a StableDiffusionPipeline), or "transformer" (DiT:
+    # class-conditioned, a DiTPipeline; its original files hold the transformer alone, in the original code's layout).
+    denoiser: str = "unet"
     # "last": the last hidden state after the final LayerNorm (SD1; SD2's config already stops one layer
     # early); "penultimate": the hidden states before the last layer (SDXL), plus the pooled projection.
     hidden_states: str = "last"
@@ -43,6 +46,8 @@ class Family:
     unet: dict | None = None  # the released architecture, for original single files
     vae: dict = dataclasses.field(default_factory=lambda: presets.VAE_SD)
     scheduler: dict = dataclasses.field(default_factory=lambda: presets.SCHEDULER_SD)
+    # Original files saved at one of these training steps are another released model, with its own scheduler.
+    scheduler_by_step: dict = dataclasses.field(default_factory=dict)
     steps: int = 30  # recommended sampling settings
     guidance_scale: float = 7.5
 
@@ -64,7 +69,8 @@ FAMILIES = {family.name: family for family in [
            (TextEncoderSlot("text_encoder", False, "!", presets.OPENCLIP_VIT_H,
                             partial(convert.openclip_rules, "cond_stage_model.model.", projected=False)),),
            evidence=("cond_stage_model.model.ln_final.weight",), unet=presets.UNET_SD21,
-           scheduler=presets.SCHEDULER_SD2_V),
+           # as diffusers does, an SD2 file is the 768-v model unless its 875k steps say 2.x-base (epsilon prediction)
+           scheduler=presets.SCHEDULER_SD2_V, scheduler_by_step={875000: presets.SCHEDULER_SD}),
     Family("sdxl", "Stable Diffusion XL base (CLIP ViT-L + OpenCLIP ViT-bigG)", "StableDiffusionXLPipeline",
            (CLIP_L("text_encoder", rules=partial(convert.clip_rules, "conditioner.embedders.0.transformer.")),
             OPENCLIP_BIGG("text_encoder_2",
@@ -78,7 +84,7 @@ FAMILIES = {family.name: family for family in [
            hidden_states="penultimate", requires_aesthetics_score=True,
            evidence=("conditioner.embedders.0.model.ln_final.weight",), unet=presets.UNET_SDXL_REFINER,
            vae=presets.VAE_SDXL, scheduler=presets.SCHEDULER_SDXL, guidance_scale=5.0),
-    Family("dit", "DiT (class-conditional transformer on SD VAE latents)", "DiTPipeline",
+    Family("dit", "DiT (class-conditional transformer on SD VAE latents)", "DiTPipeline", denoiser="transformer",
            evidence=("y_embedder.embedding_table.weight",), scheduler=presets.SCHEDULER_DIT, steps=25,
            guidance_scale=4.0),
 ]}

@@ -18,7 +18,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from . import convert, presets
+from . import convert
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .components import DiTPipeline, StableDiffusionPipeline
 from .convert import CheckpointError, first_few
@@ -238,7 +238,7 @@ def load_diffusers_folder(folder: Path, dtype=None, device=None, variant=None, a
                                   tokenizer.pad_token if tokenizer is not None else None)
     except CheckpointError as error:
         raise CheckpointError(f"{folder}: {error}") from None
-    if family.name == "dit":
+    if family.denoiser == "transformer":  # class-conditioned: its labels instead of text encoders
         id2label = {int(k): v for k, v in index.get("id2label", {}).items()}
         return DiTPipeline(component("transformer"), component("vae"), scheduler_config, id2label, str(folder))
     return StableDiffusionPipeline(family.name, component("unet"), component("vae"), scheduler_config, text_encoder,
@@ -264,7 +264,7 @@ def dit_config_from_weights(tensors: dict) -> dict:
 def single_file_layout(family: Family, tensors: dict, configs: dict) -> dict:
     """component -> (sd_core class, config, conversion rules) for an original checkpoint. `configs` may
     give any component's diffusers config; the rest come from the family's released models."""
-    if family.name == "dit":  # the released DiT weights were trained with the original code's timestep frequencies
+    if family.denoiser == "transformer":  # DiT's: trained with the original code's timestep frequencies
         config = {**(configs.get("transformer") or dit_config_from_weights(tensors)), "timestep_frequencies": "original"}
         return {"transformer": (DiTTransformer2DModel, config, convert.dit_rules(config))}
     conv_in = tensors.get("model.diffusion_model.input_blocks.0.0.weight")  # 9 input channels: inpainting
@@ -281,10 +281,10 @@ def single_file_layout(family: Family, tensors: dict, configs: dict) -> dict:
 
 
 def default_scheduler_config(family: Family, metadata: dict, prediction_type: str | None) -> dict:
-    """The family's released scheduler config. As diffusers does, an SD2 checkpoint is the 768-v model
-    unless its step count says 2.x-base (875k steps: epsilon prediction)."""
-    base = family.name == "sd2" and metadata.get("global_step") == 875000
-    config = dict(presets.SCHEDULER_SD if base else family.scheduler)
+    """The family's released scheduler config, or that of the released model the file's training step count
+    names (SD 2.x-base's 875k steps)."""
+    step = metadata.get("global_step")
+    config = dict(next((named for at, named in family.scheduler_by_step.items() if at == step), family.scheduler))
     if prediction_type:
         config["prediction_type"] = prediction_type
     return config
@@ -340,7 +340,7 @@ def load_single_file(path, dtype=None, device=None, use_ema=False, config=None, 
                               f"of the model uses: {first_few(unused)}. It is not a plain {family.name} checkpoint; pass "
                               f"config= with the right architecture.")
     scheduler_config = scheduler_config or default_scheduler_config(family, metadata, prediction_type)
-    if family.name == "dit":
+    if family.denoiser == "transformer":  # its original files hold no VAE
         vae = load_vae(vae or (Path(config) / "vae" if isinstance(config, (str, Path)) else None), dtype, device)
         return DiTPipeline(models["transformer"], vae, scheduler_config, id2label, str(path))
     # The shipped CLIP vocabulary, padded as each encoder was trained (OpenCLIP's with "!").

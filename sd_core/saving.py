@@ -12,7 +12,6 @@ from pathlib import Path
 import safetensors.torch
 
 from . import convert
-from .components import DiTPipeline
 from .dit import sincos_position_embedding
 from .loading import MODEL_CLASSES, single_file_layout
 
@@ -73,12 +72,11 @@ def save_pipeline(pipe, folder, overwrite: bool = False) -> Path:
             save_model(model, temporary / name, class_name)
             index[name] = ["transformers" if MODEL_CLASSES[class_name][2] == "transformers" else "diffusers",
                            class_name]
-        if isinstance(pipe, DiTPipeline):
-            index["_class_name"] = "DiTPipeline"
+        traits = pipe.traits
+        index["_class_name"] = traits.diffusers_pipeline
+        if traits.denoiser == "transformer":  # class-conditioned: its labels instead of tokenizers
             index["id2label"] = {str(k): v for k, v in pipe.id2label.items()}
         else:
-            traits = pipe.traits
-            index["_class_name"] = traits.diffusers_pipeline
             xl = traits.hidden_states == "penultimate"  # SDXL folders list both encoders, present or not
             for name in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
                 if getattr(pipe, name) is not None:
@@ -115,7 +113,7 @@ def export_single_file(pipe, path, overwrite: bool = False) -> Path:
     for name, (_, _, rules) in single_file_layout(pipe.traits, {}, configs).items():
         if name in pipe.models:
             tensors.update(convert.export_component(pipe.models[name].state_dict(), rules))
-    if isinstance(pipe, DiTPipeline):  # the original code stores its fixed position table too
+    if pipe.traits.denoiser == "transformer":  # the original DiT code stores its fixed position table too
         c = pipe.transformer.config
         grid = c.sample_size // c.patch_size
         tensors["pos_embed"] = sincos_position_embedding(c.hidden_size, grid, grid, grid)[None]

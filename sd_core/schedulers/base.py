@@ -136,6 +136,17 @@ def spaced_timesteps(c: SchedulerConfig, n: int, dtype=np.int64, round_linspace:
     return steps.copy().astype(dtype) + (c.steps_offset if c.timestep_spacing == "leading" else 0)
 
 
+def checked_timesteps(c: SchedulerConfig, n: int) -> np.ndarray:
+    """spaced_timesteps(c, n), refused where 'leading' steps plus steps_offset reach past the last training
+    timestep (the samplers that index alpha_bar with them: DDPM, DDIM, PNDM)."""
+    timesteps = spaced_timesteps(c, n)
+    if timesteps.max() >= c.num_train_timesteps:
+        raise ValueError(f"{n} '{c.timestep_spacing}' steps with steps_offset={c.steps_offset} reach timestep "
+                         f"{timesteps.max()}, beyond the {c.num_train_timesteps} training timesteps; use fewer steps "
+                         f"or 'trailing'.")
+    return timesteps
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022), eq. 5: n sigmas evenly spaced in sigma^(1/rho)."""
     ramp = np.linspace(0, 1, n)
@@ -188,6 +199,7 @@ class Scheduler:
     name = ""
     defaults: dict = {}  # this sampler's diffusers defaults where they differ from SchedulerConfig's
     options: tuple = ()  # the sampler's own inputs beyond the config (DDIM's eta)
+    honours_set_alpha_to_one = False  # DDIM, PNDM: alpha_bar before t = 0 follows set_alpha_to_one
     order = 1  # model calls per step: the schedule lists each step's timesteps `order` times (Heun: 2)
     uses_sigmas = False
 
@@ -207,6 +219,14 @@ class Scheduler:
         config = {k: v for k, v in config.items() if not k.startswith("_") and k not in defaulted}
         return cls(SchedulerConfig.from_dict({**cls.defaults, **config}),
                    **{k: v for k, v in options.items() if k in cls.options})
+
+    def alpha_bar(self, t: int) -> torch.Tensor:
+        """alpha_bar_t; before the first training step (t < 0) 1, or alpha_bar_0 where the sampler honours
+        set_alpha_to_one=False (diffusers' "final alpha_cumprod" of DDIM and PNDM)."""
+        if t >= 0:
+            return self.alphas_cumprod[t]
+        one = self.config.set_alpha_to_one or not self.honours_set_alpha_to_one
+        return torch.tensor(1.0) if one else self.alphas_cumprod[0]
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """Sample q(x_t | x_0) in closed form: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""

@@ -2,7 +2,7 @@
 import torch
 
 from ..layers import randn_like
-from .base import Scheduler, StepOutput, predicted_x0_and_eps, spaced_timesteps
+from .base import Scheduler, StepOutput, checked_timesteps, predicted_x0_and_eps
 
 
 class DDPM(Scheduler):
@@ -10,16 +10,7 @@ class DDPM(Scheduler):
     name = "ddpm"
 
     def schedule(self, n):
-        timesteps = spaced_timesteps(self.config, n)
-        if timesteps.max() >= self.config.num_train_timesteps:
-            raise ValueError(f"{n} '{self.config.timestep_spacing}' steps with steps_offset="
-                             f"{self.config.steps_offset} reach timestep {timesteps.max()}, beyond the "
-                             f"{self.config.num_train_timesteps} training timesteps; use fewer steps or 'trailing'.")
-        return torch.from_numpy(timesteps), None, 1.0
-
-    def alpha_bar(self, t: int) -> torch.Tensor:
-        """alpha_bar_t, with alpha_bar = 1 before the first training step (t < 0)."""
-        return self.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0)
+        return torch.from_numpy(checked_timesteps(self.config, n)), None, 1.0
 
     def predict(self, model_output, x_t, t: int):
         """(x0, eps) at timestep t, x0 clipped when the config says so."""
@@ -85,18 +76,13 @@ class DDIM(DDPM):
     s = eta sqrt(posterior variance): deterministic for eta = 0, DDPM's ancestral step for eta = 1."""
     name = "ddim"
     options = ("eta",)
+    honours_set_alpha_to_one = True
 
     def __init__(self, config, eta: float = 0.0):
         super().__init__(config)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"DDIM's eta must lie in [0, 1]; got {eta}.")
         self.eta = eta
-
-    def alpha_bar(self, t: int) -> torch.Tensor:
-        """Before t = 0 DDIM steps to alpha_bar = 1 (set_alpha_to_one) or to alpha_bar_0."""
-        if t >= 0:
-            return self.alphas_cumprod[t]
-        return torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
     def step(self, state, model_output, sample, generator=None):
         t = int(state.timestep)

@@ -78,10 +78,6 @@ class DPMSolverMultistep(KarrasSigmaScheduler):
         sigmas = torch.from_numpy(np.concatenate([sigmas, [self.final_sigma()]]).astype(np.float32))
         return torch.from_numpy(timesteps).to(torch.int64), sigmas, 1.0
 
-    def add_noise_at_start(self, state, x0, noise):
-        alpha_t, sigma_t = alpha_sigma_from_karras_sigma(state.sigmas[state.step_index])
-        return (alpha_t * x0 + sigma_t * noise).to(x0.dtype)
-
     def first_order_step(self, state: SamplingState) -> bool:
         """DPM-Solver++(1) when there is no previous x0 yet, or (lower_order_final / euler_at_final) at the
         last step, where a second-order step is unstable for few steps or when stepping to sigma = 0."""

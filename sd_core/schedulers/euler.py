@@ -25,7 +25,7 @@ def ancestral_step(sigma, sigma_next):
 
 
 class KarrasSigmaScheduler(Scheduler):
-    """Samplers that step in Karras' sigma = sqrt((1 - alpha_bar) / alpha_bar) (Euler, DPM-Solver++)."""
+    """Samplers that step in Karras' sigma = sqrt((1 - alpha_bar) / alpha_bar) (Euler, LMS, Heun, DPM++, UniPC)."""
     defaults = {"timestep_spacing": "linspace"}
     uses_sigmas = True
 
@@ -40,6 +40,12 @@ class KarrasSigmaScheduler(Scheduler):
         if self.config.final_sigmas_type == "sigma_min":
             return (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
         return 0
+
+    def add_noise_at_start(self, state, x0, noise):
+        """x = alpha_t x0 + sigma_t noise at the state's first sigma: the sample DPM-Solver++ and UniPC step on
+        (Euler's samplers step on x / alpha_t instead)."""
+        alpha_t, sigma_t = alpha_sigma_from_karras_sigma(state.sigmas[state.step_index])
+        return (alpha_t * x0 + sigma_t * noise).to(x0.dtype)
 
 
 class EulerDiscrete(KarrasSigmaScheduler):
@@ -59,6 +65,7 @@ class EulerDiscrete(KarrasSigmaScheduler):
         return torch.from_numpy(timesteps.astype(np.float32)), sigmas, init_noise_sigma
 
     def add_noise_at_start(self, state, x0, noise):
+        """x0 + sigma noise: the sample on the scale x / alpha_t these samplers step on."""
         return x0 + noise * state.sigmas[state.step_index].to(x0.dtype)
 
     def scale_model_input(self, state, sample):

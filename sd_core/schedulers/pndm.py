@@ -4,7 +4,7 @@ timesteps. Its linear multistep form, PLMS, is the sampler Stable Diffusion 1.x/
 import numpy as np
 import torch
 
-from .base import Scheduler, StepOutput, predicted_x0_and_eps, spaced_timesteps
+from .base import Scheduler, StepOutput, checked_timesteps, predicted_x0_and_eps
 
 
 def pndm_transfer(x_t, eps, alpha_bar, alpha_bar_prev):
@@ -37,6 +37,7 @@ class PNDM(Scheduler):
     steps), then PLMS. Like diffusers, every step moves T // n timesteps whatever the spacing."""
     name = "pndm"
     defaults = {"set_alpha_to_one": False}
+    honours_set_alpha_to_one = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -45,11 +46,7 @@ class PNDM(Scheduler):
 
     def schedule(self, n):
         c = self.config
-        steps = spaced_timesteps(c, n)[::-1]  # ascending, as diffusers builds them
-        if steps.max() >= c.num_train_timesteps:
-            raise ValueError(f"{n} '{c.timestep_spacing}' steps with steps_offset={c.steps_offset} reach timestep "
-                             f"{steps.max()}, beyond the {c.num_train_timesteps} training timesteps; use fewer steps "
-                             f"or 'trailing'.")
+        steps = checked_timesteps(c, n)[::-1]  # ascending, as diffusers builds them
         if c.skip_prk_steps:  # the second timestep twice: the first step is redone from x_T
             timesteps = np.concatenate([steps[:-1], steps[-2:-1], steps[-1:]])[::-1]
         else:
@@ -66,12 +63,6 @@ class PNDM(Scheduler):
             raise ValueError("PNDM's Runge-Kutta start (skip_prk_steps=False) runs from the first step only; "
                              "use skip_prk_steps=True (PLMS) for image to image.")
         return state
-
-    def alpha_bar(self, t: int) -> torch.Tensor:
-        """alpha_bar_t; before t = 0 it is 1 (set_alpha_to_one) or alpha_bar_0."""
-        if t >= 0:
-            return self.alphas_cumprod[t]
-        return torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
     def transfer(self, x_t, model_output, t: int, t_prev: int) -> StepOutput:
         """phi from t to t_prev, with the (combined) model output read as eps or v at t."""

@@ -93,10 +93,6 @@ class UniPCMultistep(KarrasSigmaScheduler):
         sigmas = torch.from_numpy(np.concatenate([sigmas, [final]]).astype(np.float32))
         return torch.from_numpy(timesteps).to(torch.int64), sigmas, 1.0
 
-    def add_noise_at_start(self, state, x0, noise):
-        alpha_t, sigma_t = alpha_sigma_from_karras_sigma(state.sigmas[state.step_index])
-        return alpha_t * x0 + sigma_t * noise
-
     def order_at(self, state, i: int) -> int:
         """The predictor's order at schedule index i: solver_order, capped by the steps left (lower_order_final)
         and by the steps run so far plus one (the warm-up)."""
