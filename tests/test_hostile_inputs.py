@@ -179,6 +179,17 @@ def test_16_bit_mask_reads_as_its_8_bit_equivalent_not_clipped_to_white(tmp_path
     assert np.array_equal(np.asarray(deep), np.asarray(shallow))
 
 
+def test_a_16_bit_mask_editor_layer_is_scaled_not_clipped(tmp_path):
+    """An opaque layer sent through the API masks its light pixels; in 16 bits, 100/255 must stay dark."""
+    from sd_core.app_parts import painted_mask
+    values = np.full((16, 24), 100, dtype=np.uint16) * 257
+    values[4:12, 8:16] = 200 * 257
+    Image.fromarray(values).save(tmp_path / "layer16.png")
+    Image.new("RGB", (24, 16), "gray").save(tmp_path / "image.png")
+    _, mask = painted_mask({"background": str(tmp_path / "image.png"), "layers": [str(tmp_path / "layer16.png")]}, 10 ** 6)
+    assert np.array_equal(np.asarray(mask) > 0, values > 128 * 257)
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
 def test_transparency_is_composited_on_white(tmp_path, mode):
     image = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
