@@ -293,6 +293,31 @@ def test_a_single_file_model_is_compared_through_a_temporary_diffusers_folder(fo
     assert [caption for _, caption in report.gallery()][-1] == "per-module"
 
 
+def test_the_reference_shares_sd_core_s_tensors_writes_no_weights_and_changes_none(folders, dit_folder, monkeypatch):
+    """A real model's reference used to be gigabytes written to a temporary folder and read back on every Compare."""
+    import safetensors.torch
+
+    from compare.parity import reference_pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weights file was written")
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    monkeypatch.setattr(torch, "save", refuse)
+    pipes = {"StableDiffusionPipeline": load_pipeline(folders["sd1"]),
+             "StableDiffusionXLPipeline": load_pipeline(folders["sdxl"]), "DiTPipeline": load_pipeline(dit_folder)}
+    for pipeline_class, pipe in pipes.items():
+        reference = reference_pipeline(pipe)
+        assert type(reference).__name__ == pipeline_class
+        for name, model in pipe.models.items():
+            theirs = getattr(reference, name).state_dict()
+            assert all(theirs[key].data_ptr() == tensor.data_ptr() for key, tensor in model.state_dict().items())
+    pipe = pipes["StableDiffusionPipeline"]
+    before = {key: tensor.clone() for key, tensor in pipe.unet.state_dict().items()}
+    assert run_comparison("text_to_image", pipe, steps=2, height=16, width=16).passed
+    assert all(torch.equal(tensor, before[key]) and tensor.dtype == torch.float32
+               for key, tensor in pipe.unet.state_dict().items())
+
+
 def test_a_half_precision_pipeline_is_compared_as_an_fp32_copy_and_left_unchanged(dit_folder):
     pipe = load_pipeline(dit_folder, dtype=torch.bfloat16)
     report = run_comparison("dit", pipe, class_labels=[3], steps=2, scheduler="ddim")
