@@ -274,7 +274,7 @@ def test_a_swapped_sin_cos_in_the_dit_is_found_at_the_timestep_embedder(dit_fold
     assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
 
 
-def test_diffusers_reads_the_folder_as_is_so_original_dit_frequencies_show_as_a_deviation(dit_folder, tmp_path):
+def test_diffusers_ignores_the_frequencies_field_so_original_dit_frequencies_show_as_a_deviation(dit_folder, tmp_path):
     from compare.kinds import with_timestep_frequencies
     from sd_core.saving import save_pipeline
     original = save_pipeline(with_timestep_frequencies(load_pipeline(dit_folder), "original"), tmp_path / "original")
@@ -284,7 +284,7 @@ def test_diffusers_reads_the_folder_as_is_so_original_dit_frequencies_show_as_a_
     assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
 
 
-def test_a_single_file_model_is_compared_through_a_temporary_diffusers_folder(folders, tmp_path):
+def test_a_single_file_model_is_compared_on_its_loaded_tensors(folders, tmp_path):
     from sd_core.saving import export_single_file
     path = export_single_file(load_pipeline(folders["sd1"]), tmp_path / "sd1.safetensors")
     pipe = load_pipeline(path, config=folders["sd1"])
