@@ -8,7 +8,6 @@ dit), and sd_core against itself under one changed choice (dit_timestep_semantic
 """
 import copy
 import dataclasses
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from sd_core.pipelines import class_ids, dit_sample, image_to_image, scheduler_n
 from sd_core.schedulers import VARIANTS
 
 from .parity import (REFERENCE_SCHEDULERS, TOLERANCE, UNetRecorder, compare_images, compare_tensors,
-                     diffusers_folder, difference_map, first_divergence, first_tensor, reference_pipeline,
+                     difference_map, first_divergence, first_tensor, reference_model, reference_pipeline,
                      run_parity)
 from .report import Report, standard_plots
 
@@ -125,9 +124,8 @@ def from_parity(kind: str, model, image, **settings) -> Report:
     s = sd_settings(pipe, **settings)
     if kind == "image_to_image":
         s["image"] = image if image is not None else default_image(s["height"] or pipe.default_size)
-    parity = run_parity(model if diffusers_folder(model) else pipe, s["prompt"], s["negative_prompt"],
-                        s["seed"], s["steps"], s["scheduler"], s["guidance_scale"], s["height"], s["width"],
-                        image=s["image"], strength=s["strength"])
+    parity = run_parity(pipe, s["prompt"], s["negative_prompt"], s["seed"], s["steps"], s["scheduler"],
+                        s["guidance_scale"], s["height"], s["width"], image=s["image"], strength=s["strength"])
     passed, verdict = parity_verdict(kind, parity.stages, parity.divergence)
     images = {} if kind == "text_to_image" else {"input": crop_to_multiple(load_image(s["image"]),
                                                                            pipe.vae_scale_factor)}
@@ -135,7 +133,7 @@ def from_parity(kind: str, model, image, **settings) -> Report:
                    f"|difference| x{parity.images['difference_scale']:g}": parity.images["difference"]})
     settings = {k: v for k, v in parity.settings.items()}
     notes = [f"diffusers ran {'StableDiffusion(XL)Img2ImgPipeline' if kind == 'image_to_image' else 'its pipeline'}"
-             " on the same weights (the model folder as is, else sd_core's weights saved as a diffusers folder).",
+             " on sd_core's very tensors (shared, not copied).",
              "Per-module check: the UNet at step 1's inputs (t=500)."]
     return Report(kind, settings, parity.stages, verdict, passed, images,
                   standard_plots(parity.stages, parity.divergence, "UNet", TOLERANCE), parity.divergence,
@@ -155,14 +153,12 @@ def image_to_image_kind(model, image=None, **settings) -> Report:
 
 @torch.no_grad()
 def vae_kind(model, image=None, sample: bool = False, seed: int = 0, size: int | None = None) -> Report:
-    import diffusers  # noqa: F401  (reference_pipeline imports it too; fail early with the real message)
+    import diffusers  # noqa: F401  (reference_model imports it too; fail early with the real message)
     pipe = load(model)
     vae = pipe.vae
     image = crop_to_multiple(load_image(image if image is not None else default_image(size or 64)),
                              vae.downscale_factor)
-    with tempfile.TemporaryDirectory() as temporary:
-        reference = reference_pipeline(pipe, Path(temporary) / "reference",
-                                       model if isinstance(model, (str, Path)) else None).vae.eval()
+    reference = reference_model(vae)
     ours = vae_roundtrip(vae, image, sample=sample, seed=seed)
     x = image_to_tensor(image, torch.float32, "cpu")
     posterior = reference.encode(x).latent_dist
@@ -276,10 +272,7 @@ def dit_kind(model, **settings) -> Report:
     s = dit_settings(pipe, **settings)
     if s["guided_channels"] not in ("all", "first3"):
         raise ValueError(f"guided_channels must be 'all' or 'first3'; got {s['guided_channels']!r}.")
-    with tempfile.TemporaryDirectory() as temporary:
-        reference = reference_pipeline(pipe, Path(temporary) / "reference",
-                                       model if isinstance(model, (str, Path)) else None)
-    reference.transformer.eval()
+    reference = reference_pipeline(pipe)
     reference.scheduler = reference_scheduler(pipe, s["scheduler"])
     labels, n = s["class_labels"], len(s["class_labels"])
 

@@ -7,6 +7,7 @@ Stages: token ids (exact), text embeddings (what the UNet receives), the UNet's 
 latents after every step, the decoded 8-bit images. `first_divergence` hooks every module of two models
 whose names match (sd_core's mirror diffusers') and names the first, in execution order, that differs.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,9 +19,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from sd_core.images import crop_to_multiple, load_image
-from sd_core.loading import load_pipeline
+from sd_core.components import DiTPipeline
+from sd_core.loading import MODEL_CLASSES, SkipRandomInit, load_pipeline
 from sd_core.pipelines import encode_text, image_to_image, text_to_image
-from sd_core.saving import save_pipeline
 from sd_core.schedulers import DIFFUSERS_CLASS_NAMES, VARIANTS
 
 TOLERANCE = 1e-4  # component outputs: max |a - b| relative to the reference's scale, as the parity tests use
@@ -210,28 +211,67 @@ def side_by_side(images: dict) -> Image.Image:
     return canvas
 
 
-def diffusers_folder(model) -> Path | None:
-    """`model` itself where it is a diffusers folder (diffusers then reads the very files sd_core read)."""
-    if isinstance(model, (str, Path)) and (Path(model) / "model_index.json").is_file():
-        return Path(model)
-    return None
-
-
-def reference_pipeline(pipe, folder: Path, source=None):
-    """diffusers' own pipeline class on exactly sd_core's weights: the diffusers folder `source` as is, else
-    sd_core's weights written to a diffusers folder first (single files, hub ids, pipelines in memory)."""
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers' bars and notices (config keys it ignores, the safety checker) are not news in a comparison's log."""
     import diffusers
-    if diffusers_folder(source) is None:
-        source = save_pipeline(pipe, folder)
-    # diffusers' loading bars and its safety-checker notice are not news in a comparison's log (nor the app's)
     diffusers.utils.logging.disable_progress_bar()
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()
     try:
-        reference = diffusers.DiffusionPipeline.from_pretrained(source, local_files_only=True,
-                                                                torch_dtype=torch.float32)
+        yield
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
+
+
+def reference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """diffusers' (or transformers') own class for an sd_core model, on its very tensors: the names match by design."""
+    import accelerate
+    import diffusers
+    import transformers
+    class_name, config = type(model).__name__, model.config.to_dict()
+    # parameters as shapes only; buffers the state_dict lacks (CLIP's position ids, DiT's position table) computed
+    with quiet_diffusers(), accelerate.init_empty_weights(include_buffers=False), SkipRandomInit():
+        if MODEL_CLASSES[class_name][2] == "transformers":
+            reference = getattr(transformers, class_name)(transformers.CLIPTextConfig(**config))
+        else:
+            reference = getattr(diffusers, class_name).from_config(config)
+    reference.load_state_dict(model.state_dict(), strict=True, assign=True)  # assign: shared, not copied
+    return reference.eval()
+
+
+def reference_tokenizer(tokenizer):
+    """transformers' CLIPTokenizer reading the files sd_core's tokenizer writes (a few MB at most, never weights)."""
+    import transformers
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save(folder)
+        return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def reference_pipeline(pipe):
+    """The pipeline class sd_core's saved folder names, on sd_core's very tensors: no weights written, read or cast."""
+    import diffusers
+    components = {name: reference_model(model) for name, model in pipe.models.items()}
+    scheduler_class = getattr(diffusers, pipe.scheduler_config.get("_class_name", "DDIMScheduler"))
+    if isinstance(pipe, DiTPipeline):
+        pipeline_class, settings = diffusers.DiTPipeline, dict(id2label=pipe.id2label)
+    else:
+        traits = pipe.traits
+        pipeline_class = getattr(diffusers, traits.diffusers_pipeline)
+        xl = traits.hidden_states == "penultimate"  # SDXL pipelines take both encoders, present or not
+        for name in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+            tokenizer = getattr(pipe, name)
+            components[name] = reference_tokenizer(tokenizer) if tokenizer is not None else None
+            components.setdefault(name.replace("tokenizer", "text_encoder"), None)
+        if not xl:
+            settings = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:  # the refiner's flag only where set: StableDiffusionXLPipeline takes none
+            settings = dict(force_zeros_for_empty_prompt=traits.zeros_for_empty_negative)
+            if traits.requires_aesthetics_score:
+                settings["requires_aesthetics_score"] = True
+    with quiet_diffusers():
+        scheduler = scheduler_class.from_config(pipe.scheduler_config)
+        reference = pipeline_class(**components, scheduler=scheduler, **settings)
     reference.set_progress_bar_config(disable=True)
     return reference
 
@@ -250,16 +290,15 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
         image = crop_to_multiple(load_image(image), pipe.vae_scale_factor)
         height, width = image.height, image.width
     height, width = height or pipe.default_size, width or pipe.default_size
-    with tempfile.TemporaryDirectory() as temporary:
-        reference = reference_pipeline(pipe, Path(temporary) / "reference", model)
-        if image is not None:
-            image_class = (diffusers.StableDiffusionXLImg2ImgPipeline if pipe.traits.hidden_states == "penultimate"
-                           else diffusers.StableDiffusionImg2ImgPipeline)
-            reference = image_class(**reference.components)
-            reference.set_progress_bar_config(disable=True)
-        sampler, overrides = VARIANTS.get(scheduler, (scheduler, {}))  # e.g. dpmpp_2m_karras
-        reference.scheduler = getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config,
-                                                                                          **overrides)
+    reference = reference_pipeline(pipe)
+    if image is not None:
+        image_class = (diffusers.StableDiffusionXLImg2ImgPipeline if pipe.traits.hidden_states == "penultimate"
+                       else diffusers.StableDiffusionImg2ImgPipeline)
+        reference = image_class(**reference.components)
+        reference.set_progress_bar_config(disable=True)
+    sampler, overrides = VARIANTS.get(scheduler, (scheduler, {}))  # e.g. dpmpp_2m_karras
+    reference.scheduler = getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config,
+                                                                                      **overrides)
     stages = []
     for name in ("tokenizer", "tokenizer_2"):
         ours_tokenizer, their_tokenizer = getattr(pipe, name), getattr(reference, name, None)

@@ -277,7 +277,7 @@ def test_a_swapped_sin_cos_in_the_dit_is_found_at_the_timestep_embedder(dit_fold
     assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
 
 
-def test_diffusers_reads_the_folder_as_is_so_original_dit_frequencies_show_as_a_deviation(dit_folder, tmp_path):
+def test_diffusers_ignores_the_frequencies_field_so_original_dit_frequencies_show_as_a_deviation(dit_folder, tmp_path):
     from compare.kinds import with_timestep_frequencies
     from sd_core.saving import save_pipeline
     original = save_pipeline(with_timestep_frequencies(load_pipeline(dit_folder), "original"), tmp_path / "original")
@@ -287,13 +287,38 @@ def test_diffusers_reads_the_folder_as_is_so_original_dit_frequencies_show_as_a_
     assert report.divergence["first_divergent"]["name"] == "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
 
 
-def test_a_single_file_model_is_compared_through_a_temporary_diffusers_folder(folders, tmp_path):
+def test_a_single_file_model_is_compared_on_its_loaded_tensors(folders, tmp_path):
     from sd_core.saving import export_single_file
     path = export_single_file(load_pipeline(folders["sd1"]), tmp_path / "sd1.safetensors")
     pipe = load_pipeline(path, config=folders["sd1"])
     report = run_comparison("vae", pipe, size=16)
     assert report.passed and report.stages[-1].max_abs == 0
     assert [caption for _, caption in report.gallery()][-1] == "per-module"
+
+
+def test_the_reference_shares_sd_core_s_tensors_writes_no_weights_and_changes_none(folders, dit_folder, monkeypatch):
+    """A real model's reference used to be gigabytes written to a temporary folder and read back on every Compare."""
+    import safetensors.torch
+
+    from compare.parity import reference_pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weights file was written")
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    monkeypatch.setattr(torch, "save", refuse)
+    pipes = {"StableDiffusionPipeline": load_pipeline(folders["sd1"]),
+             "StableDiffusionXLPipeline": load_pipeline(folders["sdxl"]), "DiTPipeline": load_pipeline(dit_folder)}
+    for pipeline_class, pipe in pipes.items():
+        reference = reference_pipeline(pipe)
+        assert type(reference).__name__ == pipeline_class
+        for name, model in pipe.models.items():
+            theirs = getattr(reference, name).state_dict()
+            assert all(theirs[key].data_ptr() == tensor.data_ptr() for key, tensor in model.state_dict().items())
+    pipe = pipes["StableDiffusionPipeline"]
+    before = {key: tensor.clone() for key, tensor in pipe.unet.state_dict().items()}
+    assert run_comparison("text_to_image", pipe, steps=2, height=16, width=16).passed
+    assert all(torch.equal(tensor, before[key]) and tensor.dtype == torch.float32
+               for key, tensor in pipe.unet.state_dict().items())
 
 
 def test_a_half_precision_pipeline_is_compared_as_an_fp32_copy_and_left_unchanged(dit_folder):
