@@ -21,6 +21,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import app
+from tests.helpers import assert_images_match
 from sd_core import app_models, app_parts
 from sd_core.embeddings import token_embedding
 from sd_core.images import psnr
@@ -39,7 +40,9 @@ def test_handlers_return_images_of_the_right_size_and_reuse_seeds():
     assert '"seed": %d' % seed in parameters
     again, *_ = app.generate_images(SD, "a big red circle on the left on a gray background", "", 6, 5.0, "dpmpp_2m",
                                     64, 48, (seed + 1) % 2 ** 32, 1, False)  # image k of a batch is seed + k's image
-    assert np.array_equal(np.asarray(images[1][0]), np.asarray(again[0][0]))
+    # the batch's UNet runs 4 rows, the single run 2: oneDNN's blocking may move a value across a rounding edge
+    # (4 of 100 random seeds: 1 pixel, 1 level), so image k matches by the project's 8-bit rule, as in test_pipelines
+    assert_images_match([images[1][0]], np.asarray(again[0][0])[None] / 255.0)
     reconstruction, difference, psnr, channels = app.roundtrip(SD, Image.open(app.EXAMPLE_SCENE))
     assert reconstruction.size == (64, 64) and psnr > 20 and len(channels) == 4
     dit_images, dit_seed, _, semantics = app.sample_dit(DIT, "red circle", 3.0, 5, "ddim", 3, 2)
