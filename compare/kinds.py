@@ -6,7 +6,6 @@
 Kinds (KINDS): sd_core against diffusers on the same weights and noise (text_to_image, image_to_image, vae,
 dit), and sd_core against itself under one changed choice (dit_timestep_semantics, precision, attention, fast_path).
 """
-import copy
 import dataclasses
 from pathlib import Path
 
@@ -14,18 +13,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sd_core.catalog import EMBEDDED_DIT, EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_TEXT_TO_IMAGE
+from sd_core.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.dit import DiTTransformer2DModel
 from sd_core.fast import describe, make_fast
 from sd_core.images import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
 from sd_core.layers import set_attention_backend
-from sd_core.loading import load_pipeline
-from sd_core.pipelines import class_ids, dit_sample, image_to_image, scheduler_name, text_to_image, vae_roundtrip
+from sd_core.pipelines import dit_sample, image_to_image, text_to_image, vae_roundtrip
 from sd_core.schedulers import VARIANTS
 
+from .common import (DIT_KINDS, OutputRecorder, cast_pipeline, check_family, dit_probe, dit_settings,
+                     image_stage_summary, load, sd_settings, step_stages)
+from .common import SD_KINDS  # noqa: F401  (compare.kinds.SD_KINDS, beside KINDS: the Compare tab's SD kinds)
 from .parity import (REFERENCE_SCHEDULERS, TOLERANCE, UNetRecorder, compare_images, compare_tensors,
-                     difference_map, first_divergence, first_tensor, reference_model, reference_pipeline,
-                     run_parity)
+                     difference_map, first_divergence, reference_model, reference_pipeline, run_parity)
 from .report import Report, standard_plots
 
 KINDS = {
@@ -38,9 +38,7 @@ KINDS = {
     "attention": "sd_core vs sd_core: math attention (the parity reference) against PyTorch SDPA",
     "fast_path": "sd_core fast path (DeepCache, bf16, channels_last) vs the parity path: a measurement, not parity",
 }
-SD_KINDS, DIT_KINDS = ("text_to_image", "image_to_image", "vae"), ("dit", "dit_timestep_semantics")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_PROMPT = "a big red circle on the left on a gray background"
 
 
 def default_model(kind: str) -> Path:
@@ -67,31 +65,6 @@ def run_comparison(kind: str, model_or_pipe=None, **settings) -> Report:
     return RUNNERS[kind](model, **settings)
 
 
-def load(model):
-    """The sd_core pipeline, on the CPU in fp32 as the parity policy compares (a GPU or half-precision pipeline
-    from the app is copied, never changed)."""
-    pipe = load_pipeline(model) if isinstance(model, (str, Path)) else model
-    first = next(next(iter(pipe.models.values())).parameters())
-    if first.device.type != "cpu" or any(p.dtype != torch.float32 for m in pipe.models.values()
-                                         for p in m.parameters()):
-        pipe = cast_pipeline(pipe, torch.float32, "cpu")
-    return pipe
-
-
-def check_family(pipe, kind: str):
-    if kind in DIT_KINDS and pipe.family != "dit":
-        raise ValueError(f"'{kind}' compares DiT models; {pipe.source or 'this model'} is {pipe.family}.")
-    if kind in ("text_to_image", "image_to_image", "fast_path") and pipe.family == "dit":
-        raise ValueError(f"'{kind}' compares Stable Diffusion models; use 'dit' for a DiT model.")
-
-
-def image_stage_summary(stage) -> str:
-    if stage.max_abs == 0:
-        return "8-bit images identical"
-    return (f"8-bit images differ by up to {stage.max_abs:.0f} levels in {stage.extra['differing_values']} of "
-            f"{stage.extra['values']} values (PSNR {stage.extra['psnr_db']:.1f} dB)")
-
-
 def parity_verdict(kind: str, stages: list, divergence: dict, extra: str = "") -> tuple[bool, str]:
     passed = all(s.passed for s in stages)
     failed = [s.name for s in stages if not s.passed]
@@ -107,15 +80,6 @@ def parity_verdict(kind: str, stages: list, divergence: dict, extra: str = "") -
 
 
 # --------------------------------------------------------------------- text and image to image vs diffusers
-
-
-def sd_settings(pipe, prompt=DEFAULT_PROMPT, negative_prompt=None, seed=0, steps=10, scheduler=None,
-                guidance_scale=EMBEDDED_GUIDANCE, height=None, width=None, image=None, strength=0.6, **unknown):
-    if unknown:
-        raise TypeError(f"Unknown settings for a Stable Diffusion comparison: {sorted(unknown)}.")
-    return dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                scheduler=scheduler_name(pipe.scheduler_config, scheduler), guidance_scale=guidance_scale,
-                height=height, width=width, image=image, strength=strength)
 
 
 def from_parity(kind: str, model, image, **settings) -> Report:
@@ -188,32 +152,10 @@ def vae_kind(model, image=None, sample: bool = False, seed: int = 0, size: int |
 # ------------------------------------------------------------------------------------------- DiT sampling
 
 
-def dit_settings(pipe, class_labels=(0,), seed=0, steps=10, scheduler=None, guidance_scale=EMBEDDED_DIT_GUIDANCE,
-                 guided_channels="all", **unknown):
-    if unknown:
-        raise TypeError(f"Unknown settings for a DiT comparison: {sorted(unknown)}.")
-    labels = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
-    return dict(class_labels=class_ids(pipe, labels), seed=seed, steps=steps,
-                scheduler=scheduler_name(pipe.scheduler_config, scheduler), guidance_scale=guidance_scale,
-                guided_channels=guided_channels)
-
-
 def reference_scheduler(pipe, name: str):
     import diffusers
     sampler, overrides = VARIANTS.get(name, (name, {}))
     return getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config, **overrides)
-
-
-class OutputRecorder:
-    """Forward hook: the model's main output at every call."""
-
-    def __init__(self, model):
-        self.outputs = []
-        self.handle = model.register_forward_hook(lambda m, a, out: self.outputs.append(first_tensor(out).detach()
-                                                                                         .float().clone()))
-
-    def remove(self):
-        self.handle.remove()
 
 
 def decode_like_diffusers(vae, latents) -> np.ndarray:
@@ -249,20 +191,6 @@ def original_cfg_sample(transformer, scheduler, labels: list, guidance_scale: fl
         if on_step is not None:
             on_step(x)
     return x
-
-
-def step_stages(predictions_a, predictions_b, latents_a, latents_b, tolerance) -> list:
-    stages = [compare_tensors(f"step {i + 1} noise prediction", a, b, tolerance)
-              for i, (a, b) in enumerate(zip(predictions_a, predictions_b))]
-    return stages + [compare_tensors(f"step {i + 1} latents", a, b, tolerance)
-                     for i, (a, b) in enumerate(zip(latents_a, latents_b))]
-
-
-def dit_probe(pipe, labels: list, seed: int, dtype=torch.float32):
-    """Inputs for the per-module check of a DiT: seeded latents at t=500, [class, null class]."""
-    c = pipe.transformer.config
-    sample = torch.randn((2, c.in_channels, c.sample_size, c.sample_size), generator=torch.Generator().manual_seed(seed))
-    return sample.to(dtype), torch.tensor([500, 500]), torch.tensor([labels[0], c.null_class])
 
 
 @torch.no_grad()
@@ -472,12 +400,6 @@ def dit_timestep_semantics_kind(model, **settings) -> Report:
                     "final_latents_relative": stages[-2].relative, "model_timestep_frequencies": own}
     return Report("dit_timestep_semantics", {"model": pipe.source, **s}, stages, verdict, None, images,
                   standard_plots(stages, divergence, "DiT transformer", TOLERANCE), divergence, measurements, notes)
-
-
-def cast_pipeline(pipe, dtype, device):
-    """A deep copy of the pipeline's models at `dtype` on `device` (the original stays as it is)."""
-    return dataclasses.replace(pipe, **{name: copy.deepcopy(m).to(device=device, dtype=dtype)
-                                        for name, m in pipe.models.items()})
 
 
 def default_device() -> str:

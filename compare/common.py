@@ -1,0 +1,93 @@
+"""What the comparison kinds of compare.kinds share, against diffusers and against sd_core itself: which model
+family each kind takes, the pipeline as the parity policy compares it, each family's settings, and the recorders,
+probe and stages of a run."""
+import copy
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from sd_core.catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE
+from sd_core.loading import load_pipeline
+from sd_core.pipelines import class_ids, scheduler_name
+
+from .parity import compare_tensors, first_tensor
+
+SD_KINDS, DIT_KINDS = ("text_to_image", "image_to_image", "vae"), ("dit", "dit_timestep_semantics")
+DEFAULT_PROMPT = "a big red circle on the left on a gray background"
+
+
+def load(model):
+    """The sd_core pipeline, on the CPU in fp32 as the parity policy compares (a GPU or half-precision pipeline
+    from the app is copied, never changed)."""
+    pipe = load_pipeline(model) if isinstance(model, (str, Path)) else model
+    first = next(next(iter(pipe.models.values())).parameters())
+    if first.device.type != "cpu" or any(p.dtype != torch.float32 for m in pipe.models.values()
+                                         for p in m.parameters()):
+        pipe = cast_pipeline(pipe, torch.float32, "cpu")
+    return pipe
+
+
+def cast_pipeline(pipe, dtype, device):
+    """A deep copy of the pipeline's models at `dtype` on `device` (the original stays as it is)."""
+    return dataclasses.replace(pipe, **{name: copy.deepcopy(m).to(device=device, dtype=dtype)
+                                        for name, m in pipe.models.items()})
+
+
+def check_family(pipe, kind: str):
+    if kind in DIT_KINDS and pipe.family != "dit":
+        raise ValueError(f"'{kind}' compares DiT models; {pipe.source or 'this model'} is {pipe.family}.")
+    if kind in ("text_to_image", "image_to_image", "fast_path") and pipe.family == "dit":
+        raise ValueError(f"'{kind}' compares Stable Diffusion models; use 'dit' for a DiT model.")
+
+
+def image_stage_summary(stage) -> str:
+    if stage.max_abs == 0:
+        return "8-bit images identical"
+    return (f"8-bit images differ by up to {stage.max_abs:.0f} levels in {stage.extra['differing_values']} of "
+            f"{stage.extra['values']} values (PSNR {stage.extra['psnr_db']:.1f} dB)")
+
+
+def sd_settings(pipe, prompt=DEFAULT_PROMPT, negative_prompt=None, seed=0, steps=10, scheduler=None,
+                guidance_scale=EMBEDDED_GUIDANCE, height=None, width=None, image=None, strength=0.6, **unknown):
+    if unknown:
+        raise TypeError(f"Unknown settings for a Stable Diffusion comparison: {sorted(unknown)}.")
+    return dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                scheduler=scheduler_name(pipe.scheduler_config, scheduler), guidance_scale=guidance_scale,
+                height=height, width=width, image=image, strength=strength)
+
+
+def dit_settings(pipe, class_labels=(0,), seed=0, steps=10, scheduler=None, guidance_scale=EMBEDDED_DIT_GUIDANCE,
+                 guided_channels="all", **unknown):
+    if unknown:
+        raise TypeError(f"Unknown settings for a DiT comparison: {sorted(unknown)}.")
+    labels = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
+    return dict(class_labels=class_ids(pipe, labels), seed=seed, steps=steps,
+                scheduler=scheduler_name(pipe.scheduler_config, scheduler), guidance_scale=guidance_scale,
+                guided_channels=guided_channels)
+
+
+class OutputRecorder:
+    """Forward hook: the model's main output at every call."""
+
+    def __init__(self, model):
+        self.outputs = []
+        self.handle = model.register_forward_hook(lambda m, a, out: self.outputs.append(first_tensor(out).detach()
+                                                                                         .float().clone()))
+
+    def remove(self):
+        self.handle.remove()
+
+
+def step_stages(predictions_a, predictions_b, latents_a, latents_b, tolerance) -> list:
+    stages = [compare_tensors(f"step {i + 1} noise prediction", a, b, tolerance)
+              for i, (a, b) in enumerate(zip(predictions_a, predictions_b))]
+    return stages + [compare_tensors(f"step {i + 1} latents", a, b, tolerance)
+                     for i, (a, b) in enumerate(zip(latents_a, latents_b))]
+
+
+def dit_probe(pipe, labels: list, seed: int, dtype=torch.float32):
+    """Inputs for the per-module check of a DiT: seeded latents at t=500, [class, null class]."""
+    c = pipe.transformer.config
+    sample = torch.randn((2, c.in_channels, c.sample_size, c.sample_size), generator=torch.Generator().manual_seed(seed))
+    return sample.to(dtype), torch.tensor([500, 500]), torch.tensor([labels[0], c.null_class])
