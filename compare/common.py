@@ -1,6 +1,6 @@
-"""What the comparison kinds of compare.kinds share, against diffusers and against sd_core itself: which model
-family each kind takes, the pipeline as the parity policy compares it, each family's settings, and the recorders,
-probe and stages of a run."""
+"""What the comparison kinds share, those against diffusers (compare.kinds) and those against sd_core itself
+(compare.self_kinds): which model family each kind takes, the pipeline as the parity policy compares it, each
+family's settings, and the recorders, probe and stages of a run."""
 import copy
 import dataclasses
 from pathlib import Path

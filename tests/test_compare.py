@@ -278,7 +278,7 @@ def test_a_swapped_sin_cos_in_the_dit_is_found_at_the_timestep_embedder(dit_fold
 
 
 def test_diffusers_ignores_the_frequencies_field_so_original_dit_frequencies_show_as_a_deviation(dit_folder, tmp_path):
-    from compare.kinds import with_timestep_frequencies
+    from compare.self_kinds import with_timestep_frequencies
     from sd_core.saving import save_pipeline
     original = save_pipeline(with_timestep_frequencies(load_pipeline(dit_folder), "original"), tmp_path / "original")
     assert load_pipeline(original).transformer.config.timestep_frequencies == "original"
