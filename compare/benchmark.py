@@ -18,19 +18,16 @@ its models (the same dtype, channels_last, and torch.compile where the row compi
 "fast / diffusers default" against diffusers' plain fp32 run of the row the fast one speeds up. DeepCache has no
 diffusers counterpart. Fast rows give the fast path's PSNR against sd_core's parity path (images, or the UNet/VAE
 output for random weights). "sd15" ends with the whole pipeline (4 DPM++ 2M steps with CFG, random weights).
+
+This file holds what is measured (the pairs of calls each config builds, the run over them, the report); how a
+pair is timed and its memory, work and peak share counted is compare.measure.
 """
-import ctypes
 import dataclasses
 import functools
 import json
-import math
-import statistics
-import threading
-import time
 from pathlib import Path
 
 import torch
-from torch.utils import flop_counter
 
 from sd_core import presets
 from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
@@ -40,135 +37,10 @@ from sd_core.loading import on_meta
 from sd_core.unet import UNet2DConditionModel
 from sd_core.vae import AutoencoderKL
 
+from .measure import Pair, Row, count_flops, device, measure, peak_gflops, table, tensor_psnr
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class PeakMemory:
-    """Peak memory growth during a block: torch's allocator on a GPU, sampled RSS on the CPU."""
-
-    def __enter__(self):
-        if device() == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed memory back so the growth is visible
-        except OSError:
-            pass
-        self.base = self.peak = rss()
-        self.running = True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def sample(self):
-        while self.running:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if device() == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.running = False
-            self.thread.join()
-            self.bytes = max(self.peak, rss()) - self.base
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-@dataclasses.dataclass
-class Row:
-    config: str
-    dtype: str
-    what: str
-    sd_core_s: float
-    diffusers_s: float
-    sd_core_mb: float
-    diffusers_mb: float
-    sd_core_gflop: float = 0.0  # work per call, counted on the eager models
-    diffusers_gflop: float = 0.0
-    peak_gflops: float = 0.0  # this machine's measured matmul peak in this dtype
-    psnr: float | None = None  # fast rows: sd_core fast path against sd_core's parity path
-    vs_default: float | None = None  # fast rows: sd_core fast / diffusers default (the plain row's diffusers time)
-
-    @property
-    def ratio(self) -> float:
-        return self.sd_core_s / self.diffusers_s
-
-    def peak_share(self, gflop: float, seconds: float) -> float:
-        return 100 * gflop / seconds / self.peak_gflops if self.peak_gflops else 0.0
-
-
-def sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def count_flops(fn) -> float:
-    """GFLOP of one call (matmuls, convolutions, attention), by torch's flop counter."""
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu_flops}
-    with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
-
-
-PEAKS: dict = {}  # dtype -> the best GFLOP/s any peak measurement in this run reached
-
-
-def peak_gflops(dtype: torch.dtype, n: int = 2048, tries: int = 6) -> float:
-    """This machine's attainable GFLOP/s in `dtype`: the best n x n matmul seen in this run. Measured again
-    before every row (a shared machine throttles single measurements), so the table's shares use the best."""
-    a, b = (torch.randn(n, n, generator=torch.Generator().manual_seed(i)).to(device(), dtype) for i in (0, 1))
-    best = float("inf")
-    for _ in range(tries):
-        start = time.perf_counter()
-        a @ b
-        if device() == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    PEAKS[dtype] = max(PEAKS.get(dtype, 0.0), 2 * n ** 3 / best / 1e9)
-    return PEAKS[dtype]
-
-
-@dataclasses.dataclass
-class Pair:
-    """Two zero-argument callables to time; `flops` the eager callables to count (when ours/theirs are
-    compiled), `psnr` a function giving the fast path's PSNR against the parity path (fast rows)."""
-    ours: object
-    theirs: object
-    flops: tuple | None = None
-    psnr: object = None
-    dtype: torch.dtype | None = None  # what sd_core's side computes in, where not the job's dtype (bf16 fast rows)
-    baseline: str | None = None  # the plain row whose diffusers time is "diffusers default" for this row
-
-
-def measure(config: str, dtype: str, what: str, ours, theirs, repeats: int) -> Row:
-    """Median time and peak memory of two zero-argument callables, alternating after one warm-up each."""
-    times, memory = {"ours": [], "theirs": []}, {"ours": 0, "theirs": 0}
-    with torch.no_grad():
-        ours(), theirs()
-        for r in range(repeats):
-            order = [("ours", ours), ("theirs", theirs)] if r % 2 == 0 else [("theirs", theirs), ("ours", ours)]
-            for name, fn in order:
-                with PeakMemory() as peak:
-                    start = time.perf_counter()
-                    fn()
-                    if device() == "cuda":
-                        torch.cuda.synchronize()
-                    times[name].append(time.perf_counter() - start)
-                memory[name] = max(memory[name], peak.bytes)
-    return Row(config, dtype, what, statistics.median(times["ours"]), statistics.median(times["theirs"]),
-               memory["ours"] / 2 ** 20, memory["theirs"] / 2 ** 20)
 
 
 def twin(ours_class, reference, config=None):
@@ -261,13 +133,6 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
         if added is None:  # ToMe wraps SD 1.x/2.x blocks here
             pairs["fast: UNet step, bf16 + channels_last + ToMe 0.5"] = tome_pair
     return pairs
-
-
-def tensor_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR of `a` against `b` over b's range (for model outputs, which have no fixed scale)."""
-    a, b = a.float(), b.float()
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(float(b.max() - b.min()) ** 2 / mse)
 
 
 def vae_pairs(vae_config: dict, dtype, latent: int, fast: str) -> dict:
@@ -459,19 +324,6 @@ def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str =
             del pair
         del pairs
     return rows
-
-
-def table(rows: list[Row]) -> str:
-    lines = [("| config | dtype | measurement | sd_core (s) | diffusers (s) | ratio | fast / diffusers default | sd_core GFLOP "
-              "| sd_core % of peak | diffusers GFLOP | diffusers % of peak | PSNR vs parity (dB) | sd_core peak MB "
-              "| diffusers peak MB |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r.config} | {r.dtype} | {r.what} | {r.sd_core_s:.3f} | {r.diffusers_s:.3f} | {r.ratio:.2f} | "
-              f"{'' if r.vs_default is None else f'{r.vs_default:.2f}'} | "
-              f"{r.sd_core_gflop:.1f} | {r.peak_share(r.sd_core_gflop, r.sd_core_s):.1f} | {r.diffusers_gflop:.1f} | "
-              f"{r.peak_share(r.diffusers_gflop, r.diffusers_s):.1f} | "
-              f"{'' if r.psnr is None else f'{r.psnr:.1f}'} | {r.sd_core_mb:.0f} | {r.diffusers_mb:.0f} |" for r in rows]
-    return "\n".join(lines)
 
 
 def main(args):

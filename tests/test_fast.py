@@ -134,7 +134,7 @@ def test_make_fast_takes_a_unet_pipeline():
 def test_benchmark_counts_cpu_attention_flops():
     """torch's flop counter has no formula for CPU flash attention; the benchmark adds it (else a UNet's attention
     would count as free and its share of the peak would read low)."""
-    from compare.benchmark import count_flops
+    from compare.measure import count_flops
     q = torch.randn(2, 4, 64, 16)
     assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) * 1e9 == 4 * 2 * 4 * 64 * 64 * 16
     assert count_flops(lambda: q @ q.transpose(-1, -2)) * 1e9 == 2 * 2 * 4 * 64 * 64 * 16
