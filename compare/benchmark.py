@@ -37,9 +37,8 @@ from sd_core.loading import on_meta
 from sd_core.unet import UNet2DConditionModel
 from sd_core.vae import AutoencoderKL
 
-from .measure import Pair, Row, count_flops, device, measure, peak_gflops, table, tensor_psnr
+from .measure import DTYPES, Pair, Row, count_flops, device, measure, peak_gflops, table, tensor_psnr
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 

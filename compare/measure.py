@@ -12,6 +12,9 @@ import time
 import torch
 from torch.utils import flop_counter
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -14,11 +14,9 @@ from sd_core.pipelines import dit_sample, image_to_image, text_to_image
 
 from .common import (OutputRecorder, cast_pipeline, check_family, dit_probe, dit_settings, image_stage_summary, load,
                      sd_settings, step_stages)
+from . import measure
 from .parity import TOLERANCE, UNetRecorder, compare_images, compare_tensors, difference_map, first_divergence
 from .report import Report, standard_plots
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclasses.dataclass
 class Trace:
@@ -140,17 +138,13 @@ def dit_timestep_semantics_kind(model, **settings) -> Report:
                   standard_plots(stages, divergence, "DiT transformer", TOLERANCE), divergence, measurements, notes)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def precision_kind(model, dtype: str = "bf16", device: str | None = None, **settings) -> Report:
     if dtype not in ("bf16", "fp16"):
         raise ValueError(f"precision compares fp32 against 'bf16' or 'fp16'; got {dtype!r}.")
-    device = device or default_device()
+    device = device or measure.device()
     pipe = load(model)
     s = run_settings(pipe, settings)
-    low = DTYPES[dtype]
+    low = measure.DTYPES[dtype]
     tolerance = torch.finfo(low).eps  # the threshold drawn and marked: one unit of the low precision
     stages, divergence, images = self_comparison("precision", cast_pipeline(pipe, torch.float32, device),
                                                  cast_pipeline(pipe, low, device), ("fp32", dtype), s, tolerance)
@@ -172,10 +166,10 @@ def precision_kind(model, dtype: str = "bf16", device: str | None = None, **sett
 
 
 def attention_kind(model, dtype: str = "fp32", device: str | None = None, **settings) -> Report:
-    device = device or default_device()
+    device = device or measure.device()
     pipe = load(model)
     s = run_settings(pipe, settings)
-    cast = DTYPES[dtype]
+    cast = measure.DTYPES[dtype]
     tolerance = TOLERANCE if dtype == "fp32" else torch.finfo(cast).eps
     variants = {backend: cast_pipeline(pipe, cast, device) for backend in ("math", "sdpa")}
     for backend, variant in variants.items():
