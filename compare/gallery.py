@@ -19,6 +19,8 @@ RUNS = [  # (folder, kind, model (None: the kind's default embedded model), sett
     ("precision", "precision", None, {"device": "cpu"}),
     ("precision-dit", "precision", EMBEDDED_DIT, {"device": "cpu", "class_labels": ["red circle"]}),
     ("attention", "attention", None, {"device": "cpu"}),
+    ("fast_path", "fast_path", None, {"deepcache": 2}),
+    ("fast_path-tome", "fast_path", None, {"deepcache": 0, "tome": 0.5}),
 ]
 
 
