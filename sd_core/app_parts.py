@@ -1,6 +1,6 @@
-"""What app.py needs besides its layout and handlers: ZeroGPU wrapping, input checks, share links and their
-restore, the form pieces several tabs share, and inpainting's mask editor. The models it offers and keeps loaded
-are in app_models.py.
+"""What app.py needs besides its layout and handlers: ZeroGPU wrapping, input checks, the form pieces several tabs
+share, and inpainting's mask editor. The models it offers and keeps loaded are in app_models.py; share links and
+their restore on page load in app_links.py.
 
 This module may import gradio; the models, pipelines and schedulers never do.
 """
@@ -8,10 +8,8 @@ import functools
 import inspect
 import io
 import logging
-import os
 import re
 import time
-import urllib.parse
 
 import gradio as gr
 import numpy as np
@@ -139,64 +137,6 @@ def seed_of(seed) -> int:
 
 def random_seed() -> int:
     return int(np.random.randint(0, MAX_SEED))
-
-
-# ------------------------------------------------------------------------------------ share links and restore
-
-
-def share_link(tab: str, settings: dict, request: gr.Request | None = None) -> str:
-    """A Markdown link that reopens the app on this tab with these settings (read back by `restore`)."""
-    query = urllib.parse.urlencode({"tab": tab, **{k: v for k, v in settings.items() if v is not None}})
-    if os.environ.get("SPACE_ID"):
-        base = f"https://huggingface.co/spaces/{os.environ['SPACE_ID']}"
-    elif request is not None and request.headers.get("referer"):
-        base = request.headers["referer"].split("?")[0].split("#")[0]
-    else:
-        base = ""
-    return f"[🔗 Link to this result and its settings]({base}?{query})"
-
-
-def query_value(component, text: str):
-    """A setting read from a shared link, in the component's type; None when it does not fit the component."""
-    try:
-        if isinstance(component, gr.Checkbox):
-            return text.lower() == "true"
-        if isinstance(component, (gr.Slider, gr.Number)):
-            number = float(text)
-            return int(number) if number.is_integer() else number
-    except ValueError:
-        return None
-    if isinstance(component, (gr.Dropdown, gr.Radio)) and not getattr(component, "allow_custom_value", False):
-        return next((value for _, value in component.choices if str(value) == text), None)  # ints too
-    return text
-
-
-def restore(shareable: dict, request: gr.Request | None):
-    """Page load: the settings of a shared link (?tab=...&model=...), and on the embedded models a first result so
-    nobody looks at empty boxes. Returns updates for the tabs, then each tab's inputs and outputs."""
-    query = dict(request.query_params) if request is not None else {}
-    tab = query.get("tab") if query.get("tab") in shareable else "text_to_image"
-    updates = [gr.Tabs(selected=tab)]
-    for name, (fn, inputs, outputs) in shareable.items():
-        if name != tab:
-            updates += [gr.skip()] * (len(inputs) + len(outputs))
-            continue
-        values = [component.value for component in inputs]
-        for i, (parameter, component) in enumerate(zip(inspect.signature(fn).parameters, inputs)):
-            if parameter in query:
-                value = query_value(component, query[parameter])
-                if value is None:
-                    gr.Warning(f"The link's {parameter}={query[parameter]!r} does not fit this app; kept {values[i]!r}.")
-                else:
-                    values[i] = value
-        results = [gr.skip()] * len(outputs)
-        if values[0] in EMBEDDED:  # fast; a hub model waits for the visitor's click (it may download gigabytes)
-            try:
-                results = list(fn(*values, request=request))
-            except gr.Error as error:
-                gr.Warning(f"The link's settings did not run: {error.message}")
-        updates += values + results
-    return updates
 
 
 # ------------------------------------------------------------------------------------ shared form pieces
