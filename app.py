@@ -27,13 +27,15 @@ from PIL import Image
 from compare.app_tab import COMPARE_FIELDS, compare, compare_tab  # noqa: F401  (the Compare tab)
 from compare.kinds import KINDS  # noqa: F401  (app.KINDS: what the Compare tab offers)
 from sd_core import catalog
+from sd_core.app_inpaint import inpaint_tab, painted_mask
+from sd_core.app_links import restore, share_link
 from sd_core.app_parts import (EMBEDDED, LIMITS, MODEL_DEFAULT, MODELS, PNG_FIELDS, SCHEDULER_CHOICES,  # noqa: F401
                                Settings, advanced_settings, as_float, as_int, bind_embeddings, catalog_entry,
-                               dit_labels, drawn_side, extra_path, fast_pipeline, handler, hub_offered, images_gallery, inpaint_tab,
-                               model_choices, model_dropdown, painted_mask, picked, png_info, progress_callback,
+                               dit_labels, drawn_side, extra_path, fast_pipeline, handler, hub_offered, images_gallery,
+                               model_choices, model_dropdown, picked, png_info, progress_callback,
                                random_seed, recommended_dit_settings, recommended_settings, refiner_choices,
-                               resolve_source, restore, run_bounded, scheduler_dropdown, scheduler_of, seed_of,
-                               send_to_image_to_image, share_link, timestep_semantics, use_this_seed)
+                               resolve_source, run_bounded, scheduler_dropdown, scheduler_of, seed_of,
+                               send_to_image_to_image, timestep_semantics, use_this_seed)
 from sd_core.components import DiTPipeline, StableDiffusionPipeline
 from sd_core.lora import load_lora, loras_applied
 from sd_core.pipelines import MAX_SEED, dit_sample, generate, image_seeds, preview, refine, vae_roundtrip

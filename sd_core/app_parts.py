@@ -1,17 +1,14 @@
-"""What app.py needs besides its layout and handlers: ZeroGPU wrapping, input checks, share links and their
-restore, the form pieces several tabs share, and inpainting's mask editor. The models it offers and keeps loaded
-are in app_models.py.
+"""What app.py needs besides its layout and handlers: ZeroGPU wrapping, input checks, and the form pieces several
+tabs share. The models it offers and keeps loaded are in app_models.py; share links and their restore on page load
+in app_links.py; the Inpaint tab and its mask editor in app_inpaint.py.
 
 This module may import gradio; the models, pipelines and schedulers never do.
 """
 import functools
 import inspect
-import io
 import logging
-import os
 import re
 import time
-import urllib.parse
 
 import gradio as gr
 import numpy as np
@@ -23,7 +20,7 @@ from .components import DiTPipeline
 from .convert import CheckpointError
 from .embeddings import add_embedding, load_embedding
 from .fast import make_fast
-from .images import read_png_parameters, upright_8bit
+from .images import read_png_parameters
 from .pipelines import MAX_SEED, preview, resolve_seed
 from .schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 from .serving import (
@@ -32,7 +29,6 @@ from .serving import (
     as_number,
     as_whole_number,
     check_request,
-    open_upload,
     raw_value,
 )
 
@@ -139,64 +135,6 @@ def seed_of(seed) -> int:
 
 def random_seed() -> int:
     return int(np.random.randint(0, MAX_SEED))
-
-
-# ------------------------------------------------------------------------------------ share links and restore
-
-
-def share_link(tab: str, settings: dict, request: gr.Request | None = None) -> str:
-    """A Markdown link that reopens the app on this tab with these settings (read back by `restore`)."""
-    query = urllib.parse.urlencode({"tab": tab, **{k: v for k, v in settings.items() if v is not None}})
-    if os.environ.get("SPACE_ID"):
-        base = f"https://huggingface.co/spaces/{os.environ['SPACE_ID']}"
-    elif request is not None and request.headers.get("referer"):
-        base = request.headers["referer"].split("?")[0].split("#")[0]
-    else:
-        base = ""
-    return f"[🔗 Link to this result and its settings]({base}?{query})"
-
-
-def query_value(component, text: str):
-    """A setting read from a shared link, in the component's type; None when it does not fit the component."""
-    try:
-        if isinstance(component, gr.Checkbox):
-            return text.lower() == "true"
-        if isinstance(component, (gr.Slider, gr.Number)):
-            number = float(text)
-            return int(number) if number.is_integer() else number
-    except ValueError:
-        return None
-    if isinstance(component, (gr.Dropdown, gr.Radio)) and not getattr(component, "allow_custom_value", False):
-        return next((value for _, value in component.choices if str(value) == text), None)  # ints too
-    return text
-
-
-def restore(shareable: dict, request: gr.Request | None):
-    """Page load: the settings of a shared link (?tab=...&model=...), and on the embedded models a first result so
-    nobody looks at empty boxes. Returns updates for the tabs, then each tab's inputs and outputs."""
-    query = dict(request.query_params) if request is not None else {}
-    tab = query.get("tab") if query.get("tab") in shareable else "text_to_image"
-    updates = [gr.Tabs(selected=tab)]
-    for name, (fn, inputs, outputs) in shareable.items():
-        if name != tab:
-            updates += [gr.skip()] * (len(inputs) + len(outputs))
-            continue
-        values = [component.value for component in inputs]
-        for i, (parameter, component) in enumerate(zip(inspect.signature(fn).parameters, inputs)):
-            if parameter in query:
-                value = query_value(component, query[parameter])
-                if value is None:
-                    gr.Warning(f"The link's {parameter}={query[parameter]!r} does not fit this app; kept {values[i]!r}.")
-                else:
-                    values[i] = value
-        results = [gr.skip()] * len(outputs)
-        if values[0] in EMBEDDED:  # fast; a hub model waits for the visitor's click (it may download gigabytes)
-            try:
-                results = list(fn(*values, request=request))
-            except gr.Error as error:
-                gr.Warning(f"The link's settings did not run: {error.message}")
-        updates += values + results
-    return updates
 
 
 # ------------------------------------------------------------------------------------ shared form pieces
@@ -372,56 +310,6 @@ def dit_labels(choice: str) -> list[str]:
     return [pipe.id2label[i] for i in sorted(pipe.id2label)] if isinstance(pipe, DiTPipeline) else []
 
 
-# ------------------------------------------------------------------------------------ inpainting's mask editor
-
-
-def editor_files(editor: gr.ImageEditor) -> gr.ImageEditor:
-    """An ImageEditor whose handler receives {"background", "layers", "composite"} as uploaded files (paths, or
-    file objects for the canvas's blobs), not decoded images: gradio's own preprocessing decodes everything
-    first, a decompression bomb included. The handler opens each with open_upload's bounds. (An instance
-    attribute, as serving.raw_value does.)"""
-    def files(payload):
-        if payload is None:
-            return None
-        data = payload
-        if getattr(payload, "id", None) is not None:
-            data = editor.blob_storage.pop(payload.id, None) or payload
-
-        def one(file):
-            if file is None:
-                return None
-            return io.BytesIO(bytes(file)) if isinstance(file, (bytes, bytearray, memoryview)) else file.path
-        return {"background": one(data.background), "layers": [one(layer) for layer in data.layers or []
-                                                                if layer is not None], "composite": one(data.composite)}
-    editor.preprocess = files
-    return editor
-
-
-def painted_pixels(layer: Image.Image) -> Image.Image:
-    """A mask-editor layer as a binary "L" mask: its opaque pixels (a layer with transparency) or its light ones (an
-    opaque layer), after the reader's orientation and 16-bit scaling."""
-    layer = upright_8bit(layer)
-    alpha = layer.mode in ("RGBA", "LA", "PA") or "transparency" in layer.info
-    return (layer.convert("RGBA").getchannel("A") if alpha else layer.convert("L")).point(lambda v: 255 if v > 127 else 0)
-
-
-def painted_mask(editor: dict | None, max_pixels: int) -> tuple[Image.Image, Image.Image]:
-    """(image, mask) from the mask editor: the background image, and white wherever a layer is painted (a layer
-    with transparency: its opaque pixels; an opaque layer, e.g. a mask sent through the API: its light pixels)."""
-    if not editor or editor.get("background") is None:
-        raise gr.Error("Upload an image into the editor first, then paint over the region to repaint.")
-    image = open_upload(editor["background"], max_pixels=max_pixels, name="the image")
-    mask = Image.new("L", image.size, 0)
-    for i, layer in enumerate(editor.get("layers") or []):
-        painted = open_upload(layer, max_pixels=max_pixels, name=f"layer {i + 1}", convert=painted_pixels)
-        if painted.size != image.size:
-            painted = painted.resize(image.size, Image.NEAREST)
-        mask.paste(255, mask=painted)
-    if mask.getbbox() is None:
-        raise gr.Error("Nothing is painted: paint over the region to repaint (white in the mask), then Inpaint.")
-    return image, mask
-
-
 PNG_FIELDS = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "width", "height", "seed",
               "prompt_syntax", "clip_skip")
 
@@ -451,31 +339,3 @@ def png_info(png):
     values[PNG_FIELDS.index("negative_prompt")] = settings.get("negative_prompt") or ""
     return values + ["Read " + ", ".join(f"{k}={settings[k]!r}" for k in PNG_FIELDS if settings.get(k) is not None)
                      + (". Note: " + "; ".join(notes) + "." if notes else ".")]
-
-def inpaint_tab(models: list, fn, example: str | None, defaults, max_steps: int, max_batch: int):
-    """The Inpaint tab: the image in a mask editor (the visitor paints what to repaint), the usual settings;
-    `fn` is the handler (named endpoint /inpaint)."""
-    with gr.Row():
-        with gr.Column():
-            model = model_dropdown(models)
-            editor = editor_files(gr.ImageEditor(
-                value=example, type="filepath", image_mode=None, label="Image and mask: paint over what to repaint",
-                height=320, layers=False, brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), eraser=gr.Eraser()))
-            prompt = gr.Textbox("a big red circle on the left on a gray background", label="Prompt")
-            negative = gr.Textbox("", label="Negative prompt")
-            run = gr.Button("Inpaint", variant="primary")
-            strength = raw_value(gr.Slider(0, 1, 1.0, step=0.05, label="Strength (1: repaint fully)"))
-            with gr.Row():
-                steps = raw_value(gr.Slider(1, max_steps, defaults.steps, step=1, label="Steps"))
-                guidance = raw_value(gr.Slider(0, 20, defaults.guidance_scale, step=0.5, label="Guidance scale"))
-                scheduler = scheduler_dropdown(defaults.scheduler)
-            with gr.Row():
-                seed = raw_value(gr.Number(-1, label="Seed (-1: random; image k uses seed + k)", precision=0))
-                batch = raw_value(gr.Slider(1, max_batch, 2, step=1, label="Number of images"))
-        with gr.Column():
-            gallery = images_gallery()
-            used_seed = gr.Textbox(label="Seed used", placeholder="run first", interactive=False)
-            mask = gr.Image(label="Mask used (white: repainted)", format="png", height=160, elem_classes="pixelated")
-            parameters = gr.Code(label="Parameters", language="json")
-    run.click(fn, [model, editor, prompt, negative, strength, steps, guidance, scheduler, seed, batch],
-              [gallery, used_seed, mask, parameters], api_name="inpaint")

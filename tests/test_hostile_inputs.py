@@ -181,7 +181,7 @@ def test_16_bit_mask_reads_as_its_8_bit_equivalent_not_clipped_to_white(tmp_path
 
 def test_a_16_bit_mask_editor_layer_is_scaled_not_clipped(tmp_path):
     """An opaque layer sent through the API masks its light pixels; in 16 bits, 100/255 must stay dark."""
-    from sd_core.app_parts import painted_mask
+    from sd_core.app_inpaint import painted_mask
     values = np.full((16, 24), 100, dtype=np.uint16) * 257
     values[4:12, 8:16] = 200 * 257
     Image.fromarray(values).save(tmp_path / "layer16.png")
