@@ -72,6 +72,16 @@ def test_model_paths_outside_the_offered_models_are_refused(choice, space, monke
         app.resolve_source(choice)
 
 
+DEFAULT_RATES = dict(app.LIMITS.seconds_per_mpx_step)  # before any request of this process
+
+
+@pytest.fixture(autouse=True)
+def fresh_work_limits(monkeypatch):
+    """Each test starts from the default speeds: the work limits learn from every request in this process, and an
+    earlier test's slow run on a loaded machine would shrink a later test's budget (seen: a queue test refused)."""
+    monkeypatch.setattr(app.LIMITS, "seconds_per_mpx_step", dict(DEFAULT_RATES))
+
+
 @pytest.fixture(scope="module")
 def server():
     demo = app.build().queue(max_size=32, default_concurrency_limit=2)
