@@ -34,6 +34,7 @@ from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sd_core.dit import DiTTransformer2DModel, dit_config
 from sd_core.loading import on_meta
+from sd_core.sampling import converted_copy
 from sd_core.unet import UNet2DConditionModel
 from sd_core.vae import AutoencoderKL
 
@@ -66,7 +67,7 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
     """The UNet step, then (built lazily, after the plain row) the fast-path rows on the same weights."""
     import diffusers
 
-    from sd_core.fast import FastOptions, FastUNet, bf16_copy
+    from sd_core.fast import FastOptions, FastUNet
     reference = diffusers.UNet2DConditionModel.from_config(unet_config).eval().to(device(), dtype)
     ours = twin(UNet2DConditionModel, reference)
     sample, context, added = unet_inputs(reference, dtype, latent, context_dim)
@@ -113,7 +114,7 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
     pairs["fast: 3 UNet steps, channels_last + DeepCache N=3 (diffusers: 3 steps, channels_last)"] = deepcache_pair
 
     def bf16_pair():  # last: it casts the reference in place
-        fast_ours = FastUNet(bf16_copy(ours, channels_last=True), FastOptions(bf16=False))
+        fast_ours = FastUNet(converted_copy(ours, torch.bfloat16, channels_last=True), FastOptions(bf16=False))
         reference.to(torch.bfloat16)
         low = [x if x is None else x.to(torch.bfloat16) for x in (sample, context)]
         low_added = added and {k: v.to(torch.bfloat16) for k, v in added.items()}
@@ -122,7 +123,8 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
                     psnr=lambda: tensor_psnr(fast_ours(low[0], t, low[1], low_added), plain_ours()),
                     dtype=torch.bfloat16, baseline=plain)
     def tome_pair():  # after bf16_pair: the reference is bf16 + channels_last by now
-        fast_ours = FastUNet(bf16_copy(ours, channels_last=True), FastOptions(bf16=False, tome=0.5))
+        fast_ours = FastUNet(converted_copy(ours, torch.bfloat16, channels_last=True),
+                             FastOptions(bf16=False, tome=0.5))
         low = sample.to(torch.bfloat16), context.to(torch.bfloat16)
         return Pair(lambda: fast_ours(low[0], t, low[1], added), lambda: reference(low[0], t, encoder_hidden_states=low[1]),
                     psnr=lambda: tensor_psnr(fast_ours(low[0], t, low[1], added), plain_ours()),
@@ -138,7 +140,7 @@ def vae_pairs(vae_config: dict, dtype, latent: int, fast: str) -> dict:
     """The VAE decode, then the fast path's channels_last and bf16 decodes beside diffusers' with the same tricks."""
     import diffusers
 
-    from sd_core.fast import FastDecoder, FastOptions, bf16_copy
+    from sd_core.fast import FastDecoder, FastOptions
     reference = diffusers.AutoencoderKL.from_config(vae_config).eval().to(device(), dtype)
     ours = twin(AutoencoderKL, reference)
     z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device(), dtype)
@@ -149,7 +151,7 @@ def vae_pairs(vae_config: dict, dtype, latent: int, fast: str) -> dict:
 
     def fast_pair(low: bool):  # converts the reference in place: channels_last, then bf16
         reference.to(memory_format=torch.channels_last)
-        fast_ours = FastDecoder(ours, FastOptions(bf16=False), bf16_copy(ours, channels_last=True) if low else None)
+        fast_ours = FastDecoder(ours, FastOptions(bf16=False), converted_copy(ours, torch.bfloat16, channels_last=True) if low else None)
         if low:
             reference.to(torch.bfloat16)
         theirs_z = z.to(torch.bfloat16) if low else z

@@ -36,9 +36,7 @@ import functools
 import json
 import os
 import statistics
-import threading
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -47,6 +45,7 @@ from torch import nn
 
 from . import pipelines
 from .images import tag
+from .sampling import converted_copy
 from .unet import UNet2DConditionModel
 
 COMPILE_CACHE = Path(os.environ.get("SD_CORE_CACHE", Path.home() / ".cache" / "sd_core")) / "inductor"
@@ -259,21 +258,6 @@ class FastUNet(nn.Module):
         return out.contiguous()
 
 
-LOW_PRECISION_COPIES = weakref.WeakKeyDictionary()  # shared model -> {channels_last: its bf16 copy}
-LOW_PRECISION_LOCK = threading.Lock()
-
-
-def bf16_copy(model: nn.Module, channels_last: bool) -> nn.Module:
-    """A bf16 copy of a shared model (its conv weights in channels_last if asked), made once per model and kept as
-    long as the model lives: the app's fast pipelines (one per DeepCache setting) share it."""
-    with LOW_PRECISION_LOCK:
-        copies = LOW_PRECISION_COPIES.setdefault(model, {})
-        if channels_last not in copies:
-            low = copy.deepcopy(model).to(torch.bfloat16)
-            copies[channels_last] = low.to(memory_format=torch.channels_last) if channels_last else low
-        return copies[channels_last]
-
-
 class FastDecoder(nn.Module):
     """The shared VAE, decoding with channels_last latents, on its bf16 copy `decoding` where one is given;
     encoding (image to image) stays the VAE's own."""
@@ -351,7 +335,7 @@ def make_fast(pipe, options: FastOptions | None = None, **overrides) -> FastPipe
     dtype = next(unet.parameters()).dtype
     decoding = None
     if uses_bf16(options.bf16, dtype) and dtype != torch.bfloat16:
-        unet, dtype = bf16_copy(unet, options.channels_last), torch.bfloat16
-        decoding = bf16_copy(pipe.vae, options.channels_last)
+        unet, dtype = converted_copy(unet, torch.bfloat16, options.channels_last), torch.bfloat16
+        decoding = converted_copy(pipe.vae, torch.bfloat16, options.channels_last)
     fast = dataclasses.replace(pipe, unet=FastUNet(unet, options), vae=FastDecoder(pipe.vae, options, decoding))
     return FastPipeline(pipe, fast, options, dtype)

@@ -109,20 +109,24 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> list:
     fp32 copy so the shared model is never changed under a concurrent request (diffusers' SD 1.x/2.x pipelines
     decode in fp16 regardless: there sd_core is the more accurate)."""
     if dtype_of(vae) == torch.float16 and vae.config.force_upcast:
-        vae, latents = fp32_copy(vae), latents.float()
+        vae, latents = converted_copy(vae, torch.float32), latents.float()
     return to_pil(check_finite(vae.decode(latents / vae.config.scaling_factor), "the VAE's decoded image"))
 
 
-FP32_COPIES = weakref.WeakKeyDictionary()  # float16 VAE -> its float32 copy, made once (previews decode every step)
-FP32_COPIES_LOCK = threading.Lock()
+COPIES = weakref.WeakKeyDictionary()  # shared model -> {(dtype, channels_last): its converted copy}
+COPIES_LOCK = threading.Lock()
 
 
-def fp32_copy(vae: AutoencoderKL) -> AutoencoderKL:
-    """A float32 copy of a float16 VAE, made once per VAE and kept as long as the VAE lives."""
-    with FP32_COPIES_LOCK:
-        if vae not in FP32_COPIES:
-            FP32_COPIES[vae] = copy.deepcopy(vae).float()
-        return FP32_COPIES[vae]
+def converted_copy(model: torch.nn.Module, dtype: torch.dtype, channels_last: bool = False) -> torch.nn.Module:
+    """A copy of a shared model in `dtype` (its conv weights in channels_last if asked), never a cast of the model
+    itself; made once per model and setting, kept as long as the model lives (previews decode every step, and the
+    fast path's pipelines share their bf16 copies)."""
+    with COPIES_LOCK:
+        copies = COPIES.setdefault(model, {})
+        if (dtype, channels_last) not in copies:
+            converted = copy.deepcopy(model).to(dtype)
+            copies[dtype, channels_last] = converted.to(memory_format=torch.channels_last) if channels_last else converted
+        return copies[dtype, channels_last]
 
 
 def check_finite(tensor: torch.Tensor, stage: str) -> torch.Tensor:

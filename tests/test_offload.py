@@ -80,11 +80,11 @@ def test_nan_weights_stop_with_the_stage_named_instead_of_a_black_image(pipe, we
 def test_the_fp32_copy_of_a_half_vae_is_made_once_not_at_every_preview(pipe):
     import torch
 
-    from sd_core.sampling import decode, fp32_copy
+    from sd_core.sampling import converted_copy, decode
     half = pipe.vae.half()
     half.config.force_upcast = True
     with torch.no_grad():
         decode(half, torch.zeros(1, 4, 8, 8, dtype=torch.float16))
-        first = fp32_copy(half)
+        first = converted_copy(half, torch.float32)
         decode(half, torch.zeros(1, 4, 8, 8, dtype=torch.float16))
-    assert fp32_copy(half) is first and next(first.parameters()).dtype == torch.float32
+    assert converted_copy(half, torch.float32) is first and next(first.parameters()).dtype == torch.float32
