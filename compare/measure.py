@@ -12,8 +12,7 @@ import time
 import torch
 from torch.utils import flop_counter
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from sd_core.loading import DTYPES  # noqa: F401  (the benchmark's and self_kinds' dtype names)
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,12 +19,11 @@ from .convert import CheckpointError
 from .catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from .components import DiTPipeline, StableDiffusionPipeline
 from .images import save_image
-from .loading import load_pipeline
+from .loading import DTYPES, load_pipeline
 from .offload import enable_model_cpu_offload
 from .pipelines import PROMPT_SYNTAXES, customize, dit_sample, generate, image_seeds, refine, vae_roundtrip
 from .schedulers import SCHEDULER_NAMES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 OUTPUTS = Path("outputs")  # the default output folder, created when missing

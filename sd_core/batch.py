@@ -28,9 +28,9 @@ from tqdm import tqdm
 from .catalog import EMBEDDED, EMBEDDED_GUIDANCE, EMBEDDED_STEPS, EMBEDDED_TEXT_TO_IMAGE
 from .distributed import cpu_only, finish
 from .images import save_image
+from .loading import DTYPES, load_pipeline
 from .pipelines import MAX_SEED, text_to_image
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EMBEDDED_MODEL = next(model for model in EMBEDDED.values() if model.kind == "text_to_image")
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "scheduler", "images")
 
@@ -113,8 +113,6 @@ def run(args) -> int:
     threads. A missing --seed (None) is base seed 0, so a rerun always resumes the same set."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
-
-    from .loading import load_pipeline
 
     if args.out is None:
         raise ValueError("--prompts needs --out FOLDER, the folder the images are written to.")

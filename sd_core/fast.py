@@ -336,6 +336,7 @@ def make_fast(pipe, options: FastOptions | None = None, **overrides) -> FastPipe
     decoding = None
     if uses_bf16(options.bf16, dtype) and dtype != torch.bfloat16:
         unet, dtype = converted_copy(unet, torch.bfloat16, options.channels_last), torch.bfloat16
-        decoding = converted_copy(pipe.vae, torch.bfloat16, options.channels_last)
+        if next(pipe.vae.parameters()).dtype == torch.float32:  # a float16 VAE keeps decode's fp32 upcast rule
+            decoding = converted_copy(pipe.vae, torch.bfloat16, options.channels_last)
     fast = dataclasses.replace(pipe, unet=FastUNet(unet, options), vae=FastDecoder(pipe.vae, options, decoding))
     return FastPipeline(pipe, fast, options, dtype)

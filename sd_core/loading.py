@@ -29,6 +29,7 @@ from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionConfig, UNet2DConditionModel
 from .vae import AutoencoderKL, AutoencoderKLConfig
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the names command lines take
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MODEL_CLASSES = {  # model_index.json class name -> (sd_core class, weights file stem, library)
     "AutoencoderKL": (AutoencoderKL, "diffusion_pytorch_model", "diffusers"),

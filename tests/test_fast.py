@@ -170,3 +170,12 @@ def test_tome_merges_the_most_similar_tokens_and_unmerges_by_copying():
     assert ((restored == x).all(dim=-1).sum(dim=1) >= 36 - 2 * 5).all()
     identity = bipartite_soft_matching(x, 6, 6, 0, torch.Generator())
     assert all(f(x) is x for f in identity)
+
+
+def test_a_float16_vae_keeps_decodes_fp32_upcast_and_gets_no_bf16_copy(pipe):
+    """bf16 decoding is made only from an fp32 VAE: a float16 one keeps sampling.decode's fp32 upcast rule."""
+    import copy
+    import dataclasses
+    half = dataclasses.replace(pipe, vae=copy.deepcopy(pipe.vae).half())
+    fast = make_fast(half, bf16=True)
+    assert fast.pipe.vae.decoding is half.vae and fast.dtype == torch.bfloat16
