@@ -19,7 +19,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from sd_core.images import crop_to_multiple, load_image
-from sd_core.components import DiTPipeline
 from sd_core.loading import MODEL_CLASSES, SkipRandomInit, load_pipeline
 from sd_core.pipelines import encode_text, image_to_image, text_to_image
 from sd_core.schedulers import DIFFUSERS_CLASS_NAMES, VARIANTS
@@ -253,17 +252,16 @@ def reference_pipeline(pipe):
     import diffusers
     components = {name: reference_model(model) for name, model in pipe.models.items()}
     scheduler_class = getattr(diffusers, pipe.scheduler_config.get("_class_name", "DDIMScheduler"))
-    if isinstance(pipe, DiTPipeline):
-        pipeline_class, settings = diffusers.DiTPipeline, dict(id2label=pipe.id2label)
+    traits = pipe.traits
+    pipeline_class = getattr(diffusers, traits.diffusers_pipeline)
+    if traits.denoiser == "transformer":  # class-conditioned: its labels instead of tokenizers
+        settings = dict(id2label=pipe.id2label)
     else:
-        traits = pipe.traits
-        pipeline_class = getattr(diffusers, traits.diffusers_pipeline)
-        xl = traits.hidden_states == "penultimate"  # SDXL pipelines take both encoders, present or not
-        for name in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+        for name in traits.tokenizer_slots:
             tokenizer = getattr(pipe, name)
             components[name] = reference_tokenizer(tokenizer) if tokenizer is not None else None
             components.setdefault(name.replace("tokenizer", "text_encoder"), None)
-        if not xl:
+        if not traits.xl:
             settings = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         else:  # the refiner's flag only where set: StableDiffusionXLPipeline takes none
             settings = dict(force_zeros_for_empty_prompt=traits.zeros_for_empty_negative)
@@ -292,7 +290,7 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
     height, width = height or pipe.default_size, width or pipe.default_size
     reference = reference_pipeline(pipe)
     if image is not None:
-        image_class = (diffusers.StableDiffusionXLImg2ImgPipeline if pipe.traits.hidden_states == "penultimate"
+        image_class = (diffusers.StableDiffusionXLImg2ImgPipeline if pipe.traits.xl
                        else diffusers.StableDiffusionImg2ImgPipeline)
         reference = image_class(**reference.components)
         reference.set_progress_bar_config(disable=True)

@@ -55,6 +55,15 @@ class Family:
     def pooled(self) -> bool:
         return any(slot.projected for slot in self.text_encoders)
 
+    @property
+    def xl(self) -> bool:
+        """SDXL's pipeline layout (base and refiner): two tokenizer and text-encoder slots, present or not."""
+        return self.hidden_states == "penultimate"
+
+    @property
+    def tokenizer_slots(self) -> tuple[str, ...]:
+        return ("tokenizer", "tokenizer_2") if self.xl else ("tokenizer",)
+
 
 CLIP_L = partial(TextEncoderSlot, projected=False, pad_token=None, preset=presets.CLIP_VIT_L)
 OPENCLIP_BIGG = partial(TextEncoderSlot, projected=True, pad_token="!", preset=presets.OPENCLIP_VIT_BIGG)

@@ -77,15 +77,14 @@ def save_pipeline(pipe, folder, overwrite: bool = False) -> Path:
         if traits.denoiser == "transformer":  # class-conditioned: its labels instead of tokenizers
             index["id2label"] = {str(k): v for k, v in pipe.id2label.items()}
         else:
-            xl = traits.hidden_states == "penultimate"  # SDXL folders list both encoders, present or not
-            for name in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+            for name in traits.tokenizer_slots:
                 if getattr(pipe, name) is not None:
                     getattr(pipe, name).save(temporary / name)
                     index[name] = ["transformers", "CLIPTokenizer"]
                 else:
                     index[name] = [None, None]
             index.setdefault("text_encoder", [None, None])
-            if xl:
+            if traits.xl:
                 index.setdefault("text_encoder_2", [None, None])
                 index["force_zeros_for_empty_prompt"] = traits.zeros_for_empty_negative
                 index["requires_aesthetics_score"] = traits.requires_aesthetics_score
