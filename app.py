@@ -6,8 +6,8 @@
 Visitors pick models from a list: the embedded ones, folders and .safetensors files under the
 configured model roots (--models-dir / SD_CORE_MODELS_DIR), and hub ids when --allow-hub is given.
 A path typed into the API is accepted only if it resolves inside a model root. Where the hub is reachable
-(a Hugging Face Space, where SPACE_ID is set, or --allow-hub) the curated hub models of sd_core.catalog are
-offered too, fetched from the hub and never looked up on this disk. LoRAs and embeddings: see sd_core.app_parts.
+(a Hugging Face Space, where SPACE_ID is set, or --allow-hub) the curated hub models of sd_core.checkpoints.catalog are
+offered too, fetched from the hub and never looked up on this disk. LoRAs and embeddings: see sd_core.app.parts.
 
 On a Space the app starts unchanged: gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself, and on
 ZeroGPU hardware the handlers run inside `spaces.GPU`.
@@ -24,24 +24,24 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from compare.app_tab import COMPARE_FIELDS, compare, compare_tab  # noqa: F401  (the Compare tab)
-from compare.kinds import KINDS  # noqa: F401  (app.KINDS: what the Compare tab offers)
-from sd_core import catalog
-from sd_core.app_inpaint import inpaint_tab, painted_mask
-from sd_core.app_links import restore, share_link
-from sd_core.app_parts import (EMBEDDED, LIMITS, MODEL_DEFAULT, MODELS, PNG_FIELDS, SCHEDULER_CHOICES,  # noqa: F401
+from compare import kinds as comparisons
+from sd_core.app.compare_tab import COMPARE_FIELDS, compare_handler, compare_tab  # noqa: F401
+from sd_core.checkpoints import catalog
+from sd_core.app.inpaint_tab import inpaint_tab, painted_mask
+from sd_core.app.share_links import restore, share_link
+from sd_core.app.parts import (EMBEDDED, LIMITS, MODEL_DEFAULT, MODELS, PNG_FIELDS, SCHEDULER_CHOICES,  # noqa: F401
                                Settings, advanced_settings, as_float, as_int, bind_embeddings, catalog_entry,
                                dit_labels, drawn_side, extra_path, fast_pipeline, handler, hub_offered, images_gallery,
                                model_choices, model_dropdown, picked, png_info, progress_callback,
                                random_seed, recommended_dit_settings, recommended_settings, refiner_choices,
                                resolve_source, run_bounded, scheduler_dropdown, scheduler_of, seed_of,
                                send_to_image_to_image, timestep_semantics, use_this_seed)
-from sd_core.components import DiTPipeline, StableDiffusionPipeline
-from sd_core.lora import load_lora, loras_applied
-from sd_core.pipelines import MAX_SEED, dit_sample, generate, image_seeds, preview, refine, vae_roundtrip
-from sd_core.preview import fast_preview
+from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
+from sd_core.pipelines.lora import load_lora, loras_applied
+from sd_core.pipelines.generate import MAX_SEED, dit_sample, generate, image_seeds, preview, refine, vae_roundtrip
+from sd_core.pipelines.previews import fast_preview
 from sd_core.schedulers import DISPLAY_NAMES
-from sd_core.serving import MAX_UPLOAD_BYTES, ResultsJanitor, as_choice, as_text, open_upload, raw_value
+from sd_core.app.serving import MAX_UPLOAD_BYTES, ResultsJanitor, as_choice, as_text, open_upload, raw_value
 
 PHOTOS = Path(__file__).resolve().parent / "sd_core" / "data" / "photos"
 EXAMPLE_SCENE = Path(__file__).resolve().parent / "sd_core" / "data" / "example-scene.png"
@@ -54,7 +54,7 @@ def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, see
            clip_skip, loras, embeddings, progress, trajectory=None, refiner=None, high_noise_frac=0.8, fast=False,
            deepcache=0, tome=0.0, **size_or_image):
     """Text or image to image (or inpainting, or SDXL base + refiner) on cached pipelines, LoRAs merged for this
-    request only, A1111's seed per image, the work bounded; `fast`: through sd_core.fast (approximate, DeepCache
+    request only, A1111's seed per image, the work bounded; `fast`: through sd_core.fast.pipeline (approximate, DeepCache
     every `deepcache` steps, ToMe merging the `tome` share of tokens). Returns (result, seed, [(image, "seed N")])."""
     pipe = MODELS.get(model, progress)
     if not isinstance(pipe, StableDiffusionPipeline):
@@ -358,7 +358,7 @@ def build() -> gr.Blocks:
                                 dit_inputs, dit_outputs, sample_dit, cache_examples=False,
                                 example_labels=["red circle (DPM++ 2M, seed 0)", "blue triangle (DDIM, first3, seed 1)"])
             with gr.Tab("Compare", id="compare"):
-                compare_tab()
+                compare_tab(comparisons)
         shareable = {"text_to_image": (generate_images, t2i_inputs, t2i_outputs), "dit": (sample_dit, dit_inputs, dit_outputs)}
         load_outputs = [tabs] + [c for _, inputs, outputs in shareable.values() for c in inputs + outputs]
 

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
+from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.schedulers import SCHEDULER_NAMES
 
 from . import benchmark, startup

@@ -13,7 +13,7 @@ without a copy) at small latent sizes. This is a measurement, never a test.
 Each row also gives the work done (GFLOP per call, counted by torch.utils.flop_counter on the eager models, with
 CPU flash attention counted as SDPA) and the achieved FLOP/s as a share of this machine's peak, measured in the
 same run as the best square matmul (2048) in the dtype the row computes in, sampled before every row and at the end.
-Rows marked "fast:" run sd_core's opt-in fast path (sd_core.fast) beside diffusers with the same tricks applied to
+Rows marked "fast:" run sd_core's opt-in fast path (sd_core.fast.pipeline) beside diffusers with the same tricks applied to
 its models (the same dtype, channels_last, and torch.compile where the row compiles): "ratio" is against that, and
 "fast / diffusers default" against diffusers' plain fp32 run of the row the fast one speeds up. DeepCache has no
 diffusers counterpart. Fast rows give the fast path's PSNR against sd_core's parity path (images, or the UNet/VAE
@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from sd_core import presets
-from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
-from sd_core.clip import CLIPTextModel, CLIPTextModelWithProjection
-from sd_core.dit import DiTTransformer2DModel, dit_config
-from sd_core.loading import on_meta
-from sd_core.sampling import converted_copy
-from sd_core.unet import UNet2DConditionModel
-from sd_core.vae import AutoencoderKL
+from sd_core.models import presets
+from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
+from sd_core.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from sd_core.models.dit import DiTTransformer2DModel, dit_config
+from sd_core.checkpoints.loading import on_meta
+from sd_core.pipelines.sampling import converted_copy
+from sd_core.models.unet import UNet2DConditionModel
+from sd_core.models.vae import AutoencoderKL
 
 from .measure import DTYPES, Pair, Row, count_flops, device, measure, peak_gflops, table, tensor_psnr
 
@@ -67,7 +67,7 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
     """The UNet step, then (built lazily, after the plain row) the fast-path rows on the same weights."""
     import diffusers
 
-    from sd_core.fast import FastOptions, FastUNet
+    from sd_core.fast.pipeline import FastOptions, FastUNet
     reference = diffusers.UNet2DConditionModel.from_config(unet_config).eval().to(device(), dtype)
     ours = twin(UNet2DConditionModel, reference)
     sample, context, added = unet_inputs(reference, dtype, latent, context_dim)
@@ -141,7 +141,7 @@ def vae_pairs(vae_config: dict, dtype, latent: int, fast: str) -> dict:
     """The VAE decode, then the fast path's channels_last and bf16 decodes beside diffusers' with the same tricks."""
     import diffusers
 
-    from sd_core.fast import FastDecoder, FastOptions
+    from sd_core.fast.pipeline import FastDecoder, FastOptions
     reference = diffusers.AutoencoderKL.from_config(vae_config).eval().to(device(), dtype)
     ours = twin(AutoencoderKL, reference)
     z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device(), dtype)
@@ -200,9 +200,9 @@ def pipeline_pairs(ours, diffusers_pipeline, prompt: str, options: dict, fast: s
     `diffusers_pipeline(dtype)` gives the pipeline in that dtype (a fresh one, or the one converted in place)."""
     import numpy as np
 
-    from sd_core.fast import make_fast
-    from sd_core.images import psnr
-    from sd_core.pipelines import text_to_image
+    from sd_core.fast.pipeline import make_fast
+    from sd_core.pipelines.images import psnr
+    from sd_core.pipelines.generate import text_to_image
     size = options.get("height") or ours.default_size
     name = f"pipeline ({options['steps']} steps, CFG, {size} px)"
     run_ours = lambda: text_to_image(ours, prompt, **options)
@@ -241,7 +241,7 @@ def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
     """The shipped text-to-image model end to end (a fresh diffusers pipeline for every row)."""
     import diffusers
 
-    from sd_core.loading import load_pipeline
+    from sd_core.checkpoints.loading import load_pipeline
 
     def diffusers_pipeline(dtype):
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(EMBEDDED_TEXT_TO_IMAGE, local_files_only=True)
@@ -259,8 +259,8 @@ def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
     import diffusers
     import transformers
 
-    from sd_core.components import StableDiffusionPipeline
-    from sd_core.fast import uses_bf16
+    from sd_core.checkpoints.pipeline_classes import StableDiffusionPipeline
+    from sd_core.fast.pipeline import uses_bf16
     from sd_core.tokenizer import CLIPTokenizer
     unet = diffusers.UNet2DConditionModel.from_config(presets.UNET_SD15).eval()
     vae = diffusers.AutoencoderKL.from_config(presets.VAE_SD).eval()
@@ -334,7 +334,7 @@ def main(args):
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from sd_core.distributed import cpu_only, finish
+    from sd_core.training.distributed import cpu_only, finish
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from sd_core.catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE
-from sd_core.loading import load_pipeline
-from sd_core.pipelines import class_ids, scheduler_name
+from sd_core.checkpoints.catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.generate import class_ids, scheduler_name
 
 from .parity import compare_tensors, first_tensor
 

@@ -5,7 +5,7 @@
 import sys
 from pathlib import Path
 
-from sd_core.catalog import EMBEDDED_DIT
+from sd_core.checkpoints.catalog import EMBEDDED_DIT
 
 from .kinds import run_comparison
 

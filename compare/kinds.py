@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sd_core.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
-from sd_core.images import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
-from sd_core.pipelines import dit_sample, vae_roundtrip
+from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
+from sd_core.pipelines.images import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
+from sd_core.pipelines.generate import dit_sample, vae_roundtrip
 from sd_core.schedulers import VARIANTS
 
 from .common import (DIT_KINDS, OutputRecorder, check_family, dit_probe, dit_settings, image_stage_summary, load,

@@ -12,7 +12,7 @@ import time
 import torch
 from torch.utils import flop_counter
 
-from sd_core.loading import DTYPES  # noqa: F401  (the benchmark's and self_kinds' dtype names)
+from sd_core.checkpoints.loading import DTYPES  # noqa: F401  (the benchmark's and self_kinds' dtype names)
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

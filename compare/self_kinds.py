@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd_core.dit import DiTTransformer2DModel
-from sd_core.fast import describe, make_fast
-from sd_core.layers import set_attention_backend
-from sd_core.pipelines import dit_sample, image_to_image, text_to_image
+from sd_core.models.dit import DiTTransformer2DModel
+from sd_core.fast.pipeline import describe, make_fast
+from sd_core.models.layers import set_attention_backend
+from sd_core.pipelines.generate import dit_sample, image_to_image, text_to_image
 
 from .common import (OutputRecorder, cast_pipeline, check_family, dit_probe, dit_settings, image_stage_summary, load,
                      sd_settings, step_stages)
@@ -191,7 +191,7 @@ def attention_kind(model, dtype: str = "fp32", device: str | None = None, **sett
 
 def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channels_last: bool = True,
                    tome: float | None = None, **settings) -> Report:
-    """The fast path (sd_core.fast) against the parity path on the same weights and noise: how far its
+    """The fast path (sd_core.fast.pipeline) against the parity path on the same weights and noise: how far its
     approximations (DeepCache's reused deep features, bf16 copies of the UNet and VAE, ToMe's merged tokens) move
     every step and the image."""
     switch = {"on": True, "off": False}  # the CLI's words

@@ -14,15 +14,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import catalog, shapes
-from .convert import CheckpointError
-from .catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
-from .components import DiTPipeline, StableDiffusionPipeline
-from .images import save_image
-from .loading import DTYPES, load_pipeline
-from .offload import enable_model_cpu_offload
-from .pipelines import PROMPT_SYNTAXES, customize, dit_sample, generate, image_seeds, refine, vae_roundtrip
-from .schedulers import SCHEDULER_NAMES
+from sd_core.checkpoints import catalog
+
+from sd_core.training import shapes_dataset as shapes
+from sd_core.checkpoints.convert import CheckpointError
+from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
+from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
+from sd_core.pipelines.images import save_image
+from sd_core.checkpoints.loading import DTYPES, load_pipeline
+from sd_core.pipelines.offload import enable_model_cpu_offload
+from sd_core.pipelines.generate import PROMPT_SYNTAXES, customize, dit_sample, generate, image_seeds, refine, vae_roundtrip
+from sd_core.schedulers import SCHEDULER_NAMES
 
 
 
@@ -132,8 +134,8 @@ def warn_unknown_words(source, prompts: list[str]):
 
 
 def run_generate(args):
-    if args.prompts is not None:  # a prompt file: many images, on any number of processes (sd_core.batch)
-        from . import batch
+    if args.prompts is not None:  # a prompt file: many images, on any number of processes (sd_core.training.batch)
+        from sd_core.training import batch
         return batch.run(args)
     if args.prompt is None:
         raise ValueError("Give a prompt, or --prompts FILE --out FOLDER.")
@@ -162,7 +164,7 @@ def run_generate(args):
         inputs = dict(image=args.init_image, mask=args.mask, strength=strength, **settings,
                       callback=progress_callback(steps_to_run(steps, strength if args.init_image else 1.0)))
         if args.fast or args.deepcache or args.compile:  # the opt-in fast path, never the parity one
-            from .fast import make_fast
+            from sd_core.fast.pipeline import make_fast
             fast = make_fast(pipe, deepcache=args.deepcache, compile=args.compile)
             result = fast.generate(args.prompt, args.negative, **inputs)
         else:

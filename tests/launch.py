@@ -1,5 +1,5 @@
 """Run a module on N local CPU processes the way users do: `accelerate launch --multi_gpu` (torchrun, gloo on
-loopback; on a machine without a GPU, sd_core.distributed.cpu_only() turns that into a CPU process group)."""
+loopback; on a machine without a GPU, sd_core.training.distributed.cpu_only() turns that into a CPU process group)."""
 import os
 import socket
 import subprocess

@@ -22,9 +22,12 @@ from PIL.PngImagePlugin import PngInfo
 
 import app
 from tests.helpers import assert_images_match
-from sd_core import app_models, app_parts
-from sd_core.embeddings import token_embedding
-from sd_core.images import psnr
+from sd_core.app import model_choices as app_models
+from sd_core.app import parts as app_parts
+from sd_core.pipelines.textual_inversion import token_embedding
+from sd_core.pipelines.images import psnr
+
+compare = app.compare_handler(app.comparisons)
 
 SD = "embedded: shapes (text to image)"
 DIT = "embedded: shapes (DiT)"
@@ -48,7 +51,7 @@ def test_handlers_return_images_of_the_right_size_and_reuse_seeds():
     dit_images, dit_seed, _, semantics = app.sample_dit(DIT, "red circle", 3.0, 5, "ddim", 3, 2)
     assert len(dit_images) == 2 and dit_images[0][0].size == (64, 64) and dit_seed == "3"
     assert [caption for _, caption in dit_images] == ["seed 3", "seed 4"] and "**diffusers**" in semantics
-    verdict, images, plots, rows, report = app.compare("text_to_image", SD, "a red circle", seed=0, steps=4)
+    verdict, images, plots, rows, report = compare("text_to_image", SD, "a red circle", seed=0, steps=4)
     assert [caption for _, caption in images][:2] == ["sd_core", "diffusers"] and images[0][0].size == (64, 64)
     assert "✅ PASS" in verdict and rows[-1][-1] == "yes" and [c for _, c in plots] == ["per-step", "per-module"]
 
@@ -374,17 +377,17 @@ def test_compare_runs_each_kind_through_gradio_client_with_named_parameters(clie
 
 def test_compare_refuses_a_model_of_the_wrong_family_and_names_the_fix():
     with pytest.raises(gr.Error, match="does not fit the comparison 'dit': pick one of .*shapes \\(DiT\\)"):
-        app.compare("dit", SD, class_label="red circle")
+        compare("dit", SD, class_label="red circle")
     with pytest.raises(gr.Error, match="kind must be one of"):
-        app.compare("speed", SD)
+        compare("speed", SD)
     with pytest.raises(gr.Error, match="Unknown class label 'unicorn'"):
-        app.compare("dit", DIT, class_label="unicorn", steps=1)
+        compare("dit", DIT, class_label="unicorn", steps=1)
     with pytest.raises(gr.Error, match=r"tome must be one of \[0.0, 0.5, 0.75\]; got 0.3"):
-        app.compare("fast_path", SD, tome=0.3, steps=1)
+        compare("fast_path", SD, tome=0.3, steps=1)
 
 
 def test_each_compare_kind_shows_only_the_settings_it_takes():
-    assert set(app.COMPARE_FIELDS) == set(app.KINDS)
+    assert set(app.COMPARE_FIELDS) == set(app.comparisons.KINDS)
     demo = app.build()
     on_kind = next(d for d in demo.fns.values() if d.name == "on_kind").fn
     dropdown, prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache, tome = on_kind("vae")
@@ -605,7 +608,7 @@ def test_raw_api_values_reach_the_app_s_checks_as_sent(client, endpoint, argumen
 
 def test_sd_core_never_imports_compare():
     """compare depends on sd_core, never the reverse: the app's support module and the whole package load alone."""
-    code = ("import sys, pkgutil, importlib, sd_core, sd_core.app_parts\n"
+    code = ("import sys, pkgutil, importlib, sd_core, sd_core.app.parts\n"
             "for m in pkgutil.iter_modules(sd_core.__path__):\n"
             "    if m.name not in ('__main__', 'train'): importlib.import_module('sd_core.' + m.name)\n"
             "print(sorted(name for name in sys.modules if name.split('.')[0] == 'compare'))")

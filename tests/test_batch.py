@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sd_core import batch
+from sd_core.training import batch
 from tests.launch import ROOT, launch
 
 PROMPTS = ["a big red circle on the left on a gray background",
@@ -54,7 +54,7 @@ def one_process(tmp_path_factory):
     """The reference: every image made on one process (embedded model, 3 steps)."""
     folder = tmp_path_factory.mktemp("batch")
     (folder / "p.txt").write_text("\n".join(PROMPTS) + "\n")
-    printed = launch(1, ["sd_core.batch", "--prompts", str(folder / "p.txt"), "--out", str(folder / "one"), *FLAGS])
+    printed = launch(1, ["sd_core.training.batch", "--prompts", str(folder / "p.txt"), "--out", str(folder / "one"), *FLAGS])
     assert "5 images in" in printed.stdout and "1 process)" in printed.stdout
     assert sorted(p.name for p in (folder / "one").iterdir()) == NAMES
     return folder
@@ -62,7 +62,7 @@ def one_process(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_write_the_same_bytes_as_one(one_process):
-    printed = launch(2, ["sd_core.batch", "--prompts", str(one_process / "p.txt"), "--out", str(one_process / "two"),
+    printed = launch(2, ["sd_core.training.batch", "--prompts", str(one_process / "p.txt"), "--out", str(one_process / "two"),
                          *FLAGS])
     assert "5 images in" in printed.stdout and "2 processes" in printed.stdout
     assert sorted(p.name for p in (one_process / "two").iterdir()) == NAMES  # no .partial files left
@@ -75,7 +75,7 @@ def test_two_processes_write_the_same_bytes_as_one(one_process):
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_without_redoing_finished_images(one_process):
     out = one_process / "resumed"
-    args = ["sd_core.batch", "--prompts", str(one_process / "p.txt"), "--out", str(out), *FLAGS]
+    args = ["sd_core.training.batch", "--prompts", str(one_process / "p.txt"), "--out", str(out), *FLAGS]
     printed = launch(1, [*args, "--stop-after", "2"])
     assert "2 images in" in printed.stdout and "3 left" in printed.stdout
     finished = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in out.iterdir()}
@@ -95,7 +95,7 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_files(tmp_path):
     (tmp_path / "p.txt").write_text("".join(f"a red circle number {i}\n" for i in range(24)))
     args = ["--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--threads", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONPATH=ROOT)
-    killed = subprocess.Popen([sys.executable, "-m", "sd_core.batch", *args, "--out", str(tmp_path / "killed")],
+    killed = subprocess.Popen([sys.executable, "-m", "sd_core.training.batch", *args, "--out", str(tmp_path / "killed")],
                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 90
     while len(list((tmp_path / "killed").glob("*.png"))) < 3 and time.monotonic() < deadline:
@@ -104,12 +104,12 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_files(tmp_path):
     killed.wait()
     finished = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in (tmp_path / "killed").glob("*.png")}
     assert 3 <= len(finished) < 24, len(finished)  # killed part way
-    printed = launch(2, ["sd_core.batch", *args, "--out", str(tmp_path / "killed")])
+    printed = launch(2, ["sd_core.training.batch", *args, "--out", str(tmp_path / "killed")])
     assert f"{24 - len(finished)} images in" in printed.stdout
     for name, (inode, mtime) in finished.items():
         path = tmp_path / "killed" / name
         assert (path.stat().st_ino, path.stat().st_mtime_ns) == (inode, mtime), name
-    launch(1, ["sd_core.batch", *args, "--out", str(tmp_path / "straight")])
+    launch(1, ["sd_core.training.batch", *args, "--out", str(tmp_path / "straight")])
     names = sorted(path.name for path in (tmp_path / "straight").iterdir())
     assert len(names) == 24 and sorted(path.name for path in (tmp_path / "killed").iterdir()) == names
     for name in names:

@@ -84,7 +84,7 @@ def test_defaults_by_door_outputs_folder_and_jpeg(folders, tmp_path, monkeypatch
 
 
 def test_embedded_models_default_to_their_catalog_settings(tmp_path):
-    from sd_core.catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS
+    from sd_core.checkpoints.catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS
     assert main(["generate", "a big red circle on the left on a gray background", "--seed", "0",
                  "-o", str(tmp_path / "e.png")]) == 0
     settings = settings_of(tmp_path / "e.png")
@@ -139,8 +139,8 @@ def test_zero_width_and_a_folder_as_output_are_clear_errors(folders, tmp_path, c
 
 
 def test_generate_inpaints_with_a_mask_and_refines_with_an_sdxl_refiner(folders, tmp_path, capsys):
-    from sd_core.loading import load_pipeline
-    from sd_core.pipelines import inpaint, refine
+    from sd_core.checkpoints.loading import load_pipeline
+    from sd_core.pipelines.generate import inpaint, refine
     sd, _ = folders
     rng = np.random.default_rng(3)
     Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)).save(tmp_path / "in.png")

@@ -2,8 +2,8 @@ import pytest
 import torch
 import transformers
 
-from sd_core import presets
-from sd_core.clip import CLIPTextModel, CLIPTextModelWithProjection
+from sd_core.models import presets
+from sd_core.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from tests.helpers import parameter_shapes, randomize, relative_diff
 
 SMALL = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -60,7 +60,7 @@ def test_clip_text_outputs_match_transformers(name, ours_class, reference_class)
 @torch.no_grad()
 def test_clip_attention_mask_matches_transformers(backend):
     """Padding keys masked on top of the causal mask, in both attention paths."""
-    from sd_core.layers import set_attention_backend
+    from sd_core.models.layers import set_attention_backend
     ours, reference = build_pair(CLIPTextModel, transformers.CLIPTextModel, SMALL_CONFIGS["openclip_like_gelu_2_layers"])
     set_attention_backend(ours, backend)
     ids = token_batch(999)
@@ -71,7 +71,7 @@ def test_clip_attention_mask_matches_transformers(backend):
 
 @torch.no_grad()
 def test_clip_math_and_sdpa_attention_agree():
-    from sd_core.layers import set_attention_backend
+    from sd_core.models.layers import set_attention_backend
     ours, _ = build_pair(CLIPTextModel, transformers.CLIPTextModel, SMALL_CONFIGS["openclip_like_gelu_2_layers"])
     ids = token_batch(999)
     fast = ours(ids).last_hidden_state

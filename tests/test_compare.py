@@ -7,7 +7,7 @@ from compare.__main__ import main as compare_main
 from compare.kinds import KINDS, run_comparison
 from compare.parity import compare_images, first_divergence, run_parity
 from compare.plots import bar_chart, line_plot
-from sd_core.loading import load_pipeline
+from sd_core.checkpoints.loading import load_pipeline
 from tests import tiny
 
 
@@ -59,12 +59,12 @@ def test_a_wrong_group_norm_eps_is_located_by_name(folders):
 
 
 def test_a_swapped_sin_cos_is_located_at_the_time_embedding(folders, monkeypatch):
-    import sd_core.unet
-    real = sd_core.unet.timestep_embedding
+    import sd_core.models.unet
+    real = sd_core.models.unet.timestep_embedding
 
     def swapped(t, dim, flip_sin_to_cos, shift, **kwargs):
         return real(t, dim, not flip_sin_to_cos, shift, **kwargs)
-    monkeypatch.setattr(sd_core.unet, "timestep_embedding", swapped)
+    monkeypatch.setattr(sd_core.models.unet, "timestep_embedding", swapped)
     result = planted_divergence(folders["sd1"], lambda unet: None)
     assert result["first_divergent"]["name"] == "time_embedding.linear_1"
 
@@ -217,13 +217,13 @@ def test_fast_path_is_measured_against_the_parity_path_on_the_embedded_model(dee
 def test_math_and_sdpa_attention_agree_and_a_fault_in_one_is_found(dit_folder, monkeypatch):
     report = run_comparison("attention", dit_folder, class_labels=[3], steps=3, scheduler="ddim")
     assert report.passed and report.stages[-1].max_abs == 0, report.verdict
-    import sd_core.layers
-    real = sd_core.layers.attend
+    import sd_core.models.layers
+    real = sd_core.models.layers.attend
 
     def faulty(q, k, v, heads, *args, backend="sdpa", **kwargs):  # SDPA without its 1/sqrt(d) scale
         return real(q * (q.shape[-1] // heads) ** 0.5 if backend == "sdpa" else q, k, v, heads, *args,
                     backend=backend, **kwargs)
-    monkeypatch.setattr(sd_core.layers, "attend", faulty)
+    monkeypatch.setattr(sd_core.models.layers, "attend", faulty)
     report = run_comparison("attention", dit_folder, class_labels=[3], steps=3, scheduler="ddim")
     assert report.passed is False
     # attend() is a function, not a module: the first module to see its output is the projection after it
@@ -268,9 +268,9 @@ def test_cli_refuses_an_existing_file_as_out_and_writes_a_report_folder(folders,
 
 
 def test_a_swapped_sin_cos_in_the_dit_is_found_at_the_timestep_embedder(dit_folder, monkeypatch):
-    import sd_core.dit
-    real = sd_core.dit.timestep_embedding
-    monkeypatch.setattr(sd_core.dit, "timestep_embedding",
+    import sd_core.models.dit
+    real = sd_core.models.dit.timestep_embedding
+    monkeypatch.setattr(sd_core.models.dit, "timestep_embedding",
                         lambda t, dim, flip_sin_to_cos, **kwargs: real(t, dim, not flip_sin_to_cos, **kwargs))
     report = run_comparison("dit", dit_folder, class_labels=[3], steps=2, scheduler="ddim")
     assert not report.passed and first_failed(report) == "step 1 noise prediction"
@@ -279,7 +279,7 @@ def test_a_swapped_sin_cos_in_the_dit_is_found_at_the_timestep_embedder(dit_fold
 
 def test_diffusers_ignores_the_frequencies_field_so_original_dit_frequencies_show_as_a_deviation(dit_folder, tmp_path):
     from compare.self_kinds import with_timestep_frequencies
-    from sd_core.saving import save_pipeline
+    from sd_core.checkpoints.saving import save_pipeline
     original = save_pipeline(with_timestep_frequencies(load_pipeline(dit_folder), "original"), tmp_path / "original")
     assert load_pipeline(original).transformer.config.timestep_frequencies == "original"
     report = run_comparison("dit", original, class_labels=[3], steps=2, scheduler="ddim")
@@ -288,7 +288,7 @@ def test_diffusers_ignores_the_frequencies_field_so_original_dit_frequencies_sho
 
 
 def test_a_single_file_model_is_compared_on_its_loaded_tensors(folders, tmp_path):
-    from sd_core.saving import export_single_file
+    from sd_core.checkpoints.saving import export_single_file
     path = export_single_file(load_pipeline(folders["sd1"]), tmp_path / "sd1.safetensors")
     pipe = load_pipeline(path, config=folders["sd1"])
     report = run_comparison("vae", pipe, size=16)

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel as ReferenceDiT
 
-from sd_core import convert
-from sd_core.dit import DiTTransformer2DModel, dit_config
-from sd_core.layers import set_attention_backend
-from sd_core.loading import dit_config_from_weights
-from sd_core.saving import save_model
+from sd_core.checkpoints import convert
+from sd_core.models.dit import DiTTransformer2DModel, dit_config
+from sd_core.models.layers import set_attention_backend
+from sd_core.checkpoints.loading import dit_config_from_weights
+from sd_core.checkpoints.saving import save_model
 from tests import tiny
 from tests.helpers import parameter_shapes, randomize, relative_diff, twin
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from sd_core import shapes
-from sd_core.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
-from sd_core.loading import load_pipeline
-from sd_core.pipelines import dit_sample, text_to_image
+from sd_core.training import shapes_dataset as shapes
+from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.generate import dit_sample, text_to_image
 from tests.helpers import assert_images_match
 
 SCHEDULERS = {"dpmpp_2m": diffusers.DPMSolverMultistepScheduler, "euler": diffusers.EulerDiscreteScheduler,
@@ -43,7 +43,7 @@ def test_diffusers_draws_the_same_images_from_the_shipped_dit():
 
 
 def test_the_shipped_model_draws_what_it_is_asked_for():
-    """A small end-to-end sanity check of the training (the full evaluation is python -m sd_core.train evaluate)."""
+    """A small end-to-end sanity check of the training (the full evaluation is python -m sd_core.training evaluate)."""
     pipe = load_pipeline(EMBEDDED_TEXT_TO_IMAGE)
     scene = shapes.Scene("square", "blue", "left", "big", "white")
     result = text_to_image(pipe, scene.caption, steps=20, guidance_scale=5.0, images_per_prompt=4, seed=0)

@@ -6,10 +6,10 @@ import safetensors.torch
 import torch
 import transformers
 
-from sd_core.convert import CheckpointError
-from sd_core.embeddings import add_embedding, load_embedding
-from sd_core.loading import load_pipeline
-from sd_core.pipelines import text_to_image
+from sd_core.checkpoints.convert import CheckpointError
+from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.generate import text_to_image
 from sd_core.tokenizer import CLIPTokenizer
 from tests import tiny
 from tests.helpers import assert_images_match, relative_diff

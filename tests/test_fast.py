@@ -1,4 +1,4 @@
-"""The opt-in fast path (sd_core.fast) and cheap previews (sd_core.preview) against the parity path.
+"""The opt-in fast path (sd_core.fast.pipeline) and cheap previews (sd_core.pipelines.previews) against the parity path.
 
 Figures measured on the embedded model (the tests' settings; see the README's benchmark section), each asserted
 with a margin: channels_last images are identical or within a level (PSNR inf/inf/83 dB), DeepCache N=3 over
@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sd_core import shapes
-from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
-from sd_core.fast import FastOptions, FastUNet, make_fast
-from sd_core.images import psnr
-from sd_core.loading import load_pipeline
-from sd_core.pipelines import text_to_image
-from sd_core.preview import fast_preview, latent_preview, latent_preview_tensor, latent_to_rgb
+from sd_core.training import shapes_dataset as shapes
+from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
+from sd_core.fast.pipeline import FastOptions, FastUNet, make_fast
+from sd_core.pipelines.images import psnr
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.generate import text_to_image
+from sd_core.pipelines.previews import fast_preview, latent_preview, latent_preview_tensor, latent_to_rgb
 
 PROMPT = "a big yellow triangle on the right on a black background"
 SETTINGS = {"steps": 12, "guidance_scale": 5.0, "seed": 2}
@@ -144,7 +144,7 @@ TOME_MIN_PSNR = 30.0  # dB against the parity image at ratio 0.5 (SETTINGS, fp32
 
 
 def test_tome_ratio_0_is_the_plain_fast_path_and_0_5_stays_within_stated_psnr(pipe, parity_image):
-    from sd_core.fast import ToMeBlock
+    from sd_core.fast.pipeline import ToMeBlock
     plain = make_fast(pipe, bf16=False).text_to_image(PROMPT, **SETTINGS).images[0]
     wrapped = make_fast(pipe, bf16=False, tome=0.0)
     assert any(isinstance(m, ToMeBlock) for m in wrapped.pipe.unet.unet.modules())
@@ -158,7 +158,7 @@ def test_tome_ratio_0_is_the_plain_fast_path_and_0_5_stays_within_stated_psnr(pi
 
 
 def test_tome_merges_the_most_similar_tokens_and_unmerges_by_copying():
-    from sd_core.fast import bipartite_soft_matching
+    from sd_core.fast.pipeline import bipartite_soft_matching
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 36, 8, generator=generator)  # 6x6 tokens: 9 destinations, 27 sources
     merge, unmerge = bipartite_soft_matching(x, 6, 6, 5, torch.Generator().manual_seed(1))

@@ -8,9 +8,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
-from sd_core.dit import DiTTransformer2DModel
-from sd_core.loading import load_pipeline
+from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
+from sd_core.models.dit import DiTTransformer2DModel
+from sd_core.checkpoints.loading import load_pipeline
 from sd_core.tokenizer import CLIPTokenizer
 
 

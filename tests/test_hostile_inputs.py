@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_core import serving
-from sd_core.images import load_image, save_image
-from sd_core.inpainting import load_mask
-from sd_core.serving import (ModelCache, ResultsJanitor, WorkLimits, as_choice, as_number, as_text, as_whole_number,
+from sd_core.app import serving
+from sd_core.pipelines.images import load_image, save_image
+from sd_core.pipelines.inpainting import load_mask
+from sd_core.app.serving import (ModelCache, ResultsJanitor, WorkLimits, as_choice, as_number, as_text, as_whole_number,
                              check_request, clean_results, open_upload)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ def test_16_bit_mask_reads_as_its_8_bit_equivalent_not_clipped_to_white(tmp_path
 
 def test_a_16_bit_mask_editor_layer_is_scaled_not_clipped(tmp_path):
     """An opaque layer sent through the API masks its light pixels; in 16 bits, 100/255 must stay dark."""
-    from sd_core.app_inpaint import painted_mask
+    from sd_core.app.inpaint_tab import painted_mask
     values = np.full((16, 24), 100, dtype=np.uint16) * 257
     values[4:12, 8:16] = 200 * 257
     Image.fromarray(values).save(tmp_path / "layer16.png")
@@ -489,7 +489,7 @@ SAVER = """
 import os, sys, time
 from PIL import Image
 import numpy as np
-from sd_core import images
+from sd_core.pipelines import images
 path, mode = sys.argv[1], sys.argv[2]
 image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8))
 if mode == "stall":  # the whole file written, the rename not yet done: the moment a kill used to leave .partial
@@ -546,7 +546,7 @@ def test_signals_at_random_moments_of_repeated_saves_leave_no_partial(tmp_path, 
 
 
 def test_an_exception_while_writing_leaves_no_partial(tmp_path, monkeypatch):
-    from sd_core import images
+    from sd_core.pipelines import images
 
     def interrupted(src, dst):
         raise KeyboardInterrupt

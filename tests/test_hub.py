@@ -1,4 +1,4 @@
-"""sd_core.hub through the real huggingface_hub client, against a loopback fake Hub (tests/fake_hub.py)
+"""sd_core.checkpoints.hub through the real huggingface_hub client, against a loopback fake Hub (tests/fake_hub.py)
 serving the real layouts of SD 1.5 and SDXL base: exactly the files the pipeline loads are fetched."""
 import functools
 import json
@@ -9,9 +9,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from sd_core.convert import CheckpointError
-from sd_core.hub import fetch_pipeline, plan_pipeline_files
-from sd_core.loading import load_diffusers_folder
+from sd_core.checkpoints.convert import CheckpointError
+from sd_core.checkpoints.hub import fetch_pipeline, plan_pipeline_files
+from sd_core.checkpoints.loading import load_diffusers_folder
 from tests.fake_hub import FakeHub, real_repo, repo_with_tiny_pipeline
 
 SD15, SDXL = "runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
@@ -178,7 +178,7 @@ def test_old_download_against_new_fetch_in_bytes_on_the_real_layouts(serve, caps
         new = plan_pipeline_files(repo_id, variant=variant)
         rows[repo_id, variant] = (len(old), sum(f.file_size for f in old), len(new), sum(size for _, size in new))
     with capsys.disabled():
-        print("\nrepo, variant: old loading.download -> sd_core.hub.fetch_pipeline")
+        print("\nrepo, variant: old loading.download -> sd_core.checkpoints.hub.fetch_pipeline")
         for (repo_id, variant), (old_files, old_bytes, new_files, new_bytes) in rows.items():
             print(f"  {repo_id}, {variant}: {old_files} files {old_bytes:,} B ({old_bytes / 1e9:.2f} GB) -> "
                   f"{new_files} files {new_bytes:,} B ({new_bytes / 1e9:.2f} GB)")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_core.loading import load_pipeline
-from sd_core.pipelines import generate, image_to_image, inpaint, refine, text_to_image
-from sd_core.saving import save_pipeline
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.generate import generate, image_to_image, inpaint, refine, text_to_image
+from sd_core.checkpoints.saving import save_pipeline
 from tests import tiny
 from tests.helpers import assert_images_match
 from tests.test_pipelines import REFERENCE_SCHEDULERS

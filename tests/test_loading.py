@@ -7,11 +7,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from sd_core.convert import CheckpointError
-from sd_core.components import DiTPipeline, StableDiffusionPipeline
-from sd_core.families import FAMILIES as FAMILY_RECORDS, family_of_checkpoint
-from sd_core.loading import load_pipeline
-from sd_core.saving import export_single_file, save_pipeline
+from sd_core.checkpoints.convert import CheckpointError
+from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
+from sd_core.checkpoints.families import FAMILIES as FAMILY_RECORDS, family_of_checkpoint
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.checkpoints.saving import export_single_file, save_pipeline
 from tests import tiny
 
 FAMILIES = ["sd1", "sd2", "sdxl", "dit"]
@@ -254,9 +254,9 @@ REAL_SIZE_KEYS = {  # well-known tensor names of the released original checkpoin
 
 @pytest.mark.parametrize("family", REAL_SIZE_KEYS)
 def test_real_size_rules_produce_the_original_names_and_invert_exactly(family):
-    from sd_core import convert
-    from sd_core.dit import dit_config
-    from sd_core.loading import expected_shapes, single_file_layout
+    from sd_core.checkpoints import convert
+    from sd_core.models.dit import dit_config
+    from sd_core.checkpoints.loading import expected_shapes, single_file_layout
     tensors = {}
     configs = {"transformer": dit_config("DiT-XL/2")} if family == "dit" else {}
     layout = single_file_layout(FAMILY_RECORDS[family], {}, configs)
@@ -277,12 +277,12 @@ def test_models_are_built_as_shapes_without_running_initializers_that_cost_the_a
     imports sympy: 0.9 s of the app's start); tensors on a real device are still initialized."""
     import subprocess
     import sys
-    from sd_core.loading import on_meta
+    from sd_core.checkpoints.loading import on_meta
     with on_meta():
         embedding = torch.nn.Embedding(8, 4)
         real = torch.zeros(3, device="cpu").normal_()
     assert embedding.weight.is_meta and real.abs().sum() > 0
-    loads = ("import sys; from sd_core.catalog import EMBEDDED; from sd_core.loading import load_pipeline; "
+    loads = ("import sys; from sd_core.checkpoints.catalog import EMBEDDED; from sd_core.checkpoints.loading import load_pipeline; "
              "[load_pipeline(entry.source) for entry in EMBEDDED.values()]; print('sympy' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", loads], capture_output=True, text=True, check=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -9,11 +9,11 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from sd_core import convert
-from sd_core.convert import CheckpointError
-from sd_core.loading import load_pipeline
-from sd_core.lora import apply_loras, load_lora, loras_applied, remove_loras
-from sd_core.pipelines import text_to_image
+from sd_core.checkpoints import convert
+from sd_core.checkpoints.convert import CheckpointError
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.lora import apply_loras, load_lora, loras_applied, remove_loras
+from sd_core.pipelines.generate import text_to_image
 from tests import tiny
 from tests.helpers import assert_images_match, relative_diff
 

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 from accelerate.hooks import CpuOffload
 
-from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
-from sd_core.loading import load_pipeline
-from sd_core.offload import enable_model_cpu_offload, execution_device
-from sd_core.pipelines import text_to_image
+from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.offload import enable_model_cpu_offload, execution_device
+from sd_core.pipelines.generate import text_to_image
 
 PROMPT = "a big red circle on the left on a gray background"
 
@@ -54,7 +54,7 @@ def test_fp16_vae_decodes_in_fp32_on_a_copy_when_its_config_says_force_upcast(pi
     the fp32 VAE's image, while the shared fp16 model stays fp16."""
     import torch
 
-    from sd_core.pipelines import decode
+    from sd_core.pipelines.generate import decode
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = np.asarray(decode(pipe.vae, latents)[0])
@@ -80,7 +80,7 @@ def test_nan_weights_stop_with_the_stage_named_instead_of_a_black_image(pipe, we
 def test_the_fp32_copy_of_a_half_vae_is_made_once_not_at_every_preview(pipe):
     import torch
 
-    from sd_core.sampling import converted_copy, decode
+    from sd_core.pipelines.sampling import converted_copy, decode
     half = pipe.vae.half()
     half.config.force_upcast = True
     with torch.no_grad():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_core.loading import load_pipeline
-from sd_core.images import load_image, save_image
-from sd_core.pipelines import dit_sample, image_to_image, text_to_image, vae_roundtrip
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.images import load_image, save_image
+from sd_core.pipelines.generate import dit_sample, image_to_image, text_to_image, vae_roundtrip
 from tests import tiny
 from tests.helpers import assert_images_match
 
@@ -270,7 +270,7 @@ LONG_PROMPT = "a (big:1.4) red circle, " + ", ".join(["on the left"] * 30) + " B
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_a1111_syntax_encodes_negative_and_prompt_together_and_equals_diffusers_given_those_embeddings(
         pipelines, family):
-    from sd_core.prompts import encode_weighted_prompt, encode_weighted_prompt_sdxl
+    from sd_core.pipelines.prompt_syntax import encode_weighted_prompt, encode_weighted_prompt_sdxl
     reference, ours = pipelines[family]
     use_scheduler(reference, ours, "dpmpp_2m")
     if family == "sdxl":
@@ -342,8 +342,8 @@ def test_dit_refuses_ids_without_a_label_and_lists_the_valid_names(pipelines):
 
 
 def test_metadata_names_the_model_not_its_path(pipelines, tmp_path):
-    from sd_core.catalog import EMBEDDED_TEXT_TO_IMAGE
-    from sd_core.pipelines import display_name
+    from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
+    from sd_core.pipelines.generate import display_name
     _, ours = pipelines["sd1"]
     assert text_to_image(ours, "x", steps=1, height=16, width=16, seed=0).parameters["model"] == \
         Path(ours.source).name

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from sd_core.images import read_png_parameters, save_image
-from sd_core.loading import load_pipeline
-from sd_core.pipelines import dit_sample, image_to_image, text_to_image
+from sd_core.pipelines.images import read_png_parameters, save_image
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.generate import dit_sample, image_to_image, text_to_image
 from tests import tiny
 
 

@@ -1,12 +1,12 @@
-"""A1111's prompt syntax (sd_core.prompts): parsing, 75-token chunks, emphasis, clip_skip, SDXL."""
+"""A1111's prompt syntax (sd_core.pipelines.prompt_syntax): parsing, 75-token chunks, emphasis, clip_skip, SDXL."""
 import functools
 
 import pytest
 import torch
 import transformers
 
-from sd_core.clip import CLIPTextModel, CLIPTextModelWithProjection
-from sd_core.prompts import (BREAK, chunk_prompt, encode_weighted_prompt, encode_weighted_prompt_sdxl,
+from sd_core.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from sd_core.pipelines.prompt_syntax import (BREAK, chunk_prompt, encode_weighted_prompt, encode_weighted_prompt_sdxl,
                              parse_prompt_attention)
 from sd_core.tokenizer import CLIPTokenizer
 from tests import tiny

@@ -1,4 +1,4 @@
-"""README's "Command line" block runs as written and draws what its captions say (sd_core.shapes.score)."""
+"""README's "Command line" block runs as written and draws what its captions say (sd_core.training.shapes_dataset.score)."""
 import re
 import shlex
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from sd_core.__main__ import main
-from sd_core.shapes import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, SIZES, Scene, score
+from sd_core.training.shapes_dataset import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, SIZES, Scene, score
 
 README = Path(__file__).parent.parent / "README.md"
 

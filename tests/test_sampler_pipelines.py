@@ -7,8 +7,8 @@ import diffusers
 import pytest
 import torch
 
-from sd_core.loading import load_pipeline
-from sd_core.pipelines import text_to_image
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.generate import text_to_image
 from tests import tiny
 from tests.helpers import assert_images_match
 from tests.test_schedulers import SD15_SCHEDULER_CONFIG, TURBO_SCHEDULER_CONFIGS

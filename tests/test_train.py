@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sd_core import shapes, train
-from sd_core.loading import load_pipeline
-from sd_core.pipelines import dit_sample, text_to_image
+from sd_core.training import shapes_dataset as shapes
+
+from sd_core.training import recipes as train
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.pipelines.generate import dit_sample, text_to_image
 from tests.launch import launch
 
 TINY_VAE = dict(train.VAE_CONFIG, block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
@@ -195,7 +197,7 @@ def test_evaluation_split_over_two_processes_gives_the_one_process_scores(tmp_pa
     reports = {}
     for processes in (1, 2):
         out = tmp_path / f"report-{processes}.json"
-        launch(processes, ["sd_core.train", "evaluate", "--model", "sd_core/weights/shapes-sd", "--dit",
+        launch(processes, ["sd_core.training", "evaluate", "--model", "sd_core/weights/shapes-sd", "--dit",
                            "sd_core/weights/shapes-dit", "--seeds", "1", "--limit", "3", "--json", str(out)],
                timeout=300)
         reports[processes] = json.loads(out.read_text())

@@ -3,9 +3,9 @@ import torch
 from diffusers import UNet2DConditionModel as ReferenceUNet
 from diffusers.models.embeddings import get_timestep_embedding
 
-from sd_core import presets
-from sd_core.layers import Downsample2D, Transformer2DModel, set_attention_backend, timestep_embedding
-from sd_core.unet import UNet2DConditionModel
+from sd_core.models import presets
+from sd_core.models.layers import Downsample2D, Transformer2DModel, set_attention_backend, timestep_embedding
+from sd_core.models.unet import UNet2DConditionModel
 from tests.helpers import parameter_shapes, randomize, relative_diff, twin
 
 SD1_LIKE = dict(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],

@@ -2,8 +2,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as ReferenceVAE
 
-from sd_core import presets
-from sd_core.vae import AutoencoderKL
+from sd_core.models import presets
+from sd_core.models.vae import AutoencoderKL
 from tests.helpers import parameter_shapes, randomize, relative_diff, twin
 
 SMALL_CONFIGS = {

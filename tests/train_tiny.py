@@ -1,10 +1,10 @@
-"""`python -m tests.train_tiny text-to-image|dit|vae ...`: sd_core.train's commands on the tests' tiny models, so
+"""`python -m tests.train_tiny text-to-image|dit|vae ...`: sd_core.training's commands on the tests' tiny models, so
 the multi-process tests launch the real loop under accelerate in seconds."""
 import sys
 
 import torch
 
-from sd_core import train
+from sd_core.training import recipes as train
 from tests.test_train import TINY_DIT, TINY_TEXT, TINY_UNET, TINY_VAE
 
 if __name__ == "__main__":

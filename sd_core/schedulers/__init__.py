@@ -17,14 +17,14 @@ Every sampler turns the model output into (x0, eps) with one function, `predicte
 Timesteps and sigmas are computed with the same numpy/torch operations as diffusers so that they are
 equal to the last bit, quirks included (each is named where it happens).
 """
-from .base import (PREDICTION_TYPES, TIMESTEP_SPACINGS, SamplingState, Scheduler, SchedulerConfig, StepOutput,
+from sd_core.schedulers.base import (PREDICTION_TYPES, TIMESTEP_SPACINGS, SamplingState, Scheduler, SchedulerConfig, StepOutput,
                    karras_sigmas, make_betas, predicted_x0_and_eps, sigma_schedule, spaced_timesteps)
-from .ddpm import DDIM, DDPM
-from .dpm_solver import DPMSolverMultistep
-from .euler import EulerAncestral, EulerDiscrete, HeunDiscrete, LMSDiscrete
-from .lcm import LCM
-from .pndm import PNDM
-from .unipc import UniPCMultistep
+from sd_core.schedulers.ddpm import DDIM, DDPM
+from sd_core.schedulers.dpm_solver import DPMSolverMultistep
+from sd_core.schedulers.euler import EulerAncestral, EulerDiscrete, HeunDiscrete, LMSDiscrete
+from sd_core.schedulers.lcm import LCM
+from sd_core.schedulers.pndm import PNDM
+from sd_core.schedulers.unipc import UniPCMultistep
 
 __all__ = ["PREDICTION_TYPES", "TIMESTEP_SPACINGS", "SamplingState", "Scheduler", "SchedulerConfig", "StepOutput",
            "karras_sigmas", "make_betas", "predicted_x0_and_eps", "sigma_schedule", "spaced_timesteps", "DDIM", "DDPM",

@@ -1,8 +1,8 @@
 """DDPM and DDIM: ancestral and implicit sampling in alpha_bar, through the posterior q(x_prev | x_t, x0)."""
 import torch
 
-from ..layers import randn_like
-from .base import Scheduler, StepOutput, checked_timesteps, predicted_x0_and_eps
+from sd_core.noise import randn_like
+from sd_core.schedulers.base import Scheduler, StepOutput, checked_timesteps, predicted_x0_and_eps
 
 
 class DDPM(Scheduler):

@@ -3,9 +3,9 @@ stochastic form, DPM++ 2M SDE."""
 import numpy as np
 import torch
 
-from ..layers import randn_tensor
-from .base import SamplingState, StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
-from .euler import KarrasSigmaScheduler, alpha_sigma_from_karras_sigma
+from sd_core.noise import randn_tensor
+from sd_core.schedulers.base import SamplingState, StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
+from sd_core.schedulers.euler import KarrasSigmaScheduler, alpha_sigma_from_karras_sigma
 
 
 def dpm_solver_lambda(sigma):

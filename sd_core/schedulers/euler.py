@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from ..layers import randn_like
-from .base import Scheduler, StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
+from sd_core.noise import randn_like
+from sd_core.schedulers.base import Scheduler, StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
 
 
 def alpha_sigma_from_karras_sigma(sigma):

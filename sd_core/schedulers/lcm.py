@@ -4,9 +4,9 @@ noised afresh to the next, lower timestep."""
 import numpy as np
 import torch
 
-from ..layers import randn_tensor
-from .ddpm import DDPM
-from .base import StepOutput
+from sd_core.noise import randn_tensor
+from sd_core.schedulers.ddpm import DDPM
+from sd_core.schedulers.base import StepOutput
 
 
 def consistency_boundary_scalings(t, timestep_scaling: float, sigma_data: float = 0.5):

@@ -4,7 +4,7 @@ timesteps. Its linear multistep form, PLMS, is the sampler Stable Diffusion 1.x/
 import numpy as np
 import torch
 
-from .base import Scheduler, StepOutput, checked_timesteps, predicted_x0_and_eps
+from sd_core.schedulers.base import Scheduler, StepOutput, checked_timesteps, predicted_x0_and_eps
 
 
 def pndm_transfer(x_t, eps, alpha_bar, alpha_bar_prev):

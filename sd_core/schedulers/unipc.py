@@ -15,9 +15,9 @@ integrator's phi functions) is in `unipc_rhos`.
 import numpy as np
 import torch
 
-from .base import StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
-from .dpm_solver import dpm_solver_lambda
-from .euler import KarrasSigmaScheduler, alpha_sigma_from_karras_sigma
+from sd_core.schedulers.base import StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
+from sd_core.schedulers.dpm_solver import dpm_solver_lambda
+from sd_core.schedulers.euler import KarrasSigmaScheduler, alpha_sigma_from_karras_sigma
 
 
 def unipc_rhos(rks: list, hh, order: int, solver_type: str, corrector: bool):

@@ -1,0 +1,341 @@
+"""What app.py needs besides its layout and handlers: ZeroGPU wrapping, input checks, and the form pieces several
+tabs share. The models it offers and keeps loaded are in app_models.py; share links and their restore on page load
+in app_links.py; the Inpaint tab and its mask editor in app_inpaint.py.
+
+This module may import gradio; the models, pipelines and schedulers never do.
+"""
+import functools
+import inspect
+import logging
+import re
+import time
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from sd_core.app.model_choices import (EMBEDDED, MODELS, ModelCache, Settings, catalog_entry, extra_path, hub_offered,  # noqa: F401
+                         model_choices, resolve_source, root_files)
+from sd_core.checkpoints.pipeline_classes import DiTPipeline
+from sd_core.checkpoints.convert import CheckpointError
+from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
+from sd_core.fast.pipeline import make_fast
+from sd_core.pipelines.images import read_png_parameters
+from sd_core.pipelines.generate import MAX_SEED, preview, resolve_seed
+from sd_core.schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
+from sd_core.app.serving import (
+    WorkLimits,
+    as_choice,
+    as_number,
+    as_whole_number,
+    check_request,
+    raw_value,
+)
+
+LOG = logging.getLogger("sd_core.app")
+# ------------------------------------------------------------------------------ handlers: GPU, errors, inputs
+
+
+def gpu_seconds(arguments: dict) -> int:
+    """How long a request may hold a ZeroGPU GPU: loading, plus steps x images x megapixels."""
+    try:
+        pixels = int(arguments.get("width") or 512) * int(arguments.get("height") or 512)
+        work = int(arguments.get("steps") or 25) * int(arguments.get("number_of_images") or 1) * max(pixels / 512 ** 2, 0.25)
+    except (TypeError, ValueError):
+        return 60
+    return int(min(30 + 0.25 * work, 300))
+
+
+def on_gpu(fn):
+    """ZeroGPU Spaces lend a GPU only inside functions wrapped by `spaces.GPU`; where that package is not
+    installed nothing changes."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    signature = inspect.signature(fn)
+
+    def duration(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        return gpu_seconds(bound.arguments)
+    return functools.wraps(fn)(spaces.GPU(duration=duration)(fn))
+
+
+def user_errors(fn):
+    """Turn bad input (ValueError/TypeError from sd_core and sd_core.app.serving's refusals) and non-finite latents
+    (FloatingPointError) into a one-line gr.Error the visitor reads, logged as one line; the app keeps serving.
+    The handler's signature is kept: gradio names the API parameters after it."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error as error:
+            LOG.warning("%s refused: %s", fn.__name__, error.message)
+            raise
+        except (ValueError, TypeError, FileNotFoundError, CheckpointError, FloatingPointError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            LOG.warning("%s refused: %s", fn.__name__, message)
+            raise gr.Error(message) from None
+    return wrapped
+
+
+def handler(fn):
+    return on_gpu(user_errors(fn))
+
+
+LIMITS = WorkLimits.from_environment(Settings.device)  # work per request; heavy requests share one slot
+
+
+def run_bounded(kind: str, pixels: int, steps: int, batch: int, work):
+    """Refuse work beyond this machine's budget for `kind` ("text_to_image:<model>": each model's own speed; the
+    message states the bound), run the rest (heavy requests one at a time across all endpoints), and learn the
+    model's speed from each run."""
+    with LIMITS.slot(check_request(LIMITS, kind, pixels, steps, batch)):
+        start = time.perf_counter()
+        result = work()
+        LIMITS.observe(kind, time.perf_counter() - start, pixels, steps, batch)
+    return result
+
+
+def timestep_semantics(pipe) -> str:
+    frequencies = pipe.transformer.config.timestep_frequencies
+    why = ("the original DiT code's (exponent / half), as the released DiT weights were trained" if frequencies == "original"
+           else "diffusers' (exponent / (half - 1)), as diffusers-trained weights expect")
+    return f"Timestep embedding frequencies: **{frequencies}**: {why}. Compare → dit_timestep_semantics shows the other."
+
+
+def drawn_side(pipe) -> int:
+    """The side of the square image a model draws by default (what a compare or DiT request is priced at)."""
+    if hasattr(pipe, "transformer"):
+        return pipe.transformer.config.sample_size * pipe.vae.downscale_factor
+    return pipe.default_size
+
+
+def as_int(value, name: str, low: int, high: int) -> int:
+    """NaN, inf, "ten", None, 1.5: refused with a message naming the parameter and its range."""
+    return as_whole_number(value, name, low, high)
+
+
+def as_float(value, name: str, low: float, high: float) -> float:
+    return as_number(value, name, low, high)
+
+
+def seed_of(seed) -> int:
+    """A visitor's seed: -1 (or empty) draws a random one, anything else must be a whole number in range."""
+    if seed is None or (isinstance(seed, str) and not seed.strip()):
+        return resolve_seed(None)
+    if not isinstance(seed, bool) and isinstance(seed, (int, float, str)):
+        try:
+            if float(seed) == -1:
+                return resolve_seed(None)
+        except ValueError:
+            pass
+    return resolve_seed(as_whole_number(seed, "seed", 0, MAX_SEED))
+
+
+def random_seed() -> int:
+    return int(np.random.randint(0, MAX_SEED))
+
+
+# ------------------------------------------------------------------------------------ shared form pieces
+
+MODEL_DEFAULT = "default"  # scheduler choice: the one the model's own scheduler config names
+SCHEDULER_CHOICES = [(DISPLAY_NAMES.get(name, name), name) for name in SCHEDULER_NAMES] + [
+    ("the model's own", MODEL_DEFAULT)]
+SYNTAXES = [("plain (as diffusers)", "plain"), ("A1111: (word:1.2), [word], BREAK, long prompts", "a1111")]
+
+
+def scheduler_of(choice):
+    choice = as_choice(choice, "scheduler", [value for _, value in SCHEDULER_CHOICES])
+    return None if choice == MODEL_DEFAULT else choice
+
+
+def model_dropdown(choices: list, label: str = "Model") -> gr.Dropdown:
+    return gr.Dropdown(choices, value=choices[0][1] if choices else None, label=label,
+                       allow_custom_value=Settings.allow_hub)
+
+
+def scheduler_dropdown(value: str) -> gr.Dropdown:
+    return gr.Dropdown(SCHEDULER_CHOICES, value=value, label="Scheduler")
+
+
+def images_gallery(label="Images", columns=4) -> gr.Gallery:
+    return gr.Gallery(label=label, columns=columns, height="auto", format="png", elem_classes="pixelated")
+
+
+def refiner_choices() -> list[tuple[str, str]]:
+    """("none", "") and the SDXL refiners a visitor may pick (the curated hub ones where the hub is offered)."""
+    return [("none", "")] + [(label, value) for label, value in model_choices("sdxl_refiner")]
+
+
+def advanced_settings(refiners: list | None = None, fast: bool = False) -> list:
+    """Prompt syntax, clip skip, two LoRAs with a scale each, embeddings: the A1111 user's settings; with
+    `refiners`, an SDXL refiner and the fraction of the noise schedule the base runs; with `fast`, the fast path
+    (approximate) and its DeepCache interval."""
+    loras = [(label, label) for label, _ in root_files("loras")]
+    embeddings = [(label, label) for label, _ in root_files("embeddings")]
+    where = "Add LoRAs in a model root's loras/ folder, embeddings in its embeddings/ folder (.safetensors)."
+    title = ("Advanced: prompt syntax, clip skip, LoRAs, embeddings" + (", SDXL refiner" if refiners else "")
+             + (", fast path" if fast else ""))
+    with gr.Accordion(title, open=False):
+        with gr.Row():
+            syntax = gr.Radio(SYNTAXES, value="plain", label="Prompt syntax")
+            clip_skip = raw_value(gr.Slider(0, 10, 0, step=1,
+                                            label="Clip skip (0: the model's usual layer; A1111's 2 is 1)"))
+        components = [syntax, clip_skip]
+        for i in (1, 2):
+            with gr.Row():
+                components += [gr.Dropdown([("none", "")] + loras, value="", label=f"LoRA {i}"),
+                               raw_value(gr.Slider(-2, 2, 1.0, step=0.05, label=f"LoRA {i} scale"))]
+        components.append(gr.Dropdown(embeddings, value=[], multiselect=True,
+                                      label="Embeddings (write each one's file name in the prompt)"))
+        gr.Markdown(where if loras or embeddings else f"No LoRAs or embeddings found. {where}")
+        if refiners is not None:
+            with gr.Row():
+                components += [gr.Dropdown(refiners, value="", label="Refiner (SDXL base models only)",
+                                           allow_custom_value=Settings.allow_hub),
+                               raw_value(gr.Slider(0.05, 0.95, 0.8, step=0.05,
+                                                   label="High noise frac (the base's share of the schedule)"))]
+        if fast:
+            with gr.Row():
+                components += [gr.Checkbox(False, label="Fast path (approximate)"),
+                               gr.Dropdown(DEEPCACHE_CHOICES, value=0, label="DeepCache interval"),
+                               gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged")]
+            gr.Markdown("The fast path is not the parity path: its images differ from diffusers' (see Compare: "
+                        "fast_path). DeepCache N runs the full UNet every N steps; ToMe merges that share of the "
+                        "tokens before self-attention at the highest resolution (it pays from 512 px up). Neither "
+                        "combines with LoRAs.")
+    return components
+
+
+# ------------------------------------------------------------------------------------ handler helpers
+
+
+def progress_callback(progress, total: int, pipe=None, trajectory: list | None = None, previewer=preview):
+    """Progress per step; with `trajectory`, each step's x0 estimate as a thumbnail drawn by `previewer`
+    (pipelines.preview, a full VAE decode; the fast path's preview.fast_preview, a linear map)."""
+    def callback(step, timestep, latents, x0):
+        progress((step + 1, total), desc="denoising")
+        if trajectory is not None:
+            trajectory.append((previewer(pipe, x0), f"step {step + 1}"))
+    return callback
+
+
+DEEPCACHE_CHOICES = [("off", 0), ("2", 2), ("3", 3)]
+TOME_CHOICES = [("off", 0.0), ("50%", 0.5), ("75%", 0.75)]
+
+
+def deepcache_of(value) -> int:
+    """A visitor's DeepCache interval: one of DEEPCACHE_CHOICES (the Text-to-image and Compare tabs share it)."""
+    deepcache = as_int(value or 0, "deepcache", 0, max(value for _, value in DEEPCACHE_CHOICES))
+    if deepcache not in [value for _, value in DEEPCACHE_CHOICES]:
+        raise gr.Error(f"deepcache must be 0 (off), 2 or 3; got {deepcache}.")
+    return deepcache
+
+
+def tome_of(value) -> float | None:
+    """A visitor's ToMe ratio: one of TOME_CHOICES (the Text-to-image and Compare tabs share it); None when off."""
+    tome = as_float(value or 0.0, "tome", 0.0, max(value for _, value in TOME_CHOICES))
+    if tome not in [value for _, value in TOME_CHOICES]:
+        raise gr.Error(f"tome must be one of {[value for _, value in TOME_CHOICES]}; got {tome}.")
+    return tome or None
+
+
+def fast_pipeline(pipe, deepcache: int, tome: float = 0.0):
+    """The cached FastPipeline over `pipe` for these options (kept on the pipeline, so it goes when the model cache
+    releases the model; every one shares the same bf16 copies). DeepCache keeps state between steps: run it under
+    MODELS.using(pipe)."""
+    options = (deepcache_of(deepcache), tome_of(tome))
+    made = pipe.__dict__.setdefault("app_fast", {})
+    if options not in made:
+        made[options] = make_fast(pipe, deepcache=options[0], tome=options[1])
+    return made[options]
+
+
+def bind_embeddings(pipe, choices) -> list[str]:
+    """Bind the chosen embeddings to the cached pipeline once each (their tokens stay); returns their tokens."""
+    bound = pipe.__dict__.setdefault("app_embeddings", {})
+    for choice in choices or []:
+        path = extra_path("embeddings", choice)
+        if path not in bound:
+            bound[path] = add_embedding(pipe, load_embedding(path))
+    return [bound[extra_path("embeddings", choice)] for choice in choices or []]
+
+
+def selected_image(gallery, selected):
+    if not gallery:
+        raise gr.Error("Generate images first, then pick one.")
+    return gallery[min(int(selected or 0), len(gallery) - 1)]
+
+
+def picked(event: gr.SelectData) -> int:
+    return event.index
+
+
+def send_to_image_to_image(gallery, selected, model, prompt, negative_prompt, steps, guidance_scale, scheduler):
+    """The picked result (or the first) and its settings into the Image to image tab."""
+    image, _ = selected_image(gallery, selected)
+    return image, model, prompt, negative_prompt, steps, guidance_scale, scheduler, gr.Tabs(selected="image_to_image")
+
+
+def use_this_seed(gallery, selected):
+    """The picked result's own seed (from its caption) into the seed box."""
+    _, caption = selected_image(gallery, selected)
+    return int(re.search(r"seed (\d+)", caption or "").group(1))
+
+
+def recommended_settings(model):
+    """A catalog model's recommended steps, guidance, scheduler, width and height (unchanged for other models)."""
+    entry = catalog_entry(model)
+    if entry is None:
+        return [gr.skip()] * 5
+    return entry.steps, entry.guidance_scale, entry.scheduler or MODEL_DEFAULT, entry.size, entry.size
+
+
+def recommended_dit_settings(model):
+    """A catalog DiT model's recommended guidance, steps and scheduler."""
+    entry = catalog_entry(model)
+    if entry is None:
+        return [gr.skip()] * 3
+    return entry.guidance_scale, entry.steps, entry.scheduler or MODEL_DEFAULT
+
+
+def dit_labels(choice: str) -> list[str]:
+    """The model's class names; a hub model is never downloaded just to list them."""
+    try:
+        local = choice in EMBEDDED or choice.startswith("models: ")
+        pipe = MODELS.get(choice) if local or choice in MODELS else None
+    except gr.Error:
+        return []
+    return [pipe.id2label[i] for i in sorted(pipe.id2label)] if isinstance(pipe, DiTPipeline) else []
+
+
+PNG_FIELDS = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "width", "height", "seed",
+              "prompt_syntax", "clip_skip")
+
+
+@handler
+def png_info(png):
+    """Settings from a PNG made by sd_core or AUTOMATIC1111, for the Text to image inputs (unchanged where absent)."""
+    if png is None:
+        return [gr.skip()] * len(PNG_FIELDS) + [""]
+    try:
+        settings = read_png_parameters(png)
+    except (OSError, Image.DecompressionBombError) as error:
+        raise gr.Error(f"Cannot read this file as a PNG ({error}); drop a .png image made by sd_core or A1111.") from None
+    if not isinstance(settings.get("prompt"), str):
+        raise gr.Error("This image is a DiT sample or one of a diffusers-rule batch; its settings fit the DiT tab "
+                       "or the CLI, not one prompt here.")
+    notes = []
+    if settings.get("model") not in dict(model_choices("text_to_image")).values():
+        notes.append(f"its model {settings.get('model')!r} is not offered here: the selected model is kept")
+        settings.pop("model", None)
+    if settings.get("strength") is not None:
+        notes.append(f"it was made from an image (strength {settings['strength']}): use Image to image")
+    if settings.get("scheduler") not in dict((v, k) for k, v in SCHEDULER_CHOICES):
+        notes.append(f"its sampler {settings.pop('scheduler', None)!r} is not offered")
+    values = [settings[field] if settings.get(field) is not None else (None if field == "negative_prompt" else gr.skip())
+              for field in PNG_FIELDS]
+    values[PNG_FIELDS.index("negative_prompt")] = settings.get("negative_prompt") or ""
+    return values + ["Read " + ", ".join(f"{k}={settings[k]!r}" for k in PNG_FIELDS if settings.get(k) is not None)
+                     + (". Note: " + "; ".join(notes) + "." if notes else ".")]

@@ -1,0 +1,431 @@
+"""Rules for serving sd_core to strangers (the Gradio app calls these; nothing here imports gradio).
+
+    MODELS = ModelCache(load_source, size=2)          # loads without blocking requests for other models
+    LIMITS = WorkLimits.for_device("cpu")             # work per request, and one slot shared by heavy work
+    with LIMITS.slot(check_request(LIMITS, "text_to_image", width * height, steps, batch)):
+        ...
+    image = open_upload(path, max_pixels=LIMITS.max_upload_pixels)
+    seed = as_whole_number(seed, "seed", 0, MAX_SEED)
+
+Every refusal is a ValueError whose text a visitor can read: it names the parameter, the bound and what to do.
+"""
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Callable, Hashable
+
+from sd_core.pipelines.images import MAX_IMAGE_BYTES, describe_size, open_image, side_of
+
+MAX_UPLOAD_BYTES = 20 * 2 ** 20  # launch(max_file_size=...): gradio refuses larger uploads before they are kept
+MAX_UPLOAD_PIXELS = 2048 * 2048  # decoded at most (12 MB of RGB); the work bound below may allow fewer
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def visitor_number(value, expected: str) -> int | float:
+    """The number a visitor sent: an int, a float or a numeral string; never a bool, None or other text.
+    `expected` opens the error message ("seed must be a whole number from 0 to ...")."""
+    if value is None:
+        raise ValueError(f"{expected}; none was given.")
+    number = value
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ValueError(f"{expected}; got the text {_shown(value)}.") from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ValueError(f"{expected}; got {type(value).__name__} {_shown(value)}.")
+    return number
+
+
+def as_whole_number(value, name: str, low: int, high: int) -> int:
+    """A visitor's integer: an int, an integral float (3.0) or a numeral string ("3"); never a bool, None, NaN,
+    inf, 1.5 (a seed 1.5 is refused, not rounded) or text."""
+    expected = f"{name} must be a whole number from {low} to {high}"
+    number = visitor_number(value, expected)
+    if isinstance(number, float):
+        if not math.isfinite(number):
+            raise ValueError(f"{expected}; got {number} (not a finite number).")
+        if not number.is_integer():
+            raise ValueError(f"{expected}; got {number}, which is not whole.")
+        number = int(number)
+    if not low <= number <= high:
+        raise ValueError(f"{expected}; got {_shown(number)}.")
+    return number
+
+
+def as_number(value, name: str, low: float, high: float) -> float:
+    """A visitor's real number: finite and within [low, high]; never a bool, None, NaN, inf or text."""
+    expected = f"{name} must be a number from {low:g} to {high:g}"
+    try:
+        number = float(visitor_number(value, expected))
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"{expected}; got {_shown(value)}.") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{expected}; got {number} (not a finite number).")
+    if not low <= number <= high:
+        raise ValueError(f"{expected}; got {number:g}.")
+    return number
+
+
+def as_choice(value, name: str, choices) -> str:
+    """One of `choices` (a scheduler name, a guided-channels option, ...), else a message listing them."""
+    choices = list(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {_shown(value)}.")
+    return value
+
+
+def as_text(value, name: str, max_chars: int = 2000, allow_none: bool = True) -> str:
+    """A prompt: a string of at most `max_chars` characters (None -> "" when allowed)."""
+    if value is None and allow_none:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text; got {type(value).__name__} {_shown(value)}.")
+    if len(value) > max_chars:
+        raise ValueError(f"{name} is {len(value)} characters long; this server takes at most {max_chars} "
+                         f"(only the first 77 tokens reach the model anyway).")
+    return value
+
+
+def raw_value(component):
+    """A gradio input component (Number, Slider, Dropdown, ...) whose value reaches the handler exactly as the
+    visitor sent it, to be checked there with as_whole_number / as_number / as_choice. Gradio's own preprocessing
+    rounds a seed of 1.5 to 2 (precision=0) and answers NaN, "ten" or None with "The upstream Gradio app has
+    raised an exception" before the handler runs. (An instance attribute, not a subclass: gradio writes a .pyi
+    stub beside any module that subclasses a component.)"""
+    component.preprocess = lambda payload: payload
+    return component
+
+
+# ------------------------------------------------------------------------------------------------ uploads
+
+
+def open_upload(file_or_pil, max_pixels: int = MAX_UPLOAD_PIXELS, max_bytes: int = MAX_UPLOAD_BYTES,
+                name: str | None = None, convert=None):
+    """An uploaded image (a path gradio kept, a file object or a PIL image) as 8-bit RGB (or through `convert`, as
+    images.open_image takes it), within `max_pixels` and
+    `max_bytes`; the header's size is checked before anything is decoded. Messages name the file by its base name
+    (never the server's folders). For an upload checked before decoding, give gradio's Image
+    `type="filepath", image_mode=None` (with type="pil" gradio decodes the whole file first)."""
+    if file_or_pil is None:
+        raise ValueError("Upload an image (or pick an example) first.")
+    if isinstance(file_or_pil, dict) and "path" in file_or_pil:  # a FileData payload sent to the raw API
+        file_or_pil = file_or_pil["path"]
+    return open_image(file_or_pil, max_pixels=max_pixels, max_bytes=min(max_bytes, MAX_IMAGE_BYTES), name=name,
+                      convert=convert)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+class Busy(ValueError):
+    """A request refused because the server is busy (not because of what it asked): try again later."""
+
+
+class ModelCache:
+    """Loaded models by key, at most `size` of them (the least recently used is released when another loads).
+
+    No lock is held while a model loads: requests for an already-loaded model never wait on another model's
+    load; concurrent requests for the same model wait for the one load in progress (and share its result or
+    its error). A failed load is remembered for `error_ttl_s` seconds (so a failing download is not retried by
+    every click), then tried again. At most `max_parallel_loads` loads run at once (each needs the memory of a
+    model beside the `size` cached); no request waits for a load (its own or the one before it) longer than
+    `wait_s` seconds."""
+
+    def __init__(self, load: Callable, size: int = 2, error_ttl_s: float = 10.0, max_parallel_loads: int = 1,
+                 wait_s: float = 900.0, release: Callable | None = None):
+        if size < 1:
+            raise ValueError(f"A model cache holds at least 1 model; got size={size}.")
+        self.load, self.size, self.error_ttl_s, self.wait_s = load, size, error_ttl_s, wait_s
+        self.release = release or release_memory
+        self._lock = threading.Lock()  # guards the three dicts below; never held during a load
+        self._models: OrderedDict = OrderedDict()
+        self._loading: dict[Hashable, Future] = {}
+        self._errors: dict[Hashable, tuple[float, BaseException]] = {}
+        self._loads = threading.BoundedSemaphore(max_parallel_loads)
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._models
+
+    def loaded(self) -> list:
+        with self._lock:
+            return list(self._models)
+
+    def get(self, key: Hashable, *args, **kwargs):
+        """The model for `key`, loading it with `load(key, *args, **kwargs)` if needed."""
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            failed = self._errors.get(key)
+            if failed is not None and time.monotonic() - failed[0] < self.error_ttl_s:
+                raise failed[1].with_traceback(None)  # (re-raising would lengthen its traceback each time)
+            self._errors.pop(key, None)
+            future = self._loading.get(key)
+            owner = future is None
+            if owner:
+                future = self._loading[key] = Future()
+        if not owner:
+            try:
+                return future.result(timeout=self.wait_s)
+            except FutureTimeout:
+                raise ValueError(f"This model is still loading (waited {self.wait_s:.0f} s); try again in a "
+                                 f"minute.") from None
+        try:
+            if not self._loads.acquire(timeout=self.wait_s):
+                raise Busy(f"Other models are loading (waited {self.wait_s:.0f} s); try again in a minute.")
+            try:
+                model = self.load(key, *args, **kwargs)
+            finally:
+                self._loads.release()
+        except BaseException as error:
+            with self._lock:
+                del self._loading[key]
+                if isinstance(error, Exception) and not isinstance(error, Busy):  # the model's own failure
+                    now = time.monotonic()  # keys come from visitors: keep only the unexpired errors
+                    self._errors = {k: e for k, e in self._errors.items() if now - e[0] < self.error_ttl_s}
+                    self._errors[key] = (now, error)
+            future.set_exception(error)
+            raise
+        released = []
+        with self._lock:
+            del self._loading[key]
+            self._models[key] = model
+            while len(self._models) > self.size:
+                released.append(self._models.popitem(last=False)[1])
+        future.set_result(model)
+        if released:
+            del released[:]  # drop the references here, then let the release hook free the memory
+            self.release()
+        return model
+
+
+def release_memory():
+    import gc
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+# -------------------------------------------------------------------------------------------------- work
+
+# Seconds per million pixel-steps (pixels x steps x images / 1e6) on the embedded models, measured on one core
+# of this project's CI machine (text to image 22, DiT 20, VAE round-trip 25 s per Mpx; compare runs sd_core,
+# diffusers and a per-layer check: about 3x text to image). A GPU is taken as 50x faster. A deployment serving
+# real checkpoints sets its own rates, and observe() learns them from the requests it runs.
+CPU_SECONDS_PER_MPX_STEP = {"text_to_image": 22.0, "dit": 20.0, "vae_roundtrip": 25.0, "compare": 66.0}
+MAX_KINDS = 256
+KIND_NAMES = {"text_to_image": "text-to-image", "dit": "DiT", "vae_roundtrip": "VAE round-trip", "compare": "compare"}
+
+
+@dataclass
+class WorkLimits:
+    """What one request may cost on this machine, and how many heavy requests run at once across all endpoints.
+
+    `seconds_per_mpx_step[kind]`: this machine's speed for each kind of request; `max_seconds`: the longest a
+    request may compute. A request's budget is max_seconds / speed, in megapixel-steps. Requests estimated
+    above `light_seconds` share `heavy_slots` slots (one semaphore for every endpoint), so two heavy jobs per
+    endpoint can never pile up; light ones never queue behind them."""
+    seconds_per_mpx_step: dict[str, float] = field(default_factory=lambda: dict(CPU_SECONDS_PER_MPX_STEP))
+    max_seconds: float = 60.0
+    light_seconds: float = 10.0
+    heavy_slots: int = 1
+    slot_wait_s: float = 300.0
+    max_upload_pixels: int = MAX_UPLOAD_PIXELS
+    _slots: threading.BoundedSemaphore = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._slots = threading.BoundedSemaphore(self.heavy_slots)
+        self._observed_lock = threading.Lock()
+
+    @classmethod
+    def for_device(cls, device: str = "cpu", **overrides) -> "WorkLimits":
+        speed = 1.0 if str(device).startswith("cpu") else 1 / 50
+        rates = {kind: rate * speed for kind, rate in CPU_SECONDS_PER_MPX_STEP.items()}
+        return cls(seconds_per_mpx_step=rates, **overrides)
+
+    @classmethod
+    def from_environment(cls, device: str = "cpu", environ=os.environ) -> "WorkLimits":
+        """The operator's widening: SD_CORE_MAX_SECONDS (per request), SD_CORE_HEAVY_SLOTS, SD_CORE_MAX_UPLOAD_PIXELS."""
+        overrides = {}
+        for variable, key, kind in (("SD_CORE_MAX_SECONDS", "max_seconds", float),
+                                    ("SD_CORE_HEAVY_SLOTS", "heavy_slots", int),
+                                    ("SD_CORE_MAX_UPLOAD_PIXELS", "max_upload_pixels", int)):
+            if environ.get(variable):
+                try:
+                    overrides[key] = kind(environ[variable])
+                except ValueError:
+                    raise ValueError(f"{variable}={environ[variable]!r} is not a {kind.__name__}.") from None
+                if not overrides[key] > 0:
+                    raise ValueError(f"{variable} must be positive; got {environ[variable]!r}.")
+        return cls.for_device(device, **overrides)
+
+    def budget_mpx_steps(self, kind: str) -> float:
+        return self.max_seconds / self.rate(kind)
+
+    def rate(self, kind: str) -> float:
+        """Seconds per Mpx-step for `kind`: "text_to_image", or "text_to_image:<model>" for one model's own speed
+        (learned by observe(); until then the kind's). An unknown kind is priced as the slowest known one."""
+        rates = self.seconds_per_mpx_step
+        return rates.get(kind) or rates.get(kind.split(":")[0]) or max(rates.values())
+
+    def estimate_seconds(self, kind: str, pixels: int, steps: int = 1, batch: int = 1) -> float:
+        return pixels * steps * batch / 1e6 * self.rate(kind)
+
+    def observe(self, kind: str, seconds: float, pixels: int, steps: int = 1, batch: int = 1):
+        """Learn this machine's speed from a finished request: a slower run raises the rate at once, a faster one
+        lowers it slowly (so bounds tighten quickly and widen with evidence)."""
+        mpx_steps = pixels * steps * batch / 1e6
+        if mpx_steps <= 0 or not math.isfinite(seconds) or seconds <= 0:
+            return
+        with self._observed_lock:
+            if kind not in self.seconds_per_mpx_step and len(self.seconds_per_mpx_step) >= MAX_KINDS:
+                return  # model names come from visitors (hub ids): the table stays bounded
+            measured, current = seconds / mpx_steps, self.rate(kind)
+            self.seconds_per_mpx_step[kind] = measured if measured > current else 0.9 * current + 0.1 * measured
+
+    def slot(self, estimate_s: float) -> "Slot":
+        """A context manager: heavy work (estimate above light_seconds) takes one of the shared slots, waiting at
+        most slot_wait_s; light work passes at once."""
+        return Slot(self, estimate_s > self.light_seconds)
+
+
+class Slot:
+    def __init__(self, limits: WorkLimits, heavy: bool):
+        self.limits, self.heavy = limits, heavy
+
+    def __enter__(self):
+        if self.heavy and not self.limits._slots.acquire(timeout=self.limits.slot_wait_s):
+            raise Busy(f"The server is busy with other large requests (waited {self.limits.slot_wait_s:.0f} s). "
+                             f"Try again later, or ask for fewer pixels, steps or images.")
+        return self
+
+    def __exit__(self, *_):
+        if self.heavy:
+            self.limits._slots.release()
+
+
+def check_request(limits: WorkLimits, kind: str, pixels: int, steps: int = 1, batch: int = 1,
+                  label: str | None = None) -> float:
+    """Refuse a request whose work (pixels x steps x images) exceeds this server's budget for `kind`; returns its
+    estimated seconds (for limits.slot()). `label` names the size in the message (default: a square side)."""
+    work = pixels * steps * batch / 1e6
+    budget = limits.budget_mpx_steps(kind)
+    if work > budget:
+        side = side_of(pixels)
+        size = label or (f"{side}x{side}" if side * side == pixels else describe_size(pixels, "px"))
+        parts = [size] + ([f"{steps} steps"] if steps != 1 else []) + ([f"{batch} images"] if batch != 1 else [])
+        unit = "Mpx-steps" if steps != 1 or kind not in ("vae_roundtrip",) else "Mpx"
+        fewer = [word for word, present in (("size", True), ("steps", steps != 1), ("number of images", batch != 1))
+                 if present]
+        fewer = fewer[0] if len(fewer) == 1 else ", ".join(fewer[:-1]) + " or " + fewer[-1]
+        raise ValueError(f"{' x '.join(parts)} is {work:.3g} {unit}; this server allows {budget:.3g} {unit} per "
+                         f"{KIND_NAMES.get(kind.split(':')[0], kind)} request (about {limits.max_seconds:.0f} s "
+                         f"here). "
+                         f"Reduce the {fewer}.")
+    return work * limits.rate(kind)
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def results_folder() -> Path:
+    """Where gradio keeps uploads and results: GRADIO_TEMP_DIR, else <temp>/gradio."""
+    import tempfile
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or (Path(tempfile.gettempdir()) / "gradio").resolve())
+
+
+def clean_results(folder, max_age_s: float = 3600, max_files: int = 500, keep=frozenset(),
+                  now: float | None = None) -> int:
+    """Delete regular files under `folder` older than `max_age_s`, then the oldest beyond `max_files`; never a
+    file in `keep` (e.g. the examples gradio copied there at start), never through a symbolic link, never outside
+    `folder`. Empty sub-folders left behind are removed. Returns how many files were deleted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    now = time.time() if now is None else now
+    keep = {str(Path(p)) for p in keep}
+    files = []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                stat = os.lstat(path)
+            except OSError:
+                continue
+            if path in keep or not os.path.isfile(path) or os.path.islink(path):
+                continue
+            files.append((stat.st_mtime, path))
+    files.sort()
+    old = [path for mtime, path in files if now - mtime > max_age_s]
+    recent = [path for mtime, path in files if now - mtime <= max_age_s]
+    doomed = old + recent[:max(0, len(recent) - max_files)]
+    deleted = 0
+    for path in doomed:
+        try:
+            os.unlink(path)
+            deleted += 1
+        except OSError:
+            pass
+    for root, dirs, names in sorted(os.walk(folder, followlinks=False), key=lambda w: -len(w[0])):
+        if root != str(folder) and not os.listdir(root):
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
+    return deleted
+
+
+class ResultsJanitor:
+    """Runs clean_results() every `every_s` seconds in a daemon thread; stop() ends it."""
+
+    def __init__(self, folder=None, every_s: float = 300, **rules):
+        self.folder, self.every_s, self.rules = Path(folder or results_folder()), every_s, rules
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sd_core results janitor", daemon=True)
+
+    def keep_existing(self) -> "ResultsJanitor":
+        """Never delete what is there now (call after the app is built: the examples it copied in)."""
+        present = set()
+        if self.folder.is_dir():
+            for root, _, names in os.walk(self.folder):
+                present.update(os.path.join(root, name) for name in names)
+        self.rules["keep"] = frozenset(present) | set(self.rules.get("keep", ()))
+        return self
+
+    def start(self) -> "ResultsJanitor":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5):
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            try:
+                clean_results(self.folder, **self.rules)
+            except Exception:  # noqa: BLE001 - a cleaning failure must never take the server down
+                logging.getLogger("sd_core.app.serving").exception("cleaning %s failed", self.folder)
