@@ -21,34 +21,37 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import app
+from sd_core.app import compare_tab
+from sd_core.app import handlers
+from sd_core.app import layout
 from tests.helpers import assert_images_match
 from sd_core.app import model_choices as app_models
 from sd_core.app import parts as app_parts
 from sd_core.pipelines.textual_inversion import token_embedding
 from sd_core.pipelines.images import psnr
 
-compare = app.compare_handler(app.comparisons)
+compare = compare_tab.compare_handler(app.comparisons)
 
 SD = "embedded: shapes (text to image)"
 DIT = "embedded: shapes (DiT)"
 
 
 def test_handlers_return_images_of_the_right_size_and_reuse_seeds():
-    images, seed, trajectory, parameters, link = app.generate_images(SD, "a big red circle on the left on a gray background",
+    images, seed, trajectory, parameters, link = handlers.generate_images(SD, "a big red circle on the left on a gray background",
                                                                "", 6, 5.0, "dpmpp_2m", 64, 48, -1, 2, True)
     seed = int(seed)
     assert len(images) == 2 and images[0][0].size == (64, 48) and 0 <= seed < 2 ** 32
     assert [caption for _, caption in images] == [f"seed {seed}", f"seed {(seed + 1) % 2 ** 32}"]
     assert [caption for _, caption in trajectory] == [f"step {i}" for i in range(1, 7)]
     assert '"seed": %d' % seed in parameters
-    again, *_ = app.generate_images(SD, "a big red circle on the left on a gray background", "", 6, 5.0, "dpmpp_2m",
+    again, *_ = handlers.generate_images(SD, "a big red circle on the left on a gray background", "", 6, 5.0, "dpmpp_2m",
                                     64, 48, (seed + 1) % 2 ** 32, 1, False)  # image k of a batch is seed + k's image
     # the batch's UNet runs 4 rows, the single run 2: oneDNN's blocking may move a value across a rounding edge
     # (4 of 100 random seeds: 1 pixel, 1 level), so image k matches by the project's 8-bit rule, as in test_pipelines
     assert_images_match([images[1][0]], np.asarray(again[0][0])[None] / 255.0)
-    reconstruction, difference, psnr, channels = app.roundtrip(SD, Image.open(app.EXAMPLE_SCENE))
+    reconstruction, difference, psnr, channels = handlers.roundtrip(SD, Image.open(layout.EXAMPLE_SCENE))
     assert reconstruction.size == (64, 64) and psnr > 20 and len(channels) == 4
-    dit_images, dit_seed, _, semantics = app.sample_dit(DIT, "red circle", 3.0, 5, "ddim", 3, 2)
+    dit_images, dit_seed, _, semantics = handlers.sample_dit(DIT, "red circle", 3.0, 5, "ddim", 3, 2)
     assert len(dit_images) == 2 and dit_images[0][0].size == (64, 64) and dit_seed == "3"
     assert [caption for _, caption in dit_images] == ["seed 3", "seed 4"] and "**diffusers**" in semantics
     verdict, images, plots, rows, report = compare("text_to_image", SD, "a red circle", seed=0, steps=4)
@@ -58,11 +61,11 @@ def test_handlers_return_images_of_the_right_size_and_reuse_seeds():
 
 def test_handlers_check_sizes_and_steps_themselves():
     with pytest.raises(gr.Error, match="width must be a whole number from 8 to 1024"):
-        app.generate_images(SD, "x", "", 5, 5.0, "ddim", 1000000, 64, 0, 1)
+        handlers.generate_images(SD, "x", "", 5, 5.0, "ddim", 1000000, 64, 0, 1)
     with pytest.raises(gr.Error, match="steps must be a whole number from 1 to 100"):
-        app.generate_images(SD, "x", "", -1, 5.0, "ddim", 64, 64, 0, 1)
+        handlers.generate_images(SD, "x", "", -1, 5.0, "ddim", 64, 64, 0, 1)
     with pytest.raises(gr.Error, match="steps must be a whole number"):
-        app.generate_images(SD, "x", "", 2.5, 5.0, "ddim", 64, 64, 0, 1)
+        handlers.generate_images(SD, "x", "", 2.5, 5.0, "ddim", 64, 64, 0, 1)
 
 
 @pytest.mark.parametrize("space", [False, True])
@@ -72,24 +75,24 @@ def test_model_paths_outside_the_offered_models_are_refused(choice, space, monke
     if space:  # a Space offers the curated hub models, but no other hub id and no local path
         monkeypatch.setenv("SPACE_ID", "someone/sd_core")
     with pytest.raises(gr.Error, match="not one of the offered models"):
-        app.resolve_source(choice)
+        app_parts.resolve_source(choice)
 
 
-DEFAULT_RATES = dict(app.LIMITS.seconds_per_mpx_step)  # before any request of this process
+DEFAULT_RATES = dict(app_parts.LIMITS.seconds_per_mpx_step)  # before any request of this process
 
 
 @pytest.fixture(autouse=True)
 def fresh_work_limits(monkeypatch):
     """Each test starts from the default speeds: the work limits learn from every request in this process, and an
     earlier test's slow run on a loaded machine would shrink a later test's budget (seen: a queue test refused)."""
-    monkeypatch.setattr(app.LIMITS, "seconds_per_mpx_step", dict(DEFAULT_RATES))
+    monkeypatch.setattr(app_parts.LIMITS, "seconds_per_mpx_step", dict(DEFAULT_RATES))
 
 
 @pytest.fixture(scope="module")
 def server():
     demo = app.build().queue(max_size=32, default_concurrency_limit=2)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
-                            css=app.CSS)
+                            css=layout.CSS)
     yield url
     demo.close()
 
@@ -106,7 +109,7 @@ def test_every_endpoint_works_through_gradio_client(client, tmp_path):
     again = client.predict(SD, "a small blue square in the center on a white background", "", 5, 5.0, "euler", 64, 64,
                            11, 1, False, api_name="/text_to_image")
     assert np.array_equal(np.asarray(Image.open(images[0]["image"])), np.asarray(Image.open(again[0][0]["image"])))
-    reconstruction, _, psnr, channels = client.predict(SD, handle_file(str(app.EXAMPLE_SCENE)), False, 0,
+    reconstruction, _, psnr, channels = client.predict(SD, handle_file(str(layout.EXAMPLE_SCENE)), False, 0,
                                                        api_name="/vae_roundtrip")
     assert Image.open(reconstruction).size == (64, 64) and psnr > 20 and len(channels) == 4
     dit_images, dit_seed, _, semantics = client.predict(DIT, "green square", 3.0, 5, "dpmpp_2m", 5, 2, "all",
@@ -132,7 +135,7 @@ def test_a_non_image_upload_is_refused(client, tmp_path):
     with pytest.raises(Exception):
         client.predict(SD, handle_file(str(tmp_path / "notes.txt")), False, 0, api_name="/vae_roundtrip")
     with pytest.raises(gr.Error, match="Cannot read"):
-        app.roundtrip(SD, str(tmp_path / "notes.txt"))
+        handlers.roundtrip(SD, str(tmp_path / "notes.txt"))
 
 
 @pytest.mark.slow
@@ -145,7 +148,7 @@ def test_twenty_concurrent_requests_all_complete_correctly(server):
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         results = list(pool.map(request, range(20)))
     assert [used for _, used, _ in results] == [str(seed) for seed in range(20)]
-    expected, *_ = app.generate_images(SD, "a big green triangle on the right on a black background", "", 4, 5.0, "ddim",
+    expected, *_ = handlers.generate_images(SD, "a big green triangle on the right on a black background", "", 4, 5.0, "ddim",
                                        64, 64, 7, 1, False)
     assert np.array_equal(results[7][2], np.asarray(expected[0][0]))
 
@@ -212,23 +215,23 @@ def test_api_parameters_are_named_after_the_ui_labels_and_take_keywords(client):
 def test_picking_a_model_sets_its_recommended_settings(client, monkeypatch):
     assert client.predict(SD, api_name="/recommended_settings") == (20, 5.0, "dpmpp_2m", 64, 64)
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
-    assert app.recommended_settings("SDXL-Turbo") == (1, 0.0, app.MODEL_DEFAULT, 512, 512)
-    assert app.recommended_dit_settings("DiT-XL/2 256") == (4.0, 25, app.MODEL_DEFAULT)
+    assert app_parts.recommended_settings("SDXL-Turbo") == (1, 0.0, app_parts.MODEL_DEFAULT, 512, 512)
+    assert app_parts.recommended_dit_settings("DiT-XL/2 256") == (4.0, 25, app_parts.MODEL_DEFAULT)
 
 
 def test_scheduler_choices_show_common_names_and_take_the_models_own():
-    assert ("DPM++ 2M Karras", "dpmpp_2m_karras") in app.SCHEDULER_CHOICES
-    images, *_ = app.generate_images(SD, "a red circle", "", 3, 5.0, app.MODEL_DEFAULT, 64, 64, 0, 1)
+    assert ("DPM++ 2M Karras", "dpmpp_2m_karras") in app_parts.SCHEDULER_CHOICES
+    images, *_ = handlers.generate_images(SD, "a red circle", "", 3, 5.0, app_parts.MODEL_DEFAULT, 64, 64, 0, 1)
     assert images[0][0].size == (64, 64)
 
 
 def test_a_space_offers_the_curated_hub_models_labelled_with_their_size(monkeypatch):
-    assert all("hub" not in label for label, _ in app.model_choices("text_to_image"))
+    assert all("hub" not in label for label, _ in app_parts.model_choices("text_to_image"))
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
-    choices = dict(app.model_choices("text_to_image"))
+    choices = dict(app_parts.model_choices("text_to_image"))
     assert choices["Stable Diffusion XL base 1.0 (hub, 6.9 GB)"] == "Stable Diffusion XL base 1.0"
-    assert "DiT-XL/2 256 (hub, 1.5 GB)" in dict(app.model_choices("dit"))
-    assert app.resolve_source("SD-Turbo") == "stabilityai/sd-turbo"
+    assert "DiT-XL/2 256 (hub, 1.5 GB)" in dict(app_parts.model_choices("dit"))
+    assert app_parts.resolve_source("SD-Turbo") == "stabilityai/sd-turbo"
 
 
 @pytest.fixture
@@ -237,26 +240,26 @@ def hub_loads(monkeypatch):
     calls = []
     monkeypatch.setattr(app_models, "load_from_hub", lambda source, **kw: calls.append(("hub", source, kw)) or "pipe")
     monkeypatch.setattr(app_models, "load_pipeline", lambda source, **kw: calls.append(("disk", source, kw)) or "pipe")
-    monkeypatch.setattr(app, "MODELS", app_models.ModelCache())
+    monkeypatch.setattr(handlers, "MODELS", app_models.ModelCache())
     return calls
 
 
 def test_hub_models_load_from_the_hub_in_fp16_on_a_gpu_never_from_the_local_disk(hub_loads, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
-    monkeypatch.setattr(app.Settings, "dtype", torch.float16)
+    monkeypatch.setattr(app_parts.Settings, "dtype", torch.float16)
     monkeypatch.setattr(app_models, "available_memory_gb", lambda: 100.0)
     steps = []
-    app.MODELS.get("Stable Diffusion 1.5", lambda fraction, desc: steps.append((fraction, desc)))
+    app_parts.MODELS.get("Stable Diffusion 1.5", lambda fraction, desc: steps.append((fraction, desc)))
     kind, source, options = hub_loads[0]
     assert (kind, source, options["variant"]) == ("hub", "stable-diffusion-v1-5/stable-diffusion-v1-5", "fp16")
     options["on_file"]("unet/diffusion_pytorch_model.fp16.safetensors", 2, 5, 1_720_000_000)
     assert steps == [((1, 5), "downloading stable-diffusion-v1-5/stable-diffusion-v1-5: "
                                "unet/diffusion_pytorch_model.fp16.safetensors (1.72 GB)")]
-    monkeypatch.setattr(app.Settings, "allow_hub", True)  # any owner/name, even one that exists on this disk
+    monkeypatch.setattr(app_parts.Settings, "allow_hub", True)  # any owner/name, even one that exists on this disk
     assert Path("sd_core/weights").is_dir()
-    app.MODELS.get("sd_core/weights")
+    app_parts.MODELS.get("sd_core/weights")
     assert hub_loads[1][:2] == ("hub", "sd_core/weights")
-    app.MODELS.get(SD)
+    app_parts.MODELS.get(SD)
     assert hub_loads[2][0] == "disk"
 
 
@@ -264,12 +267,12 @@ def test_a_model_too_big_for_the_machine_is_refused_with_what_it_needs(hub_loads
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
     monkeypatch.setattr(app_models, "available_memory_gb", lambda: 4.0)
     with pytest.raises(gr.Error, match=r"Stable Diffusion XL base 1.0 needs about 13.8 GB .* has 4.0 GB free"):
-        app.MODELS.get("Stable Diffusion XL base 1.0")  # fp32 on this CPU: twice the fp16 size
+        app_parts.MODELS.get("Stable Diffusion XL base 1.0")  # fp32 on this CPU: twice the fp16 size
     assert hub_loads == [] and app_models.available_memory_gb.__module__ == __name__  # patched, so nothing loaded
 
 
 def test_gpu_work_runs_inside_spaces_gpu_when_that_package_exists(monkeypatch):
-    assert app_parts.on_gpu(app.random_seed) is app.random_seed  # no `spaces` here: nothing changes
+    assert app_parts.on_gpu(app_parts.random_seed) is app_parts.random_seed  # no `spaces` here: nothing changes
     wrapped = []
 
     def gpu(duration):
@@ -280,7 +283,7 @@ def test_gpu_work_runs_inside_spaces_gpu_when_that_package_exists(monkeypatch):
             return run
         return decorate
     monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
-    handler = app.handler(app.generate_images.__wrapped__)
+    handler = app_parts.handler(handlers.generate_images.__wrapped__)
     assert list(inspect.signature(handler).parameters)[:2] == ["model", "prompt"]
     handler(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 0, 1)
     with pytest.raises(gr.Error, match="number_of_images must be a whole number from 1 to 8"):  # sized, then refused
@@ -353,7 +356,7 @@ def test_app_py_started_as_on_a_space_listens_on_all_interfaces_and_serves(tmp_p
 
 @pytest.mark.parametrize("kind,model,settings", [
     ("text_to_image", SD, dict(prompt="a red circle", steps=2)),
-    ("vae", SD, dict(image=handle_file(str(app.EXAMPLE_SCENE)))),
+    ("vae", SD, dict(image=handle_file(str(layout.EXAMPLE_SCENE)))),
     ("dit", DIT, dict(class_label="red circle", steps=2, guidance_scale=3.0)),
     ("precision", DIT, dict(class_label="blue triangle", steps=2, dtype="bf16")),
     ("fast_path", SD, dict(prompt="a red circle", steps=3, deepcache=2, tome=0.5)),
@@ -387,7 +390,7 @@ def test_compare_refuses_a_model_of_the_wrong_family_and_names_the_fix():
 
 
 def test_each_compare_kind_shows_only_the_settings_it_takes():
-    assert set(app.COMPARE_FIELDS) == set(app.comparisons.KINDS)
+    assert set(compare_tab.COMPARE_FIELDS) == set(app.comparisons.KINDS)
     demo = app.build()
     on_kind = next(d for d in demo.fns.values() if d.name == "on_kind").fn
     dropdown, prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache, tome = on_kind("vae")
@@ -432,10 +435,10 @@ def test_the_fast_path_is_tagged_and_differs_from_the_parity_image_through_gradi
 def test_the_fast_path_previews_its_trajectory_without_a_vae_decode(monkeypatch):
     drawn = {"fast_preview": 0, "preview": 0}
     for name in drawn:
-        original = getattr(app, name)
-        monkeypatch.setattr(app, name, lambda pipe, x0, name=name, original=original: (
+        original = getattr(handlers, name)
+        monkeypatch.setattr(handlers, name, lambda pipe, x0, name=name, original=original: (
             drawn.__setitem__(name, drawn[name] + 1), original(pipe, x0))[1])
-    run = functools.partial(app.generate_images, SD, "a red circle", "", 4, 5.0, "ddim", 64, 64, 1, 1, True)
+    run = functools.partial(handlers.generate_images, SD, "a red circle", "", 4, 5.0, "ddim", 64, 64, 1, 1, True)
     run(fast=True, deepcache=2)
     assert drawn == {"fast_preview": 4, "preview": 0}
     run()
@@ -445,7 +448,7 @@ def test_the_fast_path_previews_its_trajectory_without_a_vae_decode(monkeypatch)
 
 
 def test_image_to_image_and_png_info_through_gradio_client(client, tmp_path):
-    images, seed, parameters = client.predict(SD, handle_file(str(app.EXAMPLE_SCENE)), "a blue circle", "", 0.5, 4,
+    images, seed, parameters = client.predict(SD, handle_file(str(layout.EXAMPLE_SCENE)), "a blue circle", "", 0.5, 4,
                                               5.0, "ddim", 21, 2, api_name="/image_to_image")
     assert seed == "21" and [image["caption"] for image in images] == ["seed 21", "seed 22"]
     assert '"strength": 0.5' in parameters and Image.open(images[0]["image"]).size == (64, 64)
@@ -459,22 +462,22 @@ def test_image_to_image_and_png_info_through_gradio_client(client, tmp_path):
     info.add_text("parameters", "a red circle\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, Schedule type: "
                   "Karras, CFG scale: 6, Seed: 77, Size: 64x48, Model: some-model, Clip skip: 2")
     Image.new("RGB", (64, 48)).save(a1111, pnginfo=info)
-    model, prompt, negative, steps, guidance, scheduler, width, height, seed, syntax, skip, note = app.png_info(str(a1111))
+    model, prompt, negative, steps, guidance, scheduler, width, height, seed, syntax, skip, note = app_parts.png_info(str(a1111))
     assert (prompt, negative, steps, guidance, scheduler, width, height, seed, syntax, skip) == (
         "a red circle", "blurry", 12, 6.0, "dpmpp_2m_karras", 64, 48, 77, "a1111", 1)
     assert "'some-model' is not offered" in note and model.__class__.__name__ != "str"  # the model is kept
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(gr.Error, match="carries no generation parameters"):
-        app.png_info(str(tmp_path / "plain.png"))
+        app_parts.png_info(str(tmp_path / "plain.png"))
 
 
 def test_use_this_seed_and_send_to_image_to_image_take_the_picked_result():
-    images, *_ = app.generate_images(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 40, 3)
-    assert app.use_this_seed(images, 2) == 42 and app.use_this_seed(images, None) == 40
-    image, model, prompt, *_, tabs = app.send_to_image_to_image(images, 1, SD, "a red circle", "", 2, 5.0, "ddim")
+    images, *_ = handlers.generate_images(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 40, 3)
+    assert app_parts.use_this_seed(images, 2) == 42 and app_parts.use_this_seed(images, None) == 40
+    image, model, prompt, *_, tabs = app_parts.send_to_image_to_image(images, 1, SD, "a red circle", "", 2, 5.0, "ddim")
     assert image is images[1][0] and prompt == "a red circle" and tabs.selected == "image_to_image"
     with pytest.raises(gr.Error, match="Generate images first"):
-        app.use_this_seed([], 0)
+        app_parts.use_this_seed([], 0)
 
 
 def test_seed_used_is_empty_before_a_run(client):
@@ -486,7 +489,7 @@ def test_seed_used_is_empty_before_a_run(client):
 def model_root(tmp_path, monkeypatch):
     """A model root with a PEFT LoRA in loras/, a kohya LoRA at its top, a single-file 'model' and an embedding."""
     import safetensors.torch
-    pipe = app.MODELS.get(SD)
+    pipe = app_parts.MODELS.get(SD)
     (tmp_path / "loras").mkdir()
     (tmp_path / "embeddings").mkdir()
     generator = torch.Generator().manual_seed(0)
@@ -504,7 +507,7 @@ def model_root(tmp_path, monkeypatch):
     width = token_embedding(pipe.text_encoder).embedding_dim
     safetensors.torch.save_file({"<shape>": torch.randn(2, width, generator=generator)},
                                 tmp_path / "embeddings" / "shape.safetensors")
-    monkeypatch.setattr(app.Settings, "model_roots", [tmp_path])
+    monkeypatch.setattr(app_parts.Settings, "model_roots", [tmp_path])
     return tmp_path
 
 
@@ -512,8 +515,8 @@ def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_requ
     assert [label for label, _ in app_models.root_files("loras")] == ["loras: loras/style.safetensors",
                                                                      "loras: detail.safetensors"]
     assert [label for label, _ in app_models.root_files("embeddings")] == ["embeddings: embeddings/shape.safetensors"]
-    assert [label for label, _ in app.model_choices("text_to_image")][-1] == "models: model.safetensors"
-    run = functools.partial(app.generate_images, SD, "a red circle <shape>", "", 3, 5.0, "ddim", 64, 64, 3, 1)
+    assert [label for label, _ in app_parts.model_choices("text_to_image")][-1] == "models: model.safetensors"
+    run = functools.partial(handlers.generate_images, SD, "a red circle <shape>", "", 3, 5.0, "ddim", 64, 64, 3, 1)
     plain = np.asarray(run()[0][0][0])
     shape = ["embeddings: embeddings/shape.safetensors"]
     embedded = np.asarray(run(embeddings=shape)[0][0][0])
@@ -550,10 +553,10 @@ def painted_layer(path, size, box):
 
 
 def test_inpaint_repaints_the_painted_region_and_keeps_the_rest_through_gradio_client(client, tmp_path):
-    scene = Image.open(app.EXAMPLE_SCENE).convert("RGB")
+    scene = Image.open(layout.EXAMPLE_SCENE).convert("RGB")
     width, height = scene.size
     layer = painted_layer(tmp_path / "layer.png", scene.size, (width // 2, 0, width, height))  # the right half
-    editor = {"background": handle_file(str(app.EXAMPLE_SCENE)), "layers": [handle_file(str(layer))], "composite": None}
+    editor = {"background": handle_file(str(layout.EXAMPLE_SCENE)), "layers": [handle_file(str(layer))], "composite": None}
     images, seed, mask, parameters = client.predict(model=SD, image_and_mask=editor, prompt="a big blue square on a "
                                                     "white background", strength=1.0, steps=8, seed=3,
                                                     number_of_images=1, api_name="/inpaint")
@@ -566,25 +569,25 @@ def test_inpaint_repaints_the_painted_region_and_keeps_the_rest_through_gradio_c
     repainted = np.abs(result[:, width // 2 + 4:] - original[:, width // 2 + 4:]).mean()
     assert kept < 12 and repainted > 3 * kept, (kept, repainted)
     with pytest.raises(Exception, match="Nothing is painted"):
-        client.predict(SD, {"background": handle_file(str(app.EXAMPLE_SCENE)), "layers": [], "composite": None},
+        client.predict(SD, {"background": handle_file(str(layout.EXAMPLE_SCENE)), "layers": [], "composite": None},
                        "x", "", 1.0, 2, 5.0, "ddim", 0, 1, api_name="/inpaint")
 
 
 def test_the_refiner_is_refused_on_a_model_that_is_not_an_sdxl_base(monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
-    assert ("SDXL refiner 1.0 (hub, 6.1 GB)", "SDXL refiner 1.0") in app.refiner_choices()
-    assert "SDXL refiner 1.0" not in dict(app.model_choices("text_to_image")).values()
+    assert ("SDXL refiner 1.0 (hub, 6.1 GB)", "SDXL refiner 1.0") in app_parts.refiner_choices()
+    assert "SDXL refiner 1.0" not in dict(app_parts.model_choices("text_to_image")).values()
     with pytest.raises(gr.Error, match=r"A refiner follows an SDXL base model; embedded: shapes \(text to image\) is sd1\. Set Refiner to none"):
-        app.generate_images(SD, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1, refiner="SDXL refiner 1.0")
+        handlers.generate_images(SD, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1, refiner="SDXL refiner 1.0")
 
 
 def test_non_finite_latents_reach_the_visitor_as_one_line(monkeypatch):
     def overflow(*args, **kwargs):
         raise FloatingPointError("the latents after denoising (UNet) contain NaN or inf: try fp32 or fewer steps.\n"
                                  "  (detail for the log)")
-    monkeypatch.setattr(app, "generate", overflow)
+    monkeypatch.setattr(handlers, "generate", overflow)
     with pytest.raises(gr.Error) as refused:
-        app.generate_images(SD, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1)
+        handlers.generate_images(SD, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1)
     assert refused.value.message == "the latents after denoising (UNet) contain NaN or inf: try fp32 or fewer steps."
 
 
@@ -601,17 +604,6 @@ def test_non_finite_latents_reach_the_visitor_as_one_line(monkeypatch):
 def test_raw_api_values_reach_the_app_s_checks_as_sent(client, endpoint, arguments, message):
     defaults = {"/text_to_image": dict(model=SD, prompt="x", steps=2, width=64, height=64, seed=0, number_of_images=1),
                 "/dit_sample": dict(model=DIT, class_label="red circle", steps=2, seed=0, number_of_images=1),
-                "/vae_roundtrip": dict(model=SD, image=handle_file(str(app.EXAMPLE_SCENE)), seed=0)}[endpoint]
+                "/vae_roundtrip": dict(model=SD, image=handle_file(str(layout.EXAMPLE_SCENE)), seed=0)}[endpoint]
     with pytest.raises(Exception, match=message):
         client.predict(api_name=endpoint, **{**defaults, **arguments})
-
-
-def test_sd_core_never_imports_compare():
-    """compare depends on sd_core, never the reverse: the app's support module and the whole package load alone."""
-    code = ("import sys, pkgutil, importlib, sd_core, sd_core.app.parts\n"
-            "for m in pkgutil.iter_modules(sd_core.__path__):\n"
-            "    if m.name not in ('__main__', 'train'): importlib.import_module('sd_core.' + m.name)\n"
-            "print(sorted(name for name in sys.modules if name.split('.')[0] == 'compare'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(app.__file__).parent)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout

@@ -143,7 +143,7 @@ def test_twenty_clients_on_every_endpoint_with_oversized_requests_in_flight_lose
 
     from PIL import Image
     url, app = app_server
-    scene = handle_file(str(app.EXAMPLE_SCENE))
+    scene = handle_file(str(layout.EXAMPLE_SCENE))
     layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     layer.paste((255, 255, 255, 255), (32, 0, 64, 64))
     layer.save(tmp_path / "layer.png")

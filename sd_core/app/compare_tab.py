@@ -11,8 +11,8 @@ import gradio as gr
 from sd_core.app.parts import (
     DEEPCACHE_CHOICES,
     LIMITS,
-    TOME_CHOICES,
     MODELS,
+    TOME_CHOICES,
     Settings,
     as_float,
     as_int,
@@ -27,9 +27,9 @@ from sd_core.app.parts import (
     timestep_semantics,
     tome_of,
 )
+from sd_core.app.serving import as_choice, as_text, open_upload, raw_value
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
 from sd_core.pipelines.generate import MAX_SEED
-from sd_core.app.serving import as_choice, as_text, open_upload, raw_value
 
 MAX_COMPARE_STEPS = 50
 EXAMPLE_SCENE = Path(__file__).resolve().parents[1] / "data" / "example-scene.png"

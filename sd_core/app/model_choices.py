@@ -16,9 +16,8 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from sd_core.checkpoints import catalog
-
 from sd_core.app import serving
+from sd_core.checkpoints import catalog
 from sd_core.checkpoints.catalog import CatalogModel
 from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.loading import HUB_ID, load_from_hub, load_pipeline, read_safetensors_header

@@ -14,15 +14,18 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from sd_core.app.model_choices import (EMBEDDED, MODELS, ModelCache, Settings, catalog_entry, extra_path, hub_offered,  # noqa: F401
-                         model_choices, resolve_source, root_files)
-from sd_core.checkpoints.pipeline_classes import DiTPipeline
-from sd_core.checkpoints.convert import CheckpointError
-from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
-from sd_core.fast.pipeline import make_fast
-from sd_core.pipelines.images import read_png_parameters
-from sd_core.pipelines.generate import MAX_SEED, preview, resolve_seed
-from sd_core.schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
+from sd_core.app.model_choices import (  # noqa: F401
+    EMBEDDED,
+    MODELS,
+    ModelCache,
+    Settings,
+    catalog_entry,
+    extra_path,
+    hub_offered,
+    model_choices,
+    resolve_source,
+    root_files,
+)
 from sd_core.app.serving import (
     WorkLimits,
     as_choice,
@@ -31,6 +34,13 @@ from sd_core.app.serving import (
     check_request,
     raw_value,
 )
+from sd_core.checkpoints.convert import CheckpointError
+from sd_core.checkpoints.pipeline_classes import DiTPipeline
+from sd_core.fast.pipeline import make_fast
+from sd_core.pipelines.generate import MAX_SEED, preview, resolve_seed
+from sd_core.pipelines.images import read_png_parameters
+from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
+from sd_core.schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 
 LOG = logging.getLogger("sd_core.app")
 # ------------------------------------------------------------------------------ handlers: GPU, errors, inputs

@@ -15,11 +15,11 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Hashable
 
 from sd_core.pipelines.images import MAX_IMAGE_BYTES, describe_size, open_image, side_of
 

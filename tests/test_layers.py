@@ -1,0 +1,52 @@
+"""The house's boundaries are contracts (.importlinter), checked here so that a violating import fails CI."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+        "sys.argv = ['lint-imports', '--no-cache']; lint_imports_command()"]
+
+
+def lint(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(LINT, capture_output=True, text=True, timeout=120, cwd=folder)
+
+
+def planted_copy(tmp_path: Path, relative: str, first_line: str) -> Path:
+    """The code (no weights, docs or tests) with one line put at the top of one module."""
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "weights", "docs", "tests", "__pycache__",
+                                                              ".import_linter_cache"))
+    module = copy / relative
+    module.write_text(first_line + "\n" + module.read_text())
+    return copy
+
+
+def test_every_contract_is_kept_by_the_code_as_it_is():
+    result = lint(ROOT)
+    assert result.returncode == 0 and "0 broken" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_model_that_reads_checkpoints_breaks_the_layers(tmp_path):
+    result = lint(planted_copy(tmp_path, "sd_core/models/unet.py", "from sd_core.checkpoints import loading"))
+    assert result.returncode != 0
+    assert "sd_core.models.unet -> sd_core.checkpoints.loading" in result.stdout, result.stdout
+
+
+def test_gradio_outside_the_app_package_breaks_a_contract(tmp_path):
+    result = lint(planted_copy(tmp_path, "sd_core/pipelines/generate.py", "import gradio"))
+    assert result.returncode != 0
+    assert "sd_core.pipelines.generate -> gradio" in result.stdout, result.stdout
+
+
+def test_sd_core_importing_compare_breaks_a_contract(tmp_path):
+    result = lint(planted_copy(tmp_path, "sd_core/checkpoints/saving.py", "import compare.kinds"))
+    assert result.returncode != 0
+    assert "sd_core.checkpoints.saving -> compare.kinds" in result.stdout, result.stdout
+
+
+def test_a_model_reading_images_breaks_a_contract(tmp_path):
+    result = lint(planted_copy(tmp_path, "sd_core/models/vae.py", "from PIL import Image"))
+    assert result.returncode != 0
+    assert "sd_core.models.vae -> PIL" in result.stdout, result.stdout
