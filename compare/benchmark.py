@@ -201,7 +201,7 @@ def pipeline_pairs(ours, diffusers_pipeline, prompt: str, options: dict, fast: s
     import numpy as np
 
     from sd_core.fast.pipeline import make_fast
-    from sd_core.pipelines.images import psnr
+    from sd_core.pipelines.image_io import psnr
     from sd_core.pipelines.generate import text_to_image
     size = options.get("height") or ours.default_size
     name = f"pipeline ({options['steps']} steps, CFG, {size} px)"

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
-from sd_core.pipelines.images import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
+from sd_core.pipelines.image_io import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
 from sd_core.pipelines.generate import dit_sample, vae_roundtrip
 from sd_core.schedulers import VARIANTS
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sd_core.pipelines.images import crop_to_multiple, load_image
+from sd_core.pipelines.image_io import crop_to_multiple, load_image
 from sd_core.checkpoints.loading import MODEL_CLASSES, SkipRandomInit, load_pipeline
 from sd_core.pipelines.generate import encode_text, image_to_image, text_to_image
 from sd_core.schedulers import DIFFUSERS_CLASS_NAMES, VARIANTS

@@ -20,7 +20,7 @@ from sd_core.training import shapes_dataset as shapes
 from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
-from sd_core.pipelines.images import save_image
+from sd_core.pipelines.image_io import save_image
 from sd_core.checkpoints.loading import DTYPES, load_pipeline
 from sd_core.pipelines.offload import enable_model_cpu_offload
 from sd_core.pipelines.generate import PROMPT_SYNTAXES, customize, dit_sample, generate, image_seeds, refine, vae_roundtrip

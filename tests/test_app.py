@@ -28,7 +28,7 @@ from tests.helpers import assert_images_match
 from sd_core.app import model_choices as app_models
 from sd_core.app import parts as app_parts
 from sd_core.pipelines.textual_inversion import token_embedding
-from sd_core.pipelines.images import psnr
+from sd_core.pipelines.image_io import psnr
 
 compare = compare_tab.compare_handler(app.comparisons)
 

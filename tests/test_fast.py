@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from sd_core.training import shapes_dataset as shapes
 from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.fast.pipeline import FastOptions, FastUNet, make_fast
-from sd_core.pipelines.images import psnr
+from sd_core.pipelines.image_io import psnr
 from sd_core.checkpoints.loading import load_pipeline
 from sd_core.pipelines.generate import text_to_image
 from sd_core.pipelines.previews import fast_preview, latent_preview, latent_preview_tensor, latent_to_rgb

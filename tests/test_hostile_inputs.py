@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from sd_core.app import serving
-from sd_core.pipelines.images import load_image, save_image
+from sd_core.pipelines.image_io import load_image, save_image
 from sd_core.pipelines.inpainting import load_mask
 from sd_core.app.serving import (ModelCache, ResultsJanitor, WorkLimits, as_choice, as_number, as_text, as_whole_number,
                              check_request, clean_results, open_upload)
@@ -489,7 +489,7 @@ SAVER = """
 import os, sys, time
 from PIL import Image
 import numpy as np
-from sd_core.pipelines import images
+from sd_core.pipelines import image_io as images
 path, mode = sys.argv[1], sys.argv[2]
 image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8))
 if mode == "stall":  # the whole file written, the rename not yet done: the moment a kill used to leave .partial
@@ -546,7 +546,7 @@ def test_signals_at_random_moments_of_repeated_saves_leave_no_partial(tmp_path, 
 
 
 def test_an_exception_while_writing_leaves_no_partial(tmp_path, monkeypatch):
-    from sd_core.pipelines import images
+    from sd_core.pipelines import image_io as images
 
     def interrupted(src, dst):
         raise KeyboardInterrupt

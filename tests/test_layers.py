@@ -50,3 +50,13 @@ def test_a_model_reading_images_breaks_a_contract(tmp_path):
     result = lint(planted_copy(tmp_path, "sd_core/models/vae.py", "from PIL import Image"))
     assert result.returncode != 0
     assert "sd_core.models.vae -> PIL" in result.stdout, result.stdout
+
+
+def test_the_public_surface_names_what_readme_uses_and_imports_nothing_until_asked():
+    code = ("import sys, sd_core\n"
+            "before = sorted(m for m in sys.modules if m.startswith('sd_core.'))\n"
+            "from sd_core import load_pipeline, text_to_image, image_to_image, inpaint, dit_sample, make_scheduler, "
+            "make_fast, save_image, read_png_parameters\n"
+            "print(before, all(callable(getattr(sd_core, n)) for n in sd_core.__all__ if not n.isupper()))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.stdout.strip() == "[] True", result.stdout + result.stderr

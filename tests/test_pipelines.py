@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from sd_core.checkpoints.loading import load_pipeline
-from sd_core.pipelines.images import load_image, save_image
+from sd_core.pipelines.image_io import load_image, save_image
 from sd_core.pipelines.generate import dit_sample, image_to_image, text_to_image, vae_roundtrip
 from tests import tiny
 from tests.helpers import assert_images_match

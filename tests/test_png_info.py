@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from sd_core.pipelines.images import read_png_parameters, save_image
+from sd_core.pipelines.image_io import save_image
+from sd_core.pipelines.metadata import read_png_parameters
 from sd_core.checkpoints.loading import load_pipeline
 from sd_core.pipelines.generate import dit_sample, image_to_image, text_to_image
 from tests import tiny

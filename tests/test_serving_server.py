@@ -9,6 +9,7 @@ import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 
+from sd_core.app import layout
 from sd_core.app.serving import (
     MAX_UPLOAD_BYTES,
     WorkLimits,

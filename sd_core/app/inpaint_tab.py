@@ -10,7 +10,7 @@ from PIL import Image
 
 from sd_core.app.parts import images_gallery, model_dropdown, scheduler_dropdown
 from sd_core.app.serving import open_upload, raw_value
-from sd_core.pipelines.images import upright_8bit
+from sd_core.pipelines.image_io import upright_8bit
 
 
 def editor_files(editor: gr.ImageEditor) -> gr.ImageEditor:

@@ -38,7 +38,7 @@ from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
 from sd_core.fast.pipeline import make_fast
 from sd_core.pipelines.generate import MAX_SEED, preview, resolve_seed
-from sd_core.pipelines.images import read_png_parameters
+from sd_core.pipelines.metadata import read_png_parameters
 from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
 from sd_core.schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 

@@ -21,7 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sd_core.pipelines.images import MAX_IMAGE_BYTES, describe_size, open_image, side_of
+from sd_core.pipelines.image_io import MAX_IMAGE_BYTES, describe_size, open_image, side_of
 
 MAX_UPLOAD_BYTES = 20 * 2 ** 20  # launch(max_file_size=...): gradio refuses larger uploads before they are kept
 MAX_UPLOAD_PIXELS = 2048 * 2048  # decoded at most (12 MB of RGB); the work bound below may allow fewer

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import safetensors.torch
 
+from sd_core.files import atomic_path, ordinary_mode
 from sd_core.checkpoints import convert
 from sd_core.models.dit import sincos_position_embedding
 from sd_core.checkpoints.loading import MODEL_CLASSES, single_file_layout
@@ -26,9 +27,7 @@ def atomic_folder(folder: Path, overwrite: bool):
     if not folder.parent.is_dir():
         raise FileNotFoundError(f"The folder {folder.parent} does not exist; create it first.")
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    temporary.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+    temporary.chmod(ordinary_mode(is_folder=True))  # mkdtemp makes it private; the result should be an ordinary folder
     return temporary
 
 
@@ -116,7 +115,6 @@ def export_single_file(pipe, path, overwrite: bool = False) -> Path:
         c = pipe.transformer.config
         grid = c.sample_size // c.patch_size
         tensors["pos_embed"] = sincos_position_embedding(c.hidden_size, grid, grid, grid)[None]
-    temporary = path.with_name(f".{path.name}.partial")
-    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary)
     return path

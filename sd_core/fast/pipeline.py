@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd_core.pipelines import generate as pipelines
-from sd_core.pipelines.images import tag
+from sd_core.pipelines.metadata import tag
 from sd_core.pipelines.sampling import converted_copy
 from sd_core.models.unet import UNet2DConditionModel
 

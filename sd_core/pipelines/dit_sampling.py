@@ -3,7 +3,7 @@ latent channels, through the shared loop (sd_core.pipelines.sampling.denoise).""
 import torch
 
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
-from sd_core.pipelines.images import tag
+from sd_core.pipelines.metadata import tag
 from sd_core.noise import randn_tensor
 from sd_core.pipelines.offload import execution_device
 from sd_core.pipelines.sampling import (GenerationResult, StepCallback, check_common, check_finite, decode, denoise, display_name,

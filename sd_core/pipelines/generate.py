@@ -24,7 +24,8 @@ from sd_core.pipelines.conditioning import (PROMPT_SYNTAXES, added_conditioning,
                            encode_prompt, encode_text)
 from sd_core.pipelines.dit_sampling import GUIDED_CHANNELS, class_ids, dit_sample  # noqa: F401
 from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
-from sd_core.pipelines.images import crop_to_multiple, image_to_tensor, load_image, psnr, tag, to_pil
+from sd_core.pipelines.image_io import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
+from sd_core.pipelines.metadata import tag
 from sd_core.noise import randn_tensor
 from sd_core.pipelines.lora import apply_loras, load_lora
 from sd_core.pipelines.offload import execution_device

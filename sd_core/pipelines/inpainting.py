@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd_core.pipelines.images import image_to_tensor, open_image, to_grey
+from sd_core.pipelines.image_io import image_to_tensor, open_image, to_grey
 from sd_core.noise import randn_tensor
 from sd_core.schedulers import SamplingState, Scheduler
 

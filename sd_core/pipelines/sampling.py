@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sd_core.checkpoints import catalog
-from sd_core.pipelines.images import to_pil
+from sd_core.pipelines.image_io import to_pil
 from sd_core.schedulers import DIFFUSERS_CLASS_NAMES, Scheduler
 from sd_core.models.vae import AutoencoderKL
 

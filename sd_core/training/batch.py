@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sd_core.checkpoints.catalog import EMBEDDED, EMBEDDED_GUIDANCE, EMBEDDED_STEPS, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.training.distributed import cpu_only, finish
-from sd_core.pipelines.images import save_image
+from sd_core.pipelines.image_io import save_image
 from sd_core.checkpoints.loading import DTYPES, load_pipeline
 from sd_core.pipelines.generate import MAX_SEED, text_to_image
 

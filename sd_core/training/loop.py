@@ -14,7 +14,6 @@ exact. Only the main process keeps the EMA, logs and writes checkpoints.
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from sd_core.files import atomic_path
 from sd_core.training.distributed import cpu_only
 
 
@@ -57,9 +57,8 @@ def update_ema(ema: dict, model: torch.nn.Module, decay: float, frozen: set):
 
 
 def save_checkpoint(path: Path, state: dict):
-    temporary = path.with_name(path.name + ".partial")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
 
 
 def parts(batch: int, process: int, processes: int, accumulation: int) -> list[slice]:

@@ -1,13 +1,10 @@
-"""Images in and out: reading (EXIF, transparency, cropping), tensors <-> 8-bit pictures, PNGs with metadata."""
+"""Image files in and out: bounded reading (EXIF, transparency, bit depth, cropping), atomic writing (PNG text
+chunks kept), and tensors <-> 8-bit pictures."""
 import io
-import json
 import math
 import os
 import re
-import signal
 import struct
-import tempfile
-import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -16,168 +13,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
+from sd_core.files import atomic_path
+
 
 def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [-1, 1] -> 8-bit PIL images, rounding as diffusers does."""
     array = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return [Image.fromarray(image) for image in (array * 255).round().astype("uint8")]
-
-
-def tag(images: list, parameters: dict, seeds: list[int] | None = None) -> list:
-    """Attach each image's parameters: its own seed (`seeds`: one per image, or one for the whole batch) and its
-    index in the batch, as sd_core's JSON (info["sd_core"]) and as A1111's infotext (info["parameters"])."""
-    seeds = seeds or [parameters["seed"]]
-    for index, image in enumerate(images):
-        own = {**parameters, "seed": seeds[index] if len(seeds) > 1 else seeds[0], "batch_index": index}
-        own.setdefault("height", image.height)
-        own.setdefault("width", image.width)
-        image.info["sd_core"] = json.dumps(own)
-        image.info["parameters"] = a1111_parameters(own)
-    return images
-
-
-# ------------------------------------------------------------------------- A1111's "parameters" (PNG Info)
-# stable-diffusion-webui writes one text chunk, "parameters": the prompt, a "Negative prompt: ..." line when
-# there is one, then one line of "Key: value" pairs joined by ", ", a value quoted as JSON when it holds a
-# comma, colon or newline (modules/infotext_utils.py `create_infotext`, `quote`, `parse_generation_parameters`).
-
-A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param
-
-
-def quote(value) -> str:
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",\n:") else text
-
-
-def format_number(value) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def a1111_parameters(parameters: dict) -> str:
-    """The infotext A1111 writes for one image of `parameters` (generate()'s or dit_sample()'s, with the image's
-    `batch_index`). Clip skip is A1111's count (1: the last layer), diffusers' clip_skip + 1. Keys A1111 lacks
-    are sd_core's own ("Prompt syntax" when the prompt is plain text, "Guidance rescale", "Class")."""
-    from sd_core.schedulers import DISPLAY_NAMES
-    index = parameters.get("batch_index", 0)
-    per_prompt = parameters.get("images_per_prompt") or 1
-    if "class_labels" in parameters:  # DiT: the class name is the prompt
-        prompt, negative = parameters["class_names"][index], None
-    else:
-        prompts, negatives = parameters["prompt"], parameters.get("negative_prompt")
-        prompt = prompts[index // per_prompt] if isinstance(prompts, list) else prompts
-        negative = negatives[index // per_prompt] if isinstance(negatives, list) else negatives
-    fields = {"Steps": parameters["steps"],
-              "Sampler": DISPLAY_NAMES.get(parameters["scheduler"], parameters["scheduler"]),
-              "CFG scale": format_number(parameters["guidance_scale"]), "Seed": parameters["seed"]}
-    if "height" in parameters:
-        fields["Size"] = f"{parameters['width']}x{parameters['height']}"
-    fields["Model"] = parameters.get("model")
-    if parameters.get("strength") is not None:
-        fields["Denoising strength"] = format_number(parameters["strength"])
-    if parameters.get("clip_skip"):
-        fields["Clip skip"] = parameters["clip_skip"] + 1
-    if parameters.get("guidance_rescale"):
-        fields["Guidance rescale"] = format_number(parameters["guidance_rescale"])
-    if "class_labels" in parameters:
-        fields["Class"] = parameters["class_labels"][index]
-        fields["Guided channels"] = parameters.get("guided_channels", "all")
-    elif parameters.get("prompt_syntax", "plain") != "a1111":
-        fields["Prompt syntax"] = parameters.get("prompt_syntax", "plain")
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None))
-    return "\n".join(lines)
-
-
-def parse_a1111_parameters(text: str) -> dict:
-    """A1111's infotext -> {"Prompt": ..., "Negative prompt": ..., key: value, ...} as its parser reads it: the
-    last line holds the parameters when it has at least 3 "Key: value" pairs."""
-    *lines, last = text.strip().split("\n")
-    if len(A1111_PARAM.findall(last)) < 3:
-        lines, last = lines + [last], ""
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in A1111_PARAM.findall(last):
-        fields[key] = json.loads(value) if len(value) > 1 and value[0] == value[-1] == '"' else value
-    return fields
-
-
-def settings_from_a1111(fields: dict) -> dict:
-    """generate() settings from A1111's infotext fields. Its prompts are in A1111's syntax unless the text says
-    otherwise (sd_core's "Prompt syntax: plain"); its Clip skip counts from 1."""
-    from sd_core.schedulers import DISPLAY_NAMES
-    names = {display: name for name, display in DISPLAY_NAMES.items()}
-    sampler = fields.get("Sampler", "")
-    sampler += {"Karras": " Karras"}.get(fields.get("Schedule type", ""), "")
-    if sampler not in names:
-        raise ValueError(f"The image was made with the sampler {sampler!r}, which sd_core lacks; it has "
-                         f"{sorted(names)}.")
-    settings = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"] or None,
-                "steps": int(fields["Steps"]), "scheduler": names[sampler],
-                "guidance_scale": float(fields["CFG scale"]), "seed": int(fields["Seed"]),
-                "prompt_syntax": fields.get("Prompt syntax", "a1111"),
-                "clip_skip": int(fields.get("Clip skip", 1)) - 1}
-    if "Size" in fields:
-        settings["width"], settings["height"] = (int(n) for n in fields["Size"].split("x"))
-    if "Denoising strength" in fields:
-        settings["strength"] = float(fields["Denoising strength"])
-    if "Guidance rescale" in fields:
-        settings["guidance_rescale"] = float(fields["Guidance rescale"])
-    if "Model" in fields:
-        settings["model"] = fields["Model"]
-    return settings
-
-
-GENERATE_KEYS = ("steps", "scheduler", "guidance_scale", "guidance_rescale", "height", "width", "clip_skip",
-                 "prompt_syntax")
-
-
-def settings_from_sd_core(p: dict) -> dict:
-    """generate() (or dit_sample()) settings of one image from sd_core's JSON. An image of a seed-per-image batch
-    is its own run (its prompt and seed); one of a diffusers-rule batch needs the whole batch again."""
-    index = p.get("batch_index", 0)
-    if "class_labels" in p:
-        single = p.get("seed_per_image") or len(p["class_labels"]) == 1
-        settings = {"class_labels": [p["class_labels"][index]] if single else p["class_labels"]}
-        settings.update({k: p[k] for k in ("steps", "scheduler", "guidance_scale", "guided_channels") if k in p})
-    else:
-        per_prompt = p.get("images_per_prompt") or 1
-        single = p.get("seed_per_image") or len(p["prompt"]) * per_prompt == 1
-        negatives = p.get("negative_prompt")
-        if single:
-            settings = {"prompt": p["prompt"][index // per_prompt],
-                        "negative_prompt": negatives[index // per_prompt] if negatives else None}
-        else:
-            settings = {"prompt": p["prompt"], "negative_prompt": negatives, "images_per_prompt": per_prompt,
-                        "batch_index": index}
-        settings.update({k: p[k] for k in GENERATE_KEYS if k in p})
-        if p.get("strength") is not None:
-            settings["strength"] = p["strength"]
-    settings["seed"] = p["seed"]
-    if not single:
-        settings["seed_per_image"] = False
-    settings["model"] = p.get("model")
-    return settings
-
-
-def read_png_parameters(image) -> dict:
-    """The settings that made an image, from its PNG text: sd_core's JSON ("sd_core"), else A1111's infotext
-    ("parameters"). Returns generate()'s keyword arguments (dit_sample()'s for a DiT image) and "model", the
-    name of the model that made it (pop it before calling)."""
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    text = getattr(image, "text", None) or image.info
-    if "sd_core" in text:
-        return settings_from_sd_core(json.loads(text["sd_core"]))
-    if "parameters" in text:
-        return settings_from_a1111(parse_a1111_parameters(text["parameters"]))
-    raise ValueError("This image carries no generation parameters (neither sd_core's nor A1111's PNG text).")
 
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -207,54 +49,9 @@ def save_image(image: Image.Image, path) -> Path:
         options["pnginfo"] = info
     encoded = io.BytesIO()
     image.save(encoded, format=image_format, **options)
-    with _sigterm_as_exit():
-        _write_atomically(encoded.getbuffer(), path)
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(encoded.getbuffer())
     return path
-
-
-class CannotWrite(OSError, ValueError):
-    """The output path cannot be written (no permission, no space, not a folder...): an OSError, and a ValueError
-    so that the CLI and the app show its one line like any other bad input."""
-
-
-def _write_atomically(data, path: Path):
-    temporary = None
-    try:
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-        temporary = None
-    except OSError as error:
-        raise CannotWrite(f"Cannot write {path}: {error.strerror or error}. Choose another output path.") from None
-    finally:  # also on KeyboardInterrupt / SystemExit
-        if temporary is not None:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-
-
-class _sigterm_as_exit:
-    """In the main thread, SIGTERM raises SystemExit(143) while a file is being written, so `finally` blocks run
-    (Python's default is to die at once). Elsewhere (a server's worker thread) signals cannot be caught: a no-op."""
-
-    def __enter__(self):
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            try:
-                if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-                    self.previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-            except (ValueError, OSError):  # not the main interpreter
-                self.previous = None
-
-    def __exit__(self, *_):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 # ------------------------------------------------------------------------------------------- reading images
