@@ -15,18 +15,17 @@ import torch
 from tqdm import tqdm
 
 from sd_core.checkpoints import catalog
-
-from sd_core.training import shapes_dataset as shapes
-from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
-from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
-from sd_core.pipelines.image_io import save_image
+from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.loading import DTYPES, load_pipeline
+from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
+from sd_core.pipelines.dit_sampling import generate_dit
+from sd_core.pipelines.generate import customize, generate, image_seeds, refine_run, vae_roundtrip
+from sd_core.pipelines.image_io import save_image
 from sd_core.pipelines.offload import enable_model_cpu_offload
-from sd_core.pipelines.generate import PROMPT_SYNTAXES, customize, dit_sample, generate, image_seeds, refine, vae_roundtrip
+from sd_core.pipelines.settings import PROMPT_SYNTAXES, DiTSettings, GenerationSettings
 from sd_core.schedulers import SCHEDULER_NAMES
-
-
+from sd_core.training import shapes_dataset as shapes
 
 OUTPUTS = Path("outputs")  # the default output folder, created when missing
 
@@ -61,12 +60,6 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}.")
     return value
-
-
-def recommended(source, pipe) -> tuple[int, float]:
-    """(steps, guidance) the catalog recommends for `source`, else the family's."""
-    model = catalog.entry_for(source)
-    return (model.steps, model.guidance_scale) if model else (pipe.traits.steps, pipe.traits.guidance_scale)
 
 
 def progress_callback(total: int):
@@ -146,29 +139,33 @@ def run_generate(args):
     tokens = customize(pipe, args.lora, args.embedding, allow_pickle=args.allow_pickle)
     if tokens:
         print(f"embedding tokens: {', '.join(tokens)}")
-    steps, guidance = recommended(source, pipe)
-    steps = args.steps if args.steps is not None else steps
+    defaults = catalog.recommended(source, pipe)
     if args.mask and not args.init_image:
         raise ValueError("--mask needs --init-image: the image to paint into.")
     if args.refiner and args.init_image:
         raise ValueError("--refiner runs after text to image; it does not take --init-image.")
     strength = args.strength if args.strength is not None else 1.0 if args.mask else 0.8
-    settings = dict(steps=steps, scheduler=args.scheduler, seed=args.seed, images_per_prompt=args.batch,
-                    guidance_scale=args.guidance if args.guidance is not None else guidance, seed_per_image=True,
-                    prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip, height=args.height, width=args.width)
-    if args.refiner:
-        refiner = load(args.refiner, args, StableDiffusionPipeline)
-        result = refine(pipe, refiner, args.prompt, args.negative, high_noise_frac=args.high_noise_frac,
-                        callback=progress_callback(steps), **settings)
+    settings = GenerationSettings.from_values(dict(
+        prompt=args.prompt, negative_prompt=args.negative, steps=defaults["steps"] if args.steps is None else args.steps,
+        guidance_scale=defaults["guidance_scale"] if args.guidance is None else args.guidance, scheduler=args.scheduler,
+        seed=args.seed, images_per_prompt=args.batch, seed_per_image=True, prompt_syntax=args.prompt_syntax,
+        clip_skip=args.clip_skip, height=args.height, width=args.width, loras=args.lora, embeddings=args.embedding,
+        strength=strength if args.init_image else None, refiner=args.refiner, high_noise_frac=args.high_noise_frac,
+        fast=bool(args.fast or args.deepcache or args.compile), deepcache=args.deepcache or 0))
+    tokens = customize(pipe, settings.loras, settings.embeddings, allow_pickle=args.allow_pickle)
+    if tokens:
+        print(f"embedding tokens: {', '.join(tokens)}")
+    if settings.refiner:
+        refiner = load(settings.refiner, args, StableDiffusionPipeline)
+        result = refine_run(pipe, refiner, settings, callback=progress_callback(settings.steps))
     else:
-        inputs = dict(image=args.init_image, mask=args.mask, strength=strength, **settings,
-                      callback=progress_callback(steps_to_run(steps, strength if args.init_image else 1.0)))
-        if args.fast or args.deepcache or args.compile:  # the opt-in fast path, never the parity one
+        inputs = dict(image=args.init_image, mask=args.mask,
+                      callback=progress_callback(steps_to_run(settings.steps, strength if args.init_image else 1.0)))
+        if settings.fast:  # the opt-in fast path, never the parity one
             from sd_core.fast.pipeline import make_fast
-            fast = make_fast(pipe, deepcache=args.deepcache, compile=args.compile)
-            result = fast.generate(args.prompt, args.negative, **inputs)
+            result = make_fast(pipe, deepcache=settings.deepcache, compile=args.compile).generate(settings, **inputs)
         else:
-            result = generate(pipe, args.prompt, args.negative, **inputs)
+            result = generate(pipe, settings, **inputs)
     write(result.images, output, seeds_of(result))
 
 
@@ -189,12 +186,13 @@ def run_dit(args):
     output = resolve_output(args)
     source = args.model or EMBEDDED_DIT
     pipe = load(source, args, DiTPipeline)
-    steps, guidance = recommended(source, pipe)
-    steps = args.steps if args.steps is not None else steps
-    result = dit_sample(pipe, [label for label in labels for _ in range(args.count)],
-                        guidance_scale=args.guidance if args.guidance is not None else guidance, steps=steps,
-                        scheduler=args.scheduler, seed=args.seed, guided_channels=args.guided_channels,
-                        seed_per_image=True, callback=progress_callback(steps))
+    defaults = catalog.recommended(source, pipe)
+    settings = DiTSettings.from_values(dict(
+        class_labels=[label for label in labels for _ in range(args.count)], seed=args.seed, seed_per_image=True,
+        steps=defaults["steps"] if args.steps is None else args.steps, scheduler=args.scheduler,
+        guidance_scale=defaults["guidance_scale"] if args.guidance is None else args.guidance,
+        guided_channels=args.guided_channels))
+    result = generate_dit(pipe, settings, callback=progress_callback(settings.steps))
     write(result.images, output, seeds_of(result))
 
 

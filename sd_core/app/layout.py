@@ -4,6 +4,7 @@ from pathlib import Path
 import gradio as gr
 
 from sd_core.app.compare_tab import compare_tab
+from sd_core.app.forms import dit_form_from_settings, dit_settings_from_form, form_from_settings, settings_from_form
 from sd_core.app.handlers import (
     DIT_DEFAULTS,
     MAX_BATCH,
@@ -235,8 +236,9 @@ def build(comparisons) -> gr.Blocks:
                 dit = dit_tab(dit_models)
             with gr.Tab("Compare", id="compare"):
                 compare_tab(comparisons)
-        shareable = {"text_to_image": (generate_images, text_tab["inputs"], text_tab["outputs"]),
-                     "dit": (sample_dit, dit["inputs"], dit["outputs"])}
+        shareable = {"text_to_image": (generate_images, text_tab["inputs"], text_tab["outputs"], settings_from_form,
+                                       form_from_settings),
+                     "dit": (sample_dit, dit["inputs"], dit["outputs"], dit_settings_from_form, dit_form_from_settings)}
         load_outputs = [tabs] + [c for _, inputs, outputs in shareable.values() for c in inputs + outputs]
 
         def on_load(request: gr.Request):

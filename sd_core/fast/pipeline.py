@@ -297,22 +297,25 @@ class FastPipeline:
     def reset(self):
         self.pipe.unet.reset()
 
-    def generate(self, prompt, negative_prompt=None, **kwargs) -> pipelines.GenerationResult:
+    def generate(self, settings: pipelines.GenerationSettings, **inputs) -> pipelines.GenerationResult:
+        """pipelines.generate() through the fast path; the images' metadata says "fast" and how."""
         self.reset()
-        result = pipelines.generate(self.pipe, prompt, negative_prompt, **kwargs)
+        result = pipelines.generate(self.pipe, settings, **inputs)
         result.parameters["fast"] = describe(self.options, self.dtype)
         for image in result.images:  # each image's metadata says it came from the fast path, not the parity one
             own = {**json.loads(image.info["sd_core"]), "fast": result.parameters["fast"]}
             tag([image], own)
         return result
 
-    def text_to_image(self, prompt, negative_prompt=None, **kwargs) -> pipelines.GenerationResult:
-        if "image" in kwargs:
+    def text_to_image(self, prompt, negative_prompt=None, **options) -> pipelines.GenerationResult:
+        if "image" in options:
             raise TypeError("text_to_image takes no image; use image_to_image.")
-        return self.generate(prompt, negative_prompt, **kwargs)
+        settings, inputs = pipelines.settings_and_inputs(prompt, negative_prompt, options)
+        return self.generate(settings, **inputs)
 
-    def image_to_image(self, image, prompt, negative_prompt=None, strength: float = 0.8, **kwargs):
-        return self.generate(prompt, negative_prompt, image=image, strength=strength, **kwargs)
+    def image_to_image(self, image, prompt, negative_prompt=None, strength: float = 0.8, **options):
+        settings, inputs = pipelines.settings_and_inputs(prompt, negative_prompt, dict(options, strength=strength))
+        return self.generate(settings, image=image, **inputs)
 
 
 def describe(options: FastOptions, dtype: torch.dtype) -> str:

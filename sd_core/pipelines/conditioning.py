@@ -6,10 +6,9 @@ import torch
 
 from sd_core.checkpoints.pipeline_classes import StableDiffusionPipeline
 from sd_core.pipelines.offload import execution_device
-from sd_core.pipelines.prompt_syntax import (conditioning_states, encode_weighted_prompt, encode_weighted_prompt_sdxl)
+from sd_core.pipelines.prompt_syntax import conditioning_states, encode_weighted_prompt, encode_weighted_prompt_sdxl
+from sd_core.pipelines.settings import PROMPT_SYNTAXES
 from sd_core.tokenizer import CLIPTokenizer
-
-PROMPT_SYNTAXES = ("plain", "a1111")
 
 
 def encode_text(tokenizer: CLIPTokenizer, prompts: list[str], device) -> torch.Tensor:

@@ -5,6 +5,10 @@ import re
 
 from PIL import Image
 
+from sd_core.pipelines.settings import DiTSettings, GenerationSettings
+from sd_core.schedulers import DISPLAY_NAMES
+
+
 def tag(images: list, parameters: dict, seeds: list[int] | None = None) -> list:
     """Attach each image's parameters: its own seed (`seeds`: one per image, or one for the whole batch) and its
     index in the batch, as sd_core's JSON (info["sd_core"]) and as A1111's infotext (info["parameters"])."""
@@ -39,7 +43,6 @@ def a1111_parameters(parameters: dict) -> str:
     """The infotext A1111 writes for one image of `parameters` (generate()'s or dit_sample()'s, with the image's
     `batch_index`). Clip skip is A1111's count (1: the last layer), diffusers' clip_skip + 1. Keys A1111 lacks
     are sd_core's own ("Prompt syntax" when the prompt is plain text, "Guidance rescale", "Class")."""
-    from sd_core.schedulers import DISPLAY_NAMES
     index = parameters.get("batch_index", 0)
     per_prompt = parameters.get("images_per_prompt") or 1
     if "class_labels" in parameters:  # DiT: the class name is the prompt
@@ -90,68 +93,52 @@ def parse_a1111_parameters(text: str) -> dict:
     return fields
 
 
-def settings_from_a1111(fields: dict) -> dict:
-    """generate() settings from A1111's infotext fields. Its prompts are in A1111's syntax unless the text says
-    otherwise (sd_core's "Prompt syntax: plain"); its Clip skip counts from 1."""
-    from sd_core.schedulers import DISPLAY_NAMES
+def settings_from_a1111(fields: dict) -> GenerationSettings:
+    """The record of A1111's infotext fields. Its prompts are in A1111's syntax unless the text says otherwise
+    (sd_core's "Prompt syntax: plain"); its Clip skip counts from 1."""
     names = {display: name for name, display in DISPLAY_NAMES.items()}
     sampler = fields.get("Sampler", "")
     sampler += {"Karras": " Karras"}.get(fields.get("Schedule type", ""), "")
     if sampler not in names:
         raise ValueError(f"The image was made with the sampler {sampler!r}, which sd_core lacks; it has "
                          f"{sorted(names)}.")
-    settings = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"] or None,
-                "steps": int(fields["Steps"]), "scheduler": names[sampler],
-                "guidance_scale": float(fields["CFG scale"]), "seed": int(fields["Seed"]),
-                "prompt_syntax": fields.get("Prompt syntax", "a1111"),
-                "clip_skip": int(fields.get("Clip skip", 1)) - 1}
+    values = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"] or None,
+              "steps": fields["Steps"], "scheduler": names[sampler], "guidance_scale": fields["CFG scale"],
+              "seed": fields["Seed"], "prompt_syntax": fields.get("Prompt syntax", "a1111"),
+              "clip_skip": int(fields.get("Clip skip", 1)) - 1}
     if "Size" in fields:
-        settings["width"], settings["height"] = (int(n) for n in fields["Size"].split("x"))
-    if "Denoising strength" in fields:
-        settings["strength"] = float(fields["Denoising strength"])
-    if "Guidance rescale" in fields:
-        settings["guidance_rescale"] = float(fields["Guidance rescale"])
-    if "Model" in fields:
-        settings["model"] = fields["Model"]
-    return settings
+        values["width"], values["height"] = fields["Size"].split("x")
+    for key, field in (("strength", "Denoising strength"), ("guidance_rescale", "Guidance rescale"),
+                       ("model", "Model")):
+        if field in fields:
+            values[key] = fields[field]
+    return GenerationSettings.from_values(values)
 
 
-GENERATE_KEYS = ("steps", "scheduler", "guidance_scale", "guidance_rescale", "height", "width", "clip_skip",
-                 "prompt_syntax")
-
-
-def settings_from_sd_core(p: dict) -> dict:
-    """generate() (or dit_sample()) settings of one image from sd_core's JSON. An image of a seed-per-image batch
-    is its own run (its prompt and seed); one of a diffusers-rule batch needs the whole batch again."""
+def settings_from_sd_core(p: dict) -> GenerationSettings | DiTSettings:
+    """The record of the run that made one image, from sd_core's JSON. An image of a seed-per-image batch is its
+    own run (its prompt and seed); one of a diffusers-rule batch needs the whole batch again."""
     index = p.get("batch_index", 0)
     if "class_labels" in p:
         single = p.get("seed_per_image") or len(p["class_labels"]) == 1
-        settings = {"class_labels": [p["class_labels"][index]] if single else p["class_labels"]}
-        settings.update({k: p[k] for k in ("steps", "scheduler", "guidance_scale", "guided_channels") if k in p})
+        labels = [p["class_labels"][index]] if single else p["class_labels"]
+        return DiTSettings.from_values({**p, "class_labels": labels, "seed_per_image": False}, ignore_unknown=True)
+    per_prompt = p.get("images_per_prompt") or 1
+    single = p.get("seed_per_image") or len(p["prompt"]) * per_prompt == 1
+    negatives = p.get("negative_prompt")
+    if single:
+        batch = {"prompt": p["prompt"][index // per_prompt], "images_per_prompt": 1,
+                 "negative_prompt": negatives[index // per_prompt] if negatives else None}
     else:
-        per_prompt = p.get("images_per_prompt") or 1
-        single = p.get("seed_per_image") or len(p["prompt"]) * per_prompt == 1
-        negatives = p.get("negative_prompt")
-        if single:
-            settings = {"prompt": p["prompt"][index // per_prompt],
-                        "negative_prompt": negatives[index // per_prompt] if negatives else None}
-        else:
-            settings = {"prompt": p["prompt"], "negative_prompt": negatives, "images_per_prompt": per_prompt,
-                        "batch_index": index}
-        settings.update({k: p[k] for k in GENERATE_KEYS if k in p})
-        if p.get("strength") is not None:
-            settings["strength"] = p["strength"]
-    settings["seed"] = p["seed"]
-    if not single:
-        settings["seed_per_image"] = False
-    settings["model"] = p.get("model")
-    return settings
+        batch = {"prompt": p["prompt"], "negative_prompt": negatives, "images_per_prompt": per_prompt}
+    ran = {**p, **batch, "seed_per_image": False, "fast": bool(p.get("fast"))}  # "fast" holds the path's description
+    return GenerationSettings.from_values(ran, ignore_unknown=True)
 
 
 def read_png_parameters(image) -> dict:
     """The settings that made an image, from its PNG text: sd_core's JSON ("sd_core"), else A1111's infotext
-    ("parameters"). Returns generate()'s keyword arguments (dit_sample()'s for a DiT image) and "model", the
-    name of the model that made it (pop it before calling)."""
+    ("parameters"): a GenerationSettings for generate() (a DiTSettings for generate_dit()); its `model` names
+    the model that made it."""
     if not isinstance(image, Image.Image):
         image = Image.open(image)
     text = getattr(image, "text", None) or image.info
