@@ -1,6 +1,7 @@
 """The documentation holds as written: README.md and docs/*.md name only files, links and Python names that exist;
 every `python -m sd_core` line they print runs as printed and draws what its caption says
-(sd_core.training.shapes_dataset.score); README's Python example runs."""
+(sd_core.training.shapes_dataset.score); README's Python example runs; the Space's front matter names the curated
+hub models."""
 import importlib
 import re
 import shlex
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from sd_core.__main__ import main
+from sd_core.checkpoints import catalog
 from sd_core.training.shapes_dataset import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, SIZES, Scene, score
 
 ROOT = Path(__file__).parent.parent
@@ -118,6 +120,12 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_is_a_page_read_in_two_minutes():
     assert len(README.read_text().splitlines()) <= 200
+
+
+def test_space_front_matter_lists_every_curated_hub_model():
+    front_matter = README.read_text().split("---\n")[1]
+    listed = re.search(r"^models:\n((?:- .*\n)+)", front_matter, re.M).group(1)
+    assert [line[2:] for line in listed.splitlines()] == [model.source for model in catalog.HUB.values()]
 
 
 def github_anchor(heading: str) -> str:
