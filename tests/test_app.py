@@ -535,11 +535,11 @@ def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_requ
         run(lora_2="loras: detail.safetensors", lora_2_scale=float("nan"))
 
 
-def test_the_readme_client_example_runs_as_written(server):
-    section = (Path(app.__file__).parent / "README.md").read_text().split("## The app", 1)[1]
+def test_the_app_page_client_example_runs_as_written(server):
+    section = (Path(app.__file__).parent / "docs" / "app.md").read_text().split("## The API", 1)[1]
     code = section.split("```python", 1)[1].split("```", 1)[0].replace('"http://127.0.0.1:7860"', repr(server))
     names = {}
-    exec(code, names)  # noqa: S102 (the README's own example)
+    exec(code, names)  # noqa: S102 (docs/app.md's own example)
     assert names["seed_used"] == "7" and [image["caption"] for image in names["images"]] == ["seed 7", "seed 8"]
     assert names["verdict"].startswith("## ✅ PASS\ndit (all): PASS")
 
