@@ -1,0 +1,158 @@
+"""ControlNet: the model against diffusers' ControlNetModel, the UNet taking its residuals, loading, control images."""
+import pytest
+import torch
+from diffusers import ControlNetModel as ReferenceControlNet
+from diffusers import UNet2DConditionModel as ReferenceUNet
+
+from sd_core.models import presets
+from sd_core.models.controlnet import ControlNetModel
+from sd_core.models.unet import UNet2DConditionModel
+from tests.helpers import parameter_shapes, randomize, relative_diff, twin
+
+SMALL_CONFIGS = {
+    "sd1_like_conv_projection": dict(
+        block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], layers_per_block=2,
+        attention_head_dim=4, cross_attention_dim=24, norm_num_groups=8,
+        conditioning_embedding_out_channels=[8, 16]),
+    "sd2_like_linear_projection_list_heads_upcast": dict(
+        block_out_channels=[32, 64, 64], down_block_types=["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
+        layers_per_block=1, attention_head_dim=[2, 4, 4], cross_attention_dim=32, norm_num_groups=8,
+        use_linear_projection=True, upcast_attention=True, conditioning_embedding_out_channels=[8, 8, 16, 16]),
+    "sdxl_like_text_time_deep_transformers": dict(
+        block_out_channels=[32, 64, 64], down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+        layers_per_block=2, attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 2, 3],
+        cross_attention_dim=40, norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+        conditioning_embedding_out_channels=[8, 16], conditioning_channels=1),
+}
+
+
+def build_pair(name: str, seed: int = 0, **overrides):
+    reference = randomize(ReferenceControlNet(**{**SMALL_CONFIGS[name], **overrides}), seed)
+    return twin(ControlNetModel, reference), reference
+
+
+def controlnet_inputs(model, batch: int = 2, height: int = 4, width: int = 6, timestep=500):
+    c = model.config
+    generator = torch.Generator().manual_seed(7)
+    sample = torch.randn(batch, c.in_channels, height, width, generator=generator)
+    context = torch.randn(batch, 5, c.cross_attention_dim, generator=generator)
+    factor = 2 ** (len(c.conditioning_embedding_out_channels) - 1)
+    hint = torch.rand(batch, c.conditioning_channels, height * factor, width * factor, generator=generator)
+    added = None
+    if c.addition_embed_type == "text_time":
+        added = {"text_embeds": torch.randn(batch, 16, generator=generator),
+                 "time_ids": torch.tensor([[64.0, 96, 0, 0, 64, 96]]).repeat(batch, 1)}
+    return sample, timestep, context, hint, added
+
+
+def assert_residuals_match(ours, reference, inputs, **options):
+    sample, t, context, hint, added = inputs
+    expected_down, expected_mid = reference(sample, t, context, hint, added_cond_kwargs=added, return_dict=False,
+                                            **options)
+    down, mid = ours(sample, t, context, hint, added_cond_kwargs=added, **options)
+    assert len(down) == len(expected_down) == len(ours.controlnet_down_blocks)
+    for residual, expected in zip(down, expected_down):
+        assert residual.shape == expected.shape
+        assert relative_diff(residual, expected) <= 1e-5
+    assert relative_diff(mid, expected_mid) <= 1e-5
+    return down, mid
+
+
+@pytest.mark.parametrize("timestep", [17, 500.5, torch.tensor([1, 999])], ids=["int", "float", "per_batch"])
+@pytest.mark.parametrize("name", SMALL_CONFIGS)
+@torch.no_grad()
+def test_controlnet_residuals_match_diffusers(name, timestep):
+    ours, reference = build_pair(name)
+    assert_residuals_match(ours, reference, controlnet_inputs(ours, timestep=timestep))
+
+
+@pytest.mark.parametrize("name", SMALL_CONFIGS)
+@torch.no_grad()
+def test_controlnet_conditioning_scale_and_guess_mode_match_diffusers(name):
+    ours, reference = build_pair(name)
+    inputs = controlnet_inputs(ours)
+    plain_down, plain_mid = assert_residuals_match(ours, reference, inputs)
+    half_down, half_mid = assert_residuals_match(ours, reference, inputs, conditioning_scale=0.5)
+    assert torch.allclose(half_mid, plain_mid * 0.5)
+    guess_down, guess_mid = assert_residuals_match(ours, reference, inputs, conditioning_scale=0.8, guess_mode=True)
+    assert torch.allclose(guess_down[0], plain_down[0] * 0.08)  # 0.1 at the first skip, 1 at the mid block
+    assert torch.allclose(guess_mid, plain_mid * 0.8)
+
+
+@torch.no_grad()
+def test_controlnet_global_pool_conditions_and_bgr_order_match_diffusers():
+    ours, reference = build_pair("sd1_like_conv_projection", global_pool_conditions=True,
+                                 controlnet_conditioning_channel_order="bgr")
+    down, mid = assert_residuals_match(ours, reference, controlnet_inputs(ours), guess_mode=True)
+    assert mid.shape[2:] == (1, 1) and all(residual.shape[2:] == (1, 1) for residual in down)
+
+
+@pytest.mark.parametrize("name", ["CONTROLNET_SD15", "CONTROLNET_SD21", "CONTROLNET_SDXL"])
+def test_real_size_controlnet_parameter_names_and_shapes_match_diffusers(name):
+    with torch.device("meta"):
+        reference = ReferenceControlNet.from_config(getattr(presets, name))
+        ours = ControlNetModel.from_config(dict(reference.config))
+    assert parameter_shapes(ours) == parameter_shapes(reference)
+
+
+def unet_config_for(name: str) -> dict:
+    """The UNet a small ControlNet config was copied from."""
+    config = {k: v for k, v in SMALL_CONFIGS[name].items() if not k.startswith("conditioning")}
+    return {**config, "up_block_types": [kind.replace("Down", "Up") for kind in reversed(config["down_block_types"])]}
+
+
+@pytest.mark.parametrize("name", ["sd1_like_conv_projection", "sdxl_like_text_time_deep_transformers"])
+@torch.no_grad()
+def test_unet_adds_controlnet_residuals_as_diffusers_does(name):
+    reference_unet = randomize(ReferenceUNet(**unet_config_for(name)), 1)
+    unet = twin(UNet2DConditionModel, reference_unet)
+    controlnet, _ = build_pair(name)
+    sample, t, context, hint, added = controlnet_inputs(controlnet)
+    down, mid = controlnet(sample, t, context, hint, added_cond_kwargs=added)
+    expected = reference_unet(sample, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid).sample
+    ours = unet(sample, t, context, added, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    assert relative_diff(ours, expected) <= 1e-5
+    assert relative_diff(ours, unet(sample, t, context, added)) > 1e-3  # the residuals changed the prediction
+
+
+@torch.no_grad()
+def test_unet_refuses_half_a_residual_pair():
+    name = "sd1_like_conv_projection"
+    unet = randomize(UNet2DConditionModel.from_config(unet_config_for(name)))
+    controlnet, _ = build_pair(name)
+    sample, t, context, hint, _ = controlnet_inputs(controlnet)
+    down, mid = controlnet(sample, t, context, hint)
+    with pytest.raises(ValueError, match="pass both"):
+        unet(sample, t, context, down_block_additional_residuals=down)
+    with pytest.raises(ValueError, match="one per skip"):
+        unet(sample, t, context, down_block_additional_residuals=down[:-1], mid_block_additional_residual=mid)
+
+
+@pytest.mark.parametrize("name", ["sd1_like_conv_projection", "sdxl_like_text_time_deep_transformers"])
+@torch.no_grad()
+def test_controlnet_from_unet_copies_the_encoder_and_zeroes_every_z_as_diffusers_does(name):
+    reference_unet = randomize(ReferenceUNet(**unet_config_for(name)), 2)
+    unet = twin(UNet2DConditionModel, reference_unet)
+    hint = SMALL_CONFIGS[name]
+    expected = ReferenceControlNet.from_unet(reference_unet, conditioning_channels=hint.get("conditioning_channels", 3),
+                                             conditioning_embedding_out_channels=hint["conditioning_embedding_out_channels"])
+    ours = ControlNetModel.from_unet(unet, hint.get("conditioning_channels", 3), hint["conditioning_embedding_out_channels"])
+    for key, tensor in expected.state_dict().items():
+        if key.startswith("controlnet_cond_embedding.") and not key.startswith("controlnet_cond_embedding.conv_out"):
+            continue  # E's first convs start random, in both
+        assert torch.equal(ours.state_dict()[key], tensor), key
+    sample, t, context, hint_image, added = controlnet_inputs(ours)
+    down, mid = ours(sample, t, context, hint_image, added_cond_kwargs=added)
+    assert all(not residual.any() for residual in down) and not mid.any()  # an untrained ControlNet adds nothing
+
+
+@torch.no_grad()
+def test_controlnet_rejects_a_hint_of_the_wrong_size_with_the_fix():
+    ours, _ = build_pair("sd1_like_conv_projection")
+    sample, t, context, hint, _ = controlnet_inputs(ours)
+    with pytest.raises(ValueError, match=r"controlnet_cond must be \(batch, 3, 8, 12\).*control_images"):
+        ours(sample, t, context, hint[:, :, :7])
+    with pytest.raises(ValueError, match="mid_block_type='UNetMidBlock2D' is not supported"):
+        ControlNetModel.from_config({**SMALL_CONFIGS["sd1_like_conv_projection"], "mid_block_type": "UNetMidBlock2D"})
