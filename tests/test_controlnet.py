@@ -1,11 +1,16 @@
 """ControlNet: the model against diffusers' ControlNetModel, the UNet taking its residuals, loading, control images."""
 import pytest
+import safetensors.torch
 import torch
 from diffusers import ControlNetModel as ReferenceControlNet
 from diffusers import UNet2DConditionModel as ReferenceUNet
 
+from sd_core.checkpoints import convert
+from sd_core.checkpoints.controlnet import controlnet_config_from_weights, load_controlnet
+from sd_core.checkpoints.convert import CheckpointError
+from sd_core.checkpoints.loading import expected_shapes
 from sd_core.models import presets
-from sd_core.models.controlnet import ControlNetModel
+from sd_core.models.controlnet import ControlNetConfig, ControlNetModel
 from sd_core.models.unet import UNet2DConditionModel
 from tests.helpers import parameter_shapes, randomize, relative_diff, twin
 
@@ -78,6 +83,14 @@ def test_controlnet_conditioning_scale_and_guess_mode_match_diffusers(name):
     guess_down, guess_mid = assert_residuals_match(ours, reference, inputs, conditioning_scale=0.8, guess_mode=True)
     assert torch.allclose(guess_down[0], plain_down[0] * 0.08)  # 0.1 at the first skip, 1 at the mid block
     assert torch.allclose(guess_mid, plain_mid * 0.8)
+
+
+@torch.no_grad()
+def test_controlnet_with_transformer_free_attention_levels_matches_diffusers():
+    """SDXL's mid and small ControlNets keep a level's attention norm and projections but no transformer."""
+    ours, reference = build_pair("sdxl_like_text_time_deep_transformers", transformer_layers_per_block=[1, 0, 2])
+    assert not ours.down_blocks[1].attentions[0].transformer_blocks
+    assert_residuals_match(ours, reference, controlnet_inputs(ours))
 
 
 @torch.no_grad()
@@ -156,3 +169,116 @@ def test_controlnet_rejects_a_hint_of_the_wrong_size_with_the_fix():
         ours(sample, t, context, hint[:, :, :7])
     with pytest.raises(ValueError, match="mid_block_type='UNetMidBlock2D' is not supported"):
         ControlNetModel.from_config({**SMALL_CONFIGS["sd1_like_conv_projection"], "mid_block_type": "UNetMidBlock2D"})
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+def small_reference(name: str = "sd1_like_conv_projection", **overrides):
+    return randomize(ReferenceControlNet(**{**SMALL_CONFIGS[name], **overrides}), 3)
+
+
+def original_layout(reference, prefix: bool = True) -> dict:
+    """The reference's weights under lllyasviel's original names, by running sd_core's rules backwards."""
+    rules = convert.controlnet_rules(ControlNetConfig.from_dict(dict(reference.config)))
+    original = convert.export_component(reference.state_dict(), rules)
+    return original if prefix else {k.removeprefix(convert.CONTROLNET_PREFIX): v for k, v in original.items()}
+
+
+def assert_same_weights(model, reference):
+    expected = reference.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_controlnet_folder_loads_with_diffusers_names(tmp_path):
+    reference = small_reference("sdxl_like_text_time_deep_transformers")
+    reference.save_pretrained(tmp_path / "controlnet")
+    model = load_controlnet(tmp_path / "controlnet")
+    assert_same_weights(model, reference)
+    assert not model.training and model.config.addition_embed_type == "text_time"
+
+
+@pytest.mark.parametrize("prefix", [True, False], ids=["control_model_prefix", "bare_keys"])
+def test_original_controlnet_file_round_trips_through_the_rules(tmp_path, prefix):
+    reference = small_reference("sd2_like_linear_projection_list_heads_upcast")
+    path = tmp_path / "control_small.safetensors"
+    safetensors.torch.save_file(original_layout(reference, prefix), path)
+    assert_same_weights(load_controlnet(path, config=dict(reference.config)), reference)
+
+
+def test_original_names_from_the_rules_are_the_ones_diffusers_single_file_converter_reads():
+    """An independent check of the rules: diffusers' own converter turns sd_core's original layout back into the
+    same state_dict (the hint encoder at its released widths, which diffusers' converter hard-codes)."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    reference = small_reference(conditioning_embedding_out_channels=[16, 32, 96, 256])
+    converted = convert_controlnet_checkpoint(original_layout(reference), dict(reference.config))
+    assert converted.keys() == reference.state_dict().keys()
+    assert all(torch.equal(converted[k], v) for k, v in reference.state_dict().items())
+
+
+def test_real_size_sd15_controlnet_has_lllyasviels_original_names():
+    with torch.device("meta"):
+        model = ControlNetModel.from_config(presets.CONTROLNET_SD15)
+    original = convert.export_component(model.state_dict(), convert.controlnet_rules(model.config))
+    assert len(original) == len(model.state_dict())
+    for key in ["input_hint_block.0.weight", "input_hint_block.12.bias", "input_hint_block.14.weight",
+                "zero_convs.0.0.weight", "zero_convs.11.0.bias", "middle_block_out.0.weight", "time_embed.2.bias",
+                "input_blocks.11.0.out_layers.3.weight", "input_blocks.3.0.op.weight",
+                "middle_block.1.transformer_blocks.0.attn2.to_k.weight", "middle_block.2.emb_layers.1.weight"]:
+        assert convert.CONTROLNET_PREFIX + key in original, key
+    assert not any("zero_convs.12." in k or "input_hint_block.16" in k for k in original)
+
+
+SDXL_MID_LIKE = {**presets.CONTROLNET_SDXL, "transformer_layers_per_block": [1, 0, 2], "conditioning_channels": 1}
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+@pytest.mark.parametrize("preset", [presets.CONTROLNET_SD15, presets.CONTROLNET_SD21, presets.CONTROLNET_SDXL,
+                                    SDXL_MID_LIKE], ids=["sd15", "sd21", "sdxl", "sdxl_mid_like_one_channel_hint"])
+def test_a_single_files_architecture_is_read_off_its_tensors(preset, layout):
+    with torch.device("meta"):
+        model = ControlNetModel.from_config(preset)
+    tensors = model.state_dict()
+    if layout == "original":
+        tensors = convert.export_component(tensors, convert.controlnet_rules(model.config))
+    derived = controlnet_config_from_weights(tensors, "test")
+    assert expected_shapes(ControlNetModel, derived) == parameter_shapes(model)
+
+
+def test_a_diffusers_layout_single_file_loads_without_conversion(tmp_path):
+    reference = small_reference()
+    path = tmp_path / "diffusers_small.safetensors"
+    safetensors.torch.save_file(reference.state_dict(), path)
+    assert_same_weights(load_controlnet(path, config=dict(reference.config)), reference)
+    with pytest.raises(CheckpointError, match=r"cross-attention width \(24\).*pass config="):
+        load_controlnet(path)
+
+
+def test_a_pickled_controlnet_is_refused_with_the_way_out(tmp_path):
+    path = tmp_path / "control_v11p_sd15_canny.pth"
+    torch.save(small_reference().state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"pickle.*convert it to \.safetensors"):
+        load_controlnet(path)
+
+
+def test_missing_and_extra_controlnet_keys_are_reported_by_name(tmp_path):
+    reference = small_reference()
+    config = dict(reference.config)
+    original = original_layout(reference)
+    missing, extra = tmp_path / "missing.safetensors", tmp_path / "extra.safetensors"
+    safetensors.torch.save_file({k: v for k, v in original.items() if "zero_convs.3." not in k}, missing)
+    safetensors.torch.save_file({**original, "control_model.lora_up.weight": torch.zeros(2)}, extra)
+    with pytest.raises(CheckpointError, match=r"lacks control_model\.zero_convs\.3\.0\.bias"):
+        load_controlnet(missing, config=config)
+    with pytest.raises(CheckpointError, match=r"no part of the ControlNet uses: control_model\.lora_up\.weight"):
+        load_controlnet(extra, config=config)
+    diffusers_extra = tmp_path / "diffusers_extra.safetensors"
+    safetensors.torch.save_file({**reference.state_dict(), "controlnet_extra.weight": torch.zeros(2)}, diffusers_extra)
+    with pytest.raises(CheckpointError, match=r"unexpected controlnet_extra\.weight"):
+        load_controlnet(diffusers_extra, config=config)
+
+
+def test_a_folder_of_another_model_is_not_taken_for_a_controlnet(tmp_path):
+    (tmp_path / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    with pytest.raises(CheckpointError, match="UNet2DConditionModel, not a ControlNetModel"):
+        load_controlnet(tmp_path)

@@ -27,7 +27,8 @@ from sd_core.models.unet import DOWN_BLOCKS, DownBlock, MidBlock, UNet2DConditio
 @dataclasses.dataclass
 class ControlNetConfig(ModelConfig):
     size_bounds = {**UNet2DConditionConfig.size_bounds, "conditioning_channels": (1, 64),
-                   "conditioning_embedding_out_channels": (1, 4096)}
+                   "conditioning_embedding_out_channels": (1, 4096),
+                   "transformer_layers_per_block": (0, 64)}  # 0: SDXL's mid and small ControlNets
     in_channels: int = 4
     conditioning_channels: int = 3  # the hint image's channels
     flip_sin_to_cos: bool = True
