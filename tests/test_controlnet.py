@@ -1,9 +1,14 @@
 """ControlNet: the model against diffusers' ControlNetModel, the UNet taking its residuals, loading, control images."""
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 from diffusers import ControlNetModel as ReferenceControlNet
 from diffusers import UNet2DConditionModel as ReferenceUNet
+from PIL import Image
 
 from sd_core.checkpoints import convert
 from sd_core.checkpoints.controlnet import controlnet_config_from_weights, load_controlnet
@@ -12,6 +17,9 @@ from sd_core.checkpoints.loading import expected_shapes
 from sd_core.models import presets
 from sd_core.models.controlnet import ControlNetConfig, ControlNetModel
 from sd_core.models.unet import UNet2DConditionModel
+from sd_core.pipelines.control_images import (canny_edges, control_batch, control_image_to_tensor,
+                                              preprocess_control_image)
+from sd_core.pipelines.image_io import load_image
 from tests.helpers import parameter_shapes, randomize, relative_diff, twin
 
 SMALL_CONFIGS = {
@@ -282,3 +290,120 @@ def test_a_folder_of_another_model_is_not_taken_for_a_controlnet(tmp_path):
     (tmp_path / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     with pytest.raises(CheckpointError, match="UNet2DConditionModel, not a ControlNetModel"):
         load_controlnet(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- control images
+
+def rectangle_image(height=40, width=50, box=(10, 30, 12, 40), value=255.0, background=0.0) -> np.ndarray:
+    image = np.full((height, width), background, np.float32)
+    top, bottom, left, right = box
+    image[top:bottom, left:right] = value
+    return image
+
+
+def edges_of(image: np.ndarray, **options) -> np.ndarray:
+    return canny_edges(torch.from_numpy(image), **options).numpy()
+
+
+def test_canny_finds_a_rectangles_edges_one_pixel_thin():
+    edges = edges_of(rectangle_image())
+    boundary = np.zeros_like(edges)  # the pixels on either side of each step
+    boundary[9:11, 11:41] = boundary[29:31, 11:41] = boundary[9:31, 11:13] = boundary[9:31, 39:41] = True
+    assert edges.any() and not (edges & ~boundary).any()
+    assert all(edges[9:11, x].sum() == 1 and edges[29:31, x].sum() == 1 for x in range(14, 38))  # thin, unbroken
+    assert all(edges[y, 11:13].sum() == 1 and edges[y, 39:41].sum() == 1 for y in range(12, 28))
+
+
+def test_canny_keeps_weak_edges_only_where_they_touch_strong_ones():
+    """A step of 30 grey levels gives an L1 Sobel magnitude of 120 along its sides and 180 at its corners: between
+    the thresholds, so an edge only when connected (hysteresis) to a strong one (a step of 255)."""
+    image = rectangle_image(box=(5, 15, 5, 15), value=30.0)  # isolated and weak
+    image[25:35, 5:15] = 255.0  # strong ...
+    image[25:35, 15:45] = 30.0  # ... with a weak neighbour touching it
+    edges = edges_of(image)
+    assert not edges[:20].any()
+    assert edges[24:26, 40].any() and edges[34:36, 40].any()  # the weak rectangle's far edges survive
+    assert not edges_of(image, low=130.0)[24:26, 40].any()  # below the low threshold: gone though connected
+
+
+def test_canny_blur_quiets_noise_but_keeps_the_edges():
+    noisy = rectangle_image() + np.random.default_rng(0).normal(0, 25, (40, 50)).astype(np.float32)
+    inside = np.zeros((40, 50), bool)
+    inside[14:26, 16:36] = True
+    assert edges_of(noisy)[inside].sum() > 20  # noise edges without the blur
+    blurred = edges_of(noisy, sigma=2.0)
+    assert blurred[inside].sum() == 0 and blurred[9:11, 20:30].any()
+
+
+def test_canny_rejects_crossed_thresholds():
+    with pytest.raises(ValueError, match="low threshold"):
+        edges_of(rectangle_image(), low=200.0, high=100.0)
+
+
+def test_invert_turns_dark_line_art_on_light_into_light_lines_on_dark():
+    drawing = Image.fromarray(rectangle_image(value=0.0, background=255.0).astype(np.uint8), "L")
+    inverted = np.asarray(preprocess_control_image(drawing, "invert"))
+    assert inverted.shape == (40, 50, 3)
+    assert (inverted[20, 20] == 255).all() and (inverted[0, 0] == 0).all()
+
+
+def test_canny_preprocessor_gives_white_edges_on_black_rgb():
+    photo = Image.fromarray(rectangle_image().astype(np.uint8), "L").convert("RGB")
+    control = np.asarray(preprocess_control_image(photo, "canny"))
+    assert control.shape == (40, 50, 3) and set(np.unique(control)) == {0, 255}
+    assert np.array_equal(control[..., 0] > 0, edges_of(rectangle_image()))
+    with pytest.raises(ValueError, match="choose one of none, canny, invert"):
+        preprocess_control_image(photo, "depth")
+
+
+def random_picture(width, height, mode="RGB", seed=0) -> Image.Image:
+    array = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(array, "RGB")
+    return image.convert(mode) if mode != "P" else image.quantize(16)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P"], ids=["rgb", "grey", "palette_nearest"])
+def test_control_image_resizes_as_diffusers_does(mode):
+    from diffusers.image_processor import VaeImageProcessor
+    image = random_picture(70, 45, mode)
+    processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    expected = processor.preprocess(image, height=36, width=100).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = control_image_to_tensor(image, width=100, height=36)  # 100 -> 96 and 36 -> 32, as diffusers
+    assert ours.shape == expected.shape == (1, 3, 32, 96)
+    assert torch.equal(ours, expected)
+
+
+def test_control_image_of_another_aspect_says_it_is_stretched():
+    with pytest.warns(UserWarning, match="70x45 but the output is 64x64: it is stretched"):
+        control_image_to_tensor(random_picture(70, 45), 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        control_image_to_tensor(random_picture(128, 64), 64, 32)
+
+
+def test_sixteen_bit_and_transparent_control_images_are_read_as_the_image_reader_does():
+    grey16 = Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16), "I;16")
+    expected = np.asarray(load_image(grey16), dtype=np.float32) / 255.0
+    assert torch.equal(control_image_to_tensor(grey16, 64, 64)[0].permute(1, 2, 0), torch.from_numpy(expected))
+    hidden_black = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    assert (control_image_to_tensor(hidden_black, 64, 64) == 1.0).all()  # white, not the hidden black
+
+
+@pytest.mark.parametrize("guided,guess_mode", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("images,images_per_prompt", [(1, 1), (1, 3), (2, 2)])
+def test_control_batch_matches_diffusers_prepare_image(images, images_per_prompt, guided, guess_mode):
+    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers.image_processor import VaeImageProcessor
+    pictures = [random_picture(64, 48, seed=i) for i in range(images)]
+    owner = SimpleNamespace(control_image_processor=VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True,
+                                                                      do_normalize=False))
+    prompts = 2
+    expected = StableDiffusionControlNetPipeline.prepare_image(
+        owner, pictures, 64, 48, prompts * images_per_prompt, images_per_prompt, "cpu", torch.float32,
+        do_classifier_free_guidance=guided, guess_mode=guess_mode)
+    ours = control_batch(control_image_to_tensor(pictures, 64, 48), prompts, images_per_prompt, guided, guess_mode)
+    assert torch.equal(ours, expected)
+    with pytest.raises(ValueError, match="one image, or one per prompt"):
+        control_batch(torch.zeros(3, 3, 8, 8), prompts)
