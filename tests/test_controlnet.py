@@ -169,6 +169,18 @@ def test_controlnet_from_unet_copies_the_encoder_and_zeroes_every_z_as_diffusers
     assert all(not residual.any() for residual in down) and not mid.any()  # an untrained ControlNet adds nothing
 
 
+def test_a_controlnet_for_another_family_is_refused_before_any_step():
+    with torch.device("meta"):
+        sdxl_controlnet = ControlNetModel.from_config(presets.CONTROLNET_SDXL)
+        sd15_unet = UNet2DConditionModel.from_config(presets.UNET_SD15)
+        sd15_controlnet = ControlNetModel.from_config(presets.CONTROLNET_SD15)
+    sd15_controlnet.check_fits(sd15_unet)
+    with pytest.raises(ValueError, match=r"made for SDXL models, does not fit this SD 1.x model's UNet \(its "
+                                         r"cross_attention_dim, block_out_channels, layers_per_block, "
+                                         r"addition_embed_type differ\)"):
+        sdxl_controlnet.check_fits(sd15_unet)
+
+
 @torch.no_grad()
 def test_controlnet_rejects_a_hint_of_the_wrong_size_with_the_fix():
     ours, _ = build_pair("sd1_like_conv_projection")

@@ -179,6 +179,24 @@ class ControlNetModel(nn.Module):
         weight = next(unet.parameters())
         return controlnet.to(device=weight.device, dtype=weight.dtype)
 
+    def check_fits(self, unet: UNet2DConditionModel):
+        """Refuse, before any step, a ControlNet made for another UNet (an SDXL ControlNet on SD 1.5): its residuals
+        must have the UNet's skip widths and its text and size conditioning must be the UNet's."""
+        ours, theirs = self.config, unet.config
+        levels = len(theirs.block_out_channels)
+        unet_context = per_block(theirs.cross_attention_dim, levels, "cross_attention_dim")[0]
+        mismatches = [name for name, mine, its in [
+            ("cross_attention_dim", ours.cross_attention_dim, unet_context),
+            ("block_out_channels", list(ours.block_out_channels), list(theirs.block_out_channels)),
+            ("layers_per_block", [ours.layers_per_block] * len(ours.block_out_channels),
+             per_block(theirs.layers_per_block, levels, "layers_per_block")),
+            ("addition_embed_type", ours.addition_embed_type, theirs.addition_embed_type)] if mine != its]
+        if mismatches:
+            family = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+            raise ValueError(f"This ControlNet, made for {family.get(ours.cross_attention_dim, 'other')} models, does "
+                             f"not fit this {family.get(unet_context, 'other')} model's UNet (its "
+                             f"{', '.join(mismatches)} differ). Choose a ControlNet made for this model's family.")
+
     def check_inputs(self, sample, encoder_hidden_states, controlnet_cond, added_cond_kwargs):
         self.check_unet_inputs(sample, encoder_hidden_states, added_cond_kwargs)
         c = self.config
