@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from sd_core.pipelines.conditioning import added_conditioning, pooled_width
 from sd_core.pipelines.image_io import crop_to_multiple, load_image
 from sd_core.checkpoints.loading import MODEL_CLASSES, SkipRandomInit, load_pipeline
 from sd_core.pipelines.generate import encode_text, image_to_image, text_to_image
@@ -39,6 +40,15 @@ class Stage:
     passed: bool
     extra: dict = dataclasses.field(default_factory=dict)
 
+
+
+def probe_conditioning(pipe, rows: int, height: int, width: int) -> dict | None:
+    """SDXL's added conditioning for a probe of `rows` UNet rows: a seeded pooled embedding of the width the UNet
+    takes and the model's own time ids (the base's 6, the refiner's 5); None for SD 1.x/2.x."""
+    if pipe.unet.config.addition_embed_type != "text_time":
+        return None
+    pooled = torch.randn(rows, pooled_width(pipe), generator=torch.Generator().manual_seed(1))
+    return added_conditioning(pipe, pooled, rows, False, (height, width))
 
 def compare_tensors(name: str, ours: torch.Tensor, reference: torch.Tensor, tolerance: float = TOLERANCE) -> Stage:
     a, b = ours.detach().double().flatten(), reference.detach().double().flatten()
@@ -282,7 +292,7 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
     image to image (`strength`) against diffusers' StableDiffusion(XL)Img2ImgPipeline."""
     import diffusers
     pipe = load_pipeline(model) if isinstance(model, (str, Path)) else model
-    if pipe.family == "dit":
+    if pipe.traits.denoiser == "transformer":
         raise ValueError("The parity run compares text-to-image pipelines; pass a Stable Diffusion model.")
     if image is not None:  # both sides get the very picture sd_core samples from
         image = crop_to_multiple(load_image(image), pipe.vae_scale_factor)
@@ -344,11 +354,7 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
     sample = torch.randn((2 if guidance_scale > 1 else 1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
                           width // pipe.vae_scale_factor), generator=torch.Generator().manual_seed(seed))
     context, t = ours_unet.context, torch.tensor(500)
-    added = None
-    if pipe.unet.config.addition_embed_type == "text_time":
-        pooled_dim = pipe.unet.config.projection_class_embeddings_input_dim - 6 * pipe.unet.config.addition_time_embed_dim
-        added = {"text_embeds": torch.randn(sample.shape[0], pooled_dim, generator=torch.Generator().manual_seed(1)),
-                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * sample.shape[0], dtype=torch.float32)}
+    added = probe_conditioning(pipe, sample.shape[0], height, width)
     divergence = first_divergence(pipe.unet, reference.unet, lambda: pipe.unet(sample, t, context, added),
                                   lambda: reference.unet(sample, t, encoder_hidden_states=context,
                                                          added_cond_kwargs=added))

@@ -136,9 +136,6 @@ def run_generate(args):
     source = args.model or EMBEDDED_TEXT_TO_IMAGE
     pipe = load(source, args, StableDiffusionPipeline)
     warn_unknown_words(source, [args.prompt, args.negative or ""])
-    tokens = customize(pipe, args.lora, args.embedding, allow_pickle=args.allow_pickle)
-    if tokens:
-        print(f"embedding tokens: {', '.join(tokens)}")
     defaults = catalog.recommended(source, pipe)
     if args.mask and not args.init_image:
         raise ValueError("--mask needs --init-image: the image to paint into.")

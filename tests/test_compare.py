@@ -354,3 +354,18 @@ def test_a_comparison_keeps_the_log_quiet(capfd):
     run_comparison("image_to_image", None, steps=2)
     log = capfd.readouterr().err
     assert "Loading pipeline components" not in log and "safety checker" not in log, log[-500:]
+
+
+def test_the_per_module_probe_feeds_the_refiner_its_own_five_time_ids(tmp_path):
+    """The probe's SDXL conditioning comes from the pipeline's own time ids: the refiner's are 5 (size, crop,
+    aesthetic score), so its pooled embedding is wider than 6 ids would leave; a refiner UNet accepts the probe."""
+    from compare.parity import probe_conditioning
+    folder = tmp_path / "refiner"
+    tiny.save_pretrained(tiny.stable_diffusion("sdxl_refiner"), folder)
+    refiner = load_pipeline(folder)
+    added = probe_conditioning(refiner, 2, 16, 16)
+    assert added["time_ids"].tolist() == [[16.0, 16, 0, 0, 6.0]] * 2
+    config = refiner.unet.config
+    assert added["text_embeds"].shape == (2, config.projection_class_embeddings_input_dim - 5 * config.addition_time_embed_dim)
+    sample = torch.randn(2, config.in_channels, 2, 2)
+    refiner.unet(sample, torch.tensor(500), torch.randn(2, 77, config.cross_attention_dim), added)

@@ -93,28 +93,41 @@ def as_list(prompt, what: str) -> list[str]:
 
 
 
+def time_ids(pipe: StableDiffusionPipeline, size: tuple[int, int], original_size=None, crops_coords_top_left=(0, 0),
+             target_size=None, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5) -> tuple:
+    """SDXL's micro-conditioning ids, (positive, negative): original size + crop corner + target size (the base, 6
+    numbers), or original size + crop corner + aesthetic score (the refiner, 5 numbers), whose negative carries
+    negative_aesthetic_score and diffusers' default negative crop corner (0, 0), as its SDXL img2img pipeline
+    does."""
+    original_size = tuple(original_size or size)
+    crops = tuple(crops_coords_top_left)
+    if pipe.traits.requires_aesthetics_score:
+        return original_size + crops + (aesthetic_score,), original_size + (0, 0) + (negative_aesthetic_score,)
+    ids = original_size + crops + tuple(target_size or size)
+    return ids, ids
+
+
+def pooled_width(pipe: StableDiffusionPipeline) -> int:
+    """The width of the pooled text embedding SDXL's add_embedding takes beside the embedded time ids."""
+    c = pipe.unet.config
+    return c.projection_class_embeddings_input_dim - len(time_ids(pipe, (0, 0))[0]) * c.addition_time_embed_dim
+
+
 def added_conditioning(pipe: StableDiffusionPipeline, pooled: torch.Tensor | None, rows: int, guided: bool,
                        size: tuple[int, int], original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                        aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5) -> dict | None:
     """SDXL's `added_cond_kwargs` for a batch of `rows` UNet rows ([uncond, cond] halves when guided): the
-    pooled text embeddings and the micro-conditioning time ids, original size + crop corner + target size
-    (base, 6 numbers), or original size + crop corner + aesthetic score (the refiner, 5 numbers), whose
-    unconditional half carries negative_aesthetic_score and diffusers' default negative crop corner (0, 0), as
-    its SDXL img2img pipeline does. None for models without them (SD 1.x/2.x)."""
+    pooled text embeddings and the micro-conditioning time ids (see `time_ids`). None for models without them
+    (SD 1.x/2.x)."""
     if pipe.unet.config.addition_embed_type != "text_time":
         return None
     device = execution_device(pipe.unet)
-    original_size = tuple(original_size or size)
-    crops = tuple(crops_coords_top_left)
-    if pipe.traits.requires_aesthetics_score:
-        ids = original_size + crops + (aesthetic_score,)
-        negative_ids = original_size + (0, 0) + (negative_aesthetic_score,)
-    else:
-        ids = negative_ids = original_size + crops + tuple(target_size or size)
+    ids, negative_ids = time_ids(pipe, size, original_size, crops_coords_top_left, target_size, aesthetic_score,
+                                 negative_aesthetic_score)
     ids = torch.tensor([ids], dtype=pooled.dtype, device=device)
     if guided:
         negative_ids = torch.tensor([negative_ids], dtype=pooled.dtype, device=device)
-        time_ids = torch.cat([negative_ids.repeat(rows // 2, 1), ids.repeat(rows // 2, 1)])
+        batch_ids = torch.cat([negative_ids.repeat(rows // 2, 1), ids.repeat(rows // 2, 1)])
     else:
-        time_ids = ids.repeat(rows, 1)
-    return {"text_embeds": pooled, "time_ids": time_ids}
+        batch_ids = ids.repeat(rows, 1)
+    return {"text_embeds": pooled, "time_ids": batch_ids}
