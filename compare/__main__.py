@@ -130,7 +130,8 @@ def main(argv=None) -> int:
             return 0 if report.passed else 1
         report = run_comparison(args.command, args.model, **settings_of(args))
         folder = report.write(args.out)
-    except (ValueError, TypeError, KeyError, OSError) as error:  # bad settings, unreadable or missing model
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as error:  # it could not run: bad settings,
+        # an unreadable or missing model, a library the reference needs missing: never read as "they differ"
         print(f"python -m compare {args.command}: error: {error}", file=sys.stderr)
         return 2
     print(report.verdict)

@@ -17,7 +17,8 @@ def folders(tmp_path_factory):
             for family in ("sd1", "sdxl")}
 
 
-@pytest.mark.parametrize("family,scheduler", [("sd1", "ddim"), ("sd1", "euler_ancestral"), ("sdxl", "dpmpp_2m")])
+@pytest.mark.parametrize("family,scheduler", [("sd1", "ddim"), ("sd1", "euler_ancestral"), ("sdxl", "dpmpp_2m"),
+                                              ("sd1", "lms")])  # LMS: diffusers integrates with scipy
 def test_parity_run_passes_every_stage_and_writes_reports(folders, family, scheduler, tmp_path):
     report = run_parity(folders[family], "a red circle", "blurry", seed=3, steps=4, scheduler=scheduler,
                         guidance_scale=5.0, height=16, width=24)

@@ -67,8 +67,8 @@ def text_to_image_tab(models: list) -> dict:
             run = gr.Button("Generate", variant="primary")
             steps, guidance, scheduler = sampling_controls()
             with gr.Row():
-                width = raw_value(gr.Slider(64, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Width"))
-                height = raw_value(gr.Slider(64, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Height"))
+                width = raw_value(gr.Slider(8, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Width"))
+                height = raw_value(gr.Slider(8, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Height"))
                 batch = raw_value(gr.Slider(1, MAX_BATCH, 4, step=1, label="Number of images"))
             with gr.Row():
                 seed = raw_value(gr.Number(-1,
