@@ -13,7 +13,9 @@ from torch._dynamo.utils import counters
 
 from sd_core.training import shapes_dataset as shapes
 from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
-from sd_core.fast.pipeline import FastOptions, FastUNet, make_fast
+from sd_core.fast.options import FastOptions
+from sd_core.fast.pipeline import make_fast
+from sd_core.fast.unet import FastUNet
 from sd_core.pipelines.image_io import psnr
 from sd_core.checkpoints.loading import load_pipeline
 from sd_core.pipelines.generate import text_to_image
@@ -54,7 +56,7 @@ def test_channels_last_stays_on_the_parity_image(pipe, parity_image):
 
 
 def test_bf16_unet_is_a_copy_within_stated_psnr(pipe, parity_image):
-    """bf16 (chosen by measurement on this CPU: AMX) runs bf16 copies of the UNet (conv weights channels_last) and
+    """bf16 (asked) runs bf16 copies of the UNet (conv weights channels_last) and
     of the VAE for decoding, made once and shared by every fast pipeline over the model; measured 47.3 dB here."""
     fast = make_fast(pipe, bf16=True)
     image = fast.text_to_image(PROMPT, **SETTINGS).images[0]
@@ -66,7 +68,7 @@ def test_bf16_unet_is_a_copy_within_stated_psnr(pipe, parity_image):
     assert next(pipe.unet.parameters()).is_contiguous() and pipe.unet.conv_in.weight.is_contiguous()
     other = make_fast(pipe, bf16=True, deepcache=2)
     assert other.pipe.unet.unet is low_unet and other.pipe.vae.decoding is low_vae
-    assert fast.text_to_image(PROMPT, **SETTINGS).parameters["fast"] == "channels_last,bfloat16"
+    assert fast.text_to_image(PROMPT, **SETTINGS).parameters["fast"] == "channels_last,bfloat16 (asked)"
 
 
 def test_deepcache_skips_deep_blocks_within_stated_psnr(pipe, parity_image):
@@ -126,8 +128,8 @@ def test_preview_api(pipe):
     assert np.array_equal(np.asarray(image), expected.numpy())
 
 
-def test_make_fast_takes_a_unet_pipeline():
-    with pytest.raises(TypeError, match="Stable Diffusion pipeline"):
+def test_make_fast_takes_a_stable_diffusion_or_dit_pipeline():
+    with pytest.raises(TypeError, match="Stable Diffusion or DiT pipeline"):
         make_fast(object())
 
 
@@ -144,7 +146,7 @@ TOME_MIN_PSNR = 30.0  # dB against the parity image at ratio 0.5 (SETTINGS, fp32
 
 
 def test_tome_ratio_0_is_the_plain_fast_path_and_0_5_stays_within_stated_psnr(pipe, parity_image):
-    from sd_core.fast.pipeline import ToMeBlock
+    from sd_core.fast.tome import ToMeBlock
     plain = make_fast(pipe, bf16=False).text_to_image(PROMPT, **SETTINGS).images[0]
     wrapped = make_fast(pipe, bf16=False, tome=0.0)
     assert any(isinstance(m, ToMeBlock) for m in wrapped.pipe.unet.unet.modules())
@@ -158,7 +160,7 @@ def test_tome_ratio_0_is_the_plain_fast_path_and_0_5_stays_within_stated_psnr(pi
 
 
 def test_tome_merges_the_most_similar_tokens_and_unmerges_by_copying():
-    from sd_core.fast.pipeline import bipartite_soft_matching
+    from sd_core.fast.tome import bipartite_soft_matching
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 36, 8, generator=generator)  # 6x6 tokens: 9 destinations, 27 sources
     merge, unmerge = bipartite_soft_matching(x, 6, 6, 5, torch.Generator().manual_seed(1))
