@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=positive)
     p.add_argument("--out", type=Path, default=Path("parity-report"))
     b = commands.add_parser("benchmark", help="speed and peak memory, sd_core / diffusers")
-    b.add_argument("--configs", default="embedded,sd15,sdxl,dit-xl-2")
+    b.add_argument("--configs", default="embedded,embedded-dit,sd15,sdxl,dit-xl-2")
     b.add_argument("--dtypes", default="fp32,bf16")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--latent", type=int, default=32, help="latent size of the real-size configs (32: 256 px)")

@@ -211,7 +211,7 @@ def test_fast_path_is_measured_against_the_parity_path_on_the_embedded_model(dee
         assert levels <= 1 and max(s.relative for s in report.stages if s.name.startswith("step")) < 1e-3
     assert compare_main(["fast_path", "--deepcache", "2", "--bf16", "off", "--steps", "3",
                          "--out", str(tmp_path / "cli")]) == 0
-    assert ("\nfast_path: a measurement, not parity: the fast path (channels_last,deepcache=2,float32)"
+    assert ("\nfast_path: a measurement, not parity: the fast path (channels_last,deepcache=2,float32 (asked))"
             in capsys.readouterr().out)
 
 
