@@ -155,6 +155,7 @@ def reference_scheduler(pipe, name: str):
     return getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config, **overrides)
 
 
+@torch.no_grad()
 def decode_like_diffusers(vae, latents) -> np.ndarray:
     """DiTPipeline's decode: latents / scaling factor, decode, [-1, 1] -> [0, 1] -> 8-bit (rounded, as the tests)."""
     samples = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)

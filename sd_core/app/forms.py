@@ -30,7 +30,8 @@ def choice_of(value, name: str, choices: list):
 def settings_from_form(form: dict) -> GenerationSettings:
     """The record of a Text to image / Image to image / Inpaint form (or API call, or share link)."""
     values = {key: value for key, value in form.items() if key not in NOT_SETTINGS and not key.startswith("lora_")}
-    values["images_per_prompt"] = values.pop("number_of_images", 1)
+    values["images_per_prompt"] = whole_number(values.pop("number_of_images", 1), "number_of_images", 1,
+                                               FORM_LIMITS.max_batch)
     if values.get("scheduler") == MODEL_DEFAULT:
         values["scheduler"] = None
     values["loras"] = [(form[f"lora_{i}"], form.get(f"lora_{i}_scale", 1.0)) for i in LORA_SLOTS
