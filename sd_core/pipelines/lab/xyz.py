@@ -318,11 +318,12 @@ def cell_label(plot: Plot, index: int) -> str:
 
 
 def tagged_grid(grid, plot: Plot, cells: list):
-    """The grid's PNG text: "sd_core_grid" (the axes and every cell's parameters, JSON) and A1111's "parameters"
-    (the first cell's infotext with the axes' types and values, as A1111 writes a grid's)."""
+    """The grid's PNG text, as A1111 tags a grid: the first cell's settings (so PNG Info reads a grid as its first
+    picture), sd_core's JSON holding the axes and every cell's parameters under "xyz_plot", and A1111's infotext
+    with "X Type: ..., X Values: ..."."""
     axes = [{"axis": name, "type": axis.option.label, "values": list(axis.values)}
             for name, axis in zip("XYZ", plot.axes) if axis.option.label != NOTHING]
-    grid.info["sd_core_grid"] = json.dumps({"axes": axes, "cells": cells})
+    grid.info["sd_core"] = json.dumps({**cells[0], "xyz_plot": {"axes": axes, "cells": cells}})
     extra = ", ".join(f"{a['axis']} Type: {a['type']}, {a['axis']} Values: {quote(', '.join(map(str, a['values'])))}"
                       for a in axes)
     grid.info["parameters"] = a1111_parameters(cells[0]) + (", " + extra if extra else "")
@@ -330,6 +331,6 @@ def tagged_grid(grid, plot: Plot, cells: list):
 
 
 def grid_settings(grid) -> dict:
-    """A grid's axes and every cell's parameters, read back from its PNG text."""
-    return json.loads(grid.info["sd_core_grid"])
-
+    """A grid's axes and every cell's parameters ({"axes": [...], "cells": [...]}), from its PNG text."""
+    text = getattr(grid, "text", None) or grid.info
+    return json.loads(text["sd_core"])["xyz_plot"]

@@ -1,0 +1,241 @@
+"""The Lab (sd_core.pipelines.lab): X/Y/Z plots, attention maps, walks, schedules, and the app's Lab tab."""
+import time
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor
+from PIL import Image
+
+from sd_core.checkpoints.loading import load_pipeline
+from sd_core.models.layers import Attention
+from sd_core.pipelines.dit_sampling import generate_dit
+from sd_core.pipelines.generate import generate
+from sd_core.pipelines.image_io import save_image
+from sd_core.pipelines.lab import xyz
+from sd_core.pipelines.lab.attention_maps import attention_maps, prompt_words
+from sd_core.pipelines.metadata import read_png_parameters
+from sd_core.pipelines.settings import DiTSettings, GenerationSettings
+from sd_core.training.shapes_dataset import BACKGROUNDS, HELD_OUT
+from tests import tiny
+
+CAPTION = "a big red circle on the left on a gray background"
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return load_pipeline("sd_core/weights/shapes-sd")
+
+
+@pytest.fixture(scope="module")
+def shapes_dit():
+    return load_pipeline("sd_core/weights/shapes-dit")
+
+
+def same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------------------------- X/Y/Z values
+
+
+@pytest.mark.parametrize("label,text,values", [
+    ("Seed", "1-5", [1, 2, 3, 4, 5]),
+    ("Steps", "1-10 (+2)", [1, 3, 5, 7, 9]),
+    ("Steps", "10-20 [5]", [10, 12, 15, 17, 20]),  # A1111: int() of np.linspace
+    ("Seed", "5-1 (-2)", [5, 3]),  # A1111: range(start, end + 1, step), so a falling range stops short
+    ("CFG Scale", "1-2 (+0.25)", [1.0, 1.25, 1.5, 1.75, 2.0]),
+    ("CFG Scale", "1-2 [3]", [1.0, 1.5, 2.0]),
+    ("CFG Scale", "3, 7.5,9", ["3", "7.5", "9"]),  # single values stay text: the record's rule reads them
+    ("Seed", "1-2, 7, 10-12", [1, 2, "7", 10, 11, 12]),
+    ("Prompt S/R", 'red, "green, blue", yellow', ["red", "green, blue", "yellow"]),  # CSV: quotes hold commas
+])
+def test_axis_values_are_read_as_a1111_writes_them(label, text, values):
+    assert xyz.axis_values(xyz.SD_AXES[label], text) == values
+
+
+@pytest.mark.parametrize("axis,message", [
+    (("Seed", "1-1000000"), "makes 1000000 values; a plot holds at most 100 pictures"),
+    (("Seed", "1-1000000000"), "makes 1000000000 values"),
+    (("Seed", "1-1e9"), "seed must be a whole number from 0 to 4294967295; got the text '1-1e9'"),
+    (("Steps", "1.5-3 (+0.5)"), r"steps must be a whole number from 1 to 1000; got the text .* \(ranges are written"),
+    (("Steps", "2.5"), "steps must be a whole number from 1 to 1000; got 2.5, which is not whole"),
+    (("Prompt S/R", "blue, green"), "Prompt S/R did not find 'blue' in the prompt or the negative prompt"),
+    (("Sampler", "Euler, Karras 9000"), "Unknown sampler 'Karras 9000'; the samplers are ddim"),
+    (("Size", "64x48, huge"), "A size is written WIDTHxHEIGHT"),
+    (("LoRA scale", "0, 1"), "there are none: choose a LoRA first"),
+    (("Beauty", "1"), "unknown setting 'Beauty'; the axes are Nothing, Seed"),
+])
+def test_bad_axes_are_refused_with_a_message_that_states_the_bound(axis, message):
+    with pytest.raises(ValueError, match=message):
+        xyz.plan(GenerationSettings(prompt=CAPTION), axis)
+
+
+def test_a_plot_is_bounded_in_cells_across_its_axes():
+    base = GenerationSettings(prompt=CAPTION)
+    assert len(xyz.plan(base, ("Seed", "1-10"), ("Steps", "1-10")).cells) == 100
+    with pytest.raises(ValueError, match="more than 9 values|makes 11 values"):
+        xyz.plan(base, ("Seed", "1-10"), ("Steps", "1-11"))
+
+
+def test_axes_change_the_record_through_its_fields_and_the_server_limits():
+    base = GenerationSettings(prompt=CAPTION, negative_prompt="red", loras=(("a", 1.0), ("b", 0.5)))
+    plot = xyz.plan(base, ("Prompt S/R", "red, blue"), ("Size", "64x48, 32"), ("Sampler", "Euler a, dpmpp_2m"))
+    assert plot.shape == (2, 2, 2) and plot.cells[1].prompt == CAPTION.replace("red", "blue")
+    assert plot.cells[1].negative_prompt == "blue" and (plot.cells[2].width, plot.cells[2].height) == (32, 32)
+    assert (plot.cells[0].width, plot.cells[0].height) == (64, 48)
+    assert [c.scheduler for c in plot.cells] == ["euler_ancestral"] * 4 + ["dpmpp_2m"] * 4
+    assert xyz.plan(base, ("LoRA scale", "0.5")).cells[0].loras == (("a", 0.5), ("b", 0.5))
+    assert xyz.plan(base, ("DeepCache", "2")).cells[0].fast
+    assert all(c.seed is not None for c in plot.cells)  # a seed left to chance is drawn once, for every cell
+    with pytest.raises(ValueError, match="steps must be a whole number from 1 to 100; got 200"):
+        xyz.plan(base, ("Steps", "50, 200"), limits=xyz.Limits(max_steps=100))
+
+
+# ----------------------------------------------------------------------------------------- X/Y/Z running
+
+
+def test_grid_cells_equal_the_same_settings_run_one_by_one_and_each_prompt_is_encoded_once(shapes, capsys):
+    """The issue's proof: a 3x3 seed x CFG grid on the embedded model, every cell bit-equal to a single run."""
+    base = GenerationSettings(prompt=CAPTION, steps=8, scheduler="dpmpp_2m")
+    plot = xyz.plan(base, ("Seed", "1-3"), ("CFG Scale", "1, 4, 7"))
+    generate(shapes, plot.cells[0])  # warm-up, so neither timing pays for the first call
+    run, seen = xyz.sd_runner(shapes), []
+    start = time.perf_counter()
+    result = xyz.run_plot(plot, run, lambda done, total, label: seen.append((done, total, label)))
+    grid_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    singles = [generate(shapes, settings).images[0] for settings in plot.cells]
+    single_seconds = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\n3x3 seed x CFG, 8 steps: grid {grid_seconds:.1f} s, nine single runs {single_seconds:.1f} s")
+    assert all(same_pixels(cell, single) for cell, single in zip(result.cells, singles))
+    # the prompt and the empty negative: two encoder calls for nine cells (CFG 1 runs unguided: the prompt only)
+    assert len(run.cache) == 2
+    assert seen[0] == (1, 9, "Seed: 1, CFG Scale: 1.0") and seen[-1][:2] == (9, 9)
+    assert [(p["seed"], p["guidance_scale"]) for p in result.parameters] == [(s, g) for g in (1, 4, 7) for s in (1, 2, 3)]
+
+
+def test_grid_png_carries_every_cells_settings_and_reads_back_as_its_first_cell(shapes, tmp_path):
+    plot = xyz.plan(GenerationSettings(prompt=CAPTION, steps=2, seed=5), ("Steps", "1-2"), z=("Seed", "5, 6"))
+    result = xyz.run_plot(plot, xyz.sd_runner(shapes))
+    assert len(result.grids) == 2 and len(result.cells) == 4
+    path = save_image(result.grids[1], tmp_path / "grid.png")
+    read = xyz.grid_settings(Image.open(path))
+    assert read["axes"] == [{"axis": "X", "type": "Steps", "values": [1, 2]},
+                            {"axis": "Z", "type": "Seed", "values": ["5", "6"]}]
+    assert [(cell["steps"], cell["seed"]) for cell in read["cells"]] == [(1, 6), (2, 6)]
+    assert read_png_parameters(path) == plot.cells[2].replace(scheduler=read["cells"][0]["scheduler"], height=64,
+                                                              width=64, model="embedded: shapes (text to image)",
+                                                              negative_prompt=None)
+    assert "X Type: Steps, X Values: \"1, 2\"" in Image.open(path).text["parameters"]
+    for cell, parameters in zip(result.cells, result.parameters):
+        assert read_png_parameters(cell).steps == parameters["steps"]
+    assert result.grids[0].width > 2 * 160  # cells enlarged so the labels stay legible beside them
+
+
+def test_dit_axes_vary_class_label_and_guided_channels(shapes_dit):
+    plot = xyz.plan(DiTSettings(class_labels=("red circle",), steps=2, seed=1),
+                    ("Class label", "red circle, blue square"), ("Guided channels", "all, first3"))
+    result = xyz.run_plot(plot, xyz.dit_runner(shapes_dit))
+    assert [p["class_names"][0] for p in result.parameters] == ["red circle", "blue square"] * 2
+    assert same_pixels(result.cells[3], generate_dit(shapes_dit, plot.cells[3]).images[0])
+
+
+# ------------------------------------------------------------------------------------------ attention maps
+
+
+def test_attention_recorder_sees_the_math_path_probabilities_and_leaves_the_output_unchanged():
+    torch.manual_seed(0)
+    layer = Attention(16, heads=2, dim_head=8, cross_attention_dim=12).eval()
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    plain = layer(x, context)
+    seen = []
+    layer.recorder = seen.append
+    recorded = layer(x, context)
+    assert torch.equal(plain, recorded) and seen[0].shape == (2, 2, 5, 7)
+    torch.testing.assert_close(seen[0].sum(-1), torch.ones(2, 2, 5))
+    layer.attention_backend, layer.recorder = "math", None
+    torch.testing.assert_close(layer(x, context), plain, atol=1e-6, rtol=1e-5)
+
+
+def test_prompt_words_rejoin_the_tokens_of_each_word(shapes):
+    words = prompt_words(shapes.tokenizer, "a red circle, photorealistic")
+    assert [w for w, _ in words] == ["a", "red", "circle", ",", "photorealistic"]
+    assert words[4][1] == [5, 6]  # two tokens, after the start token and four one-token words
+
+
+class RecordingProcessor(AttnProcessor):
+    """diffusers' own attention, recording each cross-attention layer's probabilities (get_attention_scores)."""
+
+    def __init__(self, records: list):
+        self.records = records
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if encoder_hidden_states is not None:
+            query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+            probabilities = attn.get_attention_scores(query, key, None)  # (B * heads, N, M)
+            self.records.append(probabilities.reshape(hidden_states.shape[0], attn.heads, *probabilities.shape[1:]))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+
+def daam_sum(records: list, side: int) -> torch.Tensor:
+    """DAAM's aggregation written again for the reference: conditional half, heads summed, upsampled, summed."""
+    total = 0
+    for probabilities in records:
+        cond = probabilities[probabilities.shape[0] // 2:].sum(1)  # (1, N, M)
+        h = int(round(cond.shape[1] ** 0.5))
+        total = total + F.interpolate(cond.transpose(1, 2).reshape(1, -1, h, h), size=(side, side), mode="bilinear",
+                                      align_corners=False)
+    return total[0]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_attention_maps_equal_those_through_diffusers_attention_processors(family, tmp_path):
+    reference = tiny.stable_diffusion(family, seed=3)
+    ours = load_pipeline(tiny.save_pretrained(reference, tmp_path))
+    reference.scheduler = diffusers.DDIMScheduler.from_config(ours.scheduler_config)
+    records = []
+    reference.unet.set_attn_processor(RecordingProcessor(records))
+    prompt = "a small red circle on the left"
+    reference(prompt, num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(11),
+              output_type="latent")
+    maps = attention_maps(ours, GenerationSettings(prompt=prompt, steps=3, guidance_scale=5.0, seed=11,
+                                                   scheduler="ddim"))
+    expected = daam_sum(records, maps.totals.shape[-1])
+    assert maps.totals.shape == expected.shape
+    assert (maps.totals - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert [w for w, _ in maps.words] == ["a", "small", "red", "circle", "on", "the", "left"]
+
+
+def mass_on(heat: np.ndarray, mask: np.ndarray) -> float:
+    """The share of a map's mass (bilinearly resized to the picture) on `mask`."""
+    heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(mask.shape[::-1], Image.BILINEAR))
+    return float(heat[mask].sum() / max(heat.sum(), 1e-12))
+
+
+@pytest.mark.slow
+def test_shape_and_colour_words_attend_to_the_drawn_shape_on_held_out_captions(shapes, capsys):
+    """On 100 runs of held-out captions (32 scenes, several seeds), the map of the shape word and of the colour
+    word puts more of its mass on the drawn shape (pixels far from the caption's background colour) than off it."""
+    scenes = sorted(HELD_OUT, key=lambda scene: scene.caption)
+    hits, shares = {"shape": 0, "colour": 0}, {"shape": [], "colour": []}
+    for i in range(100):
+        scene = scenes[i % len(scenes)]
+        maps = attention_maps(shapes, GenerationSettings(prompt=scene.caption, steps=10, seed=i, guidance_scale=5.0,
+                                                         scheduler="dpmpp_2m"))
+        pixels = np.asarray(maps.image, dtype=float)
+        shape_mask = np.sqrt(((pixels - BACKGROUNDS[scene.background]) ** 2).sum(-1)) > 60
+        for kind, word in (("shape", scene.shape), ("colour", scene.colour)):
+            share = mass_on(maps.heat(word), shape_mask)
+            shares[kind].append(share)
+            hits[kind] += share >= 0.5
+    with capsys.disabled():
+        print(f"\nshape word: {hits['shape']}/100 maps with >= half their mass on the shape (median share "
+              f"{np.median(shares['shape']):.2f}); colour word: {hits['colour']}/100 (median "
+              f"{np.median(shares['colour']):.2f})")
+    assert hits["shape"] >= 80 and hits["colour"] >= 80
