@@ -128,6 +128,7 @@ def line_plot(series: dict, title: str, x_label: str, y_label: str, width: int =
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.text((left + 6 + (width - left) // 3 * (k % 3), 30 + (size + 4) * (k // 3)), f"— {name}", fill=colour,
-                  font=typeface)
+        x, y = left + 6 + (width - left) // 3 * (k % 3), 30 + (size + 4) * (k // 3)
+        draw.line([(x, y + size / 2), (x + 18, y + size / 2)], fill=colour, width=3)
+        draw.text((x + 24, y), name, fill=colour, font=typeface)
     return image
