@@ -239,3 +239,48 @@ def test_shape_and_colour_words_attend_to_the_drawn_shape_on_held_out_captions(s
               f"{np.median(shares['shape']):.2f}); colour word: {hits['colour']}/100 (median "
               f"{np.median(shares['colour']):.2f})")
     assert hits["shape"] >= 80 and hits["colour"] >= 80
+
+
+# ------------------------------------------------------------------------------------------------ the app
+
+
+@pytest.fixture(scope="module")
+def client():
+    import app
+    from gradio_client import Client
+    from sd_core.app import layout
+    demo = app.build().queue(max_size=16, default_concurrency_limit=1)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                            css=layout.CSS)
+    yield Client(url, verbose=False)
+    demo.close()
+
+
+def test_lab_endpoints_answer_a_bare_call_with_the_example(client):
+    """Every parameter has a default that runs the example on the embedded models."""
+    grids, cells, parameters = client.predict(api_name="/xyz_plot")
+    grid = Image.open(grids[0]["image"])
+    assert len(cells) == 9 and cells[0]["caption"] == "Seed: 1, CFG Scale: 1.0"
+    assert [c["guidance_scale"] for c in __import__("json").loads(parameters)["cells"]][::3] == [1.0, 4.0, 7.0]
+    assert len(xyz.grid_settings(grid)["cells"]) == 9  # the grid PNG that reached the client carries every cell
+    image, overlays, _ = client.predict(api_name="/attention_maps")
+    assert Image.open(image).size == (64, 64) and [o["caption"] for o in overlays][:4] == ["a", "big", "red", "circle"]
+    animation, frames = client.predict(api_name="/walk")
+    with Image.open(animation) as webp:
+        assert webp.format == "WEBP" and webp.n_frames == 6
+    assert Image.open(frames).width >= 6 * 160
+    log_snr, sigma = client.predict(api_name="/schedules")
+    assert Image.open(log_snr).size == Image.open(sigma).size == (720, 400)
+
+
+@pytest.mark.parametrize("endpoint,arguments,message", [
+    ("/xyz_plot", dict(x_values="1-1000000"), "makes 1000000 values; a plot holds at most 100 pictures"),
+    ("/xyz_plot", dict(x_type="Steps", x_values="1.5-3 (+0.5)"), "steps must be a whole number from 1 to 100"),
+    ("/xyz_plot", dict(x_type="Prompt S/R", x_values="purple, green"), "Prompt S/R did not find 'purple'"),
+    ("/xyz_plot", dict(x_type="Sampler", x_values="Euler, Karras 9000"), "Unknown sampler 'Karras 9000'"),
+    ("/xyz_plot", dict(x_type="Steps", x_values="100", y_type="Seed", y_values="1-100"), "would take about|bound|at most"),
+    ("/walk", dict(frames=1000), "frames must be a whole number from 2 to 32"),
+])
+def test_lab_refusals_reach_the_client_with_their_bound(client, endpoint, arguments, message):
+    with pytest.raises(Exception, match=message):
+        client.predict(**arguments, api_name=endpoint)
