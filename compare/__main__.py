@@ -15,8 +15,6 @@ from . import benchmark, startup
 from .kinds import KINDS, default_model, run_comparison
 from .parity import REFERENCE_SCHEDULERS, run_parity
 
-SD_OPTIONS = ("prompt", "negative_prompt", "guidance_scale", "height", "width", "image", "strength")
-DIT_OPTIONS = ("class_labels", "guided_channels")
 
 
 def positive(value: str) -> int:

@@ -151,7 +151,7 @@ def vae_kind(model, image=None, sample: bool = False, seed: int = 0, size: int |
 
 def reference_scheduler(pipe, name: str):
     import diffusers
-    sampler, overrides = VARIANTS.get(name, (name, {}))
+    sampler, overrides, _ = VARIANTS.get(name, (name, {}, None))
     return getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config, **overrides)
 
 

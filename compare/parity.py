@@ -304,7 +304,7 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
                        else diffusers.StableDiffusionImg2ImgPipeline)
         reference = image_class(**reference.components)
         reference.set_progress_bar_config(disable=True)
-    sampler, overrides = VARIANTS.get(scheduler, (scheduler, {}))  # e.g. dpmpp_2m_karras
+    sampler, overrides, _ = VARIANTS.get(scheduler, (scheduler, {}, None))  # e.g. dpmpp_2m_karras
     reference.scheduler = getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config,
                                                                                       **overrides)
     stages = []

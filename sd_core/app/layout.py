@@ -241,7 +241,7 @@ def build(comparisons) -> gr.Blocks:
         shareable = {"text_to_image": (generate_images, text_tab["inputs"], text_tab["outputs"], settings_from_form,
                                        form_from_settings),
                      "dit": (sample_dit, dit["inputs"], dit["outputs"], dit_settings_from_form, dit_form_from_settings)}
-        load_outputs = [tabs] + [c for _, inputs, outputs in shareable.values() for c in inputs + outputs]
+        load_outputs = [tabs] + [c for _, inputs, outputs, *_ in shareable.values() for c in inputs + outputs]
 
         def on_load(request: gr.Request):
             return restore(shareable, request)
