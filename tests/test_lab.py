@@ -125,7 +125,7 @@ def test_grid_png_carries_every_cells_settings_and_reads_back_as_its_first_cell(
     path = save_image(result.grids[1], tmp_path / "grid.png")
     read = xyz.grid_settings(Image.open(path))
     assert read["axes"] == [{"axis": "X", "type": "Steps", "values": [1, 2]},
-                            {"axis": "Z", "type": "Seed", "values": ["5", "6"]}]
+                            {"axis": "Z", "type": "Seed", "values": [5, 6]}]
     assert [(cell["steps"], cell["seed"]) for cell in read["cells"]] == [(1, 6), (2, 6)]
     assert read_png_parameters(path) == plot.cells[2].replace(scheduler=read["cells"][0]["scheduler"], height=64,
                                                               width=64, model="embedded: shapes (text to image)",
@@ -256,6 +256,7 @@ def client():
     demo.close()
 
 
+@pytest.mark.slow
 def test_lab_endpoints_answer_a_bare_call_with_the_example(client):
     """Every parameter has a default that runs the example on the embedded models."""
     grids, cells, parameters = client.predict(api_name="/xyz_plot")
@@ -267,8 +268,8 @@ def test_lab_endpoints_answer_a_bare_call_with_the_example(client):
     assert Image.open(image).size == (64, 64) and [o["caption"] for o in overlays][:4] == ["a", "big", "red", "circle"]
     animation, frames = client.predict(api_name="/walk")
     with Image.open(animation) as webp:
-        assert webp.format == "WEBP" and webp.n_frames == 6
-    assert Image.open(frames).width >= 6 * 160
+        assert webp.format == "WEBP" and webp.n_frames == 4
+    assert Image.open(frames).width >= 4 * 160
     log_snr, sigma = client.predict(api_name="/schedules")
     assert Image.open(log_snr).size == Image.open(sigma).size == (720, 400)
 
@@ -278,7 +279,7 @@ def test_lab_endpoints_answer_a_bare_call_with_the_example(client):
     ("/xyz_plot", dict(x_type="Steps", x_values="1.5-3 (+0.5)"), "steps must be a whole number from 1 to 100"),
     ("/xyz_plot", dict(x_type="Prompt S/R", x_values="purple, green"), "Prompt S/R did not find 'purple'"),
     ("/xyz_plot", dict(x_type="Sampler", x_values="Euler, Karras 9000"), "Unknown sampler 'Karras 9000'"),
-    ("/xyz_plot", dict(x_type="Steps", x_values="100", y_type="Seed", y_values="1-100"), "would take about|bound|at most"),
+    ("/xyz_plot", dict(x_type="Steps", x_values="100", y_type="Seed", y_values="1-100"), "Mpx-steps; this server allows"),
     ("/walk", dict(frames=1000), "frames must be a whole number from 2 to 32"),
 ])
 def test_lab_refusals_reach_the_client_with_their_bound(client, endpoint, arguments, message):

@@ -31,6 +31,7 @@ from sd_core.pipelines.settings import DiTSettings, GenerationSettings
 from sd_core.schedulers import SCHEDULER_NAMES, TIMESTEP_SPACINGS
 
 SD_MODEL, DIT_MODEL = SD_DEFAULTS.name, DIT_DEFAULTS.name
+LAB_STEPS = 10  # the examples' steps: a plot runs a picture per cell
 EXAMPLE_PROMPT = "a big red circle on the left on a gray background"
 AXIS_LABELS = list(dict.fromkeys([*xyz.SD_AXES, *xyz.DIT_AXES]))
 
@@ -56,7 +57,7 @@ def cell_pixels(pipe, settings) -> int:
 
 
 @handler
-def xyz_plot(model=SD_MODEL, prompt=EXAMPLE_PROMPT, negative_prompt="", steps=SD_DEFAULTS.steps,
+def xyz_plot(model=SD_MODEL, prompt=EXAMPLE_PROMPT, negative_prompt="", steps=LAB_STEPS,
              guidance_scale=SD_DEFAULTS.guidance_scale, scheduler="dpmpp_2m", seed=1, x_type="Seed", x_values="1-3",
              y_type="CFG Scale", y_values="1, 4, 7", z_type="Nothing", z_values="", progress=gr.Progress()):
     """X/Y/Z plot (AUTOMATIC1111's): one picture per combination of the axes' values (1-5, 1-10 (+2), 10-20 [5],
@@ -79,7 +80,7 @@ def xyz_plot(model=SD_MODEL, prompt=EXAMPLE_PROMPT, negative_prompt="", steps=SD
 
 
 @handler
-def attention_maps(model=SD_MODEL, prompt=EXAMPLE_PROMPT, negative_prompt="", steps=SD_DEFAULTS.steps,
+def attention_maps(model=SD_MODEL, prompt=EXAMPLE_PROMPT, negative_prompt="", steps=LAB_STEPS,
                    guidance_scale=SD_DEFAULTS.guidance_scale, scheduler="dpmpp_2m", seed=1, progress=gr.Progress()):
     """Attention maps (DAAM): each prompt word's cross-attention drawn over the picture. Returns (the picture,
     one overlay per word, parameters)."""
@@ -96,7 +97,7 @@ def attention_maps(model=SD_MODEL, prompt=EXAMPLE_PROMPT, negative_prompt="", st
 
 @handler
 def walk(model=SD_MODEL, walk_between="seeds", prompt=EXAMPLE_PROMPT, second_prompt="a big blue circle on the right "
-         "on a gray background", seed=1, second_seed=2, frames=6, steps=SD_DEFAULTS.steps,
+         "on a gray background", seed=1, second_seed=2, frames=4, steps=LAB_STEPS,
          guidance_scale=SD_DEFAULTS.guidance_scale, scheduler="dpmpp_2m", progress=gr.Progress()):
     """A walk between two seeds (slerp of the starting noise) or two prompts (their text encodings blended).
     Returns (the animation as WebP, the strip of frames)."""
@@ -134,7 +135,7 @@ def schedules(model=SD_MODEL, samplers=("euler", "dpmpp_2m", "ddim"), steps=20, 
 
 def sampling_row():
     with gr.Row():
-        steps = raw_value(gr.Slider(1, FORM_LIMITS.max_steps, SD_DEFAULTS.steps, step=1, label="Steps"))
+        steps = raw_value(gr.Slider(1, FORM_LIMITS.max_steps, LAB_STEPS, step=1, label="Steps"))
         guidance = raw_value(gr.Slider(0, 20, SD_DEFAULTS.guidance_scale, step=0.5, label="Guidance scale"))
         return steps, guidance, scheduler_dropdown("dpmpp_2m")
 
@@ -191,7 +192,7 @@ def walk_section(models: list):
             with gr.Row():
                 seed = raw_value(gr.Number(1, label="Seed", precision=0))
                 second_seed = raw_value(gr.Number(2, label="Second seed", precision=0))
-                frames = raw_value(gr.Slider(2, walks.MAX_FRAMES, 6, step=1, label="Frames"))
+                frames = raw_value(gr.Slider(2, walks.MAX_FRAMES, 4, step=1, label="Frames"))
             steps, guidance, scheduler = sampling_row()
             run = gr.Button("Walk", variant="primary")
         with gr.Column():

@@ -230,7 +230,14 @@ def plan(base, x=(NOTHING, ""), y=(NOTHING, ""), z=(NOTHING, ""), limits: Limits
         for iy in range(len(axes[1].values)):
             for ix in range(len(axes[0].values)):
                 cells.append(cell_record(base, axes, (ix, iy, iz), limits))
-    return Plot(base, tuple(axes), tuple(cells))
+    return Plot(base, tuple(typed(axis) for axis in axes), tuple(cells))
+
+
+def typed(axis: Axis) -> Axis:
+    """An axis whose number values (checked by the record's rules) are numbers, for its legend and metadata."""
+    if axis.option.kind not in (int, float):
+        return axis
+    return Axis(axis.option, tuple(axis.option.kind(float(v)) if isinstance(v, str) else v for v in axis.values))
 
 
 def cell_record(base, axes, index: tuple, limits: Limits):
