@@ -325,3 +325,34 @@ def test_cli_controlnet_mistakes_are_one_line_and_exit_2(folders, tmp_path, caps
         main(base + ["--controlnet", "just-a-model"])
     assert "--controlnet takes MODEL:IMAGE[:SCALE]" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------- compare
+
+
+def test_compare_controlnet_kind_passes_and_compares_residuals_only_where_the_window_acts(folders):
+    from compare.kinds import run_comparison
+    sd, controlnet, _ = folders
+    report = run_comparison("controlnet", sd, controlnet=controlnet, prompt="a red circle", steps=4,
+                            guidance_scale=4.0, height=16, width=16, scheduler="euler", control_start=0.5)
+    assert report.passed and report.verdict.startswith("controlnet: PASS") and "identical" in report.verdict
+    names = [s.name for s in report.stages]
+    assert names[0] == "control image (ControlNet input)" and names[-1] == "decoded images (8-bit)"
+    assert [n for n in names if "ControlNet mid residual" in n] == ["step 3 ControlNet mid residual",
+                                                                    "step 4 ControlNet mid residual"]
+    assert "step 4 latents" in names and report.divergence["modules_compared"] > 50
+    assert set(report.plots) == {"per-step", "per-module"} and "control image" in report.images
+
+
+def test_compare_controlnet_kind_names_the_first_wrong_module_of_the_controlnet(folders):
+    from compare.controlnet_kind import stand_in_controlnet
+    from compare.kinds import run_comparison
+    sd, _, _ = folders
+    pipe = load_pipeline(sd)
+    controlnet = stand_in_controlnet(pipe)
+    controlnet.down_blocks[0].resnets[0].norm1.eps = 1e-1  # the reference is built from the config: eps 1e-5
+    report = run_comparison("controlnet", pipe, controlnet=controlnet, prompt="x", steps=2, guidance_scale=4.0,
+                            height=16, width=16, scheduler="euler")
+    assert report.passed is False
+    assert report.divergence["first_divergent"]["name"] == "down_blocks.0.resnets.0.norm1"
+    assert next(s for s in report.stages if not s.passed).name == "step 1 ControlNet mid residual"
