@@ -104,8 +104,13 @@ def test_image_to_image_with_a_controlnet_counts_the_window_in_the_steps_it_runs
     assert_images_match(result.images, expected)
 
 
-def test_inpainting_with_two_controlnets_equals_diffusers(models):
+@pytest.mark.parametrize("unet", ["sd1", "sd1_inpaint"], ids=["masked_image_to_image", "inpainting_unet"])
+def test_inpainting_with_two_controlnets_equals_diffusers(models, unet, tmp_path):
+    """An inpainting UNet takes 9 channels; its ControlNets take the 4 latent ones, as diffusers gives them."""
     reference, ours, references, controlnets = models["sd1"]
+    if unet == "sd1_inpaint":
+        reference = tiny.stable_diffusion(unet, seed=3)
+        ours = load_pipeline(tiny.save_pretrained(reference, tmp_path))
     image, hints = picture(seed=9), [picture(seed=10), picture(seed=11)]
     mask = Image.new("L", (WIDTH, HEIGHT), 0)
     mask.paste(255, (8, 4, 24, 20))
@@ -356,3 +361,11 @@ def test_compare_controlnet_kind_names_the_first_wrong_module_of_the_controlnet(
     assert report.passed is False
     assert report.divergence["first_divergent"]["name"] == "down_blocks.0.resnets.0.norm1"
     assert next(s for s in report.stages if not s.passed).name == "step 1 ControlNet mid residual"
+
+
+def test_the_fast_paths_unet_refuses_controlnets_by_name(models):
+    from sd_core.fast.pipeline import make_fast
+    _, ours, _, controlnets = models["sd1"]
+    with pytest.raises(ValueError, match="denoiser is a FastUNet .* Generate with the plain pipeline"):
+        make_fast(ours, deepcache=2).text_to_image("x", steps=1, height=16, width=16, controlnets=entries(
+            [1.0], [0.0], [1.0]), control=[(controlnets[0], picture(16, 16))])

@@ -11,6 +11,10 @@ control image into residuals for the UNet's skips and mid block (`Control.residu
 ControlNets' residuals add up (diffusers' MultiControlNetModel). In guess mode a ControlNet sees only the
 prompt's half of the guidance batch and the negative prompt's half gets zero residuals, so the control steers
 the image without being pushed against by the negative prompt.
+
+The output size is the record's (or the model's, or the start image's), never the control image's: a control
+image of another size is stretched to it as diffusers stretches it (diffusers' text to image without a size
+takes the control image's instead).
 """
 import dataclasses
 import warnings
@@ -18,6 +22,7 @@ import warnings
 import torch
 
 from sd_core.models.controlnet import ControlNetModel
+from sd_core.models.unet import UNet2DConditionModel
 from sd_core.pipelines.control_images import control_batch, control_image_to_tensor, preprocess_control_image
 from sd_core.pipelines.image_io import open_image
 from sd_core.pipelines.offload import execution_device
@@ -121,6 +126,9 @@ def prepare_control(pipe, s: GenerationSettings, control, prompts: int, size: tu
     if len(control) != len(s.controlnets):
         raise ValueError(f"The settings name {len(s.controlnets)} ControlNet(s) but {len(control)} were given: pass "
                          f"control=[(ControlNetModel, image), ...], one pair per settings.controlnets entry.")
+    if control and not isinstance(pipe.unet, UNet2DConditionModel):
+        raise ValueError(f"ControlNets add their residuals to sd_core's UNet; this pipeline's denoiser is a "
+                         f"{type(pipe.unet).__name__} (the fast path). Generate with the plain pipeline.")
     for index, (model, _) in enumerate(control):
         if not isinstance(model, ControlNetModel):
             raise TypeError(f"control[{index}] must pair a ControlNetModel (sd_core.checkpoints.controlnet."
