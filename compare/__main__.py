@@ -15,8 +15,6 @@ from . import benchmark, startup
 from .kinds import KINDS, default_model, run_comparison
 from .parity import REFERENCE_SCHEDULERS, run_parity
 
-SD_OPTIONS = ("prompt", "negative_prompt", "guidance_scale", "height", "width", "image", "strength")
-DIT_OPTIONS = ("class_labels", "guided_channels")
 
 
 def positive(value: str) -> int:
@@ -110,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=positive)
     p.add_argument("--out", type=Path, default=Path("parity-report"))
     b = commands.add_parser("benchmark", help="speed and peak memory, sd_core / diffusers")
-    b.add_argument("--configs", default="embedded,sd15,sdxl,dit-xl-2")
+    b.add_argument("--configs", default="embedded,embedded-dit,sd15,sdxl,dit-xl-2")
     b.add_argument("--dtypes", default="fp32,bf16")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--latent", type=int, default=32, help="latent size of the real-size configs (32: 256 px)")
@@ -141,7 +139,8 @@ def main(argv=None) -> int:
             return 0 if report.passed else 1
         report = run_comparison(args.command, args.model, **settings_of(args))
         folder = report.write(args.out)
-    except (ValueError, TypeError, KeyError, OSError) as error:  # bad settings, unreadable or missing model
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as error:  # it could not run: bad settings,
+        # an unreadable or missing model, a library the reference needs missing: never read as "they differ"
         print(f"python -m compare {args.command}: error: {error}", file=sys.stderr)
         return 2
     print(report.verdict)

@@ -155,7 +155,7 @@ def vae_kind(model, image=None, sample: bool = False, seed: int = 0, size: int |
 
 def reference_scheduler(pipe, name: str):
     import diffusers
-    sampler, overrides = VARIANTS.get(name, (name, {}))
+    sampler, overrides, _ = VARIANTS.get(name, (name, {}, None))
     return getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config, **overrides)
 
 
@@ -195,6 +195,49 @@ def original_cfg_sample(transformer, scheduler, labels: list, guidance_scale: fl
 
 
 @torch.no_grad()
+def diffusers_dit_run(reference, labels: list, s: dict) -> tuple:
+    """diffusers' DiTPipeline, its latents caught at every scheduler step (it has no step callback): (transformer
+    outputs, latents per step, 8-bit images)."""
+    latents, predictions = [], OutputRecorder(reference.transformer)
+    step = reference.scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        latents.append(out.prev_sample[:len(labels)].float().clone())
+        return out
+    reference.scheduler.step = recording_step
+    try:
+        images = reference(labels, guidance_scale=s["guidance_scale"], num_inference_steps=s["steps"],
+                           generator=torch.Generator().manual_seed(s["seed"]), output_type="np").images
+    finally:
+        reference.scheduler.step = step
+        predictions.remove()
+    return predictions.outputs, latents, (images * 255).round().astype("uint8")
+
+
+def original_rule_run(pipe, reference, labels: list, s: dict) -> tuple:
+    """The original DiT code's first-3-channel guidance on diffusers' transformer and scheduler: (transformer
+    outputs, latents per step, 8-bit images)."""
+    recorder, latents = OutputRecorder(reference.transformer), []
+    try:
+        final = original_cfg_sample(reference.transformer, reference_scheduler(pipe, s["scheduler"]), labels,
+                                    s["guidance_scale"], s["steps"], s["seed"], pipe.transformer.config.null_class,
+                                    lambda x: latents.append(x.float().clone()))
+    finally:
+        recorder.remove()
+    return recorder.outputs, latents, decode_like_diffusers(reference.vae, final)
+
+
+def first3_deviation(result, ours_latents: list, all_images, all_latents: list) -> tuple[dict, str]:
+    """How far the original code's guidance lands from diffusers' all-channel guidance: measurements, verdict."""
+    deviation = compare_images(np.stack([np.asarray(im) for im in result.images]), all_images)
+    latent_deviation = compare_tensors("first3 vs all: final latents", ours_latents[-1], all_latents[-1])
+    measurements = {"first3_vs_all_max_levels": deviation.max_abs, "first3_vs_all_psnr_db": deviation.extra["psnr_db"],
+                    "first3_vs_all_latents_relative": latent_deviation.relative}
+    return measurements, (f"; deliberate deviation from diffusers' all-channel guidance: up to "
+                          f"{deviation.max_abs:.0f} levels, PSNR {deviation.extra['psnr_db']:.1f} dB")
+
+
 def dit_kind(model, **settings) -> Report:
     pipe = load(model)
     check_family(pipe, "dit")
@@ -203,8 +246,7 @@ def dit_kind(model, **settings) -> Report:
         raise ValueError(f"guided_channels must be 'all' or 'first3'; got {s['guided_channels']!r}.")
     reference = reference_pipeline(pipe)
     reference.scheduler = reference_scheduler(pipe, s["scheduler"])
-    labels, n = s["class_labels"], len(s["class_labels"])
-
+    labels, all_channels = s["class_labels"], s["guided_channels"] == "all"
     ours_predictions, ours_latents = OutputRecorder(pipe.transformer), []
     try:
         result = dit_sample(pipe, labels, guidance_scale=s["guidance_scale"], steps=s["steps"],
@@ -212,42 +254,16 @@ def dit_kind(model, **settings) -> Report:
                             callback=lambda i, t, x, x0: ours_latents.append(x.float().clone()))
     finally:
         ours_predictions.remove()
-
-    def diffusers_all_channels():
-        """diffusers' DiTPipeline, its latents caught at every scheduler step (it has no step callback)."""
-        latents, predictions = [], OutputRecorder(reference.transformer)
-        step = reference.scheduler.step
-
-        def recording_step(*args, **kwargs):
-            out = step(*args, **kwargs)
-            latents.append(out.prev_sample[:n].float().clone())
-            return out
-        reference.scheduler.step = recording_step
-        try:
-            images = reference(labels, guidance_scale=s["guidance_scale"], num_inference_steps=s["steps"],
-                               generator=torch.Generator().manual_seed(s["seed"]), output_type="np").images
-        finally:
-            reference.scheduler.step = step
-            predictions.remove()
-        return predictions.outputs, latents, (images * 255).round().astype("uint8")
-
-    notes = []
-    all_predictions, all_latents, all_images = diffusers_all_channels()
-    if s["guided_channels"] == "all":
+    notes, unscaled = [], reference.scheduler.init_noise_sigma != 1
+    all_predictions, all_latents, all_images = diffusers_dit_run(reference, labels, s)
+    if all_channels:
         their_predictions, their_latents, their_images = all_predictions, all_latents, all_images
         what = "diffusers' DiTPipeline"
-        if reference.scheduler.init_noise_sigma != 1:
+        if unscaled:
             notes.append("diffusers' DiTPipeline never scales its initial noise by init_noise_sigma, which this "
                          "sampler needs; sd_core does (a deliberate difference: expect the images to differ).")
     else:
-        recorder, their_latents = OutputRecorder(reference.transformer), []
-        try:
-            final = original_cfg_sample(reference.transformer, reference_scheduler(pipe, s["scheduler"]), labels,
-                                        s["guidance_scale"], s["steps"], s["seed"], pipe.transformer.config.null_class,
-                                        lambda x: their_latents.append(x.float().clone()))
-        finally:
-            recorder.remove()
-        their_predictions, their_images = recorder.outputs, decode_like_diffusers(reference.vae, final)
+        their_predictions, their_latents, their_images = original_rule_run(pipe, reference, labels, s)
         what = "the original code's guidance rule (compare.kinds.original_cfg_sample) on diffusers' transformer"
         notes.append("'first3' follows facebookresearch/DiT's forward_with_cfg, which diffusers' DiTPipeline does "
                      "not offer: the reference is that rule written in compare/ on diffusers' transformer and "
@@ -259,22 +275,18 @@ def dit_kind(model, **settings) -> Report:
                                   lambda: pipe.transformer(sample, t, probe_labels),
                                   lambda: reference.transformer(sample, timestep=t, class_labels=probe_labels))
     passed, verdict = parity_verdict(f"dit ({s['guided_channels']})", stages, divergence)
-    if s["guided_channels"] == "all" and reference.scheduler.init_noise_sigma != 1:
+    if all_channels and unscaled:
         verdict += f" (expected with {s['scheduler']}: diffusers' DiTPipeline skips init_noise_sigma)"
-    verdict = verdict.replace("vs diffusers", f"vs {'diffusers' if s['guided_channels'] == 'all' else 'original rule'}")
+    verdict = verdict.replace("vs diffusers", f"vs {'diffusers' if all_channels else 'original rule'}")
     ours_image, their_image = result.images[0], Image.fromarray(their_images[0])
     difference, gain = difference_map(ours_image, their_image)
     images = {"sd_core": ours_image, "reference": their_image, f"|difference| x{gain:g}": difference}
     measurements = {"image_psnr_db": stages[-1].extra.get("psnr_db")}
-    if s["guided_channels"] == "first3":
-        deviation = compare_images(np.stack([np.asarray(im) for im in result.images]), all_images)
-        latent_deviation = compare_tensors("first3 vs all: final latents", ours_latents[-1], all_latents[-1])
-        measurements.update({"first3_vs_all_max_levels": deviation.max_abs,
-                             "first3_vs_all_psnr_db": deviation.extra["psnr_db"],
-                             "first3_vs_all_latents_relative": latent_deviation.relative})
+    if not all_channels:
+        deviation, said = first3_deviation(result, ours_latents, all_images, all_latents)
+        measurements.update(deviation)
         images["diffusers (all channels)"] = Image.fromarray(all_images[0])
-        verdict += (f"; deliberate deviation from diffusers' all-channel guidance: up to {deviation.max_abs:.0f} "
-                    f"levels, PSNR {deviation.extra['psnr_db']:.1f} dB")
+        verdict += said
     settings = {"model": pipe.source, **s, "reference": what}
     return Report("dit", settings, stages, verdict, passed, images,
                   standard_plots(stages, divergence, "DiT transformer", TOLERANCE), divergence, measurements, notes)

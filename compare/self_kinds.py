@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from sd_core.models.dit import DiTTransformer2DModel
-from sd_core.fast.pipeline import describe, make_fast
+from sd_core.fast.pipeline import make_fast
 from sd_core.models.layers import set_attention_backend
 from sd_core.pipelines.generate import dit_sample, image_to_image, text_to_image
 
@@ -199,7 +199,7 @@ def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channel
     fast = make_fast(pipe, deepcache=deepcache, bf16=bf16, channels_last=channels_last, tome=tome)
     fast.reset()
     parity, quick = sd_core_trace(pipe, s), sd_core_trace(fast.pipe, s)
-    described = describe(fast.options, fast.dtype)
+    described = fast.description
     stages = step_stages(quick.predictions, parity.predictions, quick.latents, parity.latents, TOLERANCE)
     stages.append(compare_images(quick.images, parity.images))
     image, latents = stages[-1], stages[-2]
@@ -213,8 +213,8 @@ def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channel
                f"{latents.relative:.3g}")
     notes = ["sd_core against sd_core on the same weights and noise: the fast path is approximate by design and is "
              "never held to the parity tolerance (the line marked on the plot, for scale only).",
-             f"Settings: deepcache={deepcache} (the full UNet every N steps; 0/1 off), bf16={bf16!r} ('auto': only "
-             f"where bf16 is measured faster here), channels_last={channels_last}, tome={tome} (the share of "
+             f"Settings: deepcache={deepcache} (the full UNet every N steps; 0/1 off), bf16={bf16!r} ('auto': by the "
+             f"hardware's rule, sd_core.fast.precision), channels_last={channels_last}, tome={tome} (the share of "
              f"top-resolution tokens merged before self-attention; None: off)."]
     settings = {"model": pipe.source, "deepcache": deepcache, "bf16": bf16, "channels_last": channels_last,
                 "tome": tome, "fast": described, **s}

@@ -17,7 +17,8 @@ def folders(tmp_path_factory):
             for family in ("sd1", "sdxl")}
 
 
-@pytest.mark.parametrize("family,scheduler", [("sd1", "ddim"), ("sd1", "euler_ancestral"), ("sdxl", "dpmpp_2m")])
+@pytest.mark.parametrize("family,scheduler", [("sd1", "ddim"), ("sd1", "euler_ancestral"), ("sdxl", "dpmpp_2m"),
+                                              ("sd1", "lms")])  # LMS: diffusers integrates with scipy
 def test_parity_run_passes_every_stage_and_writes_reports(folders, family, scheduler, tmp_path):
     report = run_parity(folders[family], "a red circle", "blurry", seed=3, steps=4, scheduler=scheduler,
                         guidance_scale=5.0, height=16, width=24)
@@ -210,7 +211,7 @@ def test_fast_path_is_measured_against_the_parity_path_on_the_embedded_model(dee
         assert levels <= 1 and max(s.relative for s in report.stages if s.name.startswith("step")) < 1e-3
     assert compare_main(["fast_path", "--deepcache", "2", "--bf16", "off", "--steps", "3",
                          "--out", str(tmp_path / "cli")]) == 0
-    assert ("\nfast_path: a measurement, not parity: the fast path (channels_last,deepcache=2,float32)"
+    assert ("\nfast_path: a measurement, not parity: the fast path (channels_last,deepcache=2,float32 (asked))"
             in capsys.readouterr().out)
 
 

@@ -29,7 +29,7 @@ from sd_core.app.parts import (
 )
 from sd_core.app.serving import as_choice, as_text, open_upload, raw_value
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
-from sd_core.pipelines.generate import MAX_SEED
+from sd_core.pipelines.settings import MAX_SEED
 
 MAX_COMPARE_STEPS = 50
 EXAMPLE_SCENE = Path(__file__).resolve().parents[1] / "data" / "example-scene.png"

@@ -9,7 +9,7 @@ import dataclasses
 
 from sd_core.pipelines.settings import DiTSettings, GenerationSettings, Limits, one_of, whole_number
 
-FORM_LIMITS = Limits(max_steps=100, min_side=64, max_side=1024, max_batch=8, max_prompt_chars=2000,
+FORM_LIMITS = Limits(max_steps=100, max_side=1024, max_batch=8, max_prompt_chars=2000,
                      max_guidance=50, max_loras=2)
 MODEL_DEFAULT = "default"  # the scheduler choice meaning "the one the model's own scheduler config names"
 DEEPCACHE_CHOICES = [("off", 0), ("2", 2), ("3", 3)]

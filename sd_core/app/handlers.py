@@ -2,6 +2,7 @@
 bound, and answers what the tab shows. Gradio calls them; so can a test or a script."""
 import contextlib
 import functools
+import html
 import json
 
 import gradio as gr
@@ -32,6 +33,7 @@ from sd_core.app.serving import open_upload
 from sd_core.app.share_links import share_link
 from sd_core.checkpoints import catalog
 from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
+from sd_core.pipelines.conditioning import dropped_text
 from sd_core.pipelines.dit_sampling import generate_dit
 from sd_core.pipelines.generate import generate, image_seeds, preview, refine_run, vae_roundtrip
 from sd_core.pipelines.lora import load_lora, loras_applied
@@ -83,8 +85,25 @@ def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, 
             result = run_bounded(f"text_to_image:{settings.model}", pixels, settings.steps,
                                  settings.images_per_prompt, work)
     result.parameters.update(embeddings=tokens)  # shown beside the images: the tokens to write in a prompt
+    note = truncation_note(pipe, settings)
+    if note:
+        gr.Warning(html.escape(note))
+        result.parameters["note"] = note
     seeds = image_seeds(settings.seed, len(result.images), True)
     return result, settings, [(picture, f"seed {one}") for picture, one in zip(result.images, seeds)]
+
+
+def truncation_note(pipe, settings: GenerationSettings) -> str:
+    """What a visitor is told when plain syntax cut the prompt at CLIP's window (A1111 syntax reads it all)."""
+    if settings.prompt_syntax != "plain":
+        return ""
+    tokenizer = pipe.tokenizer or pipe.tokenizer_2
+    dropped = [dropped_text(tokenizer, text) for text in (settings.prompt, settings.negative_prompt or "")]
+    if not any(dropped):
+        return ""
+    ignored = " / ".join(filter(None, dropped))
+    return (f"The prompt is longer than CLIP's 77 tokens; plain syntax (as diffusers) ignored: {ignored!r}. "
+            f"Choose the A1111 prompt syntax (Advanced) to use all of it.")
 
 
 @handler

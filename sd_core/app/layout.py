@@ -67,8 +67,8 @@ def text_to_image_tab(models: list) -> dict:
             run = gr.Button("Generate", variant="primary")
             steps, guidance, scheduler = sampling_controls()
             with gr.Row():
-                width = raw_value(gr.Slider(64, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Width"))
-                height = raw_value(gr.Slider(64, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Height"))
+                width = raw_value(gr.Slider(8, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Width"))
+                height = raw_value(gr.Slider(8, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Height"))
                 batch = raw_value(gr.Slider(1, MAX_BATCH, 4, step=1, label="Number of images"))
             with gr.Row():
                 seed = raw_value(gr.Number(-1,
@@ -239,7 +239,7 @@ def build(comparisons) -> gr.Blocks:
         shareable = {"text_to_image": (generate_images, text_tab["inputs"], text_tab["outputs"], settings_from_form,
                                        form_from_settings),
                      "dit": (sample_dit, dit["inputs"], dit["outputs"], dit_settings_from_form, dit_form_from_settings)}
-        load_outputs = [tabs] + [c for _, inputs, outputs in shareable.values() for c in inputs + outputs]
+        load_outputs = [tabs] + [c for _, inputs, outputs, *_ in shareable.values() for c in inputs + outputs]
 
         def on_load(request: gr.Request):
             return restore(shareable, request)

@@ -313,6 +313,8 @@ def png_info(png):
         settings = read_png_parameters(png)
     except (OSError, Image.DecompressionBombError) as error:
         raise gr.Error(f"Cannot read this file as a PNG ({error}); drop a .png image made by sd_core or A1111.") from None
+    except ValueError as error:  # no settings in it (a photo, a ComfyUI workflow): nothing to fill, said plainly
+        return [gr.skip()] * len(PNG_FIELDS) + [html.escape(f"{error} The form keeps its values.")]
     if not isinstance(settings, GenerationSettings) or not isinstance(settings.prompt, str):
         raise gr.Error("This image is a DiT sample or one of a diffusers-rule batch; its settings fit the DiT tab "
                        "or the CLI, not one prompt here.")

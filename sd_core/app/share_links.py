@@ -37,12 +37,17 @@ def offered(component, value) -> bool:
     return all(v in values for v in value) if isinstance(value, list) else value in values
 
 
+def every_value(query, name: str) -> list:
+    """All values of a repeated query parameter (a multiselect's), from starlette's QueryParams or a plain dict."""
+    return query.getlist(name) if hasattr(query, "getlist") else [query[name]]
+
+
 def linked_values(query, fn, inputs: list, to_settings, to_form) -> list:
     """The form values a link asks for, read through the settings record; a link that does not fit (a value out
     of bounds, not offered, or not of its kind) leaves the form as it is, with a warning shown as text."""
     names = list(inspect.signature(fn).parameters)[:len(inputs)]
     defaults = dict(zip(names, [component.value for component in inputs]))
-    given = {name: query.getlist(name) if isinstance(defaults[name], list) else query[name]
+    given = {name: every_value(query, name) if isinstance(defaults[name], list) else query[name]
              for name in names if name in query}
     if not given:
         return list(defaults.values())

@@ -11,15 +11,22 @@ from sd_core.pipelines.settings import PROMPT_SYNTAXES
 from sd_core.tokenizer import CLIPTokenizer
 
 
+def dropped_text(tokenizer: CLIPTokenizer, prompt: str) -> str:
+    """The part of a prompt past CLIP's window (77 tokens with start and end), which plain syntax ignores as
+    diffusers does; "" when the prompt fits."""
+    tokens = tokenizer.tokenize(prompt)
+    room = tokenizer.model_max_length - 2
+    return tokenizer.decode(tokens[room:]) if len(tokens) > room else ""
+
+
 def encode_text(tokenizer: CLIPTokenizer, prompts: list[str], device) -> torch.Tensor:
     """Padded ids of each prompt, warning (with the dropped text) when one is truncated."""
-    tokens = [tokenizer.tokenize(prompt) for prompt in prompts]
-    room = tokenizer.model_max_length - 2
-    for prompt_tokens in tokens:
-        if len(prompt_tokens) > room:
+    for prompt in prompts:
+        dropped = dropped_text(tokenizer, prompt)
+        if dropped:
             warnings.warn(f"The prompt is longer than CLIP's {tokenizer.model_max_length} tokens and was truncated; "
-                          f"this part was ignored: {tokenizer.decode(prompt_tokens[room:])!r}", stacklevel=3)
-    return tokenizer.pad(tokens).to(device)
+                          f"this part was ignored: {dropped!r}", stacklevel=3)
+    return tokenizer.pad([tokenizer.tokenize(prompt) for prompt in prompts]).to(device)
 
 
 def embed_text(pipe: StableDiffusionPipeline, texts: list[str], clip_skip: int = 0):

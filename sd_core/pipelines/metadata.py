@@ -165,6 +165,8 @@ def settings_from_a1111(fields: dict) -> GenerationSettings:
                        ("model", "Model")):
         if field in fields:
             values[key] = fields[field]
+    if "Hires upscale" in fields:  # a hires-fix text-to-image run: its denoising strength is the second pass's
+        values.pop("strength", None)
     values.update(controlnets_from_a1111(fields))
     return GenerationSettings.from_values(values)
 

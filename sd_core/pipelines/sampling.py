@@ -67,10 +67,9 @@ def display_name(source) -> str:
     ones), the repo id for a hub download (its cache folder is models--owner--name/snapshots/<commit>), else the
     folder's or file's name."""
     source = str(source)
-    for model in [*catalog.EMBEDDED.values(), *catalog.HUB.values()]:
-        if source == model.source or (Path(source).exists() and Path(model.source).exists()
-                                      and Path(source).resolve() == Path(model.source).resolve()):
-            return model.name
+    model = catalog.entry_for(source)
+    if model is not None:
+        return model.name
     parts = Path(source).parts
     for i, part in enumerate(parts):
         if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
