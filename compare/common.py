@@ -37,7 +37,8 @@ def cast_pipeline(pipe, dtype, device):
 def check_family(pipe, kind: str):
     if kind in DIT_KINDS and pipe.traits.denoiser != "transformer":
         raise ValueError(f"'{kind}' compares DiT models; {pipe.source or 'this model'} is {pipe.family}.")
-    if kind in ("text_to_image", "image_to_image", "controlnet", "fast_path") and pipe.traits.denoiser == "transformer":
+    sd_only = ("text_to_image", "image_to_image", "controlnet", "fast_path")
+    if kind in sd_only and pipe.traits.denoiser == "transformer":
         raise ValueError(f"'{kind}' compares Stable Diffusion models; use 'dit' for a DiT model.")
 
 

@@ -4,8 +4,9 @@
     report.verdict, report.images, report.plots, report.stages, report.write("out")
 
 Kinds (KINDS): sd_core against diffusers on the same weights and noise (text_to_image, image_to_image, vae,
-dit), written here, and controlnet, in compare.controlnet_kind; and sd_core against itself under one changed choice (dit_timestep_semantics, precision,
-attention, fast_path), in compare.self_kinds; what both share is in compare.common.
+dit), written here, and controlnet, in compare.controlnet_kind; sd_core against itself under one changed choice
+(dit_timestep_semantics, precision, attention, fast_path), in compare.self_kinds; what all share is in
+compare.common.
 """
 from pathlib import Path
 
@@ -293,5 +294,5 @@ def dit_kind(model, **settings) -> Report:
 
 
 RUNNERS = {"text_to_image": text_to_image_kind, "image_to_image": image_to_image_kind, "vae": vae_kind,
-           "controlnet": controlnet_kind, "dit": dit_kind, "dit_timestep_semantics": dit_timestep_semantics_kind, "precision": precision_kind,
-           "attention": attention_kind, "fast_path": fast_path_kind}
+           "controlnet": controlnet_kind, "dit": dit_kind, "dit_timestep_semantics": dit_timestep_semantics_kind,
+           "precision": precision_kind, "attention": attention_kind, "fast_path": fast_path_kind}
