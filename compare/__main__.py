@@ -1,5 +1,5 @@
 """python -m compare <kind> [--model SRC] [options] [--out folder]   (kinds: text_to_image, image_to_image, vae,
-dit, dit_timestep_semantics, precision, attention, fast_path)  |  python -m compare parity "a prompt"
+controlnet, dit, dit_timestep_semantics, precision, attention, fast_path)  |  python -m compare parity "a prompt"
 |  python -m compare benchmark  |  python -m compare startup (app.py to the first pictures on the page)
 
 Each kind writes report.json, report.md, images.png and plot-*.png into --out and prints the verdict. Exit status:
@@ -67,7 +67,16 @@ def add_kind(commands, kind: str):
     if kind in ("image_to_image", "precision", "attention"):
         p.add_argument("--image", help="starting picture (image to image; default: a drawn test picture)")
         p.add_argument("--strength", type=fraction)
-    if kind not in ("text_to_image", "image_to_image"):
+    if kind == "controlnet":
+        p.add_argument("--controlnet", help="a ControlNet folder or file (default: one copied from the model's UNet, "
+                       "its zero convolutions given seeded random weights)")
+        p.add_argument("--control-image", dest="control_image", help="default: a drawn test picture")
+        p.add_argument("--preprocessor", choices=["none", "canny", "invert"])
+        p.add_argument("--conditioning-scale", dest="conditioning_scale", type=float)
+        p.add_argument("--control-start", dest="control_start", type=float)
+        p.add_argument("--control-end", dest="control_end", type=float)
+        p.add_argument("--guess-mode", dest="guess_mode", action="store_true")
+    if kind not in ("text_to_image", "image_to_image", "controlnet"):
         p.add_argument("--classes", dest="class_labels", type=class_list, help="DiT class ids or names, a,b,...")
     if kind in ("dit", "precision", "attention"):
         p.add_argument("--guided-channels", dest="guided_channels", choices=["all", "first3"])

@@ -4,8 +4,9 @@
     report.verdict, report.images, report.plots, report.stages, report.write("out")
 
 Kinds (KINDS): sd_core against diffusers on the same weights and noise (text_to_image, image_to_image, vae,
-dit), written here, and sd_core against itself under one changed choice (dit_timestep_semantics, precision,
-attention, fast_path), in compare.self_kinds; what both share is in compare.common.
+dit), written here, and controlnet, in compare.controlnet_kind; sd_core against itself under one changed choice
+(dit_timestep_semantics, precision, attention, fast_path), in compare.self_kinds; what all share is in
+compare.common.
 """
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sd_core.schedulers import VARIANTS
 from .common import (DIT_KINDS, OutputRecorder, check_family, dit_probe, dit_settings, image_stage_summary, load,
                      sd_settings, step_stages)
 from .common import SD_KINDS  # noqa: F401  (compare.kinds.SD_KINDS, beside KINDS: the Compare tab's SD kinds)
+from .controlnet_kind import controlnet_kind
 from .parity import (REFERENCE_SCHEDULERS, TOLERANCE, compare_images, compare_tensors, difference_map,
                      first_divergence, reference_model, reference_pipeline, run_parity)
 from .report import Report, standard_plots
@@ -30,6 +32,7 @@ KINDS = {
     "text_to_image": "sd_core vs diffusers' text-to-image pipeline: every step, every UNet module, the images",
     "image_to_image": "sd_core vs diffusers' Img2Img pipeline (SD or XL) at a given strength",
     "vae": "VAE round trip, sd_core vs diffusers' AutoencoderKL: posterior mean, latents, decoded image",
+    "controlnet": "sd_core vs diffusers' (SDXL) ControlNet pipeline: control image, residuals, every step, the images",
     "dit": "DiT sampling vs diffusers' DiTPipeline (guided_channels='all') or the original code's rule ('first3')",
     "dit_timestep_semantics": "sd_core vs sd_core: DiT timestep frequencies 'original' vs 'diffusers'",
     "precision": "sd_core vs sd_core: fp32 against bf16 (or fp16) on the same weights and noise",
@@ -55,7 +58,9 @@ def run_comparison(kind: str, model_or_pipe=None, **settings) -> Report:
     """Run comparison `kind` (see KINDS) on a model (folder, single file, hub id or a loaded sd_core pipeline;
     default: the embedded model of the right family). Settings are the kind's options: prompt, negative_prompt,
     class_labels, seed, steps, scheduler, guidance_scale, height, width, image, strength, sample (vae),
-    guided_channels (dit), dtype (precision: 'bf16' or 'fp16'; attention: the dtype both run in), device."""
+    guided_channels (dit), dtype (precision: 'bf16' or 'fp16'; attention: the dtype both run in), device;
+    controlnet, control_image, preprocessor, conditioning_scale, control_start, control_end, guess_mode
+    (controlnet)."""
     if kind not in KINDS:
         raise ValueError(f"Unknown comparison {kind!r}; choose one of {sorted(KINDS)}.")
     model = default_model(kind) if model_or_pipe is None else model_or_pipe
@@ -290,5 +295,5 @@ def dit_kind(model, **settings) -> Report:
 
 
 RUNNERS = {"text_to_image": text_to_image_kind, "image_to_image": image_to_image_kind, "vae": vae_kind,
-           "dit": dit_kind, "dit_timestep_semantics": dit_timestep_semantics_kind, "precision": precision_kind,
-           "attention": attention_kind, "fast_path": fast_path_kind}
+           "controlnet": controlnet_kind, "dit": dit_kind, "dit_timestep_semantics": dit_timestep_semantics_kind,
+           "precision": precision_kind, "attention": attention_kind, "fast_path": fast_path_kind}

@@ -241,7 +241,7 @@ def reference_model(model: torch.nn.Module) -> torch.nn.Module:
     class_name, config = type(model).__name__, model.config.to_dict()
     # parameters as shapes only; buffers the state_dict lacks (CLIP's position ids, DiT's position table) computed
     with quiet_diffusers(), accelerate.init_empty_weights(include_buffers=False), SkipRandomInit():
-        if MODEL_CLASSES[class_name][2] == "transformers":
+        if class_name in MODEL_CLASSES and MODEL_CLASSES[class_name][2] == "transformers":
             reference = getattr(transformers, class_name)(transformers.CLIPTextConfig(**config))
         else:
             reference = getattr(diffusers, class_name).from_config(config)

@@ -93,8 +93,8 @@ def first_failed(report):
 
 
 def test_every_kind_is_offered():
-    assert set(KINDS) == {"text_to_image", "image_to_image", "vae", "dit", "dit_timestep_semantics", "precision",
-                          "attention", "fast_path"}
+    assert set(KINDS) == {"text_to_image", "image_to_image", "vae", "controlnet", "dit", "dit_timestep_semantics",
+                          "precision", "attention", "fast_path"}
     with pytest.raises(ValueError, match="Unknown comparison"):
         run_comparison("everything")
 

@@ -12,6 +12,7 @@ Text conditioning lives in sd_core.pipelines.conditioning, the loop and its help
 inputs in sd_core.pipelines.inpainting, DiT sampling in sd_core.pipelines.dit_sampling; their public names are importable from here.
 """
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -22,6 +23,7 @@ from sd_core.checkpoints.pipeline_classes import StableDiffusionPipeline
 from sd_core.models.vae import AutoencoderKL
 from sd_core.noise import randn_tensor
 from sd_core.pipelines import inpainting
+from sd_core.pipelines.controlnet import prepare_control
 from sd_core.pipelines.conditioning import (  # noqa: F401
     PROMPT_SYNTAXES,
     added_conditioning,
@@ -59,6 +61,7 @@ OUTPUT_TYPES = ("pil", "latent")
 SDXL_ONLY = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score",
              "denoising_start", "denoising_end", "high_noise_frac")
 APP_ONLY = ("loras", "embeddings", "refiner", "fast", "deepcache", "tome")  # recorded only when used
+CONTROL_ONLY = ("controlnets", "guess_mode")  # recorded only with a ControlNet
 
 
 def customize(pipe, loras=(), embeddings=(), allow_pickle: bool = False) -> list[str]:
@@ -104,8 +107,8 @@ def start_image(pipe, image, mask):
 
 @torch.no_grad()
 def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, image=None, mask=None,
-             latents: torch.Tensor | None = None, output_type: str = "pil",
-             callback: StepCallback | None = None) -> GenerationResult:
+             latents: torch.Tensor | None = None, output_type: str = "pil", callback: StepCallback | None = None,
+             control=None) -> GenerationResult:
     """Text to image; image to image when `image` is given (then `settings.strength` in [0, 1] says how much to
     change); inpainting when a `mask` is given too (white: paint, black: keep; see `inpaint`). The settings'
     LoRAs and embeddings are the caller's to apply (they are recorded in the metadata); the rest decide the run.
@@ -120,7 +123,10 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, ima
 
     SDXL's ensemble of experts (see `refine`): denoising_end stops at that fraction of the noise schedule, and
     output_type="latent" returns the latents undecoded (no images); `image` may then be those latents, and
-    denoising_start resumes there, adding no noise."""
+    denoising_start resumes there, adding no noise.
+
+    `control`: one (ControlNetModel, image) pair per `settings.controlnets` entry (sd_core.pipelines.controlnet);
+    each image is stretched to the output size as diffusers does."""
     s = settings if settings.strength is not None or image is None else settings.replace(strength=0.8)
     prompts, negatives = prompt_lists(s.prompt, s.negative_prompt)
     batch = len(prompts) * s.images_per_prompt
@@ -140,6 +146,7 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, ima
                            s.denoising_end) for _ in seeds]
     guided = s.guidance_scale > 1
     dtype = dtype_of(pipe.unet)
+    control = prepare_control(pipe, s, control, len(prompts), (height, width), guided, len(states[0].timesteps))
 
     embeddings, pooled = encode_prompt(pipe, prompts, negatives, guided, s.prompt_syntax, s.clip_skip)
     embeddings = embeddings.repeat_interleave(s.images_per_prompt, dim=0).to(dtype)
@@ -148,14 +155,7 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, ima
                                s.crops_coords_top_left, s.target_size, s.aesthetic_score, s.negative_aesthetic_score)
     x, painting = initial_latents(pipe, s, sampler, states, generators, batch, (height, width), image, mask, latents)
 
-    def predict(model_input, t):
-        if painting is not None:
-            model_input = painting.model_input(model_input)
-        if not guided:
-            return pipe.unet(model_input, t, embeddings, added)
-        uncond, cond = pipe.unet(torch.cat([model_input] * 2), t, embeddings, added).chunk(2)
-        return guide(uncond, cond, s.guidance_scale, s.guidance_rescale)
-
+    predict = predictor(pipe, s, guided, embeddings, added, painting, control)
     blend = None if painting is None or painting.image_latents is None else \
         lambda i, latents: painting.blend(sampler, states[0], i, latents)
     x = denoise(sampler, states if s.seed_per_image else states[0], x, predict,
@@ -166,6 +166,22 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, ima
     parameters = run_parameters(pipe, ran, inpaint=mask is not None)
     images = tag(decode(pipe.vae, x), parameters, seeds) if output_type == "pil" else []
     return GenerationResult(images, x, parameters)
+
+
+def predictor(pipe, s: GenerationSettings, guided: bool, embeddings, added, painting, control):
+    """The loop's `predict(model_input, t)`: the UNet's prediction, guided, with inpainting's extra channels and
+    the ControlNets' residuals for the step (one call per step, so the calls count the steps)."""
+    step = itertools.count()
+
+    def predict(model_input, t):
+        residuals = {} if control is None else control.residuals(model_input, t, next(step), embeddings, added)
+        if painting is not None:
+            model_input = painting.model_input(model_input)
+        if not guided:
+            return pipe.unet(model_input, t, embeddings, added, **residuals)
+        uncond, cond = pipe.unet(torch.cat([model_input] * 2), t, embeddings, added, **residuals).chunk(2)
+        return guide(uncond, cond, s.guidance_scale, s.guidance_rescale)
+    return predict
 
 
 def check_inputs(pipe, image, mask, output_type: str):
@@ -214,11 +230,15 @@ def initial_latents(pipe, s: GenerationSettings, sampler, states, generators, ba
 def run_parameters(pipe, ran: GenerationSettings, inpaint: bool = False) -> dict:
     """What a finished run records (PNG metadata, the API's JSON): the settings as they ran (seed drawn, scheduler
     and size resolved), the model's display name and family; SDXL-only fields only where they applied."""
-    parameters = {key: value for key, value in ran.to_dict().items() if key not in SDXL_ONLY + APP_ONLY}
+    parameters = {key: value for key, value in ran.to_dict().items()
+                  if key not in SDXL_ONLY + APP_ONLY + CONTROL_ONLY}
     parameters.update(model=display_name(pipe.source), family=pipe.family)
     for key in ("loras", "embeddings", "refiner"):
         if getattr(ran, key):
             parameters[key] = ran.to_dict()[key]
+    if ran.controlnets:  # named as the model is, never by a server's path
+        parameters.update(controlnets=[[display_name(name), *rest] for name, *rest in ran.controlnets],
+                          guess_mode=ran.guess_mode)
     if inpaint:
         parameters["inpaint"] = True
     for key in ("denoising_start", "denoising_end"):
@@ -232,7 +252,7 @@ def run_parameters(pipe, ran: GenerationSettings, inpaint: bool = False) -> dict
 def settings_and_inputs(prompt, negative_prompt, options: dict) -> tuple[GenerationSettings, dict]:
     """The keyword API (text_to_image(pipe, prompt, steps=20, ...)) as a record and the inputs beside it."""
     fields, inputs = split_settings(GenerationSettings, options)
-    unknown = set(inputs) - {"image", "mask", "latents", "output_type", "callback"}
+    unknown = set(inputs) - {"image", "mask", "latents", "output_type", "callback", "control"}
     if unknown:
         raise TypeError(f"Unknown argument{'s' * (len(unknown) > 1)} {', '.join(sorted(unknown))}.")
     return GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, **fields), inputs

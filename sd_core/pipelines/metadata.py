@@ -39,6 +39,38 @@ def format_number(value) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+# sd-webui-controlnet adds one field per enabled unit, "ControlNet <i>", whose value is the unit's own "Key: value"
+# pairs joined by ", " (scripts/infotext.py `serialize_unit`: ControlNetUnit's fields in order, the names
+# capitalised). sd_core writes the ones it has; its guess mode is written as the extension's nearest control mode.
+CONTROLNET_FIELD = re.compile(r"ControlNet (\d+)$")
+A1111_MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert"}
+GUESS_MODE = "ControlNet is more important"
+MODEL_HASH = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # the extension's " [d14c016b]" after a model's name
+
+
+def controlnet_model_label(name: str) -> str:
+    """A ControlNet's name as the extension writes it: the file's or folder's name without its extension, and
+    without the commas and colons its unit format cannot hold."""
+    label = re.split(r"[\\/]", name.rstrip("/\\"))[-1]
+    label = re.sub(r"\.(safetensors|pth|ckpt|bin|pt)$", "", label)
+    return re.sub(r"[,:]", " ", label).strip()
+
+
+def a1111_controlnet_units(parameters: dict) -> dict:
+    """{"ControlNet 0": "Module: canny, Model: ..., Weight: 1.0, ...", ...}: a unit's value as the extension's
+    serializer writes it (stretching to the output size is its "Just Resize"; Canny's thresholds are 100, 200)."""
+    fields = {}
+    for index, (name, preprocessor, scale, start, end) in enumerate(parameters.get("controlnets") or ()):
+        unit = {"Module": preprocessor, "Model": controlnet_model_label(name), "Weight": float(scale),
+                "Resize Mode": "Just Resize"}
+        if preprocessor == "canny":
+            unit.update({"Threshold A": 100.0, "Threshold B": 200.0})
+        unit.update({"Guidance Start": float(start), "Guidance End": float(end),
+                     "Control Mode": GUESS_MODE if parameters.get("guess_mode") else "Balanced"})
+        fields[f"ControlNet {index}"] = ", ".join(f"{key}: {value}" for key, value in unit.items())
+    return fields
+
+
 def a1111_parameters(parameters: dict) -> str:
     """The infotext A1111 writes for one image of `parameters` (generate()'s or dit_sample()'s, with the image's
     `batch_index`). Clip skip is A1111's count (1: the last layer), diffusers' clip_skip + 1. Keys A1111 lacks
@@ -68,6 +100,7 @@ def a1111_parameters(parameters: dict) -> str:
         fields["Guided channels"] = parameters.get("guided_channels", "all")
     elif parameters.get("prompt_syntax", "plain") != "a1111":
         fields["Prompt syntax"] = parameters.get("prompt_syntax", "plain")
+    fields.update(a1111_controlnet_units(parameters))
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
@@ -93,9 +126,29 @@ def parse_a1111_parameters(text: str) -> dict:
     return fields
 
 
+def controlnets_from_a1111(fields: dict) -> dict:
+    """The record's controlnets and guess_mode from the extension's "ControlNet <i>" fields, in unit order. A
+    preprocessor sd_core lacks is refused by name: its map has to be made elsewhere and given with "none"."""
+    units, guess_mode = [], False
+    for key in sorted((key for key in fields if CONTROLNET_FIELD.match(key)),
+                      key=lambda key: int(CONTROLNET_FIELD.match(key).group(1))):
+        unit = dict(item.strip().split(": ", 1) for item in fields[key].split(",") if ": " in item)
+        if "Module" not in unit or "Model" not in unit:
+            raise ValueError(f"{key} is not in the ControlNet extension's \"Module: ..., Model: ...\" format (an "
+                             f"older extension wrote it); set that ControlNet by hand.")
+        if unit["Module"] not in A1111_MODULES:
+            raise ValueError(f"{key} used the preprocessor {unit['Module']!r}, which sd_core lacks (it has none, "
+                             f"canny, invert): make the control image with it elsewhere and use preprocessor none.")
+        units.append((MODEL_HASH.sub("", unit["Model"]), A1111_MODULES[unit["Module"]], unit.get("Weight", 1.0),
+                      unit.get("Guidance Start", 0.0), unit.get("Guidance End", 1.0)))
+        guess_mode = guess_mode or unit.get("Control Mode") == GUESS_MODE
+    return {"controlnets": units, "guess_mode": guess_mode} if units else {}
+
+
 def settings_from_a1111(fields: dict) -> GenerationSettings:
     """The record of A1111's infotext fields. Its prompts are in A1111's syntax unless the text says otherwise
-    (sd_core's "Prompt syntax: plain"); its Clip skip counts from 1."""
+    (sd_core's "Prompt syntax: plain"); its Clip skip counts from 1; its ControlNet units become controlnets (a
+    unit in the "ControlNet is more important" control mode: guess_mode)."""
     names = {display: name for name, display in DISPLAY_NAMES.items()}
     sampler = fields.get("Sampler", "")
     sampler += {"Karras": " Karras"}.get(fields.get("Schedule type", ""), "")
@@ -114,6 +167,7 @@ def settings_from_a1111(fields: dict) -> GenerationSettings:
             values[key] = fields[field]
     if "Hires upscale" in fields:  # a hires-fix text-to-image run: its denoising strength is the second pass's
         values.pop("strength", None)
+    values.update(controlnets_from_a1111(fields))
     return GenerationSettings.from_values(values)
 
 

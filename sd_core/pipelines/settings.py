@@ -16,6 +16,7 @@ import math
 import random
 from typing import Any, Callable
 
+from sd_core.pipelines.control_images import PREPROCESSORS
 from sd_core.schedulers import SCHEDULER_NAMES
 
 MAX_SEED = 2 ** 32 - 1
@@ -143,6 +144,7 @@ class Limits:
     max_prompt_chars: int = 20000
     max_guidance: float = 100.0
     max_loras: int = 8
+    max_controlnets: int = 8
 
 
 LIBRARY = Limits()
@@ -179,6 +181,27 @@ def names(value, name: str, limits: Limits) -> tuple:
     if len(items) > limits.max_loras:
         raise ValueError(f"{name}: at most {limits.max_loras}; got {len(items)}.")
     return tuple(text(item, name, 1000) for item in items)
+
+
+def controlnet_units(value, name: str, limits: Limits) -> tuple:
+    """[(ControlNet name, preprocessor, scale, start, end), ...]: A1111's Weight (0 to 2) and its Starting and
+    Ending Control Step (diffusers' control_guidance_start/end), the shares of the steps the ControlNet acts in."""
+    units = list(value or ())
+    if len(units) > limits.max_controlnets:
+        raise ValueError(f"{name}: at most {limits.max_controlnets} ControlNets; got {len(units)}.")
+    checked = []
+    for unit in units:
+        if not isinstance(unit, (list, tuple)) or len(unit) != 5:
+            raise ValueError(f"{name} must be [name, preprocessor, scale, start, end] lists; got {shown(unit)}.")
+        model = text(unit[0], f"{name} name", 1000)
+        start, end = (real_number(share, f"the {which} of {model}", 0, 1) for share, which in
+                      ((unit[3], "start"), (unit[4], "end")))
+        if start >= end:
+            raise ValueError(f"The start of {model} ({start:g}) must be below its end ({end:g}): it acts from "
+                             f"that share of the steps to this one.")
+        checked.append((model, one_of(unit[1], f"the preprocessor of {model}", PREPROCESSORS),
+                        real_number(unit[2], f"the scale of {model}", 0, 2), start, end))
+    return tuple(checked)
 
 
 def class_labels(value, name: str, limits: Limits) -> tuple:
@@ -230,6 +253,8 @@ RULES: dict[str, Callable[[Any, str, Limits], Any]] = {
     "fast": lambda v, n, lim: flag(v, n),
     "deepcache": lambda v, n, lim: whole_number(v or 0, n, 0, 10),
     "tome": lambda v, n, lim: real_number(v or 0, n, 0, 0.9),
+    "controlnets": controlnet_units,
+    "guess_mode": lambda v, n, lim: flag(v, n),
     "class_labels": lambda v, n, lim: class_labels(v, n, lim),
     "guided_channels": lambda v, n, lim: one_of(v, n, GUIDED_CHANNELS),
 }
@@ -303,6 +328,8 @@ class GenerationSettings(Record):
     fast: bool = False
     deepcache: int = 0
     tome: float = 0.0
+    controlnets: tuple = ()  # ((name, preprocessor, scale, start, end), ...): the models and images come beside
+    guess_mode: bool = False  # the ControlNets see only the prompt's half of the guidance batch
     model: str | None = None
 
 
