@@ -241,7 +241,7 @@ def test_plots_are_pil_images_with_the_first_module_over_threshold_marked():
 
 @pytest.mark.parametrize("argv,message", [
     (["text_to_image", "--steps", "0"], "positive integer"),
-    (["text_to_image", "--width", "7"], "multiple"),
+    (["text_to_image", "--width", "7"], "width must be a whole number from 8"),
     (["vae", "--model", "no-such-model"], "no such folder"),
     (["vae", "--model", "/no/such/model"], "neither a folder"),
 ])

@@ -100,7 +100,7 @@ def compare_handler(comparisons):
 
 COMPARE_FIELDS = {  # which settings each kind shows: prompt, class label, image, strength, sample, guided channels, dtype
     "text_to_image": "p", "image_to_image": "pis", "vae": "im", "dit": "cg", "dit_timestep_semantics": "c",
-    "precision": "pcd", "attention": "pc", "fast_path": "pf"}
+    "precision": "pcd", "attention": "pc", "fast_path": "pf", "controlnet": "p"}
 
 
 def compare_tab(comparisons):
