@@ -250,29 +250,25 @@ def run_dit(args):
     write(result.images, output, seeds_of(result))
 
 
-def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="python -m sd_core", description=__doc__)
-    commands = main.add_subparsers(dest="command", required=True)
+def common_arguments(p, default_steps):
+    """What every command takes: the model, the sampler, the seed, the precision, the output."""
+    p.add_argument("--model", help="diffusers folder, .safetensors file or hub id (default: embedded model)")
+    p.add_argument("--steps", type=int, default=default_steps,
+                   help="sampling steps (default: the model's recommended number)")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES)
+    p.add_argument("--seed", type=int, help="random when omitted; the used seed is printed")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--allow-pickle", action="store_true", help="load .ckpt/.pt files (tensors only)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the model in CPU memory, each component on the GPU only while it runs")
+    p.add_argument("-o", "--output", help="a .png (keeps the parameters), .jpg or .webp file; a batch adds "
+                   "-0, -1, ... (default: outputs/<command>-<n>.png)")
 
-    def common(p, default_steps):
-        p.add_argument("--model", help="diffusers folder, .safetensors file or hub id (default: embedded model)")
-        p.add_argument("--steps", type=int, default=default_steps,
-                       help="sampling steps (default: the model's recommended number)")
-        p.add_argument("--scheduler", choices=SCHEDULER_NAMES)
-        p.add_argument("--seed", type=int, help="random when omitted; the used seed is printed")
-        p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-        p.add_argument("--allow-pickle", action="store_true", help="load .ckpt/.pt files (tensors only)")
-        p.add_argument("--offload", action="store_true",
-                       help="keep the model in CPU memory, each component on the GPU only while it runs")
-        p.add_argument("-o", "--output", help="a .png (keeps the parameters), .jpg or .webp file; a batch adds "
-                       "-0, -1, ... (default: outputs/<command>-<n>.png)")
 
-    g = commands.add_parser("generate", help="text to image (or image to image with --init-image)")
-    g.add_argument("prompt", nargs="?", help=f"what to draw; the embedded model knows captions like "
-                   f"\"{shapes.EXAMPLE_CAPTION}\" (shapes: circle/square/triangle; colours: "
-                   f"{'/'.join(shapes.COLOURS)}; small/big; left/center/right; gray/black/white background)")
-    g.add_argument("--fast", action="store_true", help="the fast path: channels-last, bf16 where this CPU is "
-                   "faster in it (measured); images close to, not equal to, the parity path's")
+def fast_and_batch_arguments(g):
+    """generate's fast path, and its prompt files (many images, resumable)."""
+    g.add_argument("--fast", action="store_true", help="the fast path: channels-last, bf16 where the hardware "
+                   "has it; images close to, not equal to, the parity path's")
     g.add_argument("--deepcache", type=int, default=0, metavar="N",
                    help="fast path: run the whole UNet every N steps, reuse its deep features between (2-3)")
     g.add_argument("--compile", action="store_true", help="fast path: torch.compile the UNet (slow first run)")
@@ -280,6 +276,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, help="the folder --prompts writes 00000-00.png, ... to (resumable)")
     g.add_argument("--stop-after", type=int, help="with --prompts: each process stops after this many images")
     g.add_argument("--threads", type=int, default=0, help="with --prompts: torch threads per process")
+
+
+def picture_arguments(g):
+    """generate's prompt, guidance, size, batch, start image and mask, and the SDXL refiner."""
+    g.add_argument("prompt", nargs="?", help=f"what to draw; the embedded model knows captions like "
+                   f"\"{shapes.EXAMPLE_CAPTION}\" (shapes: circle/square/triangle; colours: "
+                   f"{'/'.join(shapes.COLOURS)}; small/big; left/center/right; gray/black/white background)")
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the model's "
                    "recommended one, e.g. 7.5; SDXL 5; the embedded model 5)")
@@ -294,6 +297,10 @@ def parser() -> argparse.ArgumentParser:
                    "(ensemble of expert denoisers)")
     g.add_argument("--high-noise-frac", type=finite_float, default=0.8,
                    help="with --refiner: the fraction of the noise schedule the base model runs (default 0.8)")
+
+
+def customization_arguments(g):
+    """generate's prompt syntax, clip skip, LoRAs and embeddings."""
     g.add_argument("--prompt-syntax", choices=PROMPT_SYNTAXES, default="plain",
                    help="plain: diffusers' (77 tokens, brackets are text); a1111: (word:1.3), [word], BREAK, long prompts")
     g.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's layer N before its usual one")
@@ -301,6 +308,10 @@ def parser() -> argparse.ArgumentParser:
                    help="merge a LoRA at this scale (repeatable)")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="a textual-inversion embedding; its token is printed (repeatable)")
+
+
+def control_arguments(g):
+    """generate's ControlNets: model and image, preprocessor, window, guess mode."""
     g.add_argument("--controlnet", type=controlnet_argument, action="append", default=[], metavar="MODEL:IMAGE[:SCALE]",
                    help="steer the image with a ControlNet (folder or .safetensors) and its control image, at this "
                         "scale (default 1; repeatable)")
@@ -313,13 +324,21 @@ def parser() -> argparse.ArgumentParser:
                    help="the share of the steps after which a ControlNet stops acting (default 1)")
     g.add_argument("--guess-mode", action="store_true",
                    help="ControlNets see only the prompt's half of the guidance batch (diffusers' guess mode)")
-    common(g, None)
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="python -m sd_core", description=__doc__)
+    commands = main.add_subparsers(dest="command", required=True)
+    g = commands.add_parser("generate", help="text to image (or image to image with --init-image)")
+    for add in (picture_arguments, fast_and_batch_arguments, customization_arguments, control_arguments):
+        add(g)
+    common_arguments(g, None)
     g.set_defaults(run=run_generate)
 
     v = commands.add_parser("vae", help="round-trip an image through the VAE")
     v.add_argument("image")
     v.add_argument("--sample", action="store_true", help="sample the posterior instead of its mean")
-    common(v, 1)
+    common_arguments(v, 1)
     v.set_defaults(run=run_vae)
 
     d = commands.add_parser("dit", help="class-conditional DiT sampling")
@@ -328,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--count", type=int, default=1, help="images of each class")
     d.add_argument("--guidance", type=finite_float, help="guidance scale (default: the model's recommended one)")
     d.add_argument("--guided-channels", choices=["all", "first3"], default="all")
-    common(d, None)
+    common_arguments(d, None)
     d.set_defaults(run=run_dit)
     return main
 
