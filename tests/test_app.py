@@ -241,7 +241,9 @@ def hub_loads(monkeypatch):
     calls = []
     monkeypatch.setattr(app_models, "load_from_hub", lambda source, **kw: calls.append(("hub", source, kw)) or "pipe")
     monkeypatch.setattr(app_models, "load_pipeline", lambda source, **kw: calls.append(("disk", source, kw)) or "pipe")
-    monkeypatch.setattr(handlers, "MODELS", app_models.ModelCache())
+    fresh = app_models.ModelCache()  # the "pipe" these loads return never reaches the app's own cache
+    for module in (app_models, app_parts, handlers):
+        monkeypatch.setattr(module, "MODELS", fresh)
     return calls
 
 
