@@ -70,7 +70,7 @@ def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, see
     with contextlib.ExitStack() as held:  # the weights are this request's while a LoRA is merged into them
         for locked in sorted({id(p): p for p in (pipe, second) if p is not None}.items()):
             held.enter_context(MODELS.using(locked[1]))
-        tokens = bind_embeddings(pipe, embeddings)
+        tokens = held.enter_context(bind_embeddings(pipe, embeddings))
         with loras_applied(pipe.models, lora_files):
             callback = progress_callback(progress, steps, pipe, trajectory, fast_preview if fast else preview)
             run = fast_pipeline(pipe, deepcache, tome).generate if fast else functools.partial(generate, pipe)

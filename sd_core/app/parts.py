@@ -39,7 +39,7 @@ from sd_core.checkpoints.pipeline_classes import DiTPipeline
 from sd_core.fast.pipeline import make_fast
 from sd_core.pipelines.generate import MAX_SEED, preview, resolve_seed
 from sd_core.pipelines.metadata import read_png_parameters
-from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
+from sd_core.pipelines.textual_inversion import embeddings_bound, load_embedding
 from sd_core.schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 
 LOG = logging.getLogger("sd_core.app")
@@ -262,14 +262,11 @@ def fast_pipeline(pipe, deepcache: int, tome: float = 0.0):
     return made[options]
 
 
-def bind_embeddings(pipe, choices) -> list[str]:
-    """Bind the chosen embeddings to the cached pipeline once each (their tokens stay); returns their tokens."""
-    bound = pipe.__dict__.setdefault("app_embeddings", {})
-    for choice in choices or []:
-        path = extra_path("embeddings", choice)
-        if path not in bound:
-            bound[path] = add_embedding(pipe, load_embedding(path))
-    return [bound[extra_path("embeddings", choice)] for choice in choices or []]
+def bind_embeddings(pipe, choices):
+    """The chosen embeddings bound to the cached pipeline for one request: `with bind_embeddings(pipe, choices) as
+    tokens:` inside the request's MODELS.using(pipe) lock; afterwards the pipeline is as it was, so another visitor's
+    prompt with the same word never draws this one's embedding."""
+    return embeddings_bound(pipe, [load_embedding(extra_path("embeddings", choice)) for choice in choices or []])
 
 
 def selected_image(gallery, selected):
