@@ -300,10 +300,11 @@ def test_a_gpu_and_an_operator_widen_the_bounds():
         WorkLimits.from_environment("cpu", {"SD_CORE_HEAVY_SLOTS": "0"})
 
 
-def test_observed_speed_tightens_the_bound_at_once():
+def test_observed_speed_tightens_the_bound_once_runs_agree():
     limits = WorkLimits.for_device("cpu")
     before = limits.budget_mpx_steps("text_to_image")
-    limits.observe("text_to_image", seconds=100.0, pixels=512 * 512, steps=10)  # 38 s per Mpx-step, slower
+    for _ in range(3):  # one slow run is an outlier; three are this machine's speed
+        limits.observe("text_to_image", seconds=100.0, pixels=512 * 512, steps=10)  # 38 s per Mpx-step, slower
     assert limits.budget_mpx_steps("text_to_image") < before
     limits.observe("text_to_image", seconds=float("nan"), pixels=1, steps=1)  # ignored
     assert np.isfinite(limits.budget_mpx_steps("text_to_image"))
@@ -313,7 +314,8 @@ def test_each_model_learns_its_own_speed_and_the_table_stays_bounded(monkeypatch
     limits = WorkLimits.for_device("cpu")
     base = limits.budget_mpx_steps("text_to_image")
     assert limits.budget_mpx_steps("text_to_image:embedded") == base  # the kind's speed until observed
-    limits.observe("text_to_image:sd15", seconds=300.0, pixels=512 * 512, steps=20)  # 57 s per Mpx-step
+    for _ in range(3):
+        limits.observe("text_to_image:sd15", seconds=300.0, pixels=512 * 512, steps=20)  # 57 s per Mpx-step
     assert limits.budget_mpx_steps("text_to_image:sd15") < base
     assert limits.budget_mpx_steps("text_to_image:embedded") == limits.budget_mpx_steps("text_to_image") == base
     with pytest.raises(ValueError, match=r"per text-to-image request"):

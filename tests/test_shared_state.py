@@ -294,3 +294,62 @@ def test_png_info_refuses_what_is_not_a_png_in_one_line(tmp_path):
     (tmp_path / "photo.png").write_bytes(b"\xff\xd8\xff\xe0 a JPEG")
     with pytest.raises(gr.Error, match="photo.png is not a PNG image"):
         app_parts.png_info(str(tmp_path / "photo.png"))
+
+
+# ------------------------------------------------------------------------------------------------- work bound
+
+
+def test_a_prompt_s_chunks_are_priced_so_333_breaks_are_refused_where_a_plain_prompt_runs(monkeypatch):
+    from sd_core.app.serving import WorkLimits, check_request
+    limits = WorkLimits.for_device("cpu")
+    assert check_request(limits, "text_to_image", 512 * 512, 8, 1) <= limits.max_seconds  # 2.1 of 2.73 Mpx-steps
+    pipe = app_parts.MODELS.get(SD)
+    breaks = "a red circle " + "BREAK " * 330  # within the 2000 characters a prompt may have
+    chunks = app_parts.prompt_chunks(pipe, "a1111", breaks, "")
+    assert chunks > 300 and app_parts.prompt_chunks(pipe, "plain", breaks, "") == 1
+    with pytest.raises(ValueError, match=rf"^512x512 x 8 steps x a prompt of {chunks} chunks is .* Reduce the size, "
+                                         r"steps or prompt \(its BREAKs and length\)\.$"):
+        check_request(limits, "text_to_image", 512 * 512, 8, 1, chunks=chunks)
+    monkeypatch.setattr(handlers, "generate", lambda *args, **kwargs: pytest.fail("the priced-out request ran"))
+    with pytest.raises(Exception, match="a prompt of .* chunks"):
+        handlers.generate_images(SD, breaks, "", 8, 5.0, "ddim", 512, 512, 0, 1, prompt_syntax="a1111")
+
+
+def test_one_outlier_never_sets_the_learned_speed_and_consistent_runs_do():
+    from sd_core.app.serving import WorkLimits
+    limits = WorkLimits.for_device("cpu")
+    prior = limits.rate("text_to_image:m")
+    limits.observe("text_to_image:m", seconds=prior * 10 * 2.1, pixels=512 * 512, steps=8)  # one run 10x slower
+    assert limits.rate("text_to_image:m") == prior
+    limits.observe("text_to_image:m", seconds=prior / 10 * 2.1, pixels=512 * 512, steps=8)  # one 10x faster
+    assert limits.rate("text_to_image:m") == prior
+    for _ in range(3):  # this machine really is twice as slow: three runs say so
+        limits.observe("text_to_image:m", seconds=prior * 2 * 0.262144 * 8, pixels=512 * 512, steps=8)
+    assert limits.rate("text_to_image:m") == pytest.approx(prior * 2)
+    limits.observe("text_to_image:n", seconds=91.5, pixels=512 * 512, steps=8, chunks=334)  # 333 BREAKs, priced
+    limits.observe("text_to_image:n", seconds=91.5, pixels=512 * 512, steps=8, chunks=334)
+    assert limits.rate("text_to_image:n") <= prior  # per unit of priced work they ran fast: plain runs still fit
+
+
+def kohya_header_file(path, tensors: int):
+    """A .safetensors LoRA of `tensors` one-float tensors, written from its header (fast for 10^6)."""
+    import json
+    header = {f"lora_unet_x{i}.alpha": {"dtype": "F32", "shape": [], "data_offsets": [4 * i, 4 * i + 4]}
+              for i in range(tensors)}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4 * tensors)
+    return path
+
+
+@pytest.mark.parametrize("tensors, message", [(20_001, "holds 20001 tensors; a LoRA has at most 20000"),
+                                              (10 ** 6, "-byte header; files of its kind have at most 33554432")])
+def test_a_lora_of_too_many_tensors_is_refused_from_its_header_before_any_is_read(tmp_path, monkeypatch, tensors,
+                                                                                  message):
+    from sd_core.checkpoints.convert import CheckpointError
+    from sd_core.pipelines import lora
+    path = kohya_header_file(tmp_path / "many.safetensors", tensors)
+    monkeypatch.setattr(lora, "read_weights", lambda *args: pytest.fail("the tensors were read"))
+    with pytest.raises(CheckpointError, match=message):
+        lora.load_lora(path)
+    with pytest.raises(CheckpointError, match="holds 20001 tensors"):
+        lora.load_lora({f"lora_unet_x{i}.alpha": torch.ones(()) for i in range(20_001)})

@@ -19,6 +19,7 @@ from sd_core.app.parts import (
     fast_pipeline,
     handler,
     progress_callback,
+    prompt_chunks,
     run_bounded,
     scheduler_of,
     seed_of,
@@ -74,7 +75,8 @@ def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, see
         with loras_applied(pipe.models, lora_files):
             callback = progress_callback(progress, steps, pipe, trajectory, fast_preview if fast else preview)
             run = fast_pipeline(pipe, deepcache, tome).generate if fast else functools.partial(generate, pipe)
-            result = run_bounded(f"text_to_image:{model}", pixels, steps, number_of_images, lambda: run(
+            chunks = prompt_chunks(pipe, prompt_syntax, prompt, negative_prompt)  # priced too: BREAKs cost
+            result = run_bounded(f"text_to_image:{model}", pixels, steps, number_of_images, chunks=chunks, work=lambda: run(
                 prompt, negative_prompt or None, steps=steps, callback=callback, **options) if second is None
                 else refine(pipe, second, prompt, negative_prompt or None, high_noise_frac=high_noise_frac,
                             steps=steps, **{k: v for k, v in options.items() if k != "seed"}, seed=seed))

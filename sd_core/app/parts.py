@@ -39,6 +39,7 @@ from sd_core.checkpoints.pipeline_classes import DiTPipeline
 from sd_core.fast.pipeline import make_fast
 from sd_core.pipelines.generate import MAX_SEED, preview, resolve_seed
 from sd_core.pipelines.metadata import read_png_parameters
+from sd_core.pipelines.prompt_syntax import count_chunks
 from sd_core.pipelines.textual_inversion import embeddings_bound, load_embedding
 from sd_core.schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 
@@ -96,15 +97,23 @@ def handler(fn):
 LIMITS = WorkLimits.from_environment(Settings.device)  # work per request; heavy requests share one slot
 
 
-def run_bounded(kind: str, pixels: int, steps: int, batch: int, work):
+def run_bounded(kind: str, pixels: int, steps: int, batch: int, work, chunks: int = 1):
     """Refuse work beyond this machine's budget for `kind` ("text_to_image:<model>": each model's own speed; the
-    message states the bound), run the rest (heavy requests one at a time across all endpoints), and learn the
-    model's speed from each run."""
-    with LIMITS.slot(check_request(LIMITS, kind, pixels, steps, batch)):
+    message states the bound; `chunks`: the prompt's 77-token chunks), run the rest (heavy requests one at a time
+    across all endpoints), and learn the model's speed from each run."""
+    with LIMITS.slot(check_request(LIMITS, kind, pixels, steps, batch, chunks=chunks)):
         start = time.perf_counter()
         result = work()
-        LIMITS.observe(kind, time.perf_counter() - start, pixels, steps, batch)
+        LIMITS.observe(kind, time.perf_counter() - start, pixels, steps, batch, chunks)
     return result
+
+
+def prompt_chunks(pipe, prompt_syntax: str, *prompts) -> int:
+    """How many 77-token chunks the longest of `prompts` is encoded as: A1111's syntax cuts a long prompt and each
+    BREAK into chunks; a plain prompt is one (cut at 77 tokens)."""
+    if prompt_syntax != "a1111":
+        return 1
+    return count_chunks(pipe.tokenizer, [prompt or "" for prompt in prompts])
 
 
 def timestep_semantics(pipe) -> str:
