@@ -2,10 +2,12 @@
 files, paths and bounds the app shares between visitors."""
 import concurrent.futures
 import functools
+import os
 import re
 import shutil
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,3 +355,73 @@ def test_a_lora_of_too_many_tensors_is_refused_from_its_header_before_any_is_rea
         lora.load_lora(path)
     with pytest.raises(CheckpointError, match="holds 20001 tensors"):
         lora.load_lora({f"lora_unet_x{i}.alpha": torch.ones(()) for i in range(20_001)})
+
+
+# ---------------------------------------------------------------------------------------- cleaning results
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """The app launched with its own gradio temp folder, where another app already keeps a file."""
+    import app
+    from sd_core.app import layout
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    foreign = tmp_path / "gradio" / "another-app" / "kept.png"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"another app's file")
+    demo = app.build().queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, css=layout.CSS)
+    yield demo, url.rstrip("/"), foreign
+    demo.close()
+
+
+def ours(demo) -> set:
+    return {path for files in demo.temp_file_sets for path in files}
+
+
+def test_cleaning_deletes_only_this_app_s_files_never_a_young_one_and_a_served_result_completes(served):
+    import httpx
+    from gradio.route_utils import delete_files_created_by_app
+    from gradio_client import Client
+    demo, url, foreign = served
+    frequency, age = demo.delete_cache  # the rule gradio runs every `frequency` seconds while the app serves
+    assert age >= 300  # never a file younger than a few minutes
+    Client(url, verbose=False).predict(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 0, 1, False,
+                                       api_name="/text_to_image")
+    result = next(path for path in ours(demo) if path.endswith(".png"))
+    delete_files_created_by_app(demo, age)
+    with httpx.stream("GET", f"{url}/gradio_api/file={result}", timeout=30) as response:
+        body = b"".join(response.iter_bytes())
+    assert response.status_code == 200 and len(body) == int(response.headers["content-length"]) > 0
+    delete_files_created_by_app(demo, 0)  # every file of this app, whatever its age
+    assert not os.path.exists(result) and foreign.read_bytes() == b"another app's file"
+
+
+def test_a_finished_comparison_leaves_no_folder_and_its_report_is_in_gradio_s_cache(tmp_path, monkeypatch):
+    import tempfile
+    import zipfile
+    import app
+    from sd_core.app import compare_tab
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    compare = compare_tab.compare_handler(app.comparisons)
+    archive = compare("vae", SD, image=str(compare_tab.EXAMPLE_SCENE), seed=0)[-1]
+    assert not [name for name in os.listdir(tmp_path / "tmp") if name.startswith("sd_core-compare")]  # it went
+    assert Path(archive).resolve().is_relative_to((tmp_path / "gradio").resolve())
+    assert "vae/report.md" in zipfile.ZipFile(archive).namelist()
+
+
+def test_the_launched_app_leaves_cleaning_to_gradio_s_own_rule(monkeypatch):
+    """`python app.py` starts no cleaner of its own (one swept the whole shared gradio temp folder, other apps'
+    files and results still being downloaded): gradio's delete_cache, which deletes only this app's files, is it."""
+    import threading
+    import gradio as gr
+    import app
+    from sd_core.app import launch
+    launched, started = [], []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda demo, **options: launched.append(demo))
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: started.append(thread.name))
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    launch.main([], app.comparisons)
+    assert len(launched) == 1 and launched[0].delete_cache[1] >= 300 and started == []

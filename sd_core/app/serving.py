@@ -9,7 +9,6 @@
 
 Every refusal is a ValueError whose text a visitor can read: it names the parameter, the bound and what to do.
 """
-import logging
 import math
 import os
 import statistics
@@ -20,7 +19,6 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sd_core.pipelines.image_io import MAX_IMAGE_BYTES, describe_size, open_image, side_of
 
@@ -364,86 +362,3 @@ def check_request(limits: WorkLimits, kind: str, pixels: int, steps: int = 1, ba
                          f"here). "
                          f"Reduce the {fewer}.")
     return work * limits.rate(kind)
-
-
-# ----------------------------------------------------------------------------------------------- results
-
-
-def results_folder() -> Path:
-    """Where gradio keeps uploads and results: GRADIO_TEMP_DIR, else <temp>/gradio."""
-    import tempfile
-    return Path(os.environ.get("GRADIO_TEMP_DIR") or (Path(tempfile.gettempdir()) / "gradio").resolve())
-
-
-def clean_results(folder, max_age_s: float = 3600, max_files: int = 500, keep=frozenset(),
-                  now: float | None = None) -> int:
-    """Delete regular files under `folder` older than `max_age_s`, then the oldest beyond `max_files`; never a
-    file in `keep` (e.g. the examples gradio copied there at start), never through a symbolic link, never outside
-    `folder`. Empty sub-folders left behind are removed. Returns how many files were deleted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    now = time.time() if now is None else now
-    keep = {str(Path(p)) for p in keep}
-    files = []
-    for root, dirs, names in os.walk(folder, followlinks=False):
-        for name in names:
-            path = os.path.join(root, name)
-            try:
-                stat = os.lstat(path)
-            except OSError:
-                continue
-            if path in keep or not os.path.isfile(path) or os.path.islink(path):
-                continue
-            files.append((stat.st_mtime, path))
-    files.sort()
-    old = [path for mtime, path in files if now - mtime > max_age_s]
-    recent = [path for mtime, path in files if now - mtime <= max_age_s]
-    doomed = old + recent[:max(0, len(recent) - max_files)]
-    deleted = 0
-    for path in doomed:
-        try:
-            os.unlink(path)
-            deleted += 1
-        except OSError:
-            pass
-    for root, dirs, names in sorted(os.walk(folder, followlinks=False), key=lambda w: -len(w[0])):
-        if root != str(folder) and not os.listdir(root):
-            try:
-                os.rmdir(root)
-            except OSError:
-                pass
-    return deleted
-
-
-class ResultsJanitor:
-    """Runs clean_results() every `every_s` seconds in a daemon thread; stop() ends it."""
-
-    def __init__(self, folder=None, every_s: float = 300, **rules):
-        self.folder, self.every_s, self.rules = Path(folder or results_folder()), every_s, rules
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sd_core results janitor", daemon=True)
-
-    def keep_existing(self) -> "ResultsJanitor":
-        """Never delete what is there now (call after the app is built: the examples it copied in)."""
-        present = set()
-        if self.folder.is_dir():
-            for root, _, names in os.walk(self.folder):
-                present.update(os.path.join(root, name) for name in names)
-        self.rules["keep"] = frozenset(present) | set(self.rules.get("keep", ()))
-        return self
-
-    def start(self) -> "ResultsJanitor":
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 5):
-        self._stop.set()
-        self._thread.join(timeout_s)
-
-    def _run(self):
-        while not self._stop.wait(self.every_s):
-            try:
-                clean_results(self.folder, **self.rules)
-            except Exception:  # noqa: BLE001 - a cleaning failure must never take the server down
-                logging.getLogger("sd_core.app.serving").exception("cleaning %s failed", self.folder)
