@@ -425,3 +425,30 @@ def test_the_launched_app_leaves_cleaning_to_gradio_s_own_rule(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     launch.main([], app.comparisons)
     assert len(launched) == 1 and launched[0].delete_cache[1] >= 300 and started == []
+
+
+# --------------------------------------------------------------------------------------- what the app says
+
+
+def test_messages_to_visitors_name_files_relative_to_their_root_never_the_server_s_folders(tmp_path, monkeypatch):
+    import gradio as gr
+    root = tmp_path / "models"
+    (root / "loras").mkdir(parents=True)
+    safetensors.torch.save_file({"lora_unet_no_such_layer.lora_down.weight": torch.ones(1, 4),
+                                 "lora_unet_no_such_layer.lora_up.weight": torch.ones(4, 1)},
+                                root / "loras" / "alien.safetensors")
+    (root / "broken").mkdir()
+    (root / "broken" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": '
+                                                      '["diffusers", "UNet2DConditionModel"]}')
+    monkeypatch.setattr(app_parts.Settings, "model_roots", [root.resolve()])
+    run = functools.partial(handlers.generate_images, SD, "a red circle", "", 2, 5.0, "ddim", 32, 32, 0, 1)
+    with pytest.raises(gr.Error) as alien:
+        run(lora_1="loras: loras/alien.safetensors")  # sd_core's message names the file by its full path
+    assert alien.value.message.startswith("loras/alien.safetensors does not fit this model")
+    with pytest.raises(gr.Error) as broken:
+        handlers.generate_images("models: broken", "x", "", 2, 5.0, "ddim", 32, 32, 0, 1)
+    with pytest.raises(gr.Error) as upload:
+        handlers.roundtrip(SD, {"path": str(tmp_path / "gradio" / "0123abcd" / "gone.png")})
+    for refused in (alien, broken, upload):
+        assert str(tmp_path) not in refused.value.message and "/tmp" not in refused.value.message, refused.value.message
+    assert "gone.png" in upload.value.message

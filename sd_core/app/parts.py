@@ -7,6 +7,7 @@ This module may import gradio; the models, pipelines and schedulers never do.
 import functools
 import inspect
 import logging
+import os
 import re
 import time
 
@@ -75,6 +76,7 @@ def on_gpu(fn):
 def user_errors(fn):
     """Turn bad input (ValueError/TypeError from sd_core and sd_core.app.serving's refusals) and non-finite latents
     (FloatingPointError) into a one-line gr.Error the visitor reads, logged as one line; the app keeps serving.
+    What the visitor reads names no server folder (without_server_paths); the log keeps the whole path.
     The handler's signature is kept: gradio names the API parameters after it."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -82,12 +84,27 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except gr.Error as error:
             LOG.warning("%s refused: %s", fn.__name__, error.message)
+            error.message = without_server_paths(str(error.message))
             raise
         except (ValueError, TypeError, FileNotFoundError, CheckpointError, FloatingPointError) as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             LOG.warning("%s refused: %s", fn.__name__, message)
-            raise gr.Error(message) from None
+            raise gr.Error(without_server_paths(message)) from None
     return wrapped
+
+
+# A folder part of an absolute path (POSIX or Windows), not inside a word, a URL or a relative path.
+SERVER_FOLDERS = re.compile(r"(?<![\w.~:/\\-])(?:/|[A-Za-z]:\\)(?:[^\s/\\'\"`<>|,;()\[\]]+[/\\])+")
+
+
+def without_server_paths(message: str) -> str:
+    """`message` naming files as a visitor may read them: a file under a model root (or the embedded models'
+    folder) relative to that root, any other absolute path (the gradio temp folder, the machine's own) by its
+    base name."""
+    roots = {root for root in Settings.model_roots} | {path.parent for path in EMBEDDED.values()}
+    for root in sorted({form for root in roots for form in (str(root), str(root.resolve()))}, key=len, reverse=True):
+        message = message.replace(root + os.sep, "")
+    return SERVER_FOLDERS.sub("", message)
 
 
 def handler(fn):
