@@ -290,6 +290,32 @@ def test_cleaning_deletes_only_this_app_s_files_never_a_young_one_and_a_served_r
     assert not os.path.exists(result) and foreign.read_bytes() == b"another app's file"
 
 
+def test_a_result_being_downloaded_is_never_rewritten_in_place_by_a_request_with_the_same_picture(tmp_path,
+                                                                                                   monkeypatch):
+    """gradio names a result by its content's hash: two VAE round-trips of one image write the same file. Written in
+    place, the second truncated it under a download of the first (h11: "Too little data for declared
+    Content-Length", the suite's intermittent failure); here its write fails half way, which in place would leave a
+    short file."""
+    from gradio import processing_utils
+    from PIL import Image
+    picture = Image.effect_noise((128, 128), 64).convert("RGB")
+    path = processing_utils.save_pil_to_cache(picture, str(tmp_path), format="png")
+    whole = Path(path).read_bytes()
+
+    def write_half_then_fail(self, data):
+        with open(self, "wb") as file:
+            file.write(data[:10])
+        raise OSError(28, "No space left on device")
+    with open(path, "rb") as download:
+        first = download.read(100)
+        monkeypatch.setattr(Path, "write_bytes", write_half_then_fail)
+        with pytest.raises(OSError):
+            processing_utils.save_pil_to_cache(picture, str(tmp_path), format="png")  # another visitor's request
+        monkeypatch.undo()
+        assert first + download.read() == whole
+    assert Path(path).read_bytes() == whole
+
+
 def test_a_finished_comparison_leaves_no_folder_and_its_report_is_in_gradio_s_cache(tmp_path, monkeypatch):
     import tempfile
     import zipfile

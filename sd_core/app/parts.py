@@ -10,9 +10,11 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from gradio import processing_utils
 from PIL import Image
 
 from sd_core.app.model_choices import (  # noqa: F401
@@ -38,6 +40,7 @@ from sd_core.app.serving import (
 from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
 from sd_core.fast.pipeline import make_fast
+from sd_core.files import atomic_path
 from sd_core.pipelines.generate import MAX_SEED, preview, resolve_seed
 from sd_core.pipelines.metadata import read_png_parameters
 from sd_core.pipelines.prompt_syntax import count_chunks
@@ -109,6 +112,23 @@ def without_server_paths(message: str) -> str:
 
 def handler(fn):
     return on_gpu(user_errors(fn))
+
+
+def save_pil_to_cache_whole(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """gradio's processing_utils.save_pil_to_cache, but written beside its path and renamed into place. gradio names
+    a result file by its content's hash and rewrote it in place, so a request with the same picture (two VAE
+    round-trips of one image) truncated the file while another visitor was downloading it ("Too little data for
+    declared Content-Length"); a download now keeps reading the whole file it opened."""
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    path = (folder / f"{name}.{format}").resolve()
+    with atomic_path(path) as partial:
+        partial.write_bytes(data)
+    return str(path)
+
+
+processing_utils.save_pil_to_cache = save_pil_to_cache_whole  # every gradio image and gallery output goes through it
 
 
 LIMITS = WorkLimits.from_environment(Settings.device)  # work per request; heavy requests share one slot
