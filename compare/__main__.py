@@ -1,5 +1,5 @@
 """python -m compare <kind> [--model SRC] [options] [--out folder]   (kinds: text_to_image, image_to_image, vae,
-dit, dit_timestep_semantics, precision, attention, fast_path)  |  python -m compare parity "a prompt"
+controlnet, dit, dit_timestep_semantics, precision, attention, fast_path)  |  python -m compare parity "a prompt"
 |  python -m compare benchmark  |  python -m compare startup (app.py to the first pictures on the page)
 
 Each kind writes report.json, report.md, images.png and plot-*.png into --out and prints the verdict. Exit status:
@@ -15,8 +15,6 @@ from . import benchmark, startup
 from .kinds import KINDS, default_model, run_comparison
 from .parity import REFERENCE_SCHEDULERS, run_parity
 
-SD_OPTIONS = ("prompt", "negative_prompt", "guidance_scale", "height", "width", "image", "strength")
-DIT_OPTIONS = ("class_labels", "guided_channels")
 
 
 def positive(value: str) -> int:
@@ -69,7 +67,16 @@ def add_kind(commands, kind: str):
     if kind in ("image_to_image", "precision", "attention"):
         p.add_argument("--image", help="starting picture (image to image; default: a drawn test picture)")
         p.add_argument("--strength", type=fraction)
-    if kind not in ("text_to_image", "image_to_image"):
+    if kind == "controlnet":
+        p.add_argument("--controlnet", help="a ControlNet folder or file (default: one copied from the model's UNet, "
+                       "its zero convolutions given seeded random weights)")
+        p.add_argument("--control-image", dest="control_image", help="default: a drawn test picture")
+        p.add_argument("--preprocessor", choices=["none", "canny", "invert"])
+        p.add_argument("--conditioning-scale", dest="conditioning_scale", type=float)
+        p.add_argument("--control-start", dest="control_start", type=float)
+        p.add_argument("--control-end", dest="control_end", type=float)
+        p.add_argument("--guess-mode", dest="guess_mode", action="store_true")
+    if kind not in ("text_to_image", "image_to_image", "controlnet"):
         p.add_argument("--classes", dest="class_labels", type=class_list, help="DiT class ids or names, a,b,...")
     if kind in ("dit", "precision", "attention"):
         p.add_argument("--guided-channels", dest="guided_channels", choices=["all", "first3"])
@@ -101,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=positive)
     p.add_argument("--out", type=Path, default=Path("parity-report"))
     b = commands.add_parser("benchmark", help="speed and peak memory, sd_core / diffusers")
-    b.add_argument("--configs", default="embedded,sd15,sdxl,dit-xl-2")
+    b.add_argument("--configs", default="embedded,embedded-dit,sd15,sdxl,dit-xl-2")
     b.add_argument("--dtypes", default="fp32,bf16")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--latent", type=int, default=32, help="latent size of the real-size configs (32: 256 px)")
@@ -132,7 +139,8 @@ def main(argv=None) -> int:
             return 0 if report.passed else 1
         report = run_comparison(args.command, args.model, **settings_of(args))
         folder = report.write(args.out)
-    except (ValueError, TypeError, KeyError, OSError) as error:  # bad settings, unreadable or missing model
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as error:  # it could not run: bad settings,
+        # an unreadable or missing model, a library the reference needs missing: never read as "they differ"
         print(f"python -m compare {args.command}: error: {error}", file=sys.stderr)
         return 2
     print(report.verdict)

@@ -3,6 +3,7 @@
     python -m compare benchmark                       # embedded models + real-size SD1.5/SDXL/DiT-XL/2, fp32 and bf16
     python -m compare benchmark --configs sd15 --dtypes fp32 --repeats 5 --json bench.json
     python -m compare benchmark --configs embedded,sd15 --dtypes fp32 --fast all   # add torch.compile rows (slow to build)
+    python -m compare benchmark --configs embedded-dit --dtypes fp32 --repeats 1    # the embedded DiT's rows alone (quick)
 
 Each measurement is warmed up once, then the two implementations alternate for `repeats` rounds; the
 table gives median seconds and the ratio sd_core / diffusers (below 1: sd_core is faster), and the peak
@@ -18,6 +19,10 @@ its models (the same dtype, channels_last, and torch.compile where the row compi
 "fast / diffusers default" against diffusers' plain fp32 run of the row the fast one speeds up. DeepCache has no
 diffusers counterpart. Fast rows give the fast path's PSNR against sd_core's parity path (images, or the UNet/VAE
 output for random weights). "sd15" ends with the whole pipeline (4 DPM++ 2M steps with CFG, random weights).
+"embedded" and "embedded-dit" run the shipped text-to-image and DiT models end to end, with a row per opt-in that does
+less work (guidance truncation by schedule and adaptive, the text cache off against on, FORA on the DiT). The load
+average at the start and the end of the run, and of each row, is printed beside the figures: on a busy machine the
+ratios swing.
 
 This file holds what is measured (the pairs of calls each config builds, the run over them, the report); how a
 pair is timed and its memory, work and peak share counted is compare.measure.
@@ -25,20 +30,22 @@ pair is timed and its memory, work and peak share counted is compare.measure.
 import dataclasses
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from sd_core.models import presets
-from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
+from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sd_core.models.dit import DiTTransformer2DModel, dit_config
 from sd_core.checkpoints.loading import on_meta
+from sd_core.fast.precision import choose_precision
 from sd_core.pipelines.sampling import converted_copy
 from sd_core.models.unet import UNet2DConditionModel
 from sd_core.models.vae import AutoencoderKL
 
-from .measure import DTYPES, Pair, Row, count_flops, device, measure, peak_gflops, table, tensor_psnr
+from .measure import DTYPES, Pair, Row, count_flops, device, load_line, measure, peak_gflops, table, tensor_psnr
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -187,9 +194,14 @@ EMBEDDED_PROMPT = "a small red circle on the left on a gray background"
 
 
 def trick_names(fast_options: dict, dtype: torch.dtype) -> str:
-    names = ["bf16" if dtype == torch.bfloat16 else "fp32"]
+    names = [{torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")]
     names += [name for name in ("compile", "channels_last") if fast_options.get(name, name == "channels_last")]
     names += [f"DeepCache N={fast_options['deepcache']}"] if fast_options.get("deepcache", 0) > 1 else []
+    names += [f"FORA N={fast_options['dit_cache']}"] if fast_options.get("dit_cache", 0) > 1 else []
+    names += [f"guidance until {fast_options['guidance_until']:g}"] if "guidance_until" in fast_options else []
+    names += [f"guidance until cos >= {fast_options['guidance_similarity']:g}"] \
+        if "guidance_similarity" in fast_options else []
+    names += ["no text cache"] if fast_options.get("text_cache") == 0 else []
     return " + ".join(names)
 
 
@@ -232,7 +244,7 @@ def pipeline_pairs(ours, diffusers_pipeline, prompt: str, options: dict, fast: s
     def parity_image():
         return run_ours().images[0]
     for fast_options in variants + ([{"bf16": False, "compile": True}] if fast == "all" else []):
-        dtype = torch.bfloat16 if fast_options["bf16"] else torch.float32
+        dtype = choose_precision(fast_options["bf16"], torch.float32, device()).dtype
         pairs[f"fast: pipeline, {trick_names(fast_options, dtype)}"] = functools.partial(fast_pair, fast_options)
     return pairs
 
@@ -248,9 +260,47 @@ def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device(), dtype)
 
-    variants = [{"bf16": False}, {"bf16": False, "deepcache": 2}, {"bf16": False, "deepcache": 3}, {"bf16": True}]
+    variants = [{"bf16": False, "text_cache": 0}, {"bf16": False}, {"bf16": False, "deepcache": 2},
+                {"bf16": False, "deepcache": 3}, {"bf16": False, "guidance_until": 0.8},
+                {"bf16": False, "guidance_similarity": 0.999}, {"bf16": True}]
     return pipeline_pairs(load_pipeline(EMBEDDED_TEXT_TO_IMAGE, device=device()), diffusers_pipeline,
                           EMBEDDED_PROMPT, {"steps": steps, "seed": 0, "guidance_scale": 5.0}, fast, variants)
+
+
+def embedded_dit_pairs(fast: str, steps: int = 20) -> dict:
+    """The shipped DiT end to end: sd_core's dit_sample beside diffusers' DiTPipeline on the same folder (two classes,
+    guided), then the fast path's rows beside diffusers in the same dtype; PSNR: the worse image's."""
+    import diffusers
+    import numpy as np
+
+    from sd_core.checkpoints.loading import load_pipeline
+    from sd_core.fast.pipeline import make_fast
+    from sd_core.pipelines.generate import dit_sample
+    from sd_core.pipelines.image_io import psnr
+    ours = load_pipeline(EMBEDDED_DIT, device=device())
+    labels, options = [0, 7], {"steps": steps, "seed": 0, "guidance_scale": 3.0}
+
+    def run_theirs(dtype):
+        pipe = diffusers.DiTPipeline.from_pretrained(EMBEDDED_DIT, local_files_only=True).to(device(), dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return lambda: pipe(labels, guidance_scale=options["guidance_scale"], num_inference_steps=steps,
+                            generator=torch.Generator().manual_seed(options["seed"])).images
+    run_ours = lambda: dit_sample(ours, labels, **options)
+    parity = functools.cache(lambda: run_ours().images)
+    name = f"DiT pipeline ({steps} steps, CFG, 2 images)"
+    pairs = {name: lambda: Pair(run_ours, run_theirs(torch.float32))}
+
+    def fast_pair(fast_options: dict):
+        fast_pipe = make_fast(ours, **fast_options)
+        run = lambda: fast_pipe.dit_sample(labels, **options)
+        worst = lambda: min(psnr(np.asarray(a), np.asarray(b)) for a, b in zip(run().images, parity()))
+        return Pair(run, run_theirs(fast_pipe.dtype), psnr=worst, dtype=fast_pipe.dtype, baseline=name)
+    variants = [{"bf16": False, "dit_cache": 2}, {"bf16": False, "dit_cache": 3}, {"bf16": False, "guidance_until": 0.7},
+                {"bf16": "auto"}]
+    for fast_options in variants if fast != "none" else []:
+        dtype = choose_precision(fast_options["bf16"], torch.float32, device()).dtype
+        pairs[f"fast: DiT, {trick_names(fast_options, dtype)}"] = functools.partial(fast_pair, fast_options)
+    return pairs
 
 
 def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
@@ -260,7 +310,6 @@ def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
     import transformers
 
     from sd_core.checkpoints.pipeline_classes import StableDiffusionPipeline
-    from sd_core.fast.pipeline import uses_bf16
     from sd_core.tokenizer import CLIPTokenizer
     unet = diffusers.UNet2DConditionModel.from_config(presets.UNET_SD15).eval()
     vae = diffusers.AutoencoderKL.from_config(presets.VAE_SD).eval()
@@ -275,8 +324,7 @@ def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
                                    CLIPTokenizer(EMBEDDED_TEXT_TO_IMAGE / "tokenizer"))
     options = {"steps": steps, "seed": 0, "guidance_scale": 7.5, "height": latent * 8, "width": latent * 8,
                "scheduler": "dpmpp_2m"}
-    low = uses_bf16("auto", torch.float32)  # bf16 where this machine runs it faster, as make_fast decides
-    variants = [{"bf16": low}, {"bf16": low, "deepcache": 2}]
+    variants = [{"bf16": "auto"}, {"bf16": "auto", "deepcache": 2}]  # the hardware's precision, as make_fast chooses
     return pipeline_pairs(ours, lambda dtype: theirs.to(device(), dtype), "a photograph of an astronaut riding a horse",
                           options, fast, variants)
 
@@ -292,6 +340,9 @@ def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str =
         if config == "embedded":
             if dtype_name == "fp32" and EMBEDDED_TEXT_TO_IMAGE.is_dir():
                 pairs.update(embedded_pipeline_pairs(fast))
+        elif config == "embedded-dit":
+            if dtype_name == "fp32" and EMBEDDED_DIT.is_dir():
+                pairs.update(embedded_dit_pairs(fast))
         elif config == "sd15":
             pairs.update(unet_pairs(presets.UNET_SD15, dtype, latent, 768, fast))
             pairs["text encoder (CLIP-L)"] = functools.partial(text_pair, presets.CLIP_VIT_L, dtype, False)
@@ -321,7 +372,8 @@ def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str =
                   f"{row.diffusers_s:8.3f}s  ratio {row.ratio:5.2f}  {row.sd_core_gflop:9.1f} GFLOP  "
                   f"{row.peak_share(row.sd_core_gflop, row.sd_core_s):5.1f}% of peak"
                   + (f"  PSNR {row.psnr:.1f} dB" if row.psnr is not None else "")
-                  + (f"  vs diffusers default {row.vs_default:.2f}" if row.vs_default is not None else ""), flush=True)
+                  + (f"  vs diffusers default {row.vs_default:.2f}" if row.vs_default is not None else "")
+                  + f"  load {row.load_start:.1f}->{row.load_end:.1f}", flush=True)
             rows.append(row)
             del pair
         del pairs
@@ -340,6 +392,7 @@ def main(args):
     torch.manual_seed(0)
     state = PartialState(cpu=cpu_only())
     jobs = [(dtype, config) for dtype in args.dtypes.split(",") for config in args.configs.split(",")]
+    args.load_at_start = os.getloadavg()
     with state.split_between_processes(jobs) as share:
         rows = run(share, args.repeats, args.latent, getattr(args, "fast", "default"))
     if state.num_processes > 1:
@@ -356,6 +409,8 @@ def report(rows: list[Row], args):
     print()
     print(f"device: {device()}, torch {torch.__version__}, threads {torch.get_num_threads()}; peak matmul GFLOP/s: "
           + ", ".join(f"{name} {peak_gflops(DTYPES[name]):.1f}" for name in sorted({row.dtype for row in rows})))
+    print(load_line(args.load_at_start, os.getloadavg()))
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows], indent=2))
+

@@ -13,7 +13,7 @@ from sd_core.pipelines.generate import class_ids, scheduler_name
 
 from .parity import compare_tensors, first_tensor
 
-SD_KINDS, DIT_KINDS = ("text_to_image", "image_to_image", "vae"), ("dit", "dit_timestep_semantics")
+SD_KINDS, DIT_KINDS = ("text_to_image", "image_to_image", "vae", "controlnet"), ("dit", "dit_timestep_semantics")
 DEFAULT_PROMPT = "a big red circle on the left on a gray background"
 
 
@@ -35,9 +35,10 @@ def cast_pipeline(pipe, dtype, device):
 
 
 def check_family(pipe, kind: str):
-    if kind in DIT_KINDS and pipe.family != "dit":
+    if kind in DIT_KINDS and pipe.traits.denoiser != "transformer":
         raise ValueError(f"'{kind}' compares DiT models; {pipe.source or 'this model'} is {pipe.family}.")
-    if kind in ("text_to_image", "image_to_image", "fast_path") and pipe.family == "dit":
+    sd_only = ("text_to_image", "image_to_image", "controlnet", "fast_path")
+    if kind in sd_only and pipe.traits.denoiser == "transformer":
         raise ValueError(f"'{kind}' compares Stable Diffusion models; use 'dit' for a DiT model.")
 
 

@@ -4,8 +4,9 @@
     report.verdict, report.images, report.plots, report.stages, report.write("out")
 
 Kinds (KINDS): sd_core against diffusers on the same weights and noise (text_to_image, image_to_image, vae,
-dit), written here, and sd_core against itself under one changed choice (dit_timestep_semantics, precision,
-attention, fast_path), in compare.self_kinds; what both share is in compare.common.
+dit), written here, and controlnet, in compare.controlnet_kind; sd_core against itself under one changed choice
+(dit_timestep_semantics, precision, attention, fast_path), in compare.self_kinds; what all share is in
+compare.common.
 """
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sd_core.schedulers import VARIANTS
 from .common import (DIT_KINDS, OutputRecorder, check_family, dit_probe, dit_settings, image_stage_summary, load,
                      sd_settings, step_stages)
 from .common import SD_KINDS  # noqa: F401  (compare.kinds.SD_KINDS, beside KINDS: the Compare tab's SD kinds)
+from .controlnet_kind import controlnet_kind
 from .parity import (REFERENCE_SCHEDULERS, TOLERANCE, compare_images, compare_tensors, difference_map,
                      first_divergence, reference_model, reference_pipeline, run_parity)
 from .report import Report, standard_plots
@@ -30,6 +32,7 @@ KINDS = {
     "text_to_image": "sd_core vs diffusers' text-to-image pipeline: every step, every UNet module, the images",
     "image_to_image": "sd_core vs diffusers' Img2Img pipeline (SD or XL) at a given strength",
     "vae": "VAE round trip, sd_core vs diffusers' AutoencoderKL: posterior mean, latents, decoded image",
+    "controlnet": "sd_core vs diffusers' (SDXL) ControlNet pipeline: control image, residuals, every step, the images",
     "dit": "DiT sampling vs diffusers' DiTPipeline (guided_channels='all') or the original code's rule ('first3')",
     "dit_timestep_semantics": "sd_core vs sd_core: DiT timestep frequencies 'original' vs 'diffusers'",
     "precision": "sd_core vs sd_core: fp32 against bf16 (or fp16) on the same weights and noise",
@@ -55,7 +58,9 @@ def run_comparison(kind: str, model_or_pipe=None, **settings) -> Report:
     """Run comparison `kind` (see KINDS) on a model (folder, single file, hub id or a loaded sd_core pipeline;
     default: the embedded model of the right family). Settings are the kind's options: prompt, negative_prompt,
     class_labels, seed, steps, scheduler, guidance_scale, height, width, image, strength, sample (vae),
-    guided_channels (dit), dtype (precision: 'bf16' or 'fp16'; attention: the dtype both run in), device."""
+    guided_channels (dit), dtype (precision: 'bf16' or 'fp16'; attention: the dtype both run in), device;
+    controlnet, control_image, preprocessor, conditioning_scale, control_start, control_end, guess_mode
+    (controlnet)."""
     if kind not in KINDS:
         raise ValueError(f"Unknown comparison {kind!r}; choose one of {sorted(KINDS)}.")
     model = default_model(kind) if model_or_pipe is None else model_or_pipe
@@ -151,10 +156,11 @@ def vae_kind(model, image=None, sample: bool = False, seed: int = 0, size: int |
 
 def reference_scheduler(pipe, name: str):
     import diffusers
-    sampler, overrides = VARIANTS.get(name, (name, {}))
+    sampler, overrides, _ = VARIANTS.get(name, (name, {}, None))
     return getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config, **overrides)
 
 
+@torch.no_grad()
 def decode_like_diffusers(vae, latents) -> np.ndarray:
     """DiTPipeline's decode: latents / scaling factor, decode, [-1, 1] -> [0, 1] -> 8-bit (rounded, as the tests)."""
     samples = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
@@ -191,6 +197,49 @@ def original_cfg_sample(transformer, scheduler, labels: list, guidance_scale: fl
 
 
 @torch.no_grad()
+def diffusers_dit_run(reference, labels: list, s: dict) -> tuple:
+    """diffusers' DiTPipeline, its latents caught at every scheduler step (it has no step callback): (transformer
+    outputs, latents per step, 8-bit images)."""
+    latents, predictions = [], OutputRecorder(reference.transformer)
+    step = reference.scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        latents.append(out.prev_sample[:len(labels)].float().clone())
+        return out
+    reference.scheduler.step = recording_step
+    try:
+        images = reference(labels, guidance_scale=s["guidance_scale"], num_inference_steps=s["steps"],
+                           generator=torch.Generator().manual_seed(s["seed"]), output_type="np").images
+    finally:
+        reference.scheduler.step = step
+        predictions.remove()
+    return predictions.outputs, latents, (images * 255).round().astype("uint8")
+
+
+def original_rule_run(pipe, reference, labels: list, s: dict) -> tuple:
+    """The original DiT code's first-3-channel guidance on diffusers' transformer and scheduler: (transformer
+    outputs, latents per step, 8-bit images)."""
+    recorder, latents = OutputRecorder(reference.transformer), []
+    try:
+        final = original_cfg_sample(reference.transformer, reference_scheduler(pipe, s["scheduler"]), labels,
+                                    s["guidance_scale"], s["steps"], s["seed"], pipe.transformer.config.null_class,
+                                    lambda x: latents.append(x.float().clone()))
+    finally:
+        recorder.remove()
+    return recorder.outputs, latents, decode_like_diffusers(reference.vae, final)
+
+
+def first3_deviation(result, ours_latents: list, all_images, all_latents: list) -> tuple[dict, str]:
+    """How far the original code's guidance lands from diffusers' all-channel guidance: measurements, verdict."""
+    deviation = compare_images(np.stack([np.asarray(im) for im in result.images]), all_images)
+    latent_deviation = compare_tensors("first3 vs all: final latents", ours_latents[-1], all_latents[-1])
+    measurements = {"first3_vs_all_max_levels": deviation.max_abs, "first3_vs_all_psnr_db": deviation.extra["psnr_db"],
+                    "first3_vs_all_latents_relative": latent_deviation.relative}
+    return measurements, (f"; deliberate deviation from diffusers' all-channel guidance: up to "
+                          f"{deviation.max_abs:.0f} levels, PSNR {deviation.extra['psnr_db']:.1f} dB")
+
+
 def dit_kind(model, **settings) -> Report:
     pipe = load(model)
     check_family(pipe, "dit")
@@ -199,8 +248,7 @@ def dit_kind(model, **settings) -> Report:
         raise ValueError(f"guided_channels must be 'all' or 'first3'; got {s['guided_channels']!r}.")
     reference = reference_pipeline(pipe)
     reference.scheduler = reference_scheduler(pipe, s["scheduler"])
-    labels, n = s["class_labels"], len(s["class_labels"])
-
+    labels, all_channels = s["class_labels"], s["guided_channels"] == "all"
     ours_predictions, ours_latents = OutputRecorder(pipe.transformer), []
     try:
         result = dit_sample(pipe, labels, guidance_scale=s["guidance_scale"], steps=s["steps"],
@@ -208,42 +256,16 @@ def dit_kind(model, **settings) -> Report:
                             callback=lambda i, t, x, x0: ours_latents.append(x.float().clone()))
     finally:
         ours_predictions.remove()
-
-    def diffusers_all_channels():
-        """diffusers' DiTPipeline, its latents caught at every scheduler step (it has no step callback)."""
-        latents, predictions = [], OutputRecorder(reference.transformer)
-        step = reference.scheduler.step
-
-        def recording_step(*args, **kwargs):
-            out = step(*args, **kwargs)
-            latents.append(out.prev_sample[:n].float().clone())
-            return out
-        reference.scheduler.step = recording_step
-        try:
-            images = reference(labels, guidance_scale=s["guidance_scale"], num_inference_steps=s["steps"],
-                               generator=torch.Generator().manual_seed(s["seed"]), output_type="np").images
-        finally:
-            reference.scheduler.step = step
-            predictions.remove()
-        return predictions.outputs, latents, (images * 255).round().astype("uint8")
-
-    notes = []
-    all_predictions, all_latents, all_images = diffusers_all_channels()
-    if s["guided_channels"] == "all":
+    notes, unscaled = [], reference.scheduler.init_noise_sigma != 1
+    all_predictions, all_latents, all_images = diffusers_dit_run(reference, labels, s)
+    if all_channels:
         their_predictions, their_latents, their_images = all_predictions, all_latents, all_images
         what = "diffusers' DiTPipeline"
-        if reference.scheduler.init_noise_sigma != 1:
+        if unscaled:
             notes.append("diffusers' DiTPipeline never scales its initial noise by init_noise_sigma, which this "
                          "sampler needs; sd_core does (a deliberate difference: expect the images to differ).")
     else:
-        recorder, their_latents = OutputRecorder(reference.transformer), []
-        try:
-            final = original_cfg_sample(reference.transformer, reference_scheduler(pipe, s["scheduler"]), labels,
-                                        s["guidance_scale"], s["steps"], s["seed"], pipe.transformer.config.null_class,
-                                        lambda x: their_latents.append(x.float().clone()))
-        finally:
-            recorder.remove()
-        their_predictions, their_images = recorder.outputs, decode_like_diffusers(reference.vae, final)
+        their_predictions, their_latents, their_images = original_rule_run(pipe, reference, labels, s)
         what = "the original code's guidance rule (compare.kinds.original_cfg_sample) on diffusers' transformer"
         notes.append("'first3' follows facebookresearch/DiT's forward_with_cfg, which diffusers' DiTPipeline does "
                      "not offer: the reference is that rule written in compare/ on diffusers' transformer and "
@@ -255,27 +277,23 @@ def dit_kind(model, **settings) -> Report:
                                   lambda: pipe.transformer(sample, t, probe_labels),
                                   lambda: reference.transformer(sample, timestep=t, class_labels=probe_labels))
     passed, verdict = parity_verdict(f"dit ({s['guided_channels']})", stages, divergence)
-    if s["guided_channels"] == "all" and reference.scheduler.init_noise_sigma != 1:
+    if all_channels and unscaled:
         verdict += f" (expected with {s['scheduler']}: diffusers' DiTPipeline skips init_noise_sigma)"
-    verdict = verdict.replace("vs diffusers", f"vs {'diffusers' if s['guided_channels'] == 'all' else 'original rule'}")
+    verdict = verdict.replace("vs diffusers", f"vs {'diffusers' if all_channels else 'original rule'}")
     ours_image, their_image = result.images[0], Image.fromarray(their_images[0])
     difference, gain = difference_map(ours_image, their_image)
     images = {"sd_core": ours_image, "reference": their_image, f"|difference| x{gain:g}": difference}
     measurements = {"image_psnr_db": stages[-1].extra.get("psnr_db")}
-    if s["guided_channels"] == "first3":
-        deviation = compare_images(np.stack([np.asarray(im) for im in result.images]), all_images)
-        latent_deviation = compare_tensors("first3 vs all: final latents", ours_latents[-1], all_latents[-1])
-        measurements.update({"first3_vs_all_max_levels": deviation.max_abs,
-                             "first3_vs_all_psnr_db": deviation.extra["psnr_db"],
-                             "first3_vs_all_latents_relative": latent_deviation.relative})
+    if not all_channels:
+        deviation, said = first3_deviation(result, ours_latents, all_images, all_latents)
+        measurements.update(deviation)
         images["diffusers (all channels)"] = Image.fromarray(all_images[0])
-        verdict += (f"; deliberate deviation from diffusers' all-channel guidance: up to {deviation.max_abs:.0f} "
-                    f"levels, PSNR {deviation.extra['psnr_db']:.1f} dB")
+        verdict += said
     settings = {"model": pipe.source, **s, "reference": what}
     return Report("dit", settings, stages, verdict, passed, images,
                   standard_plots(stages, divergence, "DiT transformer", TOLERANCE), divergence, measurements, notes)
 
 
 RUNNERS = {"text_to_image": text_to_image_kind, "image_to_image": image_to_image_kind, "vae": vae_kind,
-           "dit": dit_kind, "dit_timestep_semantics": dit_timestep_semantics_kind, "precision": precision_kind,
-           "attention": attention_kind, "fast_path": fast_path_kind}
+           "controlnet": controlnet_kind, "dit": dit_kind, "dit_timestep_semantics": dit_timestep_semantics_kind,
+           "precision": precision_kind, "attention": attention_kind, "fast_path": fast_path_kind}

@@ -1,10 +1,11 @@
 """How compare.benchmark measures: a pair of zero-argument calls (sd_core's, diffusers') timed alternately with
 their peak memory growth (measure, PeakMemory), the work of a call by torch's flop counter (count_flops), this
 machine's matmul peak in a dtype (peak_gflops), the PSNR of one model output against another (tensor_psnr), and the
-rows' Markdown table."""
+rows' Markdown table, each row with the load average as its timing began and ended."""
 import ctypes
 import dataclasses
 import math
+import os
 import statistics
 import threading
 import time
@@ -71,6 +72,8 @@ class Row:
     peak_gflops: float = 0.0  # this machine's measured matmul peak in this dtype
     psnr: float | None = None  # fast rows: sd_core fast path against sd_core's parity path
     vs_default: float | None = None  # fast rows: sd_core fast / diffusers default (the plain row's diffusers time)
+    load_start: float = 0.0  # the 1-minute load average as the row's timing began and ended (busy: above the cores)
+    load_end: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -125,6 +128,7 @@ class Pair:
 def measure(config: str, dtype: str, what: str, ours, theirs, repeats: int) -> Row:
     """Median time and peak memory of two zero-argument callables, alternating after one warm-up each."""
     times, memory = {"ours": [], "theirs": []}, {"ours": 0, "theirs": 0}
+    load_start = os.getloadavg()[0]
     with torch.no_grad():
         ours(), theirs()
         for r in range(repeats):
@@ -138,7 +142,8 @@ def measure(config: str, dtype: str, what: str, ours, theirs, repeats: int) -> R
                     times[name].append(time.perf_counter() - start)
                 memory[name] = max(memory[name], peak.bytes)
     return Row(config, dtype, what, statistics.median(times["ours"]), statistics.median(times["theirs"]),
-               memory["ours"] / 2 ** 20, memory["theirs"] / 2 ** 20)
+               memory["ours"] / 2 ** 20, memory["theirs"] / 2 ** 20, load_start=load_start,
+               load_end=os.getloadavg()[0])
 
 
 def tensor_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,11 +156,22 @@ def tensor_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def table(rows: list[Row]) -> str:
     lines = [("| config | dtype | measurement | sd_core (s) | diffusers (s) | ratio | fast / diffusers default | sd_core GFLOP "
               "| sd_core % of peak | diffusers GFLOP | diffusers % of peak | PSNR vs parity (dB) | sd_core peak MB "
-              "| diffusers peak MB |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| diffusers peak MB | load avg (start-end) |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r.config} | {r.dtype} | {r.what} | {r.sd_core_s:.3f} | {r.diffusers_s:.3f} | {r.ratio:.2f} | "
               f"{'' if r.vs_default is None else f'{r.vs_default:.2f}'} | "
               f"{r.sd_core_gflop:.1f} | {r.peak_share(r.sd_core_gflop, r.sd_core_s):.1f} | {r.diffusers_gflop:.1f} | "
               f"{r.peak_share(r.diffusers_gflop, r.diffusers_s):.1f} | "
-              f"{'' if r.psnr is None else f'{r.psnr:.1f}'} | {r.sd_core_mb:.0f} | {r.diffusers_mb:.0f} |" for r in rows]
+              f"{'' if r.psnr is None else f'{r.psnr:.1f}'} | {r.sd_core_mb:.0f} | {r.diffusers_mb:.0f} | "
+              f"{r.load_start:.1f}-{r.load_end:.1f} |" for r in rows]
     return "\n".join(lines)
+
+
+def load_line(start: tuple, end: tuple) -> str:
+    """The load average (1, 5, 15 min) at the start and the end of the run, and whether the machine was busy: with
+    more runnable processes than cores the timings (and ratios) carry other work."""
+    cores = os.cpu_count() or 1
+    busy = max(start[0], end[0]) > cores
+    return (f"load average (1/5/15 min) at the start {start[0]:.2f}/{start[1]:.2f}/{start[2]:.2f}, at the end "
+            f"{end[0]:.2f}/{end[1]:.2f}/{end[2]:.2f}, on {cores} cores"
+            + (": the machine was BUSY, so the times and ratios below carry other work" if busy else ": quiet"))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from sd_core.pipelines.conditioning import added_conditioning, pooled_width
 from sd_core.pipelines.image_io import crop_to_multiple, load_image
 from sd_core.checkpoints.loading import MODEL_CLASSES, SkipRandomInit, load_pipeline
 from sd_core.pipelines.generate import encode_text, image_to_image, text_to_image
@@ -39,6 +40,15 @@ class Stage:
     passed: bool
     extra: dict = dataclasses.field(default_factory=dict)
 
+
+
+def probe_conditioning(pipe, rows: int, height: int, width: int) -> dict | None:
+    """SDXL's added conditioning for a probe of `rows` UNet rows: a seeded pooled embedding of the width the UNet
+    takes and the model's own time ids (the base's 6, the refiner's 5); None for SD 1.x/2.x."""
+    if pipe.unet.config.addition_embed_type != "text_time":
+        return None
+    pooled = torch.randn(rows, pooled_width(pipe), generator=torch.Generator().manual_seed(1))
+    return added_conditioning(pipe, pooled, rows, False, (height, width))
 
 def compare_tensors(name: str, ours: torch.Tensor, reference: torch.Tensor, tolerance: float = TOLERANCE) -> Stage:
     a, b = ours.detach().double().flatten(), reference.detach().double().flatten()
@@ -231,7 +241,7 @@ def reference_model(model: torch.nn.Module) -> torch.nn.Module:
     class_name, config = type(model).__name__, model.config.to_dict()
     # parameters as shapes only; buffers the state_dict lacks (CLIP's position ids, DiT's position table) computed
     with quiet_diffusers(), accelerate.init_empty_weights(include_buffers=False), SkipRandomInit():
-        if MODEL_CLASSES[class_name][2] == "transformers":
+        if class_name in MODEL_CLASSES and MODEL_CLASSES[class_name][2] == "transformers":
             reference = getattr(transformers, class_name)(transformers.CLIPTextConfig(**config))
         else:
             reference = getattr(diffusers, class_name).from_config(config)
@@ -275,39 +285,60 @@ def reference_pipeline(pipe):
 
 
 @torch.no_grad()
-def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int = 0, steps: int = 10,
-               scheduler: str = "ddim", guidance_scale: float = 7.5, height: int | None = None,
-               width: int | None = None, image=None, strength: float = 0.8) -> ParityReport:
-    """Generate with sd_core and with diffusers on the same weights and noise; compare every stage. With `image`,
-    image to image (`strength`) against diffusers' StableDiffusion(XL)Img2ImgPipeline."""
+def parity_reference(pipe, scheduler: str, image_to_image: bool):
+    """diffusers' pipeline on sd_core's tensors (its image-to-image class when asked), with the same sampler."""
     import diffusers
-    pipe = load_pipeline(model) if isinstance(model, (str, Path)) else model
-    if pipe.family == "dit":
-        raise ValueError("The parity run compares text-to-image pipelines; pass a Stable Diffusion model.")
-    if image is not None:  # both sides get the very picture sd_core samples from
-        image = crop_to_multiple(load_image(image), pipe.vae_scale_factor)
-        height, width = image.height, image.width
-    height, width = height or pipe.default_size, width or pipe.default_size
     reference = reference_pipeline(pipe)
-    if image is not None:
+    if image_to_image:
         image_class = (diffusers.StableDiffusionXLImg2ImgPipeline if pipe.traits.xl
                        else diffusers.StableDiffusionImg2ImgPipeline)
         reference = image_class(**reference.components)
         reference.set_progress_bar_config(disable=True)
-    sampler, overrides = VARIANTS.get(scheduler, (scheduler, {}))  # e.g. dpmpp_2m_karras
+    sampler, overrides, _ = VARIANTS.get(scheduler, (scheduler, {}, None))  # e.g. dpmpp_2m_karras
     reference.scheduler = getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config,
                                                                                       **overrides)
+    return reference
+
+
+def token_stages(pipe, reference, texts: list[str]) -> list:
+    """Each tokenizer's ids for the prompt and the negative prompt, sd_core's against transformers'."""
     stages = []
     for name in ("tokenizer", "tokenizer_2"):
         ours_tokenizer, their_tokenizer = getattr(pipe, name), getattr(reference, name, None)
         if ours_tokenizer is None or their_tokenizer is None:
             continue
-        texts = [prompt, negative_prompt or ""]
         ours_ids = encode_text(ours_tokenizer, texts, "cpu")
         their_ids = torch.tensor(their_tokenizer(texts, padding="max_length", max_length=77, truncation=True).input_ids)
         stage = compare_tensors(f"token ids ({name})", ours_ids.float(), their_ids.float(), 0.0)
         stage.extra["equal"] = bool(torch.equal(ours_ids, their_ids))
         stages.append(stage)
+    return stages
+
+
+def unet_divergence(pipe, reference, context: torch.Tensor, height: int, width: int, seed: int) -> dict:
+    """The first divergent module at step 1, on the UNet inputs both sides actually used (seeded latents)."""
+    sample = torch.randn((context.shape[0], pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+                          width // pipe.vae_scale_factor), generator=torch.Generator().manual_seed(seed))
+    t = torch.tensor(500)
+    added = probe_conditioning(pipe, sample.shape[0], height, width)
+    return first_divergence(pipe.unet, reference.unet, lambda: pipe.unet(sample, t, context, added),
+                            lambda: reference.unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=added))
+
+
+def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int = 0, steps: int = 10,
+               scheduler: str = "ddim", guidance_scale: float = 7.5, height: int | None = None,
+               width: int | None = None, image=None, strength: float = 0.8) -> ParityReport:
+    """Generate with sd_core and with diffusers on the same weights and noise; compare every stage. With `image`,
+    image to image (`strength`) against diffusers' StableDiffusion(XL)Img2ImgPipeline."""
+    pipe = load_pipeline(model) if isinstance(model, (str, Path)) else model
+    if pipe.traits.denoiser == "transformer":
+        raise ValueError("The parity run compares text-to-image pipelines; pass a Stable Diffusion model.")
+    if image is not None:  # both sides get the very picture sd_core samples from
+        image = crop_to_multiple(load_image(image), pipe.vae_scale_factor)
+        height, width = image.height, image.width
+    height, width = height or pipe.default_size, width or pipe.default_size
+    reference = parity_reference(pipe, scheduler, image_to_image=image is not None)
+    stages = token_stages(pipe, reference, [prompt, negative_prompt or ""])
 
     ours_unet, their_unet = UNetRecorder(pipe.unet), UNetRecorder(reference.unet)
     ours_latents, their_latents = [], []
@@ -340,18 +371,7 @@ def run_parity(model, prompt: str, negative_prompt: str | None = None, seed: int
     stages.append(compare_images(np.stack([np.asarray(im) for im in result.images]),
                                  (theirs * 255).round().astype("uint8")))
 
-    # Locate the first divergent module at step 1, on the UNet inputs both sides actually used.
-    sample = torch.randn((2 if guidance_scale > 1 else 1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-                          width // pipe.vae_scale_factor), generator=torch.Generator().manual_seed(seed))
-    context, t = ours_unet.context, torch.tensor(500)
-    added = None
-    if pipe.unet.config.addition_embed_type == "text_time":
-        pooled_dim = pipe.unet.config.projection_class_embeddings_input_dim - 6 * pipe.unet.config.addition_time_embed_dim
-        added = {"text_embeds": torch.randn(sample.shape[0], pooled_dim, generator=torch.Generator().manual_seed(1)),
-                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * sample.shape[0], dtype=torch.float32)}
-    divergence = first_divergence(pipe.unet, reference.unet, lambda: pipe.unet(sample, t, context, added),
-                                  lambda: reference.unet(sample, t, encoder_hidden_states=context,
-                                                         added_cond_kwargs=added))
+    divergence = unet_divergence(pipe, reference, ours_unet.context, height, width, seed)
     difference, gain = difference_map(Image.fromarray(ours_image), Image.fromarray(their_image))
     settings = {"model": pipe.source, "family": pipe.family, "prompt": prompt, "negative_prompt": negative_prompt,
                 "seed": seed, "steps": steps, "scheduler": scheduler, "guidance_scale": guidance_scale,

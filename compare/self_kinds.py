@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 from sd_core.models.dit import DiTTransformer2DModel
-from sd_core.fast.pipeline import describe, make_fast
+from sd_core.fast.pipeline import make_fast
 from sd_core.models.layers import set_attention_backend
 from sd_core.pipelines.generate import dit_sample, image_to_image, text_to_image
 
+from .parity import probe_conditioning
 from .common import (OutputRecorder, cast_pipeline, check_family, dit_probe, dit_settings, image_stage_summary, load,
                      sd_settings, step_stages)
 from . import measure
@@ -33,7 +34,7 @@ def sd_core_trace(pipe, s: dict) -> Trace:
 
     def callback(i, t, x, x0):
         latents.append(x.float().clone())
-    if pipe.family == "dit":
+    if pipe.traits.denoiser == "transformer":
         recorder = OutputRecorder(pipe.transformer)
         try:
             result = dit_sample(pipe, s["class_labels"], guidance_scale=s["guidance_scale"], steps=s["steps"],
@@ -64,13 +65,7 @@ def unet_probe(pipe, context: torch.Tensor, height: int, width: int, seed: int):
     c = pipe.unet.config
     sample = torch.randn((context.shape[0], c.in_channels, height // pipe.vae_scale_factor,
                           width // pipe.vae_scale_factor), generator=torch.Generator().manual_seed(seed))
-    added = None
-    if c.addition_embed_type == "text_time":
-        pooled_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        added = {"text_embeds": torch.randn(sample.shape[0], pooled_dim, generator=torch.Generator().manual_seed(1)),
-                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * sample.shape[0],
-                                          dtype=torch.float32)}
-    return sample, context, added
+    return sample, context, probe_conditioning(pipe, sample.shape[0], height, width)
 
 
 def self_comparison(kind: str, pipe_a, pipe_b, names: tuple, s: dict, tolerance: float):
@@ -82,7 +77,7 @@ def self_comparison(kind: str, pipe_a, pipe_b, names: tuple, s: dict, tolerance:
     stages.append(compare_images(b.images, a.images))
     def device(p):  # a parameter of the pipeline's first model: its dtype and device
         return next(next(iter(p.models.values())).parameters())
-    if pipe_a.family == "dit":
+    if pipe_a.traits.denoiser == "transformer":
         probe = [dit_probe(p, s["class_labels"], s["seed"], device(p).dtype) for p in (pipe_a, pipe_b)]
         runs = [lambda p=p, x=x: p.transformer(*[t.to(device(p).device) for t in x]) for p, x in
                 zip((pipe_a, pipe_b), probe)]
@@ -105,7 +100,7 @@ def self_comparison(kind: str, pipe_a, pipe_b, names: tuple, s: dict, tolerance:
 
 
 def run_settings(pipe, settings: dict) -> dict:
-    return dit_settings(pipe, **settings) if pipe.family == "dit" else sd_settings(pipe, **settings)
+    return dit_settings(pipe, **settings) if pipe.traits.denoiser == "transformer" else sd_settings(pipe, **settings)
 
 
 def with_timestep_frequencies(pipe, frequencies: str):
@@ -161,7 +156,7 @@ def precision_kind(model, dtype: str = "bf16", device: str | None = None, **sett
     notes = [f"sd_core against sd_core: every model cast to {dtype}; the same seed draws the noise in each dtype, as "
              "diffusers does. The threshold marked is the dtype's machine epsilon: a measurement, not a pass/fail."]
     return Report("precision", {"model": pipe.source, "dtype": dtype, "device": device, **s}, stages, verdict, None,
-                  images, standard_plots(stages, divergence, "UNet" if pipe.family != "dit" else "DiT transformer",
+                  images, standard_plots(stages, divergence, "UNet" if pipe.traits.denoiser != "transformer" else "DiT transformer",
                                          tolerance), divergence, measurements, notes)
 
 
@@ -183,7 +178,7 @@ def attention_kind(model, dtype: str = "fp32", device: str | None = None, **sett
                f"final latents relative {stages[-2].relative:.3g}; {image_stage_summary(stages[-1])}; first module "
                f"over tolerance: {first['name'] if first else 'none'}").replace(":  ", ": ")
     return Report("attention", {"model": pipe.source, "dtype": dtype, "device": device, **s}, stages, verdict, passed,
-                  images, standard_plots(stages, divergence, "UNet" if pipe.family != "dit" else "DiT transformer",
+                  images, standard_plots(stages, divergence, "UNet" if pipe.traits.denoiser != "transformer" else "DiT transformer",
                                          tolerance), divergence,
                   {"final_latents_relative": stages[-2].relative, "image_max_levels": stages[-1].max_abs},
                   ["sd_core against sd_core: math attention is the parity reference, SDPA the fast path."])
@@ -204,7 +199,7 @@ def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channel
     fast = make_fast(pipe, deepcache=deepcache, bf16=bf16, channels_last=channels_last, tome=tome)
     fast.reset()
     parity, quick = sd_core_trace(pipe, s), sd_core_trace(fast.pipe, s)
-    described = describe(fast.options, fast.dtype)
+    described = fast.description
     stages = step_stages(quick.predictions, parity.predictions, quick.latents, parity.latents, TOLERANCE)
     stages.append(compare_images(quick.images, parity.images))
     image, latents = stages[-1], stages[-2]
@@ -218,8 +213,8 @@ def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channel
                f"{latents.relative:.3g}")
     notes = ["sd_core against sd_core on the same weights and noise: the fast path is approximate by design and is "
              "never held to the parity tolerance (the line marked on the plot, for scale only).",
-             f"Settings: deepcache={deepcache} (the full UNet every N steps; 0/1 off), bf16={bf16!r} ('auto': only "
-             f"where bf16 is measured faster here), channels_last={channels_last}, tome={tome} (the share of "
+             f"Settings: deepcache={deepcache} (the full UNet every N steps; 0/1 off), bf16={bf16!r} ('auto': by the "
+             f"hardware's rule, sd_core.fast.precision), channels_last={channels_last}, tome={tome} (the share of "
              f"top-resolution tokens merged before self-attention; None: off)."]
     settings = {"model": pipe.source, "deepcache": deepcache, "bf16": bf16, "channels_last": channels_last,
                 "tome": tome, "fast": described, **s}

@@ -1,7 +1,8 @@
 """Command line: python -m sd_core {generate, vae, dit} ... (the embedded models when --model is omitted).
 
 generate does text to image, image to image (--init-image), inpainting (--init-image and --mask: white is
-repainted) and SDXL's base + refiner ensemble (--refiner MODEL --high-noise-frac 0.8).
+repainted) and SDXL's base + refiner ensemble (--refiner MODEL --high-noise-frac 0.8), each steered by ControlNets
+(--controlnet MODEL:IMAGE[:SCALE], repeatable, with --preprocessor, --control-start, --control-end, --guess-mode).
 
 Images go to outputs/ unless -o names a file; steps and guidance default to the model's recommended settings
 (the catalog's for the models it lists, else the family's); a batch gives image k the seed S + k, as A1111 does."""
@@ -15,18 +16,20 @@ import torch
 from tqdm import tqdm
 
 from sd_core.checkpoints import catalog
-
-from sd_core.training import shapes_dataset as shapes
-from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
-from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
-from sd_core.pipelines.image_io import save_image
+from sd_core.checkpoints.controlnet import load_controlnet
+from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.loading import DTYPES, load_pipeline
-from sd_core.pipelines.offload import enable_model_cpu_offload
-from sd_core.pipelines.generate import PROMPT_SYNTAXES, customize, dit_sample, generate, image_seeds, refine, vae_roundtrip
+from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
+from sd_core.pipelines.dit_sampling import generate_dit
+from sd_core.pipelines.control_images import PREPROCESSORS
+from sd_core.pipelines.generate import customize, generate, image_seeds, refine_run, vae_roundtrip
+from sd_core.pipelines.image_io import save_image
+from sd_core.pipelines.offload import enable_model_cpu_offload, execution_device
+from sd_core.pipelines.sampling import dtype_of
+from sd_core.pipelines.settings import PROMPT_SYNTAXES, DiTSettings, GenerationSettings
 from sd_core.schedulers import SCHEDULER_NAMES
-
-
+from sd_core.training import shapes_dataset as shapes
 
 OUTPUTS = Path("outputs")  # the default output folder, created when missing
 
@@ -56,17 +59,60 @@ def lora_argument(text: str) -> tuple[str, float]:
     return path, value
 
 
+def controlnet_argument(text: str) -> tuple[str, str, float]:
+    """MODEL:IMAGE[:SCALE]: a trailing number is the scale (default 1), the image follows the last colon before it."""
+    rest, colon, last = text.rpartition(":")
+    try:
+        scale = float(last) if colon else None
+    except ValueError:
+        scale = None
+    if scale is None or not math.isfinite(scale):
+        rest, scale = text, 1.0
+    model, colon, image = rest.rpartition(":")
+    if not colon or not model or not image:
+        raise argparse.ArgumentTypeError(f"--controlnet takes MODEL:IMAGE[:SCALE], e.g. control_sd15_canny:edges.png"
+                                         f":0.8; got {text!r}.")
+    return model, image, scale
+
+
+def per_controlnet(values: list, count: int, default, flag: str) -> list:
+    """A ControlNet option given once (for every ControlNet) or once per --controlnet, in their order."""
+    values = values or [default]
+    if len(values) not in (1, count):
+        raise ValueError(f"{flag} was given {len(values)} times for {count} --controlnet; give it once (for all) or "
+                         f"once per --controlnet.")
+    return values * count if len(values) == 1 else values
+
+
+def controlnets_of(args, pipe) -> tuple[list, list]:
+    """(the record's controlnets entries, the (ControlNetModel, image) pairs beside it) of the --controlnet flags;
+    each ControlNet is loaded and checked against the model's UNet before any step."""
+    count = len(args.controlnet)
+    if not count:
+        if args.preprocessor or args.control_start or args.control_end or args.guess_mode:
+            raise ValueError("--preprocessor, --control-start, --control-end and --guess-mode need --controlnet.")
+        return [], []
+    if args.refiner or args.fast or args.deepcache or args.compile:
+        raise ValueError("--controlnet runs on the parity path without a refiner; drop --refiner, --fast, "
+                         "--deepcache and --compile.")
+    options = zip(per_controlnet(args.preprocessor, count, "none", "--preprocessor"),
+                  per_controlnet(args.control_start, count, 0.0, "--control-start"),
+                  per_controlnet(args.control_end, count, 1.0, "--control-end"))
+    entries, control = [], []
+    for (model, image, scale), (preprocessor, start, end) in zip(args.controlnet, options):
+        controlnet = load_controlnet(model, dtype=dtype_of(pipe.unet), device=execution_device(pipe.unet),
+                                     allow_pickle=args.allow_pickle)
+        controlnet.check_fits(pipe.unet)
+        entries.append((model, preprocessor, scale, start, end))
+        control.append((controlnet, image))
+    return entries, control
+
+
 def finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}.")
     return value
-
-
-def recommended(source, pipe) -> tuple[int, float]:
-    """(steps, guidance) the catalog recommends for `source`, else the family's."""
-    model = catalog.entry_for(source)
-    return (model.steps, model.guidance_scale) if model else (pipe.traits.steps, pipe.traits.guidance_scale)
 
 
 def progress_callback(total: int):
@@ -134,6 +180,8 @@ def warn_unknown_words(source, prompts: list[str]):
 
 
 def run_generate(args):
+    if args.prompts is not None and args.controlnet:
+        raise ValueError("--controlnet does not go with --prompts (a prompt file); run generate once per image.")
     if args.prompts is not None:  # a prompt file: many images, on any number of processes (sd_core.training.batch)
         from sd_core.training import batch
         return batch.run(args)
@@ -143,32 +191,35 @@ def run_generate(args):
     source = args.model or EMBEDDED_TEXT_TO_IMAGE
     pipe = load(source, args, StableDiffusionPipeline)
     warn_unknown_words(source, [args.prompt, args.negative or ""])
-    tokens = customize(pipe, args.lora, args.embedding, allow_pickle=args.allow_pickle)
-    if tokens:
-        print(f"embedding tokens: {', '.join(tokens)}")
-    steps, guidance = recommended(source, pipe)
-    steps = args.steps if args.steps is not None else steps
+    defaults = catalog.recommended(source, pipe)
     if args.mask and not args.init_image:
         raise ValueError("--mask needs --init-image: the image to paint into.")
     if args.refiner and args.init_image:
         raise ValueError("--refiner runs after text to image; it does not take --init-image.")
     strength = args.strength if args.strength is not None else 1.0 if args.mask else 0.8
-    settings = dict(steps=steps, scheduler=args.scheduler, seed=args.seed, images_per_prompt=args.batch,
-                    guidance_scale=args.guidance if args.guidance is not None else guidance, seed_per_image=True,
-                    prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip, height=args.height, width=args.width)
-    if args.refiner:
-        refiner = load(args.refiner, args, StableDiffusionPipeline)
-        result = refine(pipe, refiner, args.prompt, args.negative, high_noise_frac=args.high_noise_frac,
-                        callback=progress_callback(steps), **settings)
+    controlnets, control = controlnets_of(args, pipe)
+    settings = GenerationSettings.from_values(dict(
+        prompt=args.prompt, negative_prompt=args.negative, steps=defaults["steps"] if args.steps is None else args.steps,
+        guidance_scale=defaults["guidance_scale"] if args.guidance is None else args.guidance, scheduler=args.scheduler,
+        seed=args.seed, images_per_prompt=args.batch, seed_per_image=True, prompt_syntax=args.prompt_syntax,
+        clip_skip=args.clip_skip, height=args.height, width=args.width, loras=args.lora, embeddings=args.embedding,
+        strength=strength if args.init_image else None, refiner=args.refiner, high_noise_frac=args.high_noise_frac,
+        fast=bool(args.fast or args.deepcache or args.compile), deepcache=args.deepcache or 0,
+        controlnets=controlnets, guess_mode=args.guess_mode))
+    tokens = customize(pipe, settings.loras, settings.embeddings, allow_pickle=args.allow_pickle)
+    if tokens:
+        print(f"embedding tokens: {', '.join(tokens)}")
+    if settings.refiner:
+        refiner = load(settings.refiner, args, StableDiffusionPipeline)
+        result = refine_run(pipe, refiner, settings, callback=progress_callback(settings.steps))
     else:
-        inputs = dict(image=args.init_image, mask=args.mask, strength=strength, **settings,
-                      callback=progress_callback(steps_to_run(steps, strength if args.init_image else 1.0)))
-        if args.fast or args.deepcache or args.compile:  # the opt-in fast path, never the parity one
+        inputs = dict(image=args.init_image, mask=args.mask, control=control,
+                      callback=progress_callback(steps_to_run(settings.steps, strength if args.init_image else 1.0)))
+        if settings.fast:  # the opt-in fast path, never the parity one
             from sd_core.fast.pipeline import make_fast
-            fast = make_fast(pipe, deepcache=args.deepcache, compile=args.compile)
-            result = fast.generate(args.prompt, args.negative, **inputs)
+            result = make_fast(pipe, deepcache=settings.deepcache, compile=args.compile).generate(settings, **inputs)
         else:
-            result = generate(pipe, args.prompt, args.negative, **inputs)
+            result = generate(pipe, settings, **inputs)
     write(result.images, output, seeds_of(result))
 
 
@@ -189,12 +240,13 @@ def run_dit(args):
     output = resolve_output(args)
     source = args.model or EMBEDDED_DIT
     pipe = load(source, args, DiTPipeline)
-    steps, guidance = recommended(source, pipe)
-    steps = args.steps if args.steps is not None else steps
-    result = dit_sample(pipe, [label for label in labels for _ in range(args.count)],
-                        guidance_scale=args.guidance if args.guidance is not None else guidance, steps=steps,
-                        scheduler=args.scheduler, seed=args.seed, guided_channels=args.guided_channels,
-                        seed_per_image=True, callback=progress_callback(steps))
+    defaults = catalog.recommended(source, pipe)
+    settings = DiTSettings.from_values(dict(
+        class_labels=[label for label in labels for _ in range(args.count)], seed=args.seed, seed_per_image=True,
+        steps=defaults["steps"] if args.steps is None else args.steps, scheduler=args.scheduler,
+        guidance_scale=defaults["guidance_scale"] if args.guidance is None else args.guidance,
+        guided_channels=args.guided_channels))
+    result = generate_dit(pipe, settings, callback=progress_callback(settings.steps))
     write(result.images, output, seeds_of(result))
 
 
@@ -249,6 +301,18 @@ def parser() -> argparse.ArgumentParser:
                    help="merge a LoRA at this scale (repeatable)")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="a textual-inversion embedding; its token is printed (repeatable)")
+    g.add_argument("--controlnet", type=controlnet_argument, action="append", default=[], metavar="MODEL:IMAGE[:SCALE]",
+                   help="steer the image with a ControlNet (folder or .safetensors) and its control image, at this "
+                        "scale (default 1; repeatable)")
+    g.add_argument("--preprocessor", choices=list(PREPROCESSORS), action="append",
+                   help="what makes the control image from IMAGE: none (IMAGE is the map), canny (edges), invert "
+                        "(dark lines on light); once for all ControlNets or once per --controlnet")
+    g.add_argument("--control-start", type=finite_float, action="append", metavar="SHARE",
+                   help="the share of the steps after which a ControlNet starts acting (default 0)")
+    g.add_argument("--control-end", type=finite_float, action="append", metavar="SHARE",
+                   help="the share of the steps after which a ControlNet stops acting (default 1)")
+    g.add_argument("--guess-mode", action="store_true",
+                   help="ControlNets see only the prompt's half of the guidance batch (diffusers' guess mode)")
     common(g, None)
     g.set_defaults(run=run_generate)
 

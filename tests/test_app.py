@@ -1,6 +1,7 @@
 """The app: handlers called directly, the launched server through gradio_client, and a real browser."""
 import concurrent.futures
 import functools
+import html
 import inspect
 import json
 import os
@@ -466,9 +467,10 @@ def test_image_to_image_and_png_info_through_gradio_client(client, tmp_path):
     assert (prompt, negative, steps, guidance, scheduler, width, height, seed, syntax, skip) == (
         "a red circle", "blurry", 12, 6.0, "dpmpp_2m_karras", 64, 48, 77, "a1111", 1)
     assert "'some-model' is not offered" in note and model.__class__.__name__ != "str"  # the model is kept
-    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
-    with pytest.raises(gr.Error, match="carries no generation parameters"):
-        app_parts.png_info(str(tmp_path / "plain.png"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")  # a PNG without settings: said, not an error badge
+    *values, note = app_parts.png_info(str(tmp_path / "plain.png"))
+    assert "carries no generation parameters" in note and "keeps its values" in note
+    assert all(value == gr.skip() for value in values)
 
 
 def test_use_this_seed_and_send_to_image_to_image_take_the_picked_result():
@@ -535,11 +537,11 @@ def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_requ
         run(lora_2="loras: detail.safetensors", lora_2_scale=float("nan"))
 
 
-def test_the_readme_client_example_runs_as_written(server):
-    section = (Path(app.__file__).parent / "README.md").read_text().split("## The app", 1)[1]
+def test_the_app_page_client_example_runs_as_written(server):
+    section = (Path(app.__file__).parent / "docs" / "app.md").read_text().split("## The API", 1)[1]
     code = section.split("```python", 1)[1].split("```", 1)[0].replace('"http://127.0.0.1:7860"', repr(server))
     names = {}
-    exec(code, names)  # noqa: S102 (the README's own example)
+    exec(code, names)  # noqa: S102 (docs/app.md's own example)
     assert names["seed_used"] == "7" and [image["caption"] for image in names["images"]] == ["seed 7", "seed 8"]
     assert names["verdict"].startswith("## ✅ PASS\ndit (all): PASS")
 
@@ -607,3 +609,35 @@ def test_raw_api_values_reach_the_app_s_checks_as_sent(client, endpoint, argumen
                 "/vae_roundtrip": dict(model=SD, image=handle_file(str(layout.EXAMPLE_SCENE)), seed=0)}[endpoint]
     with pytest.raises(Exception, match=message):
         client.predict(api_name=endpoint, **{**defaults, **arguments})
+
+
+def test_a_link_restores_only_through_the_forms_bounds_and_says_why_as_text(monkeypatch):
+    """Share-link values pass the settings record's rules under the form's bounds: a hostile value leaves the form
+    as it is, and the warning shows the value as text (escaped), never as HTML."""
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message: warnings.append(message))
+    demo = app.build()
+    load = next(d for d in demo.fns.values() if d.name == "on_load")
+    for query, message in [("steps=1000000000", "steps must be a whole number from 1 to 100"),
+                           ("width=99999", "width must be a whole number from 8 to 1024"),
+                           ("seed=1e400", "seed must be a whole number from 0 to 4294967295"),
+                           ("seed=" + "9" * 70, "seed must be a whole number"),
+                           ("lora_1=x&lora_1_scale=1e308", "the scale of x must be a number from -4 to 4"),
+                           ("prompt=%3Cimg%20src%3Dhttp%3A%2F%2Fx%2Fa.png%3E&steps=0", "steps must be")]:
+        warnings.clear()
+        updates = load.fn(FakeRequest("tab=text_to_image&" + query))
+        assert updates[4] == 20 and updates[7] == 64, query  # the form's own steps and width
+        assert len(warnings) == 1 and message in warnings[0], (query, warnings)
+        assert "<img" not in warnings[0]
+
+
+def test_a_prompt_cut_at_77_tokens_is_said_to_the_visitor(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message: warnings.append(message))
+    long_prompt = "a big red circle on the left on a gray background " * 12
+    *_, parameters, _ = handlers.generate_images(SD, long_prompt, "", 2, 5.0, "ddim", 64, 64, 0, 1)
+    note = json.loads(parameters)["note"]
+    assert "longer than CLIP's 77 tokens" in note and "A1111 prompt syntax" in note and warnings == [html.escape(note)]
+    *_, parameters, _ = handlers.generate_images(SD, long_prompt, "", 2, 5.0, "ddim", 64, 64, 0, 1,
+                                                 prompt_syntax="a1111")
+    assert "note" not in json.loads(parameters)

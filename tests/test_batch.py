@@ -28,19 +28,30 @@ def arguments(**overrides):
 
 def test_every_image_gets_its_own_documented_seed(tmp_path):
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
-    jobs = batch.plan(batch.read_prompts(tmp_path / "p.txt"), arguments(seed=7, steps=3))
+    jobs = batch.plan(batch.read_prompts(tmp_path / "p.txt"), dict(steps=3, guidance_scale=5.0), 7, 1)
     assert [job.name for job in jobs] == NAMES
-    assert [job.seed for job in jobs] == [7 * 1_000_003, 41, 42, 7 * 1_000_003 + 2 * 1_009,
-                                          7 * 1_000_003 + 3 * 1_009]
-    assert len({job.seed for job in jobs}) == len(jobs)
-    assert jobs[1].guidance_scale == 3.0 and jobs[0].guidance_scale is None  # None: the model's default
-    assert (jobs[3].steps, jobs[3].scheduler, jobs[3].negative_prompt) == (2, "euler", "red")
+    assert [job.settings.seed for job in jobs] == [7 * 1_000_003, 41, 42, 7 * 1_000_003 + 2 * 1_009,
+                                                   7 * 1_000_003 + 3 * 1_009]
+    assert len({job.settings.seed for job in jobs}) == len(jobs)
+    assert jobs[1].settings.guidance_scale == 3.0 and jobs[0].settings.guidance_scale == 5.0
+    assert (jobs[3].settings.steps, jobs[3].settings.scheduler, jobs[3].settings.negative_prompt) == (2, "euler", "red")
     assert batch.image_seed(2 ** 31, 5, 3) == (2 ** 31 * 1_000_003 + 5 * 1_009 + 3) % 2 ** 32
+
+
+def test_settings_the_command_line_leaves_out_are_the_models_recommended_ones():
+    """`python -m sd_core generate --prompts FILE --out DIR` with no --steps: the model's steps, not None."""
+    from sd_core.checkpoints.catalog import EMBEDDED_STEPS
+    defaults = batch.command_line_settings(arguments(steps=None), pipe=None, embedded=True)
+    jobs = batch.plan([{"prompt": "a red circle"}], defaults, 0, 1)
+    assert jobs[0].settings.steps == EMBEDDED_STEPS and jobs[0].settings.scheduler == "dpmpp_2m"
 
 
 def test_prompt_file_errors_name_the_line(tmp_path):
     (tmp_path / "p.txt").write_text('a cat\n{"prompt": "x", "guidance": 3}\n')
-    with pytest.raises(ValueError, match="line 2: needs a string"):
+    with pytest.raises(ValueError, match="prompt 1: Unknown setting guidance; the settings are"):
+        batch.plan(batch.read_prompts(tmp_path / "p.txt"), {}, 0, 1)
+    (tmp_path / "p.txt").write_text('{"steps": 3}\n')
+    with pytest.raises(ValueError, match="line 1: needs a string"):
         batch.read_prompts(tmp_path / "p.txt")
     (tmp_path / "p.txt").write_text('{"prompt": "x",\n')
     with pytest.raises(ValueError, match="line 1: not valid JSON"):

@@ -132,7 +132,7 @@ def test_bad_option_values_are_refused_by_the_parser(argv, message, capsys):
 def test_zero_width_and_a_folder_as_output_are_clear_errors(folders, tmp_path, capsys):
     sd, _ = folders
     assert main(["generate", "--model", str(sd), "x", "--width", "0", "-o", str(tmp_path / "x.png")]) == 2
-    assert "width must be a positive multiple" in capsys.readouterr().err
+    assert "width must be a whole number from 8 to 4096; got 0" in capsys.readouterr().err
     assert main(["generate", "--model", str(sd), "x", "-o", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

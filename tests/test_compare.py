@@ -17,7 +17,8 @@ def folders(tmp_path_factory):
             for family in ("sd1", "sdxl")}
 
 
-@pytest.mark.parametrize("family,scheduler", [("sd1", "ddim"), ("sd1", "euler_ancestral"), ("sdxl", "dpmpp_2m")])
+@pytest.mark.parametrize("family,scheduler", [("sd1", "ddim"), ("sd1", "euler_ancestral"), ("sdxl", "dpmpp_2m"),
+                                              ("sd1", "lms")])  # LMS: diffusers integrates with scipy
 def test_parity_run_passes_every_stage_and_writes_reports(folders, family, scheduler, tmp_path):
     report = run_parity(folders[family], "a red circle", "blurry", seed=3, steps=4, scheduler=scheduler,
                         guidance_scale=5.0, height=16, width=24)
@@ -92,8 +93,8 @@ def first_failed(report):
 
 
 def test_every_kind_is_offered():
-    assert set(KINDS) == {"text_to_image", "image_to_image", "vae", "dit", "dit_timestep_semantics", "precision",
-                          "attention", "fast_path"}
+    assert set(KINDS) == {"text_to_image", "image_to_image", "vae", "controlnet", "dit", "dit_timestep_semantics",
+                          "precision", "attention", "fast_path"}
     with pytest.raises(ValueError, match="Unknown comparison"):
         run_comparison("everything")
 
@@ -210,7 +211,7 @@ def test_fast_path_is_measured_against_the_parity_path_on_the_embedded_model(dee
         assert levels <= 1 and max(s.relative for s in report.stages if s.name.startswith("step")) < 1e-3
     assert compare_main(["fast_path", "--deepcache", "2", "--bf16", "off", "--steps", "3",
                          "--out", str(tmp_path / "cli")]) == 0
-    assert ("\nfast_path: a measurement, not parity: the fast path (channels_last,deepcache=2,float32)"
+    assert ("\nfast_path: a measurement, not parity: the fast path (channels_last,deepcache=2,float32 (asked))"
             in capsys.readouterr().out)
 
 
@@ -240,7 +241,7 @@ def test_plots_are_pil_images_with_the_first_module_over_threshold_marked():
 
 @pytest.mark.parametrize("argv,message", [
     (["text_to_image", "--steps", "0"], "positive integer"),
-    (["text_to_image", "--width", "7"], "multiple"),
+    (["text_to_image", "--width", "7"], "width must be a whole number from 8"),
     (["vae", "--model", "no-such-model"], "no such folder"),
     (["vae", "--model", "/no/such/model"], "neither a folder"),
 ])
@@ -354,3 +355,18 @@ def test_a_comparison_keeps_the_log_quiet(capfd):
     run_comparison("image_to_image", None, steps=2)
     log = capfd.readouterr().err
     assert "Loading pipeline components" not in log and "safety checker" not in log, log[-500:]
+
+
+def test_the_per_module_probe_feeds_the_refiner_its_own_five_time_ids(tmp_path):
+    """The probe's SDXL conditioning comes from the pipeline's own time ids: the refiner's are 5 (size, crop,
+    aesthetic score), so its pooled embedding is wider than 6 ids would leave; a refiner UNet accepts the probe."""
+    from compare.parity import probe_conditioning
+    folder = tmp_path / "refiner"
+    tiny.save_pretrained(tiny.stable_diffusion("sdxl_refiner"), folder)
+    refiner = load_pipeline(folder)
+    added = probe_conditioning(refiner, 2, 16, 16)
+    assert added["time_ids"].tolist() == [[16.0, 16, 0, 0, 6.0]] * 2
+    config = refiner.unet.config
+    assert added["text_embeds"].shape == (2, config.projection_class_embeddings_input_dim - 5 * config.addition_time_embed_dim)
+    sample = torch.randn(2, config.in_channels, 2, 2)
+    refiner.unet(sample, torch.tensor(500), torch.randn(2, 77, config.cross_attention_dim), added)

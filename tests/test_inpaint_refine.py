@@ -11,6 +11,7 @@ from PIL import Image
 from sd_core.checkpoints.loading import load_pipeline
 from sd_core.pipelines.generate import generate, image_to_image, inpaint, refine, text_to_image
 from sd_core.checkpoints.saving import save_pipeline
+from sd_core.pipelines.settings import GenerationSettings
 from tests import tiny
 from tests.helpers import assert_images_match
 from tests.test_pipelines import REFERENCE_SCHEDULERS
@@ -100,7 +101,8 @@ def test_masked_image_to_image_keeps_the_black_region_and_the_mask_decides(pipel
     settings = dict(steps=4, guidance_scale=3.0, scheduler="ddim", seed=1)
     kept = inpaint(ours, image, keep_all, PROMPT, **settings)
     # Nothing to paint: after the last step the latents are exactly the image's encoded latents.
-    encoded = generate(ours, PROMPT, image=image, mask=keep_all, strength=1.0, steps=1, guidance_scale=1.0, seed=1)
+    encoded = generate(ours, GenerationSettings(prompt=PROMPT, strength=1.0, steps=1, guidance_scale=1.0, seed=1),
+                       image=image, mask=keep_all)
     assert torch.equal(kept.latents, encoded.latents)
     painted = inpaint(ours, image, paint_all, PROMPT, **settings)
     plain = text_to_image(ours, PROMPT, height=16, width=16, **settings)
@@ -115,7 +117,7 @@ def test_inpaint_refuses_what_it_cannot_do(pipelines):
     with pytest.raises(ValueError, match="inpainting model .* give it an image and a mask"):
         text_to_image(inpainting, PROMPT, steps=1, height=16, width=16)
     with pytest.raises(ValueError, match="A mask needs an image"):
-        generate(ours, PROMPT, mask=mask, steps=1)
+        generate(ours, GenerationSettings(prompt=PROMPT, steps=1), mask=mask)
     with pytest.raises(ValueError, match="Cannot read test_inpaint_refine.py as an image"):
         inpaint(ours, image, __file__, PROMPT, steps=1)
 

@@ -9,7 +9,8 @@ from PIL import Image, PngImagePlugin
 from sd_core.pipelines.image_io import save_image
 from sd_core.pipelines.metadata import read_png_parameters
 from sd_core.checkpoints.loading import load_pipeline
-from sd_core.pipelines.generate import dit_sample, image_to_image, text_to_image
+from sd_core.pipelines.generate import dit_sample, generate, image_to_image, text_to_image
+from sd_core.pipelines.settings import DiTSettings, GenerationSettings
 from tests import tiny
 
 
@@ -58,13 +59,8 @@ def test_png_carries_a1111_parameters_an_a1111_parser_reads(pipes, tmp_path):
     assert "Prompt syntax" not in fields  # A1111's syntax is the infotext's own
 
 
-def regenerate(pipe, settings: dict, path):
-    settings = dict(settings)
-    settings.pop("model")
-    image = settings.pop("image", None)
-    if image is not None or "strength" in settings:
-        return image_to_image(pipe, path, **settings)
-    return text_to_image(pipe, **settings)
+def regenerate(pipe, settings: GenerationSettings, path):
+    return generate(pipe, settings, image=path if settings.strength is not None else None)
 
 
 @pytest.mark.parametrize("source", ["sd_core", "parameters"])
@@ -80,10 +76,10 @@ def test_read_png_parameters_round_trips_every_field_and_regenerates_the_image(p
         info.add_text("parameters", Image.open(path).text["parameters"])
         Image.open(path).save(path, pnginfo=info)
     settings = read_png_parameters(path)
-    assert settings == {"prompt": "a dog, (sitting)", "negative_prompt": "blurry: very", "steps": 3,
-                        "scheduler": "euler_ancestral", "guidance_scale": 5.5, "guidance_rescale": 0.25,
-                        "height": 16, "width": 16, "clip_skip": 1, "prompt_syntax": "plain", "seed": 14,
-                        "model": batch.parameters["model"]}
+    assert settings == GenerationSettings(prompt="a dog, (sitting)", negative_prompt="blurry: very", steps=3,
+                                          scheduler="euler_ancestral", guidance_scale=5.5, guidance_rescale=0.25,
+                                          height=16, width=16, clip_skip=1, prompt_syntax="plain", seed=14,
+                                          model=batch.parameters["model"])
     again = regenerate(sd, settings, path)
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(image))
 
@@ -93,12 +89,12 @@ def test_image_to_image_strength_and_dit_class_round_trip(pipes, tmp_path):
     start = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     result = image_to_image(sd, start, "a cat", strength=0.5, steps=4, guidance_scale=3.0, seed=2)
     settings = read_png_parameters(save_image(result.images[0], tmp_path / "c.png"))
-    assert settings["strength"] == 0.5 and settings["prompt"] == "a cat" and settings["seed"] == 2
+    assert settings.strength == 0.5 and settings.prompt == "a cat" and settings.seed == 2
     assert "Denoising strength: 0.5" in result.images[0].info["parameters"]
     sampled = dit_sample(dit, ["class 3", 5], steps=2, guidance_scale=2.0, seed=4, seed_per_image=True)
     settings = read_png_parameters(save_image(sampled.images[1], tmp_path / "d.png"))
-    assert settings == {"class_labels": [5], "steps": 2, "scheduler": sampled.parameters["scheduler"],
-                        "guidance_scale": 2.0, "guided_channels": "all", "seed": 5, "model": sampled.parameters["model"]}
+    assert settings == DiTSettings(class_labels=(5,), steps=2, scheduler=sampled.parameters["scheduler"],
+                                   guidance_scale=2.0, guided_channels="all", seed=5, model=sampled.parameters["model"])
     fields = parse_infotext(sampled.images[1].info["parameters"])
     assert fields["prompt"] == "class 5" and fields["Seed"] == "5" and fields["Class"] == "5"
 
@@ -117,17 +113,17 @@ def test_an_a1111_infotext_is_read_into_sd_core_settings(tmp_path):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", A1111_WRITTEN)
     Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
-    assert read_png_parameters(tmp_path / "a1111.png") == {
-        "prompt": "masterpiece, (red circle:1.3), gray background\nBREAK on the left",
-        "negative_prompt": "blurry, lowres", "steps": 25, "scheduler": "dpmpp_2m_karras", "guidance_scale": 6.5,
-        "seed": 1234567, "width": 512, "height": 768, "strength": 0.45, "clip_skip": 1, "prompt_syntax": "a1111",
-        "model": "v1-5-pruned-emaonly"}
+    assert read_png_parameters(tmp_path / "a1111.png") == GenerationSettings(
+        prompt="masterpiece, (red circle:1.3), gray background\nBREAK on the left",
+        negative_prompt="blurry, lowres", steps=25, scheduler="dpmpp_2m_karras", guidance_scale=6.5,
+        seed=1234567, width=512, height=768, strength=0.45, clip_skip=1, prompt_syntax="a1111",
+        model="v1-5-pruned-emaonly")
     older = A1111_WRITTEN.replace("Sampler: DPM++ 2M, Schedule type: Karras", "Sampler: Euler a")
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", older.replace(", Clip skip: 2", ""))
     Image.new("RGB", (8, 8)).save(tmp_path / "old.png", pnginfo=info)
     settings = read_png_parameters(tmp_path / "old.png")
-    assert settings["scheduler"] == "euler_ancestral" and settings["clip_skip"] == 0
+    assert settings.scheduler == "euler_ancestral" and settings.clip_skip == 0
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", older.replace("Euler a", "DPM adaptive"))
     Image.new("RGB", (8, 8)).save(tmp_path / "unknown-sampler.png", pnginfo=info)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd_core.schedulers import (DDIM, DDPM, DIFFUSERS_CLASS_NAMES, DISPLAY_NAMES, SCHEDULERS, make_scheduler,
+from sd_core.schedulers import (DDIM, DDPM, DIFFUSERS_CLASS_NAMES, DISPLAY_NAMES, SCHEDULER_NAMES, SCHEDULERS,
+                                make_scheduler,
                                 predicted_x0_and_eps)
 
 REFERENCE = {
@@ -429,3 +430,14 @@ def test_lcm_boundary_scalings_make_the_consistency_function_the_identity_at_t0(
     for t in (0, 19, 259, 999):
         expected = reference.get_scalings_for_boundary_condition_discrete(torch.tensor(t))
         assert consistency_boundary_scalings(torch.tensor(t), 0.01) == expected
+
+
+def test_a_sampler_is_registered_by_listing_its_class_once():
+    """Each sampler class names itself three ways (sd_core, diffusers, A1111); the registries derive from
+    schedulers.SAMPLERS, so none of them can miss a sampler or disagree with another."""
+    from sd_core.schedulers import DISPLAY_NAMES, SAMPLERS
+    for cls in SAMPLERS:
+        assert cls.name and cls.diffusers_class.endswith("Scheduler") and cls.display_name, cls
+        assert SCHEDULERS[cls.name] is cls and DIFFUSERS_CLASS_NAMES[cls.diffusers_class] == cls.name
+        assert hasattr(diffusers, cls.diffusers_class), cls.diffusers_class
+    assert len(set(DISPLAY_NAMES.values())) == len(DISPLAY_NAMES) == len(SCHEDULER_NAMES)

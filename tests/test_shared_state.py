@@ -53,6 +53,18 @@ def test_an_embedding_is_bound_for_its_request_only_and_an_interleaved_visitor_d
     assert token_embedding(pipe.text_encoder).weight is weight and pipe.tokenizer.vocab == vocabulary
 
 
+def test_the_fast_path_s_text_cache_never_hands_one_visitor_s_embedding_to_another(model_root):
+    """The fast path keeps recent prompts' encodings (keyed on token ids and the encoder's weights): once the
+    embedding is unbound, the plain word's encoding is the fresh one again."""
+    run = functools.partial(handlers.generate_images, SD, "a shiny red circle", "", 3, 5.0, "ddim", 64, 64, 3, 1,
+                            fast=True)
+    fresh = first_image(run())
+    embedded = first_image(run(embeddings=[SHINY]))
+    assert not np.array_equal(embedded, fresh)
+    assert np.array_equal(first_image(run()), fresh)
+    assert np.array_equal(first_image(run(embeddings=[SHINY])), embedded)
+
+
 def test_embeddings_bound_restores_the_tokenizer_and_matrix_even_when_binding_fails(model_root):
     pipe = app_parts.MODELS.get(SD)
     shiny = load_embedding(model_root / "embeddings" / "shiny.safetensors")

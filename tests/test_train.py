@@ -156,7 +156,7 @@ def test_two_processes_with_accumulation_train_as_one_process_with_the_whole_bat
     examples, unsynced or unscaled gradients, a lost step) cannot pass."""
     command = ["tests.train_tiny", "text-to-image", "--vae", str(tiny_vae / "model"), "--out", str(tmp_path), *PARALLEL,
                "--gradient-accumulation-steps", "2"]
-    stopped = launch(2, [*command, "--stop-at", "2"], returncode=1)
+    stopped = launch(2, [*command, "--stop-at", "2"])  # the stop asked for is a success: exit status 0
     assert "stopped at step 2 of 4" in stopped.stderr
     assert checkpoint(tmp_path)["step"] == 2
     assert "resumed text-to-image at step 2" in launch(2, command).stdout

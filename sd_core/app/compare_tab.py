@@ -30,7 +30,7 @@ from sd_core.app.parts import (
 )
 from sd_core.app.serving import as_choice, as_text, open_upload, raw_value
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
-from sd_core.pipelines.generate import MAX_SEED
+from sd_core.pipelines.settings import MAX_SEED
 
 MAX_COMPARE_STEPS = 50
 EXAMPLE_SCENE = Path(__file__).resolve().parents[1] / "data" / "example-scene.png"
@@ -108,7 +108,7 @@ def report_archive(report, kind: str) -> str:
 
 COMPARE_FIELDS = {  # which settings each kind shows: prompt, class label, image, strength, sample, guided channels, dtype
     "text_to_image": "p", "image_to_image": "pis", "vae": "im", "dit": "cg", "dit_timestep_semantics": "c",
-    "precision": "pcd", "attention": "pc", "fast_path": "pf"}
+    "precision": "pcd", "attention": "pc", "fast_path": "pf", "controlnet": "p"}
 
 
 def compare_tab(comparisons):

@@ -2,16 +2,23 @@
 bound, and answers what the tab shows. Gradio calls them; so can a test or a script."""
 import contextlib
 import functools
+import html
 import json
 
 import gradio as gr
 from PIL import Image
 
+from sd_core.app.forms import (
+    FORM_LIMITS,
+    dit_form_from_settings,
+    dit_settings_from_form,
+    form_from_settings,
+    settings_from_form,
+)
 from sd_core.app.inpaint_tab import painted_mask
 from sd_core.app.parts import (
     LIMITS,
     MODELS,
-    as_float,
     as_int,
     bind_embeddings,
     drawn_side,
@@ -21,69 +28,84 @@ from sd_core.app.parts import (
     progress_callback,
     prompt_chunks,
     run_bounded,
-    scheduler_of,
-    seed_of,
     timestep_semantics,
 )
-from sd_core.app.serving import as_choice, as_text, open_upload
+from sd_core.app.serving import open_upload
 from sd_core.app.share_links import share_link
 from sd_core.checkpoints import catalog
 from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
-from sd_core.pipelines.generate import MAX_SEED, dit_sample, generate, image_seeds, preview, refine, vae_roundtrip
+from sd_core.pipelines.conditioning import dropped_text
+from sd_core.pipelines.dit_sampling import generate_dit
+from sd_core.pipelines.generate import generate, image_seeds, preview, refine_run, vae_roundtrip
 from sd_core.pipelines.lora import load_lora, loras_applied
 from sd_core.pipelines.previews import fast_preview
+from sd_core.pipelines.sampling import resolve_seed
+from sd_core.pipelines.settings import MAX_SEED, GenerationSettings
 
-MAX_SIZE, MAX_STEPS, MAX_BATCH = 1024, 100, 8
+MAX_SIZE, MAX_STEPS, MAX_BATCH = FORM_LIMITS.max_side, FORM_LIMITS.max_steps, FORM_LIMITS.max_batch
 SD_DEFAULTS, DIT_DEFAULTS = catalog.EMBEDDED["embedded: shapes (text to image)"], catalog.EMBEDDED["embedded: shapes (DiT)"]
 
 
-def run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, seed, number_of_images, prompt_syntax,
-           clip_skip, loras, embeddings, progress, trajectory=None, refiner=None, high_noise_frac=0.8, fast=False,
-           deepcache=0, tome=0.0, **size_or_image):
-    """Text or image to image (or inpainting, or SDXL base + refiner) on cached pipelines, LoRAs merged for this
-    request only, A1111's seed per image, the work bounded; `fast`: through sd_core.fast.pipeline (approximate, DeepCache
-    every `deepcache` steps, ToMe merging the `tome` share of tokens). Returns (result, seed, [(image, "seed N")])."""
-    pipe = MODELS.get(model, progress)
+def form_of(arguments: dict) -> dict:
+    """A handler's form values (its named parameters), without gradio's progress and request."""
+    return {key: value for key, value in arguments.items() if key not in ("progress", "request")}
+
+
+def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, mask=None):
+    """Text or image to image (or inpainting, or SDXL base + refiner) on cached pipelines, LoRAs merged and
+    embeddings bound for this request only, the work bounded; settings.fast: through sd_core.fast (approximate).
+    Returns (result, the settings as they ran, [(image, "seed N")])."""
+    pipe = MODELS.get(settings.model, progress)
     if not isinstance(pipe, StableDiffusionPipeline):
-        raise gr.Error(f"{model} is a DiT model: use the DiT tab.")
-    steps = as_int(steps, "steps", 1, MAX_STEPS)
-    number_of_images = as_int(number_of_images, "number_of_images", 1, MAX_BATCH)
-    clip_skip = as_int(clip_skip or 0, "clip_skip", 0, 10)
-    guidance_scale = as_float(guidance_scale, "guidance_scale", 0, 50)
-    prompt, negative_prompt = as_text(prompt, "prompt"), as_text(negative_prompt, "negative_prompt")
-    prompt_syntax = as_choice(prompt_syntax, "prompt_syntax", ["plain", "a1111"])
-    scheduler, seed = scheduler_of(scheduler), seed_of(seed)
+        raise gr.Error(f"{settings.model} is a DiT model: use the DiT tab.")
+    settings = settings.replace(seed=resolve_seed(settings.seed))
     second = None
-    if refiner:
+    if settings.refiner:
         if pipe.family != "sdxl":
-            raise gr.Error(f"A refiner follows an SDXL base model; {model} is {pipe.family}. Set Refiner to none.")
-        high_noise_frac = as_float(high_noise_frac, "high_noise_frac", 0.05, 0.95)
-        second = MODELS.get(refiner, progress)
-    if fast and (refiner or any(name for name, _ in loras)):
+            raise gr.Error(f"A refiner follows an SDXL base model; {settings.model} is {pipe.family}. Set Refiner "
+                           f"to none.")
+        second = MODELS.get(settings.refiner, progress)
+    if settings.fast and (settings.refiner or settings.loras):
         raise gr.Error("The fast path does not combine with LoRAs or a refiner: set them to none, or turn the fast "
                        "path off.")
-    lora_files = [(load_lora(extra_path("loras", name)), as_float(scale, f"the scale of {name}", -4, 4))
-                  for name, scale in loras if name]
-    image = size_or_image.get("image")
-    pixels = image.width * image.height if image is not None else size_or_image["width"] * size_or_image["height"]
-    options = dict(guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, images_per_prompt=number_of_images,
-                   prompt_syntax=prompt_syntax, clip_skip=clip_skip, seed_per_image=True, **size_or_image)
+    lora_files = [(load_lora(extra_path("loras", name)), scale) for name, scale in settings.loras]
+    pixels = image.width * image.height if image is not None else (settings.width or 0) * (settings.height or 0)
     with contextlib.ExitStack() as held:  # the weights are this request's while a LoRA is merged into them
-        for locked in sorted({id(p): p for p in (pipe, second) if p is not None}.items()):
-            held.enter_context(MODELS.using(locked[1]))
-        tokens = held.enter_context(bind_embeddings(pipe, embeddings))
+        for _, locked in sorted({id(p): p for p in (pipe, second) if p is not None}.items()):
+            held.enter_context(MODELS.using(locked))
+        tokens = held.enter_context(bind_embeddings(pipe, settings.embeddings))
         with loras_applied(pipe.models, lora_files):
-            callback = progress_callback(progress, steps, pipe, trajectory, fast_preview if fast else preview)
-            run = fast_pipeline(pipe, deepcache, tome).generate if fast else functools.partial(generate, pipe)
-            chunks = prompt_chunks(pipe, prompt_syntax, prompt, negative_prompt)  # priced too: BREAKs cost
-            result = run_bounded(f"text_to_image:{model}", pixels, steps, number_of_images, chunks=chunks, work=lambda: run(
-                prompt, negative_prompt or None, steps=steps, callback=callback, **options) if second is None
-                else refine(pipe, second, prompt, negative_prompt or None, high_noise_frac=high_noise_frac,
-                            steps=steps, **{k: v for k, v in options.items() if k != "seed"}, seed=seed))
-    # shown beside the images (their PNG metadata was written before and does not name them)
-    result.parameters.update(loras=[[name, scale] for name, scale in loras if name], embeddings=tokens)
-    seeds = image_seeds(seed, len(result.images), True)
-    return result, seed, [(image, f"seed {s}") for image, s in zip(result.images, seeds)]
+            callback = progress_callback(progress, settings.steps, pipe, trajectory,
+                                         fast_preview if settings.fast else preview)
+            if second is not None:
+                work = functools.partial(refine_run, pipe, second, settings, callback)
+            else:
+                run = fast_pipeline(pipe, settings.deepcache, settings.tome).generate if settings.fast else \
+                    functools.partial(generate, pipe)
+                work = functools.partial(run, settings, image=image, mask=mask, callback=callback)
+            chunks = prompt_chunks(pipe, settings.prompt_syntax, settings.prompt, settings.negative_prompt)
+            result = run_bounded(f"text_to_image:{settings.model}", pixels, settings.steps,
+                                 settings.images_per_prompt, work, chunks)  # a prompt's chunks are priced too
+    result.parameters.update(embeddings=tokens)  # shown beside the images: the tokens to write in a prompt
+    note = truncation_note(pipe, settings)
+    if note:
+        gr.Warning(html.escape(note))
+        result.parameters["note"] = note
+    seeds = image_seeds(settings.seed, len(result.images), True)
+    return result, settings, [(picture, f"seed {one}") for picture, one in zip(result.images, seeds)]
+
+
+def truncation_note(pipe, settings: GenerationSettings) -> str:
+    """What a visitor is told when plain syntax cut the prompt at CLIP's window (A1111 syntax reads it all)."""
+    if settings.prompt_syntax != "plain":
+        return ""
+    tokenizer = pipe.tokenizer or pipe.tokenizer_2
+    dropped = [dropped_text(tokenizer, text) for text in (settings.prompt, settings.negative_prompt or "")]
+    if not any(dropped):
+        return ""
+    ignored = " / ".join(filter(None, dropped))
+    return (f"The prompt is longer than CLIP's 77 tokens; plain syntax (as diffusers) ignored: {ignored!r}. "
+            f"Choose the A1111 prompt syntax (Advanced) to use all of it.")
 
 
 @handler
@@ -97,21 +119,11 @@ def generate_images(model, prompt, negative_prompt, steps, guidance_scale, sched
     share of the top-resolution tokens, 0 off). Returns (images captioned with
     their seeds, seed used, trajectory of x0 previews, parameters as JSON, share link). Image k of a batch is
     drawn from seed + k."""
-    width, height = as_int(width, "width", 8, MAX_SIZE), as_int(height, "height", 8, MAX_SIZE)
+    settings = settings_from_form(form_of(locals()))
     trajectory = [] if show_trajectory else None
-    loras = [(lora_1, lora_1_scale), (lora_2, lora_2_scale)]
-    result, seed, images = run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, seed,
-                                  number_of_images, prompt_syntax, clip_skip, loras, embeddings, progress, trajectory,
-                                  refiner, high_noise_frac, bool(fast), deepcache, tome, width=width, height=height)
-    settings = dict(model=model, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                    guidance_scale=guidance_scale, scheduler=scheduler, width=width, height=height, seed=seed,
-                    number_of_images=number_of_images, prompt_syntax=prompt_syntax, clip_skip=clip_skip,
-                    lora_1=lora_1 or None, lora_1_scale=lora_1_scale if lora_1 else None, lora_2=lora_2 or None,
-                    lora_2_scale=lora_2_scale if lora_2 else None, refiner=refiner or None,
-                    high_noise_frac=high_noise_frac if refiner else None, fast=bool(fast) or None,
-                    deepcache=deepcache if fast else None, tome=tome if fast and tome else None)
-    link = share_link("text_to_image", settings, request)
-    return images, str(seed), trajectory or [], json.dumps(result.parameters, indent=2), link
+    result, ran, images = run_sd(settings, progress, trajectory)
+    link = share_link("text_to_image", form_from_settings(ran), generate_images, request)
+    return images, str(ran.seed), trajectory or [], json.dumps(result.parameters, indent=2), link
 
 
 @handler
@@ -121,13 +133,10 @@ def transform_image(model, image, prompt, negative_prompt, strength, steps, guid
     """Image to image. Returns (images captioned with their seeds, seed used, parameters as JSON)."""
     if image is None:
         raise gr.Error("Upload a starting image first (or send one here from Text to image).")
+    settings = settings_from_form(form_of(locals()))
     image = open_upload(image, max_pixels=LIMITS.max_upload_pixels)  # a bomb is refused from its header
-    strength = as_float(strength, "strength", 0.0, 1.0)
-    loras = [(lora_1, lora_1_scale), (lora_2, lora_2_scale)]
-    result, seed, images = run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, seed,
-                                  number_of_images, prompt_syntax, clip_skip, loras, embeddings, progress,
-                                  image=image, strength=strength)
-    return images, str(seed), json.dumps(result.parameters, indent=2)
+    result, ran, images = run_sd(settings, progress, image=image)
+    return images, str(ran.seed), json.dumps(result.parameters, indent=2)
 
 
 @handler
@@ -135,12 +144,10 @@ def inpaint_image(model, image_and_mask, prompt, negative_prompt, strength, step
                   number_of_images, progress=gr.Progress()):
     """Inpainting: repaint the painted region of the image (the editor's layers are the mask), keep the rest.
     Returns (images captioned with their seeds, seed used, the mask used, parameters as JSON)."""
+    settings = settings_from_form(form_of(locals()))
     image, mask = painted_mask(image_and_mask, LIMITS.max_upload_pixels)
-    strength = as_float(strength, "strength", 0.0, 1.0)
-    result, seed, images = run_sd(model, prompt, negative_prompt, steps, guidance_scale, scheduler, seed,
-                                  number_of_images, "plain", 0, [], [], progress, image=image, mask=mask,
-                                  strength=strength)
-    return images, str(seed), mask, json.dumps(result.parameters, indent=2)
+    result, ran, images = run_sd(settings, progress, image=image, mask=mask)
+    return images, str(ran.seed), mask, json.dumps(result.parameters, indent=2)
 
 
 @handler
@@ -161,21 +168,15 @@ def sample_dit(model, class_label, guidance_scale, steps, scheduler, seed, numbe
                progress=gr.Progress(), request: gr.Request = None):
     """DiT class-conditional sampling. Returns (images captioned with their seeds, seed used, share link,
     the timestep semantics that ran)."""
-    pipe = MODELS.get(model, progress)
+    settings = dit_settings_from_form(form_of(locals()))
+    pipe = MODELS.get(settings.model, progress)
     if not isinstance(pipe, DiTPipeline):
         raise gr.Error(f"{model} is not a DiT model.")
-    steps = as_int(steps, "steps", 1, MAX_STEPS)
-    number_of_images = as_int(number_of_images, "number_of_images", 1, MAX_BATCH)
-    guidance_scale = as_float(guidance_scale, "guidance_scale", 0, 50)
-    class_label = as_text(str(class_label), "class_label", max_chars=200)
-    guided_channels = as_choice(guided_channels, "guided_channels", ["all", "first3"])
-    scheduler_name, seed = scheduler_of(scheduler), seed_of(seed)
+    settings = settings.replace(seed=resolve_seed(settings.seed))
     side = drawn_side(pipe)
-    result = run_bounded(f"dit:{model}", side * side, steps, number_of_images, lambda: dit_sample(
-        pipe, [class_label] * number_of_images, guidance_scale=guidance_scale, steps=steps, scheduler=scheduler_name,
-        seed=seed, guided_channels=guided_channels, seed_per_image=True, callback=progress_callback(progress, steps)))
-    link = share_link("dit", dict(model=model, class_label=class_label, guidance_scale=guidance_scale, steps=steps,
-                                  scheduler=scheduler, seed=seed, number_of_images=number_of_images,
-                                  guided_channels=guided_channels), request)
-    images = [(image, f"seed {s}") for image, s in zip(result.images, image_seeds(seed, number_of_images, True))]
-    return images, str(seed), link, timestep_semantics(pipe)
+    count = len(settings.class_labels)
+    result = run_bounded(f"dit:{settings.model}", side * side, settings.steps, count, lambda: generate_dit(
+        pipe, settings, callback=progress_callback(progress, settings.steps)))
+    link = share_link("dit", dit_form_from_settings(settings), sample_dit, request)
+    images = [(image, f"seed {s}") for image, s in zip(result.images, image_seeds(settings.seed, count, True))]
+    return images, str(settings.seed), link, timestep_semantics(pipe)

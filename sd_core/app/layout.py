@@ -4,6 +4,7 @@ from pathlib import Path
 import gradio as gr
 
 from sd_core.app.compare_tab import compare_tab
+from sd_core.app.forms import dit_form_from_settings, dit_settings_from_form, form_from_settings, settings_from_form
 from sd_core.app.handlers import (
     DIT_DEFAULTS,
     MAX_BATCH,
@@ -17,6 +18,7 @@ from sd_core.app.handlers import (
     transform_image,
 )
 from sd_core.app.inpaint_tab import inpaint_tab
+from sd_core.app.lab_tab import lab_tab
 from sd_core.app.parts import (
     advanced_settings,
     dit_labels,
@@ -66,8 +68,8 @@ def text_to_image_tab(models: list) -> dict:
             run = gr.Button("Generate", variant="primary")
             steps, guidance, scheduler = sampling_controls()
             with gr.Row():
-                width = raw_value(gr.Slider(64, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Width"))
-                height = raw_value(gr.Slider(64, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Height"))
+                width = raw_value(gr.Slider(8, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Width"))
+                height = raw_value(gr.Slider(8, MAX_SIZE, SD_DEFAULTS.size, step=8, label="Height"))
                 batch = raw_value(gr.Slider(1, MAX_BATCH, 4, step=1, label="Number of images"))
             with gr.Row():
                 seed = raw_value(gr.Number(-1,
@@ -235,9 +237,11 @@ def build(comparisons) -> gr.Blocks:
                 dit = dit_tab(dit_models)
             with gr.Tab("Compare", id="compare"):
                 compare_tab(comparisons)
-        shareable = {"text_to_image": (generate_images, text_tab["inputs"], text_tab["outputs"]),
-                     "dit": (sample_dit, dit["inputs"], dit["outputs"])}
-        load_outputs = [tabs] + [c for _, inputs, outputs in shareable.values() for c in inputs + outputs]
+            with gr.Tab("Lab", id="lab"): lab_tab()  # noqa: E701
+        shareable = {"text_to_image": (generate_images, text_tab["inputs"], text_tab["outputs"], settings_from_form,
+                                       form_from_settings),
+                     "dit": (sample_dit, dit["inputs"], dit["outputs"], dit_settings_from_form, dit_form_from_settings)}
+        load_outputs = [tabs] + [c for _, inputs, outputs, *_ in shareable.values() for c in inputs + outputs]
 
         def on_load(request: gr.Request):
             return restore(shareable, request)

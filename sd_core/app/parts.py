@@ -5,6 +5,7 @@ in app_links.py; the Inpaint tab and its mask editor in app_inpaint.py.
 This module may import gradio; the models, pipelines and schedulers never do.
 """
 import functools
+import html
 import inspect
 import logging
 import os
@@ -13,10 +14,10 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 from gradio import processing_utils
 from PIL import Image
 
+from sd_core.app.forms import DEEPCACHE_CHOICES, FORM_LIMITS, MODEL_DEFAULT, TOME_CHOICES, choice_of, form_from_settings  # noqa: F401
 from sd_core.app.model_choices import (  # noqa: F401
     EMBEDDED,
     MODELS,
@@ -41,9 +42,11 @@ from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
 from sd_core.fast.pipeline import make_fast
 from sd_core.files import atomic_path
-from sd_core.pipelines.generate import MAX_SEED, preview, resolve_seed
+from sd_core.pipelines import settings
+from sd_core.pipelines.generate import preview
 from sd_core.pipelines.metadata import read_png_parameters
 from sd_core.pipelines.prompt_syntax import count_chunks
+from sd_core.pipelines.settings import RULES, GenerationSettings
 from sd_core.pipelines.textual_inversion import embeddings_bound, load_embedding
 from sd_core.schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 
@@ -176,26 +179,12 @@ def as_float(value, name: str, low: float, high: float) -> float:
     return as_number(value, name, low, high)
 
 
-def seed_of(seed) -> int:
-    """A visitor's seed: -1 (or empty) draws a random one, anything else must be a whole number in range."""
-    if seed is None or (isinstance(seed, str) and not seed.strip()):
-        return resolve_seed(None)
-    if not isinstance(seed, bool) and isinstance(seed, (int, float, str)):
-        try:
-            if float(seed) == -1:
-                return resolve_seed(None)
-        except ValueError:
-            pass
-    return resolve_seed(as_whole_number(seed, "seed", 0, MAX_SEED))
-
-
 def random_seed() -> int:
-    return int(np.random.randint(0, MAX_SEED))
+    return settings.random_seed()
 
 
 # ------------------------------------------------------------------------------------ shared form pieces
 
-MODEL_DEFAULT = "default"  # scheduler choice: the one the model's own scheduler config names
 SCHEDULER_CHOICES = [(DISPLAY_NAMES.get(name, name), name) for name in SCHEDULER_NAMES] + [
     ("the model's own", MODEL_DEFAULT)]
 SYNTAXES = [("plain (as diffusers)", "plain"), ("A1111: (word:1.2), [word], BREAK, long prompts", "a1111")]
@@ -277,24 +266,14 @@ def progress_callback(progress, total: int, pipe=None, trajectory: list | None =
     return callback
 
 
-DEEPCACHE_CHOICES = [("off", 0), ("2", 2), ("3", 3)]
-TOME_CHOICES = [("off", 0.0), ("50%", 0.5), ("75%", 0.75)]
-
-
 def deepcache_of(value) -> int:
     """A visitor's DeepCache interval: one of DEEPCACHE_CHOICES (the Text-to-image and Compare tabs share it)."""
-    deepcache = as_int(value or 0, "deepcache", 0, max(value for _, value in DEEPCACHE_CHOICES))
-    if deepcache not in [value for _, value in DEEPCACHE_CHOICES]:
-        raise gr.Error(f"deepcache must be 0 (off), 2 or 3; got {deepcache}.")
-    return deepcache
+    return choice_of(value or 0, "deepcache", DEEPCACHE_CHOICES)
 
 
 def tome_of(value) -> float | None:
     """A visitor's ToMe ratio: one of TOME_CHOICES (the Text-to-image and Compare tabs share it); None when off."""
-    tome = as_float(value or 0.0, "tome", 0.0, max(value for _, value in TOME_CHOICES))
-    if tome not in [value for _, value in TOME_CHOICES]:
-        raise gr.Error(f"tome must be one of {[value for _, value in TOME_CHOICES]}; got {tome}.")
-    return tome or None
+    return choice_of(value or 0.0, "tome", TOME_CHOICES) or None
 
 
 def fast_pipeline(pipe, deepcache: int, tome: float = 0.0):
@@ -369,26 +348,32 @@ PNG_FIELDS = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "
 
 @handler
 def png_info(png):
-    """Settings from a PNG made by sd_core or AUTOMATIC1111, for the Text to image inputs (unchanged where absent)."""
+    """Settings from a PNG made by sd_core or AUTOMATIC1111, for the Text to image inputs (unchanged where absent
+    or beyond this app's bounds, with a note saying so)."""
     if png is None:
         return [gr.skip()] * len(PNG_FIELDS) + [""]
     try:
         settings = read_png_parameters(png)
     except (OSError, Image.DecompressionBombError) as error:
         raise gr.Error(f"Cannot read this file as a PNG ({error}); drop a .png image made by sd_core or A1111.") from None
-    if not isinstance(settings.get("prompt"), str):
+    except ValueError as error:  # no settings in it (a photo, a ComfyUI workflow): nothing to fill, said plainly
+        return [gr.skip()] * len(PNG_FIELDS) + [html.escape(f"{error} The form keeps its values.")]
+    if not isinstance(settings, GenerationSettings) or not isinstance(settings.prompt, str):
         raise gr.Error("This image is a DiT sample or one of a diffusers-rule batch; its settings fit the DiT tab "
                        "or the CLI, not one prompt here.")
-    notes = []
-    if settings.get("model") not in dict(model_choices("text_to_image")).values():
-        notes.append(f"its model {settings.get('model')!r} is not offered here: the selected model is kept")
-        settings.pop("model", None)
-    if settings.get("strength") is not None:
-        notes.append(f"it was made from an image (strength {settings['strength']}): use Image to image")
-    if settings.get("scheduler") not in dict((v, k) for k, v in SCHEDULER_CHOICES):
-        notes.append(f"its sampler {settings.pop('scheduler', None)!r} is not offered")
-    values = [settings[field] if settings.get(field) is not None else (None if field == "negative_prompt" else gr.skip())
-              for field in PNG_FIELDS]
-    values[PNG_FIELDS.index("negative_prompt")] = settings.get("negative_prompt") or ""
-    return values + ["Read " + ", ".join(f"{k}={settings[k]!r}" for k in PNG_FIELDS if settings.get(k) is not None)
-                     + (". Note: " + "; ".join(notes) + "." if notes else ".")]
+    form, notes = form_from_settings(settings), []
+    if form["model"] not in dict(model_choices("text_to_image")).values():
+        notes.append(f"its model {form.pop('model')!r} is not offered here: the selected model is kept")
+    if settings.strength is not None:
+        notes.append(f"it was made from an image (strength {settings.strength}): use Image to image")
+    for field in PNG_FIELDS:
+        try:
+            if field in RULES and form.get(field) is not None:
+                RULES[field](form[field], field, FORM_LIMITS)
+        except ValueError as error:
+            notes.append(f"{error} (this app's bound): the form keeps its value")
+            form.pop(field)
+    values = [form[field] if form.get(field) is not None else gr.skip() for field in PNG_FIELDS]
+    values[PNG_FIELDS.index("negative_prompt")] = settings.negative_prompt or ""
+    read = ", ".join(f"{field}={form[field]!r}" for field in PNG_FIELDS if form.get(field) is not None)
+    return values + [html.escape("Read " + read + (". Note: " + "; ".join(notes) + "." if notes else "."))]

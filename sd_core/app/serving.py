@@ -21,74 +21,18 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from sd_core.pipelines.image_io import MAX_IMAGE_BYTES, describe_size, open_image, side_of
+# The settings record's rules, under the names the app's checks use.
+from sd_core.pipelines.settings import number_sent as visitor_number  # noqa: F401
+from sd_core.pipelines.settings import one_of as as_choice  # noqa: F401
+from sd_core.pipelines.settings import real_number as as_number  # noqa: F401
+from sd_core.pipelines.settings import shown as _shown
+from sd_core.pipelines.settings import whole_number as as_whole_number  # noqa: F401
 
 MAX_UPLOAD_BYTES = 20 * 2 ** 20  # launch(max_file_size=...): gradio refuses larger uploads before they are kept
 MAX_UPLOAD_PIXELS = 2048 * 2048  # decoded at most (12 MB of RGB); the work bound below may allow fewer
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-
-
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def visitor_number(value, expected: str) -> int | float:
-    """The number a visitor sent: an int, a float or a numeral string; never a bool, None or other text.
-    `expected` opens the error message ("seed must be a whole number from 0 to ...")."""
-    if value is None:
-        raise ValueError(f"{expected}; none was given.")
-    number = value
-    if isinstance(value, str):
-        try:
-            number = int(value.strip())
-        except ValueError:
-            try:
-                number = float(value.strip())
-            except ValueError:
-                raise ValueError(f"{expected}; got the text {_shown(value)}.") from None
-    if isinstance(number, bool) or not isinstance(number, (int, float)):
-        raise ValueError(f"{expected}; got {type(value).__name__} {_shown(value)}.")
-    return number
-
-
-def as_whole_number(value, name: str, low: int, high: int) -> int:
-    """A visitor's integer: an int, an integral float (3.0) or a numeral string ("3"); never a bool, None, NaN,
-    inf, 1.5 (a seed 1.5 is refused, not rounded) or text."""
-    expected = f"{name} must be a whole number from {low} to {high}"
-    number = visitor_number(value, expected)
-    if isinstance(number, float):
-        if not math.isfinite(number):
-            raise ValueError(f"{expected}; got {number} (not a finite number).")
-        if not number.is_integer():
-            raise ValueError(f"{expected}; got {number}, which is not whole.")
-        number = int(number)
-    if not low <= number <= high:
-        raise ValueError(f"{expected}; got {_shown(number)}.")
-    return number
-
-
-def as_number(value, name: str, low: float, high: float) -> float:
-    """A visitor's real number: finite and within [low, high]; never a bool, None, NaN, inf or text."""
-    expected = f"{name} must be a number from {low:g} to {high:g}"
-    try:
-        number = float(visitor_number(value, expected))
-    except OverflowError:  # an int beyond float's range
-        raise ValueError(f"{expected}; got {_shown(value)}.") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{expected}; got {number} (not a finite number).")
-    if not low <= number <= high:
-        raise ValueError(f"{expected}; got {number:g}.")
-    return number
-
-
-def as_choice(value, name: str, choices) -> str:
-    """One of `choices` (a scheduler name, a guided-channels option, ...), else a message listing them."""
-    choices = list(choices)
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {_shown(value)}.")
-    return value
 
 
 def as_text(value, name: str, max_chars: int = 2000, allow_none: bool = True) -> str:

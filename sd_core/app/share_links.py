@@ -1,8 +1,10 @@
 """Share links: a link that reopens the app on a tab with a result's settings, and their restore on page load
 (which also shows a first result on the embedded models).
 
-This module may import gradio; the models, pipelines and schedulers never do.
+A link carries a tab's form values (named as its API parameters); restoring reads them back through the settings
+record (sd_core.app.forms), so a link gets exactly the bounds and messages the form gets.
 """
+import html
 import inspect
 import os
 import urllib.parse
@@ -12,9 +14,12 @@ import gradio as gr
 from sd_core.app.model_choices import EMBEDDED
 
 
-def share_link(tab: str, settings: dict, request: gr.Request | None = None) -> str:
-    """A Markdown link that reopens the app on this tab with these settings (read back by `restore`)."""
-    query = urllib.parse.urlencode({"tab": tab, **{k: v for k, v in settings.items() if v is not None}})
+def share_link(tab: str, form: dict, fn, request: gr.Request | None = None) -> str:
+    """A Markdown link that reopens the app on this tab with these form values (those `fn`, the tab's handler,
+    takes), read back by `restore`. Absolute: the Space's page on a Space, else the page the request came from."""
+    parameters = inspect.signature(fn).parameters
+    carried = {key: value for key, value in form.items() if key in parameters and value not in (None, "", [])}
+    query = urllib.parse.urlencode({"tab": tab, **carried}, doseq=True)
     if os.environ.get("SPACE_ID"):
         base = f"https://huggingface.co/spaces/{os.environ['SPACE_ID']}"
     elif request is not None and request.headers.get("referer"):
@@ -24,44 +29,57 @@ def share_link(tab: str, settings: dict, request: gr.Request | None = None) -> s
     return f"[🔗 Link to this result and its settings]({base}?{query})"
 
 
-def query_value(component, text: str):
-    """A setting read from a shared link, in the component's type; None when it does not fit the component."""
+def offered(component, value) -> bool:
+    """Whether a dropdown or radio offers `value` (any value fits a free component)."""
+    if not isinstance(component, (gr.Dropdown, gr.Radio)) or getattr(component, "allow_custom_value", False):
+        return True
+    values = [v for _, v in component.choices]
+    return all(v in values for v in value) if isinstance(value, list) else value in values
+
+
+def every_value(query, name: str) -> list:
+    """All values of a repeated query parameter (a multiselect's), from starlette's QueryParams or a plain dict."""
+    return query.getlist(name) if hasattr(query, "getlist") else [query[name]]
+
+
+def linked_values(query, fn, inputs: list, to_settings, to_form) -> list:
+    """The form values a link asks for, read through the settings record; a link that does not fit (a value out
+    of bounds, not offered, or not of its kind) leaves the form as it is, with a warning shown as text."""
+    names = list(inspect.signature(fn).parameters)[:len(inputs)]
+    defaults = dict(zip(names, [component.value for component in inputs]))
+    given = {name: every_value(query, name) if isinstance(defaults[name], list) else query[name]
+             for name in names if name in query}
+    if not given:
+        return list(defaults.values())
     try:
-        if isinstance(component, gr.Checkbox):
-            return text.lower() == "true"
-        if isinstance(component, (gr.Slider, gr.Number)):
-            number = float(text)
-            return int(number) if number.is_integer() else number
-    except ValueError:
-        return None
-    if isinstance(component, (gr.Dropdown, gr.Radio)) and not getattr(component, "allow_custom_value", False):
-        return next((value for _, value in component.choices if str(value) == text), None)  # ints too
-    return text
+        form = to_form(to_settings({**defaults, **given}))
+        values = {**defaults, **{name: form[name] for name in given if name in form}}
+        refused = [name for name, component in zip(names, inputs) if not offered(component, values[name])]
+        if refused:
+            raise ValueError(f"{', '.join(refused)} {'is' if len(refused) == 1 else 'are'} not offered here")
+    except ValueError as error:
+        gr.Warning(html.escape(f"This link's settings do not fit this app ({error}); the form keeps its values."))
+        return list(defaults.values())
+    return list(values.values())
 
 
 def restore(shareable: dict, request: gr.Request | None):
     """Page load: the settings of a shared link (?tab=...&model=...), and on the embedded models a first result so
-    nobody looks at empty boxes. Returns updates for the tabs, then each tab's inputs and outputs."""
-    query = dict(request.query_params) if request is not None else {}
+    nobody looks at empty boxes. `shareable`: tab -> (handler, inputs, outputs, form -> record, record -> form).
+    Returns updates for the tabs, then each tab's inputs and outputs."""
+    query = request.query_params if request is not None else {}
     tab = query.get("tab") if query.get("tab") in shareable else "text_to_image"
     updates = [gr.Tabs(selected=tab)]
-    for name, (fn, inputs, outputs) in shareable.items():
+    for name, (fn, inputs, outputs, to_settings, to_form) in shareable.items():
         if name != tab:
             updates += [gr.skip()] * (len(inputs) + len(outputs))
             continue
-        values = [component.value for component in inputs]
-        for i, (parameter, component) in enumerate(zip(inspect.signature(fn).parameters, inputs)):
-            if parameter in query:
-                value = query_value(component, query[parameter])
-                if value is None:
-                    gr.Warning(f"The link's {parameter}={query[parameter]!r} does not fit this app; kept {values[i]!r}.")
-                else:
-                    values[i] = value
+        values = linked_values(query, fn, inputs, to_settings, to_form)
         results = [gr.skip()] * len(outputs)
         if values[0] in EMBEDDED:  # fast; a hub model waits for the visitor's click (it may download gigabytes)
             try:
                 results = list(fn(*values, request=request))
             except gr.Error as error:
-                gr.Warning(f"The link's settings did not run: {error.message}")
+                gr.Warning(html.escape(f"The link's settings did not run: {error.message}"))
         updates += values + results
     return updates

@@ -74,3 +74,12 @@ def entry_for(name_or_source) -> CatalogModel | None:
             if path.resolve() == Path(model.source).resolve():
                 return model
     return None
+
+
+def recommended(source, pipe) -> dict:
+    """The sampling settings a model is meant to be used with: the catalog's for a model it lists, else its
+    family's (the scheduler then stays the model's own)."""
+    model = entry_for(source)
+    if model:
+        return dict(steps=model.steps, guidance_scale=model.guidance_scale, scheduler=model.scheduler)
+    return dict(steps=pipe.traits.steps, guidance_scale=pipe.traits.guidance_scale, scheduler=None)

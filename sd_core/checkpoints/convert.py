@@ -67,25 +67,34 @@ def _ldm_resnet(prefix_map: dict, ours: str, theirs: str):
         prefix_map[f"{ours}{a}"] = f"{theirs}{b}"
 
 
+def _ldm_encoder(prefix_map: dict, config):
+    """The LDM encoder half a UNet and a ControlNet share: time (and SDXL's label) embedding, conv_in, the
+    input_blocks numbered across levels (resnet .0, transformer .1, downsampler .0.op), the middle_block."""
+    n = len(config.block_out_channels)
+    layers = per_block(config.layers_per_block, n, "layers_per_block")
+    prefix_map.update({
+        "time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+        "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",
+        "conv_in.": "input_blocks.0.0.", "mid_block.attentions.0.": "middle_block.1."})
+    _ldm_resnet(prefix_map, "mid_block.resnets.0.", "middle_block.0.")
+    _ldm_resnet(prefix_map, "mid_block.resnets.1.", "middle_block.2.")
+    i = 1
+    for b in range(n):
+        for layer in range(layers[b]):
+            _ldm_resnet(prefix_map, f"down_blocks.{b}.resnets.{layer}.", f"input_blocks.{i}.0.")
+            prefix_map[f"down_blocks.{b}.attentions.{layer}."] = f"input_blocks.{i}.1."
+            i += 1
+        if b < n - 1:
+            prefix_map[f"down_blocks.{b}.downsamplers.0.conv."] = f"input_blocks.{i}.0.op."
+            i += 1
+
+
 def unet_rules(config) -> Rules:
     """LDM `model.diffusion_model.*`: input_blocks / middle_block / output_blocks, indexed across levels."""
     n = len(config.block_out_channels)
     layers = per_block(config.layers_per_block, n, "layers_per_block")
-    m = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
-         "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",
-         "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
-         "mid_block.attentions.0.": "middle_block.1."}
-    _ldm_resnet(m, "mid_block.resnets.0.", "middle_block.0.")
-    _ldm_resnet(m, "mid_block.resnets.1.", "middle_block.2.")
-    i = 1
-    for b in range(n):
-        for layer in range(layers[b]):
-            _ldm_resnet(m, f"down_blocks.{b}.resnets.{layer}.", f"input_blocks.{i}.0.")
-            m[f"down_blocks.{b}.attentions.{layer}."] = f"input_blocks.{i}.1."
-            i += 1
-        if b < n - 1:
-            m[f"down_blocks.{b}.downsamplers.0.conv."] = f"input_blocks.{i}.0.op."
-            i += 1
+    m = {"conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+    _ldm_encoder(m, config)
     j = 0
     for b in range(n):
         has_attention = config.up_block_types[b] == "CrossAttnUpBlock2D"
@@ -97,6 +106,23 @@ def unet_rules(config) -> Rules:
                 m[f"up_blocks.{b}.upsamplers.0.conv."] = f"output_blocks.{j}.{2 if has_attention else 1}.conv."
             j += 1
     return Rules(m, [], prefix="model.diffusion_model.")
+
+
+CONTROLNET_PREFIX = "control_model."
+
+
+def controlnet_rules(config) -> Rules:
+    """lllyasviel's ControlNet (cldm.py) `control_model.*`: the UNet's encoder numbering, the hint encoder
+    `input_hint_block` (a Sequential whose odd entries are SiLUs: convs at 0, 2, 4, ...), one zero conv per skip
+    `zero_convs.{i}.0` and `middle_block_out.0`. Files saved without the `control_model.` level are read too."""
+    m = {"controlnet_cond_embedding.conv_in.": "input_hint_block.0.", "controlnet_mid_block.": "middle_block_out.0."}
+    hint_convs = 2 * (len(config.conditioning_embedding_out_channels) - 1)
+    for k in range(hint_convs):
+        m[f"controlnet_cond_embedding.blocks.{k}."] = f"input_hint_block.{2 * k + 2}."
+    m["controlnet_cond_embedding.conv_out."] = f"input_hint_block.{2 * hint_convs + 2}."
+    _ldm_encoder(m, config)
+    renames = [(r"^controlnet_down_blocks\.(\d+)\.", r"zero_convs.\1.0.", {})]
+    return Rules(m, renames, prefix=CONTROLNET_PREFIX, alternative_prefixes=("",))
 
 
 def vae_rules(config, prefix: str = "first_stage_model.") -> Rules:

@@ -66,16 +66,19 @@ def attend(q, k, v, heads: int, mask=None, upcast: bool = False, backend: str = 
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     elif backend == "math":
-        scale = q.shape[-1] ** -0.5
-        scores = (q.float() @ k.float().transpose(-1, -2)) if upcast else (q @ k.transpose(-1, -2))
-        scores = scores * scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = scores.float().softmax(dim=-1) if upcast else scores.softmax(dim=-1)
-        out = probs.to(v.dtype) @ v
+        out = probabilities(q, k, mask, upcast).to(v.dtype) @ v
     else:
         raise ValueError(f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.")
     return out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3])
+
+
+def probabilities(q, k, mask=None, upcast: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) on (B, heads, N, d) tensors: the math path's attention weights (B, heads, N, M)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) if upcast else (q @ k.transpose(-1, -2))
+    scores = scores * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.float().softmax(dim=-1) if upcast else scores.softmax(dim=-1)
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
@@ -97,6 +100,7 @@ class Attention(nn.Module):
         inner_dim = heads * dim_head
         context_dim = cross_attention_dim or query_dim
         self.heads, self.upcast, self.attention_backend = heads, upcast, "sdpa"
+        self.recorder = None  # recorder(probabilities (B, heads, N, M)): set by an analysis (the Lab's DAAM)
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
@@ -104,9 +108,11 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        out = attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
-                     upcast=self.upcast, backend=self.attention_backend)
-        return self.to_out[0](out)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.recorder is not None:  # the weights as the math path computes them; the output is unchanged
+            self.recorder(probabilities(*(t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+                                          for t in (q, k)), upcast=self.upcast))
+        return self.to_out[0](attend(q, k, v, self.heads, upcast=self.upcast, backend=self.attention_backend))
 
 
 class ResnetBlock2D(nn.Module):

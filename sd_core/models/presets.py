@@ -73,3 +73,14 @@ SCHEDULER_DIT = {  # what diffusers' DiT conversion writes
     "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
     "beta_end": 0.02, "prediction_type": "epsilon", "clip_sample": False,
 }
+
+# ControlNets: the UNet's encoder settings plus the hint encoder's (diffusers' ControlNetModel fields).
+_CONTROLNET_FIELDS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "attention_head_dim",
+                      "cross_attention_dim", "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift",
+                      "downsample_padding", "act_fn", "use_linear_projection", "upcast_attention",
+                      "transformer_layers_per_block", "addition_embed_type", "addition_time_embed_dim",
+                      "projection_class_embeddings_input_dim")
+_HINT_ENCODER = {"conditioning_channels": 3, "conditioning_embedding_out_channels": [16, 32, 96, 256]}
+CONTROLNET_SD15 = {**{k: v for k, v in UNET_SD15.items() if k in _CONTROLNET_FIELDS}, **_HINT_ENCODER}  # lllyasviel/control_v11p_sd15_*
+CONTROLNET_SD21 = {**{k: v for k, v in UNET_SD21.items() if k in _CONTROLNET_FIELDS}, **_HINT_ENCODER}  # thibaud/controlnet-sd21
+CONTROLNET_SDXL = {**{k: v for k, v in UNET_SDXL_BASE.items() if k in _CONTROLNET_FIELDS}, **_HINT_ENCODER}  # diffusers/controlnet-canny-sdxl-1.0

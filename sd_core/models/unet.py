@@ -243,14 +243,18 @@ class UNet2DConditionModel(nn.Module):
             emb = emb + self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
         return emb
 
-    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None) -> torch.Tensor:
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
+                down_block_additional_residuals=None, mid_block_additional_residual=None) -> torch.Tensor:
+        """The two residuals are a ControlNet's outputs (diffusers' names): added to every skip and to the mid
+        block's output."""
         self.check_inputs(sample, encoder_hidden_states, added_cond_kwargs)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.time_conditioning(timestep, sample.shape[0], sample.dtype, sample.device, added_cond_kwargs)
-        return self.blocks(sample, emb, encoder_hidden_states)[0]
+        return self.blocks(sample, emb, encoder_hidden_states, down_block_additional_residuals,
+                           mid_block_additional_residual)[0]
 
-    def blocks(self, sample, emb, encoder_hidden_states):
+    def blocks(self, sample, emb, encoder_hidden_states, down_residuals=None, mid_residual=None):
         """conv_in, the down blocks (keeping their skips), the mid block, the up blocks, the output conv; also
         returns the last up block's input (the deep features DeepCache reuses, sd_core.fast.pipeline)."""
         x = self.conv_in(sample)
@@ -258,8 +262,16 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, block_skips = block(x, emb, encoder_hidden_states)
             skips.extend(block_skips)
+        if (down_residuals is None) != (mid_residual is None) or (down_residuals is not None
+                                                                  and len(down_residuals) != len(skips)):
+            raise ValueError(f"A ControlNet's residuals come as a pair: down_block_additional_residuals ("
+                             f"{len(skips)} tensors, one per skip) and mid_block_additional_residual; pass both.")
+        if down_residuals is not None:
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals)]
         if self.config.mid_block_type is not None:
             x = self.mid_block(x, emb, encoder_hidden_states)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks[:-1]:
             x = block(x, skips, emb, encoder_hidden_states)
         deep = x

@@ -6,21 +6,27 @@ import torch
 
 from sd_core.checkpoints.pipeline_classes import StableDiffusionPipeline
 from sd_core.pipelines.offload import execution_device
-from sd_core.pipelines.prompt_syntax import (conditioning_states, encode_weighted_prompt, encode_weighted_prompt_sdxl)
+from sd_core.pipelines.prompt_syntax import conditioning_states, encode_weighted_prompt, encode_weighted_prompt_sdxl
+from sd_core.pipelines.settings import PROMPT_SYNTAXES
 from sd_core.tokenizer import CLIPTokenizer
 
-PROMPT_SYNTAXES = ("plain", "a1111")
+
+def dropped_text(tokenizer: CLIPTokenizer, prompt: str) -> str:
+    """The part of a prompt past CLIP's window (77 tokens with start and end), which plain syntax ignores as
+    diffusers does; "" when the prompt fits."""
+    tokens = tokenizer.tokenize(prompt)
+    room = tokenizer.model_max_length - 2
+    return tokenizer.decode(tokens[room:]) if len(tokens) > room else ""
 
 
 def encode_text(tokenizer: CLIPTokenizer, prompts: list[str], device) -> torch.Tensor:
     """Padded ids of each prompt, warning (with the dropped text) when one is truncated."""
-    tokens = [tokenizer.tokenize(prompt) for prompt in prompts]
-    room = tokenizer.model_max_length - 2
-    for prompt_tokens in tokens:
-        if len(prompt_tokens) > room:
+    for prompt in prompts:
+        dropped = dropped_text(tokenizer, prompt)
+        if dropped:
             warnings.warn(f"The prompt is longer than CLIP's {tokenizer.model_max_length} tokens and was truncated; "
-                          f"this part was ignored: {tokenizer.decode(prompt_tokens[room:])!r}", stacklevel=3)
-    return tokenizer.pad(tokens).to(device)
+                          f"this part was ignored: {dropped!r}", stacklevel=3)
+    return tokenizer.pad([tokenizer.tokenize(prompt) for prompt in prompts]).to(device)
 
 
 def embed_text(pipe: StableDiffusionPipeline, texts: list[str], clip_skip: int = 0):
@@ -94,28 +100,41 @@ def as_list(prompt, what: str) -> list[str]:
 
 
 
+def time_ids(pipe: StableDiffusionPipeline, size: tuple[int, int], original_size=None, crops_coords_top_left=(0, 0),
+             target_size=None, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5) -> tuple:
+    """SDXL's micro-conditioning ids, (positive, negative): original size + crop corner + target size (the base, 6
+    numbers), or original size + crop corner + aesthetic score (the refiner, 5 numbers), whose negative carries
+    negative_aesthetic_score and diffusers' default negative crop corner (0, 0), as its SDXL img2img pipeline
+    does."""
+    original_size = tuple(original_size or size)
+    crops = tuple(crops_coords_top_left)
+    if pipe.traits.requires_aesthetics_score:
+        return original_size + crops + (aesthetic_score,), original_size + (0, 0) + (negative_aesthetic_score,)
+    ids = original_size + crops + tuple(target_size or size)
+    return ids, ids
+
+
+def pooled_width(pipe: StableDiffusionPipeline) -> int:
+    """The width of the pooled text embedding SDXL's add_embedding takes beside the embedded time ids."""
+    c = pipe.unet.config
+    return c.projection_class_embeddings_input_dim - len(time_ids(pipe, (0, 0))[0]) * c.addition_time_embed_dim
+
+
 def added_conditioning(pipe: StableDiffusionPipeline, pooled: torch.Tensor | None, rows: int, guided: bool,
                        size: tuple[int, int], original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                        aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5) -> dict | None:
     """SDXL's `added_cond_kwargs` for a batch of `rows` UNet rows ([uncond, cond] halves when guided): the
-    pooled text embeddings and the micro-conditioning time ids, original size + crop corner + target size
-    (base, 6 numbers), or original size + crop corner + aesthetic score (the refiner, 5 numbers), whose
-    unconditional half carries negative_aesthetic_score and diffusers' default negative crop corner (0, 0), as
-    its SDXL img2img pipeline does. None for models without them (SD 1.x/2.x)."""
+    pooled text embeddings and the micro-conditioning time ids (see `time_ids`). None for models without them
+    (SD 1.x/2.x)."""
     if pipe.unet.config.addition_embed_type != "text_time":
         return None
     device = execution_device(pipe.unet)
-    original_size = tuple(original_size or size)
-    crops = tuple(crops_coords_top_left)
-    if pipe.traits.requires_aesthetics_score:
-        ids = original_size + crops + (aesthetic_score,)
-        negative_ids = original_size + (0, 0) + (negative_aesthetic_score,)
-    else:
-        ids = negative_ids = original_size + crops + tuple(target_size or size)
+    ids, negative_ids = time_ids(pipe, size, original_size, crops_coords_top_left, target_size, aesthetic_score,
+                                 negative_aesthetic_score)
     ids = torch.tensor([ids], dtype=pooled.dtype, device=device)
     if guided:
         negative_ids = torch.tensor([negative_ids], dtype=pooled.dtype, device=device)
-        time_ids = torch.cat([negative_ids.repeat(rows // 2, 1), ids.repeat(rows // 2, 1)])
+        batch_ids = torch.cat([negative_ids.repeat(rows // 2, 1), ids.repeat(rows // 2, 1)])
     else:
-        time_ids = ids.repeat(rows, 1)
-    return {"text_embeds": pooled, "time_ids": time_ids}
+        batch_ids = ids.repeat(rows, 1)
+    return {"text_embeds": pooled, "time_ids": batch_ids}

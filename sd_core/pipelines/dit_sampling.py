@@ -3,14 +3,24 @@ latent channels, through the shared loop (sd_core.pipelines.sampling.denoise).""
 import torch
 
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
-from sd_core.pipelines.metadata import tag
 from sd_core.noise import randn_tensor
+from sd_core.pipelines.metadata import tag
 from sd_core.pipelines.offload import execution_device
-from sd_core.pipelines.sampling import (GenerationResult, StepCallback, check_common, check_finite, decode, denoise, display_name,
-                       dtype_of, guide, image_seeds, resolve_seed, scheduler_name)
+from sd_core.pipelines.sampling import (
+    GenerationResult,
+    StepCallback,
+    check_finite,
+    decode,
+    denoise,
+    display_name,
+    dtype_of,
+    guide,
+    image_seeds,
+    resolve_seed,
+    scheduler_name,
+)
+from sd_core.pipelines.settings import GUIDED_CHANNELS, DiTSettings, split_settings  # noqa: F401
 from sd_core.schedulers import make_scheduler
-
-GUIDED_CHANNELS = ("all", "first3")
 
 
 def class_ids(pipe: DiTPipeline, labels) -> list[int]:
@@ -42,17 +52,14 @@ def class_ids(pipe: DiTPipeline, labels) -> list[int]:
 
 
 @torch.no_grad()
-def dit_sample(pipe: DiTPipeline, class_labels, *, guidance_scale: float = 4.0, steps: int = 25,
-               scheduler: str | None = None, seed: int | None = None, guided_channels: str = "all",
-               seed_per_image: bool = False, callback: StepCallback | None = None) -> GenerationResult:
-    """Class-conditional sampling. Guidance is on all latent channels (diffusers) or, with
-    guided_channels="first3", on the first three only, as the original DiT code does. A learned-sigma
+def generate_dit(pipe: DiTPipeline, settings: DiTSettings, callback: StepCallback | None = None) -> GenerationResult:
+    """Class-conditional sampling, one image per class label. Guidance is on all latent channels (diffusers) or,
+    with guided_channels="first3", on the first three only, as the original DiT code does. A learned-sigma
     model's variance channels reach the sampler (DDPM samples with them; the others ignore them).
     seed_per_image: image k uses seed + k (A1111's rule), as in `generate`; default: diffusers' one generator."""
-    if guided_channels not in GUIDED_CHANNELS:
-        raise ValueError(f"guided_channels must be one of {GUIDED_CHANNELS}; got {guided_channels!r}.")
-    labels = class_ids(pipe, class_labels if isinstance(class_labels, (list, tuple)) else [class_labels])
-    check_common(steps, guidance_scale, len(labels))
+    labels = class_ids(pipe, list(settings.class_labels))
+    steps, guidance_scale, seed_per_image = settings.steps, settings.guidance_scale, settings.seed_per_image
+    guided_channels, scheduler, seed = settings.guided_channels, settings.scheduler, settings.seed
     c = pipe.transformer.config
     seed = resolve_seed(seed)
     seeds = image_seeds(seed, len(labels), seed_per_image)
@@ -85,3 +92,12 @@ def dit_sample(pipe: DiTPipeline, class_labels, *, guidance_scale: float = 4.0, 
                   "guidance_scale": guidance_scale, "guided_channels": guided_channels,
                   "seed_per_image": seed_per_image, "model": display_name(pipe.source), "family": pipe.family}
     return GenerationResult(tag(decode(pipe.vae, x), parameters, seeds), x, parameters)
+
+
+def dit_sample(pipe: DiTPipeline, class_labels, *, callback: StepCallback | None = None, **options) -> GenerationResult:
+    """generate_dit() with the settings as keywords (guidance_scale=4.0, steps=25, seed=..., guided_channels=...)."""
+    fields, unknown = split_settings(DiTSettings, options)
+    if unknown:
+        raise TypeError(f"dit_sample takes no {', '.join(sorted(unknown))}.")
+    labels = tuple(class_labels) if isinstance(class_labels, (list, tuple)) else (class_labels,)
+    return generate_dit(pipe, DiTSettings(class_labels=labels, **fields), callback)

@@ -12,30 +12,56 @@ Text conditioning lives in sd_core.pipelines.conditioning, the loop and its help
 inputs in sd_core.pipelines.inpainting, DiT sampling in sd_core.pipelines.dit_sampling; their public names are importable from here.
 """
 import dataclasses
+import itertools
 import math
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sd_core.pipelines import inpainting
 from sd_core.checkpoints.pipeline_classes import StableDiffusionPipeline
-from sd_core.pipelines.conditioning import (PROMPT_SYNTAXES, added_conditioning, as_list, embed_text, embed_weighted_text,  # noqa: F401
-                           encode_prompt, encode_text)
-from sd_core.pipelines.dit_sampling import GUIDED_CHANNELS, class_ids, dit_sample  # noqa: F401
-from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
-from sd_core.pipelines.image_io import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
-from sd_core.pipelines.metadata import tag
-from sd_core.noise import randn_tensor
-from sd_core.pipelines.lora import apply_loras, load_lora
-from sd_core.pipelines.offload import execution_device
-from sd_core.pipelines.sampling import (DEFAULT_SCHEDULER, MAX_SEED, GenerationResult, StepCallback, check_common,  # noqa: F401
-                       check_finite, check_size, cut_schedule, decode, denoise, display_name, dtype_of, guide,
-                       image_seeds, resolve_seed, scheduler_name)
-from sd_core.schedulers import make_scheduler
 from sd_core.models.vae import AutoencoderKL
+from sd_core.noise import randn_tensor
+from sd_core.pipelines import inpainting
+from sd_core.pipelines.controlnet import prepare_control
+from sd_core.pipelines.conditioning import (  # noqa: F401
+    PROMPT_SYNTAXES,
+    added_conditioning,
+    as_list,
+    embed_text,
+    embed_weighted_text,
+    encode_prompt,
+    encode_text,
+)
+from sd_core.pipelines.dit_sampling import GUIDED_CHANNELS, class_ids, dit_sample  # noqa: F401
+from sd_core.pipelines.image_io import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
+from sd_core.pipelines.lora import apply_loras, load_lora
+from sd_core.pipelines.metadata import tag
+from sd_core.pipelines.offload import execution_device
+from sd_core.pipelines.sampling import (
+    GenerationResult,
+    StepCallback,
+    check_finite,
+    check_size,
+    cut_schedule,
+    decode,
+    denoise,
+    display_name,
+    dtype_of,
+    guide,
+    image_seeds,
+    resolve_seed,
+    scheduler_name,
+)
+from sd_core.pipelines.settings import GenerationSettings, split_settings
+from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
+from sd_core.schedulers import make_scheduler
 
 OUTPUT_TYPES = ("pil", "latent")
+SDXL_ONLY = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score",
+             "denoising_start", "denoising_end", "high_noise_frac")
+APP_ONLY = ("loras", "embeddings", "refiner", "fast", "deepcache", "tome")  # recorded only when used
+CONTROL_ONLY = ("controlnets", "guess_mode")  # recorded only with a ControlNet
 
 
 def customize(pipe, loras=(), embeddings=(), allow_pickle: bool = False) -> list[str]:
@@ -80,34 +106,85 @@ def start_image(pipe, image, mask):
 
 
 @torch.no_grad()
-def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, image=None, mask=None,
-             strength: float = 0.8, height: int | None = None, width: int | None = None, steps: int = 30,
-             guidance_scale: float = 7.5, guidance_rescale: float = 0.0, scheduler: str | None = None,
-             seed: int | None = None, images_per_prompt: int = 1, latents: torch.Tensor | None = None,
-             eta: float = 0.0, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
-             aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-             denoising_start: float | None = None, denoising_end: float | None = None,
-             prompt_syntax: str = "plain", clip_skip: int = 0, seed_per_image: bool = False,
-             output_type: str = "pil", callback: StepCallback | None = None) -> GenerationResult:
-    """Text to image; image to image when `image` is given (then `strength` in [0, 1] says how much to
-    change); inpainting when a `mask` is given too (white: paint, black: keep; see `inpaint`). `eta` is DDIM's
-    (0: deterministic); other samplers ignore it.
+def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, image=None, mask=None,
+             latents: torch.Tensor | None = None, output_type: str = "pil", callback: StepCallback | None = None,
+             control=None) -> GenerationResult:
+    """Text to image; image to image when `image` is given (then `settings.strength` in [0, 1] says how much to
+    change); inpainting when a `mask` is given too (white: paint, black: keep; see `inpaint`). The settings'
+    LoRAs and embeddings are the caller's to apply (they are recorded in the metadata); the rest decide the run.
 
     prompt_syntax "plain" encodes as diffusers does (one 77-token window, brackets are text); "a1111" reads
-    AUTOMATIC1111's weights, BREAK and long prompts (sd_core.pipelines.prompt_syntax). clip_skip counts as diffusers counts it
-    (0: the family's usual layer; 1: one layer earlier) and applies to the negative prompt as well.
+    AUTOMATIC1111's weights, BREAK and long prompts (sd_core.pipelines.prompt_syntax). clip_skip counts as
+    diffusers counts it (0: the family's usual layer; 1: one layer earlier), for the negative prompt as well.
 
-    seed_per_image=False (the default, diffusers' rule, which the parity tests pin) draws the whole batch's noise
-    from one generator; True is A1111's rule: image k uses seed + k and is the image a single run with that
-    seed makes. Each image's metadata carries its own seed; `result.parameters` carries the first.
+    seed_per_image=False (diffusers' rule, which the parity tests pin) draws the whole batch's noise from one
+    generator; True is A1111's rule: image k uses seed + k and is the image a single run with that seed makes.
+    Each image's metadata carries its own seed; `result.parameters` carries the first.
 
     SDXL's ensemble of experts (see `refine`): denoising_end stops at that fraction of the noise schedule, and
     output_type="latent" returns the latents undecoded (no images); `image` may then be those latents, and
-    denoising_start resumes there, adding no noise. aesthetic_score/negative_aesthetic_score condition a model
-    whose family requires them (the SDXL refiner)."""
-    prompts, negatives = prompt_lists(prompt, negative_prompt)
-    batch = len(prompts) * images_per_prompt
-    check_common(steps, guidance_scale, batch)
+    denoising_start resumes there, adding no noise.
+
+    `control`: one (ControlNetModel, image) pair per `settings.controlnets` entry (sd_core.pipelines.controlnet);
+    each image is stretched to the output size as diffusers does."""
+    s = settings if settings.strength is not None or image is None else settings.replace(strength=0.8)
+    prompts, negatives = prompt_lists(s.prompt, s.negative_prompt)
+    batch = len(prompts) * s.images_per_prompt
+    check_inputs(pipe, image, mask, output_type)
+    height, width = s.height, s.width
+    if image is not None:
+        image, mask, height, width = start_image(pipe, image, mask)
+    height, width = height or pipe.default_size, width or pipe.default_size
+    check_size(pipe, height, width)
+    seed = resolve_seed(s.seed)
+    seeds = image_seeds(seed, batch, s.seed_per_image)
+    generators = [torch.Generator("cpu").manual_seed(one) for one in seeds]
+    name = scheduler_name(pipe.scheduler_config, s.scheduler)
+    sampler = make_scheduler(name, pipe.scheduler_config, eta=s.eta)
+    cut_strength = s.strength if image is not None and s.denoising_start is None else 1.0
+    states = [cut_schedule(sampler, sampler.set_timesteps(s.steps, cut_strength), s.denoising_start,
+                           s.denoising_end) for _ in seeds]
+    guided = s.guidance_scale > 1
+    dtype = dtype_of(pipe.unet)
+    control = prepare_control(pipe, s, control, len(prompts), (height, width), guided, len(states[0].timesteps))
+
+    embeddings, pooled = encode_prompt(pipe, prompts, negatives, guided, s.prompt_syntax, s.clip_skip)
+    embeddings = embeddings.repeat_interleave(s.images_per_prompt, dim=0).to(dtype)
+    pooled = None if pooled is None else pooled.repeat_interleave(s.images_per_prompt, dim=0).to(dtype)
+    added = added_conditioning(pipe, pooled, embeddings.shape[0], guided, (height, width), s.original_size,
+                               s.crops_coords_top_left, s.target_size, s.aesthetic_score, s.negative_aesthetic_score)
+    x, painting = initial_latents(pipe, s, sampler, states, generators, batch, (height, width), image, mask, latents)
+
+    predict = predictor(pipe, s, guided, embeddings, added, painting, control)
+    blend = None if painting is None or painting.image_latents is None else \
+        lambda i, latents: painting.blend(sampler, states[0], i, latents)
+    x = denoise(sampler, states if s.seed_per_image else states[0], x, predict,
+                generators if s.seed_per_image else generators[0], callback, blend)
+    check_finite(x, "the latents after denoising (UNet)")
+    ran = s.replace(prompt=prompts, negative_prompt=negatives, seed=seed, scheduler=name, height=height, width=width,
+                    strength=s.strength if image is not None and s.denoising_start is None else None)
+    parameters = run_parameters(pipe, ran, inpaint=mask is not None)
+    images = tag(decode(pipe.vae, x), parameters, seeds) if output_type == "pil" else []
+    return GenerationResult(images, x, parameters)
+
+
+def predictor(pipe, s: GenerationSettings, guided: bool, embeddings, added, painting, control):
+    """The loop's `predict(model_input, t)`: the UNet's prediction, guided, with inpainting's extra channels and
+    the ControlNets' residuals for the step (one call per step, so the calls count the steps)."""
+    step = itertools.count()
+
+    def predict(model_input, t):
+        residuals = {} if control is None else control.residuals(model_input, t, next(step), embeddings, added)
+        if painting is not None:
+            model_input = painting.model_input(model_input)
+        if not guided:
+            return pipe.unet(model_input, t, embeddings, added, **residuals)
+        uncond, cond = pipe.unet(torch.cat([model_input] * 2), t, embeddings, added, **residuals).chunk(2)
+        return guide(uncond, cond, s.guidance_scale, s.guidance_rescale)
+    return predict
+
+
+def check_inputs(pipe, image, mask, output_type: str):
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}.")
     if mask is not None and image is None:
@@ -115,124 +192,126 @@ def generate(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, *, ima
     if mask is None and pipe.unet.config.in_channels == inpainting.INPAINT_CHANNELS:
         raise ValueError("This is an inpainting model (a 9-channel UNet): give it an image and a mask (inpaint(), "
                          "or --init-image and --mask).")
-    if image is not None:
-        image, mask, height, width = start_image(pipe, image, mask)
-    height = pipe.default_size if height is None else height
-    width = pipe.default_size if width is None else width
-    check_size(pipe, height, width)
-    seed = resolve_seed(seed)
-    seeds = image_seeds(seed, batch, seed_per_image)
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    name = scheduler_name(pipe.scheduler_config, scheduler)
-    sampler = make_scheduler(name, pipe.scheduler_config, eta=eta)
-    cut_strength = strength if image is not None and denoising_start is None else 1.0
-    states = [cut_schedule(sampler, sampler.set_timesteps(steps, cut_strength), denoising_start, denoising_end)
-              for _ in seeds]
-    guided = guidance_scale > 1
+
+
+def initial_latents(pipe, s: GenerationSettings, sampler, states, generators, batch: int, size: tuple, image, mask,
+                    latents):
+    """The latents the loop starts from (and inpainting's state, else None), each generator drawing as diffusers
+    draws: pure noise; given latents; an image encoded (posterior sampled) then noised to the first step; a base
+    model's latents for the refiner (noised unless resuming at denoising_start); or inpainting's start."""
     device, dtype = execution_device(pipe.unet), dtype_of(pipe.unet)
-
-    embeddings, pooled = encode_prompt(pipe, prompts, negatives, guided, prompt_syntax, clip_skip)
-    embeddings = embeddings.repeat_interleave(images_per_prompt, dim=0).to(dtype)
-    pooled = None if pooled is None else pooled.repeat_interleave(images_per_prompt, dim=0).to(dtype)
-    added = added_conditioning(pipe, pooled, embeddings.shape[0], guided, (height, width), original_size,
-                               crops_coords_top_left, target_size, aesthetic_score, negative_aesthetic_score)
-
-    rows = batch // len(seeds)
-    shape = (rows, pipe.vae.config.latent_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    painting = None
+    rows = batch // len(generators)
+    factor = pipe.vae_scale_factor
+    shape = (rows, pipe.vae.config.latent_channels, size[0] // factor, size[1] // factor)
+    resume = s.denoising_start is not None
     if mask is not None:  # encoded once; each generator draws as diffusers' inpainting does
-        x, painting = inpainting.prepare(pipe, sampler, states, image, mask, rows, strength, generators, dtype, device)
-    elif isinstance(image, torch.Tensor):  # latents (a base model's, for the refiner); noised unless resuming
+        return inpainting.prepare(pipe, sampler, states, image, mask, rows, s.strength, generators, dtype, device)
+    if isinstance(image, torch.Tensor):  # latents (a base model's, for the refiner)
         given = image.to(device=device, dtype=dtype)
         given = given if given.shape[0] == batch else given.repeat(batch // given.shape[0], 1, 1, 1)
-        x = torch.cat([x0 if denoising_start is not None else
-                       sampler.add_noise_at_start(state, x0, randn_tensor(shape, generator, dtype, device))
-                       for x0, generator, state in zip(given.chunk(len(seeds)), generators, states)])
-    elif image is not None:  # encode (sampling the posterior) then noise to the first step, as diffusers does
+        return torch.cat([x0 if resume else sampler.add_noise_at_start(state, x0, randn_tensor(shape, g, dtype, device))
+                          for x0, g, state in zip(given.chunk(len(generators)), generators, states)]), None
+    if image is not None:
         posterior = pipe.vae.encode(image_to_tensor(image, dtype_of(pipe.vae), device))
         x = []
         for generator, state in zip(generators, states):
             x0 = (pipe.vae.config.scaling_factor * posterior.sample(generator)).to(dtype).repeat(rows, 1, 1, 1)
-            x.append(x0 if denoising_start is not None else
+            x.append(x0 if resume else
                      sampler.add_noise_at_start(state, x0, randn_tensor(shape, generator, dtype, device)))
-        x = torch.cat(x)
-    elif latents is not None:
+        return torch.cat(x), None
+    if latents is not None:
         if tuple(latents.shape) != (batch, *shape[1:]):
             raise ValueError(f"latents must have shape {(batch, *shape[1:])}; got {tuple(latents.shape)}.")
-        x = latents.to(device=device, dtype=dtype) * states[0].init_noise_sigma
-    else:
-        x = torch.cat([randn_tensor(shape, generator, dtype, device) for generator in generators])
-        x = x * states[0].init_noise_sigma
+        return latents.to(device=device, dtype=dtype) * states[0].init_noise_sigma, None
+    x = torch.cat([randn_tensor(shape, generator, dtype, device) for generator in generators])
+    return x * states[0].init_noise_sigma, None
 
-    def predict(model_input, t):
-        if painting is not None:
-            model_input = painting.model_input(model_input)
-        if not guided:
-            return pipe.unet(model_input, t, embeddings, added)
-        uncond, cond = pipe.unet(torch.cat([model_input] * 2), t, embeddings, added).chunk(2)
-        return guide(uncond, cond, guidance_scale, guidance_rescale)
 
-    blend = None if painting is None or painting.image_latents is None else \
-        lambda i, latents: painting.blend(sampler, states[0], i, latents)
-    x = denoise(sampler, states if seed_per_image else states[0], x, predict,
-                generators if seed_per_image else generators[0], callback, blend)
-    check_finite(x, "the latents after denoising (UNet)")
-    parameters = {"prompt": prompts, "negative_prompt": negatives, "seed": seed, "steps": steps,
-                  "scheduler": name, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
-                  "height": height, "width": width, "images_per_prompt": images_per_prompt,
-                  "strength": strength if image is not None and denoising_start is None else None,
-                  "prompt_syntax": prompt_syntax, "clip_skip": clip_skip, "seed_per_image": seed_per_image,
-                  "model": display_name(pipe.source), "family": pipe.family}
-    if mask is not None:
+def run_parameters(pipe, ran: GenerationSettings, inpaint: bool = False) -> dict:
+    """What a finished run records (PNG metadata, the API's JSON): the settings as they ran (seed drawn, scheduler
+    and size resolved), the model's display name and family; SDXL-only fields only where they applied."""
+    parameters = {key: value for key, value in ran.to_dict().items()
+                  if key not in SDXL_ONLY + APP_ONLY + CONTROL_ONLY}
+    parameters.update(model=display_name(pipe.source), family=pipe.family)
+    for key in ("loras", "embeddings", "refiner"):
+        if getattr(ran, key):
+            parameters[key] = ran.to_dict()[key]
+    if ran.controlnets:  # named as the model is, never by a server's path
+        parameters.update(controlnets=[[display_name(name), *rest] for name, *rest in ran.controlnets],
+                          guess_mode=ran.guess_mode)
+    if inpaint:
         parameters["inpaint"] = True
-    for key, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
-        if value is not None:
-            parameters[key] = value
+    for key in ("denoising_start", "denoising_end"):
+        if getattr(ran, key) is not None:
+            parameters[key] = getattr(ran, key)
     if pipe.traits.requires_aesthetics_score:
-        parameters.update(aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
-    images = tag(decode(pipe.vae, x), parameters, seeds) if output_type == "pil" else []
-    return GenerationResult(images, x, parameters)
+        parameters.update(aesthetic_score=ran.aesthetic_score, negative_aesthetic_score=ran.negative_aesthetic_score)
+    return parameters
 
 
-def text_to_image(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, **kwargs) -> GenerationResult:
-    if "image" in kwargs:
+def settings_and_inputs(prompt, negative_prompt, options: dict) -> tuple[GenerationSettings, dict]:
+    """The keyword API (text_to_image(pipe, prompt, steps=20, ...)) as a record and the inputs beside it."""
+    fields, inputs = split_settings(GenerationSettings, options)
+    unknown = set(inputs) - {"image", "mask", "latents", "output_type", "callback", "control"}
+    if unknown:
+        raise TypeError(f"Unknown argument{'s' * (len(unknown) > 1)} {', '.join(sorted(unknown))}.")
+    return GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, **fields), inputs
+
+
+def text_to_image(pipe: StableDiffusionPipeline, prompt, negative_prompt=None, **options) -> GenerationResult:
+    """generate() with the settings as keywords (steps=20, seed=7, ...)."""
+    if "image" in options:
         raise TypeError("text_to_image takes no image; use image_to_image.")
-    return generate(pipe, prompt, negative_prompt, **kwargs)
+    settings, inputs = settings_and_inputs(prompt, negative_prompt, options)
+    return generate(pipe, settings, **inputs)
 
 
 def image_to_image(pipe: StableDiffusionPipeline, image, prompt, negative_prompt=None, strength: float = 0.8,
-                   **kwargs) -> GenerationResult:
-    return generate(pipe, prompt, negative_prompt, image=image, strength=strength, **kwargs)
+                   **options) -> GenerationResult:
+    settings, inputs = settings_and_inputs(prompt, negative_prompt, dict(options, strength=strength))
+    return generate(pipe, settings, image=image, **inputs)
 
 
 def inpaint(pipe: StableDiffusionPipeline, image, mask, prompt, negative_prompt=None, strength: float = 1.0,
-            **kwargs) -> GenerationResult:
+            **options) -> GenerationResult:
     """Repaint the white region of `mask` (a grayscale image, binarized at 0.5, of the image's size or resized to
     it) and keep the black one, as diffusers' StableDiffusionInpaintPipeline does: an inpainting model (9-channel
     UNet) sees the mask and the masked image's latents; an ordinary model gets the known region put back, noised
-    to the current level, after every step (sd_core.pipelines.inpainting). strength < 1 starts from the noised image."""
-    return generate(pipe, prompt, negative_prompt, image=image, mask=mask, strength=strength, **kwargs)
+    to the current level, after every step (sd_core.pipelines.inpainting). strength < 1 starts from the noised
+    image."""
+    settings, inputs = settings_and_inputs(prompt, negative_prompt, dict(options, strength=strength))
+    return generate(pipe, settings, image=image, mask=mask, **inputs)
 
 
 @torch.no_grad()
-def refine(base: StableDiffusionPipeline, refiner: StableDiffusionPipeline, prompt, negative_prompt=None, *,
-           high_noise_frac: float = 0.8, steps: int = 40, seed: int | None = None, **kwargs) -> GenerationResult:
+def refine_run(base: StableDiffusionPipeline, refiner: StableDiffusionPipeline, settings: GenerationSettings,
+               callback: StepCallback | None = None) -> GenerationResult:
     """SDXL's ensemble of expert denoisers: the base runs the first `high_noise_frac` of the noise schedule
     (denoising_end) and hands its latents to the refiner, which runs the rest (denoising_start) with its own
     conditioning (aesthetic scores). Both sample `steps` over the whole schedule and each draws from a generator
     seeded with `seed`, as two diffusers calls given `torch.Generator().manual_seed(seed)` each do."""
     if not refiner.traits.requires_aesthetics_score and refiner.family != base.family:
         raise ValueError(f"The refiner must be an SDXL refiner or a model of the base's family; got {refiner.family}.")
-    seed = resolve_seed(seed)
-    first = generate(base, prompt, negative_prompt, steps=steps, seed=seed, denoising_end=high_noise_frac,
-                     output_type="latent", **kwargs)
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("height", "width", "latents")}
-    second = generate(refiner, prompt, negative_prompt, image=first.latents, steps=steps, seed=seed,
-                      denoising_start=high_noise_frac, output_type="latent", **kwargs)
+    settings = settings.replace(seed=resolve_seed(settings.seed))
+    first = generate(base, settings.replace(denoising_end=settings.high_noise_frac), output_type="latent",
+                     callback=callback)
+    second = generate(refiner, settings.replace(denoising_start=settings.high_noise_frac, height=None, width=None),
+                      image=first.latents, output_type="latent", callback=callback)
     parameters = {**second.parameters, "model": first.parameters["model"], "refiner": second.parameters["model"],
-                  "high_noise_frac": high_noise_frac}
-    seeds = image_seeds(seed, len(second.latents), kwargs.get("seed_per_image", False))
+                  "high_noise_frac": settings.high_noise_frac}
+    seeds = image_seeds(settings.seed, len(second.latents), settings.seed_per_image)
     return GenerationResult(tag(decode(refiner.vae, second.latents), parameters, seeds), second.latents, parameters)
+
+
+def refine(base: StableDiffusionPipeline, refiner: StableDiffusionPipeline, prompt, negative_prompt=None, *,
+           high_noise_frac: float = 0.8, steps: int = 40, **options) -> GenerationResult:
+    """refine_run() with the settings as keywords."""
+    settings, inputs = settings_and_inputs(prompt, negative_prompt,
+                                           dict(options, high_noise_frac=high_noise_frac, steps=steps))
+    if set(inputs) - {"callback"}:
+        raise TypeError(f"refine takes no {', '.join(sorted(set(inputs) - {'callback'}))}.")
+    return refine_run(base, refiner, settings, **inputs)
+
 
 def preview(pipe, x0: torch.Tensor, size: int = 128) -> Image.Image:
     """A small picture of a predicted x0 (latents), decoded by the VAE, for progress and trajectory views."""

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd_core.pipelines.image_io import image_to_tensor, open_image, to_grey
 from sd_core.noise import randn_tensor
+from sd_core.pipelines.image_io import image_to_tensor, open_image, to_grey
 from sd_core.schedulers import SamplingState, Scheduler
 
 INPAINT_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from sd_core.pipelines.settings import DiTSettings, GenerationSettings
+from sd_core.schedulers import DISPLAY_NAMES
+
+
 def tag(images: list, parameters: dict, seeds: list[int] | None = None) -> list:
     """Attach each image's parameters: its own seed (`seeds`: one per image, or one for the whole batch) and its
     index in the batch, as sd_core's JSON (info["sd_core"]) and as A1111's infotext (info["parameters"])."""
@@ -43,11 +47,42 @@ def format_number(value) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+# sd-webui-controlnet adds one field per enabled unit, "ControlNet <i>", whose value is the unit's own "Key: value"
+# pairs joined by ", " (scripts/infotext.py `serialize_unit`: ControlNetUnit's fields in order, the names
+# capitalised). sd_core writes the ones it has; its guess mode is written as the extension's nearest control mode.
+CONTROLNET_FIELD = re.compile(r"ControlNet (\d+)$")
+A1111_MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert"}
+GUESS_MODE = "ControlNet is more important"
+MODEL_HASH = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # the extension's " [d14c016b]" after a model's name
+
+
+def controlnet_model_label(name: str) -> str:
+    """A ControlNet's name as the extension writes it: the file's or folder's name without its extension, and
+    without the commas and colons its unit format cannot hold."""
+    label = re.split(r"[\\/]", name.rstrip("/\\"))[-1]
+    label = re.sub(r"\.(safetensors|pth|ckpt|bin|pt)$", "", label)
+    return re.sub(r"[,:]", " ", label).strip()
+
+
+def a1111_controlnet_units(parameters: dict) -> dict:
+    """{"ControlNet 0": "Module: canny, Model: ..., Weight: 1.0, ...", ...}: a unit's value as the extension's
+    serializer writes it (stretching to the output size is its "Just Resize"; Canny's thresholds are 100, 200)."""
+    fields = {}
+    for index, (name, preprocessor, scale, start, end) in enumerate(parameters.get("controlnets") or ()):
+        unit = {"Module": preprocessor, "Model": controlnet_model_label(name), "Weight": float(scale),
+                "Resize Mode": "Just Resize"}
+        if preprocessor == "canny":
+            unit.update({"Threshold A": 100.0, "Threshold B": 200.0})
+        unit.update({"Guidance Start": float(start), "Guidance End": float(end),
+                     "Control Mode": GUESS_MODE if parameters.get("guess_mode") else "Balanced"})
+        fields[f"ControlNet {index}"] = ", ".join(f"{key}: {value}" for key, value in unit.items())
+    return fields
+
+
 def a1111_parameters(parameters: dict) -> str:
     """The infotext A1111 writes for one image of `parameters` (generate()'s or dit_sample()'s, with the image's
     `batch_index`). Clip skip is A1111's count (1: the last layer), diffusers' clip_skip + 1. Keys A1111 lacks
     are sd_core's own ("Prompt syntax" when the prompt is plain text, "Guidance rescale", "Class")."""
-    from sd_core.schedulers import DISPLAY_NAMES
     index = parameters.get("batch_index", 0)
     per_prompt = parameters.get("images_per_prompt") or 1
     if "class_labels" in parameters:  # DiT: the class name is the prompt
@@ -73,6 +108,7 @@ def a1111_parameters(parameters: dict) -> str:
         fields["Guided channels"] = parameters.get("guided_channels", "all")
     elif parameters.get("prompt_syntax", "plain") != "a1111":
         fields["Prompt syntax"] = parameters.get("prompt_syntax", "plain")
+    fields.update(a1111_controlnet_units(parameters))
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
@@ -113,78 +149,87 @@ def unquote(value: str) -> str:
     return value
 
 
-def settings_from_a1111(fields: dict) -> dict:
-    """generate() settings from A1111's infotext fields. Its prompts are in A1111's syntax unless the text says
-    otherwise (sd_core's "Prompt syntax: plain"); its Clip skip counts from 1."""
-    from sd_core.schedulers import DISPLAY_NAMES
+def controlnets_from_a1111(fields: dict) -> dict:
+    """The record's controlnets and guess_mode from the extension's "ControlNet <i>" fields, in unit order. A
+    preprocessor sd_core lacks is refused by name: its map has to be made elsewhere and given with "none"."""
+    units, guess_mode = [], False
+    for key in sorted((key for key in fields if CONTROLNET_FIELD.match(key)),
+                      key=lambda key: int(CONTROLNET_FIELD.match(key).group(1))):
+        unit = dict(item.strip().split(": ", 1) for item in fields[key].split(",") if ": " in item)
+        if "Module" not in unit or "Model" not in unit:
+            raise ValueError(f"{key} is not in the ControlNet extension's \"Module: ..., Model: ...\" format (an "
+                             f"older extension wrote it); set that ControlNet by hand.")
+        if unit["Module"] not in A1111_MODULES:
+            raise ValueError(f"{key} used the preprocessor {unit['Module']!r}, which sd_core lacks (it has none, "
+                             f"canny, invert): make the control image with it elsewhere and use preprocessor none.")
+        units.append((MODEL_HASH.sub("", unit["Model"]), A1111_MODULES[unit["Module"]], unit.get("Weight", 1.0),
+                      unit.get("Guidance Start", 0.0), unit.get("Guidance End", 1.0)))
+        guess_mode = guess_mode or unit.get("Control Mode") == GUESS_MODE
+    return {"controlnets": units, "guess_mode": guess_mode} if units else {}
+
+
+def settings_from_a1111(fields: dict) -> GenerationSettings:
+    """The record of A1111's infotext fields. Its prompts are in A1111's syntax unless the text says otherwise
+    (sd_core's "Prompt syntax: plain"); its Clip skip counts from 1; its ControlNet units become controlnets (a
+    unit in the "ControlNet is more important" control mode: guess_mode)."""
     names = {display: name for name, display in DISPLAY_NAMES.items()}
     sampler = fields.get("Sampler", "")
     sampler += {"Karras": " Karras"}.get(fields.get("Schedule type", ""), "")
     if sampler not in names:
         raise ValueError(f"The image was made with the sampler {sampler!r}, which sd_core lacks; it has "
                          f"{sorted(names)}.")
-    settings = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"] or None,
-                "steps": int(fields["Steps"]), "scheduler": names[sampler],
-                "guidance_scale": float(fields["CFG scale"]), "seed": int(fields["Seed"]),
-                "prompt_syntax": fields.get("Prompt syntax", "a1111"),
-                "clip_skip": int(fields.get("Clip skip", 1)) - 1}
+    values = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"] or None,
+              "steps": fields["Steps"], "scheduler": names[sampler], "guidance_scale": fields["CFG scale"],
+              "seed": fields["Seed"], "prompt_syntax": fields.get("Prompt syntax", "a1111"),
+              "clip_skip": int(fields.get("Clip skip", 1)) - 1}
     if "Size" in fields:
-        settings["width"], settings["height"] = (int(n) for n in fields["Size"].split("x"))
-    if "Denoising strength" in fields:
-        settings["strength"] = float(fields["Denoising strength"])
-    if "Guidance rescale" in fields:
-        settings["guidance_rescale"] = float(fields["Guidance rescale"])
-    if "Model" in fields:
-        settings["model"] = fields["Model"]
-    return settings
+        values["width"], values["height"] = fields["Size"].split("x")
+    for key, field in (("strength", "Denoising strength"), ("guidance_rescale", "Guidance rescale"),
+                       ("model", "Model")):
+        if field in fields:
+            values[key] = fields[field]
+    if "Hires upscale" in fields:  # a hires-fix text-to-image run: its denoising strength is the second pass's
+        values.pop("strength", None)
+    values.update(controlnets_from_a1111(fields))
+    return GenerationSettings.from_values(values)
 
 
-GENERATE_KEYS = ("steps", "scheduler", "guidance_scale", "guidance_rescale", "height", "width", "clip_skip",
-                 "prompt_syntax")
-
-
-def settings_from_sd_core(p: dict) -> dict:
-    """generate() (or dit_sample()) settings of one image from sd_core's JSON. An image of a seed-per-image batch
-    is its own run (its prompt and seed); one of a diffusers-rule batch needs the whole batch again."""
+def settings_from_sd_core(p: dict) -> GenerationSettings | DiTSettings:
+    """The record of the run that made one image, from sd_core's JSON. An image of a seed-per-image batch is its
+    own run (its prompt and seed); one of a diffusers-rule batch needs the whole batch again."""
     index = p.get("batch_index", 0)
     if "class_labels" in p:
         single = p.get("seed_per_image") or len(p["class_labels"]) == 1
-        settings = {"class_labels": [p["class_labels"][index]] if single else p["class_labels"]}
-        settings.update({k: p[k] for k in ("steps", "scheduler", "guidance_scale", "guided_channels") if k in p})
+        labels = [p["class_labels"][index]] if single else p["class_labels"]
+        return DiTSettings.from_values({**p, "class_labels": labels, "seed_per_image": False}, ignore_unknown=True)
+    per_prompt = p.get("images_per_prompt") or 1
+    single = p.get("seed_per_image") or len(p["prompt"]) * per_prompt == 1
+    negatives = p.get("negative_prompt")
+    if single:
+        batch = {"prompt": p["prompt"][index // per_prompt], "images_per_prompt": 1,
+                 "negative_prompt": negatives[index // per_prompt] if negatives else None}
     else:
-        per_prompt = p.get("images_per_prompt") or 1
-        single = p.get("seed_per_image") or len(p["prompt"]) * per_prompt == 1
-        negatives = p.get("negative_prompt")
-        if single:
-            settings = {"prompt": p["prompt"][index // per_prompt],
-                        "negative_prompt": negatives[index // per_prompt] if negatives else None}
-        else:
-            settings = {"prompt": p["prompt"], "negative_prompt": negatives, "images_per_prompt": per_prompt,
-                        "batch_index": index}
-        settings.update({k: p[k] for k in GENERATE_KEYS if k in p})
-        if p.get("strength") is not None:
-            settings["strength"] = p["strength"]
-    settings["seed"] = p["seed"]
-    if not single:
-        settings["seed_per_image"] = False
-    settings["model"] = p.get("model")
-    return settings
+        batch = {"prompt": p["prompt"], "negative_prompt": negatives, "images_per_prompt": per_prompt}
+    ran = {**p, **batch, "seed_per_image": False, "fast": bool(p.get("fast"))}  # "fast" holds the path's description
+    return GenerationSettings.from_values(ran, ignore_unknown=True)
 
 
 def read_png_parameters(image) -> dict:
     """The settings that made an image, from its PNG text: sd_core's JSON ("sd_core"), else A1111's infotext
-    ("parameters"). `image`: a PNG file (path or binary file object), read chunk by chunk without decoding its
-    pixels, or a PIL image (its `info`). Returns generate()'s keyword arguments (dit_sample()'s for a DiT image)
-    and "model", the name of the model that made it (pop it before calling). Damaged settings are a ValueError
-    saying which field."""
+    ("parameters"): a GenerationSettings for generate() (a DiTSettings for generate_dit()); its `model` names
+    the model that made it. `image`: a PNG file (path or binary file object), read chunk by chunk without decoding
+    its pixels, or a PIL image (its `info`). Damaged settings are a ValueError saying what is wrong."""
     text = image.info if isinstance(image, Image.Image) else read_png_text(image, ("sd_core", "parameters"))
     if "sd_core" in text:
         try:
-            return settings_from_sd_core(json.loads(text["sd_core"]))
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as error:
-            problem = f"it lacks {error.args[0]!r}" if isinstance(error, KeyError) else (
-                "it is not JSON" if isinstance(error, (json.JSONDecodeError, RecursionError)) else
-                "a field has the wrong type")
+            parameters = json.loads(text["sd_core"])
+        except (ValueError, RecursionError):
+            raise ValueError("This image's sd_core settings text is damaged (it is not JSON); use an image sd_core "
+                             "wrote, or type the settings in.") from None
+        try:
+            return settings_from_sd_core(parameters)
+        except (KeyError, TypeError, IndexError, AttributeError) as error:
+            problem = f"it lacks {error.args[0]!r}" if isinstance(error, KeyError) else "a field has the wrong type"
             raise ValueError(f"This image's sd_core settings text is damaged ({problem}); use an image sd_core "
                              f"wrote, or type the settings in.") from None
     if "parameters" in text:
@@ -196,24 +241,16 @@ def read_png_parameters(image) -> dict:
     raise ValueError("This image carries no generation parameters (neither sd_core's nor A1111's PNG text).")
 
 
-A1111_NUMBERS = {"Steps": int, "Seed": int, "CFG scale": float, "Clip skip": int, "Denoising strength": float,
-                 "Guidance rescale": float}
-
-
 def a1111_field_problem(fields: dict) -> str | None:
-    """What keeps A1111 fields from being settings, in words (a missing or non-numeric field), or None."""
+    """What keeps A1111 fields from being read as settings, in words, or None: a missing field, a Size that is not
+    WIDTHxHEIGHT, a Clip skip that is not a whole number (the settings record checks every other value)."""
     missing = [key for key in ("Steps", "CFG scale", "Seed") if key not in fields]
     if missing:
         return f"the text has no {', '.join(missing)} (it is not a complete A1111 infotext)"
-    for key, kind in A1111_NUMBERS.items():
-        try:
-            if key in fields:
-                kind(fields[key])
-        except (ValueError, OverflowError):
-            what = "a whole number" if kind is int else "a number"
-            return f"{key} is {fields[key][:40]!r}, not {what}"
     if "Size" in fields and not re.fullmatch(r"\d{1,6}x\d{1,6}", fields["Size"]):
         return f"Size is {fields['Size'][:40]!r}, not WIDTHxHEIGHT"
+    if not re.fullmatch(r"\d{1,3}", str(fields.get("Clip skip", 1))):
+        return f"Clip skip is {fields['Clip skip'][:40]!r}, not a whole number from 1"
     return None
 
 

@@ -62,10 +62,3 @@ def execution_device(model: torch.nn.Module) -> torch.device:
     """Where a model computes: its offload hook's device, else where its weights are."""
     device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
     return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-def needs_offload(pipe, free_bytes: int) -> bool:
-    """Whether the pipeline's weights do not fit in `free_bytes` of device memory all at once (then offload
-    keeps only the largest component there)."""
-    total = sum(p.numel() * p.element_size() for model in pipe.models.values() for p in model.parameters())
-    return total > free_bytes

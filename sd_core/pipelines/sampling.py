@@ -6,8 +6,6 @@ with an ordinary model puts the known region back) passes an `after_step` hook i
 """
 import copy
 import dataclasses
-import math
-import random
 import threading
 import warnings
 import weakref
@@ -17,12 +15,13 @@ from pathlib import Path
 import torch
 
 from sd_core.checkpoints import catalog
-from sd_core.pipelines.image_io import to_pil
-from sd_core.schedulers import DIFFUSERS_CLASS_NAMES, Scheduler
 from sd_core.models.vae import AutoencoderKL
+from sd_core.pipelines import settings
+from sd_core.pipelines.image_io import to_pil
+from sd_core.pipelines.settings import MAX_SEED
+from sd_core.schedulers import DIFFUSERS_CLASS_NAMES, Scheduler
 
 DEFAULT_SCHEDULER = "dpmpp_2m"  # for configs written for a sampler sd_core does not implement
-MAX_SEED = 2 ** 32 - 1
 # callback(step, timestep, latents, predicted x0): called after every denoising step.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 # after_step(step, latents) -> latents: a pipeline's change to the latents after each step, before the callback.
@@ -40,11 +39,9 @@ class GenerationResult:
 
 
 def resolve_seed(seed: int | None) -> int:
-    if seed is None or seed < 0:
-        return random.randint(0, MAX_SEED)
-    if not isinstance(seed, int) or seed > MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}]; got {seed!r}.")
-    return seed
+    """The seed a run uses: the one given (checked), or a random one for None or -1."""
+    checked = settings.seed(seed)
+    return settings.random_seed() if checked is None else checked
 
 
 def scheduler_name(config: dict, name: str | None) -> str:
@@ -70,24 +67,14 @@ def display_name(source) -> str:
     ones), the repo id for a hub download (its cache folder is models--owner--name/snapshots/<commit>), else the
     folder's or file's name."""
     source = str(source)
-    for model in [*catalog.EMBEDDED.values(), *catalog.HUB.values()]:
-        if source == model.source or (Path(source).exists() and Path(model.source).exists()
-                                      and Path(source).resolve() == Path(model.source).resolve()):
-            return model.name
+    model = catalog.entry_for(source)
+    if model is not None:
+        return model.name
     parts = Path(source).parts
     for i, part in enumerate(parts):
         if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
             return part.removeprefix("models--").replace("--", "/")
     return Path(source).name if Path(source).exists() else source
-
-
-def check_common(steps, guidance_scale, batch):
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}.")
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a number >= 0 (and finite); got {guidance_scale!r}.")
-    if batch < 1:
-        raise ValueError("Nothing to generate: give at least one prompt (or class) and images_per_prompt >= 1.")
 
 
 def dtype_of(model: torch.nn.Module) -> torch.dtype:

@@ -29,26 +29,22 @@ from sd_core.schedulers.unipc import UniPCMultistep
 __all__ = ["PREDICTION_TYPES", "TIMESTEP_SPACINGS", "SamplingState", "Scheduler", "SchedulerConfig", "StepOutput",
            "karras_sigmas", "make_betas", "predicted_x0_and_eps", "sigma_schedule", "spaced_timesteps", "DDIM", "DDPM",
            "DPMSolverMultistep", "EulerAncestral", "EulerDiscrete", "HeunDiscrete", "LMSDiscrete", "PNDM",
-           "UniPCMultistep", "LCM", "SCHEDULERS", "DIFFUSERS_CLASS_NAMES", "VARIANTS",
+           "UniPCMultistep", "LCM", "SAMPLERS", "SCHEDULERS", "DIFFUSERS_CLASS_NAMES", "VARIANTS",
            "SCHEDULER_NAMES", "DISPLAY_NAMES", "make_scheduler"]
 
-SCHEDULERS = {cls.name: cls for cls in (DDPM, DDIM, EulerDiscrete, EulerAncestral, DPMSolverMultistep, PNDM, LMSDiscrete,
-                                          HeunDiscrete, UniPCMultistep, LCM)}
-# The same samplers under their diffusers class names and under the names A1111/ComfyUI users know.
-DIFFUSERS_CLASS_NAMES = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-                         "EulerAncestralDiscreteScheduler": "euler_ancestral",
-                         "DPMSolverMultistepScheduler": "dpmpp_2m", "PNDMScheduler": "pndm",
-                         "LMSDiscreteScheduler": "lms", "HeunDiscreteScheduler": "heun",
-                         "UniPCMultistepScheduler": "unipc", "LCMScheduler": "lcm"}
-VARIANTS = {"dpmpp_2m_karras": ("dpmpp_2m", {"use_karras_sigmas": True}),
-            "euler_karras": ("euler", {"use_karras_sigmas": True}),
-            "dpmpp_2m_sde": ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}),
-            "dpmpp_2m_sde_karras": ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True})}
+SAMPLERS = (DDPM, DDIM, EulerDiscrete, EulerAncestral, DPMSolverMultistep, PNDM, LMSDiscrete, HeunDiscrete,
+            UniPCMultistep, LCM)  # a new sampler: a Scheduler subclass with its three names, listed here
+SCHEDULERS = {cls.name: cls for cls in SAMPLERS}
+DIFFUSERS_CLASS_NAMES = {cls.diffusers_class: cls.name for cls in SAMPLERS}
+# Named variants of a sampler (the names A1111/ComfyUI users know): name -> (sampler, config overrides, display).
+VARIANTS = {"dpmpp_2m_karras": ("dpmpp_2m", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+            "euler_karras": ("euler", {"use_karras_sigmas": True}, "Euler Karras"),
+            "dpmpp_2m_sde": ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}, "DPM++ 2M SDE"),
+            "dpmpp_2m_sde_karras": ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+                                    "DPM++ 2M SDE Karras")}
 SCHEDULER_NAMES = sorted([*SCHEDULERS, *VARIANTS])
-DISPLAY_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_karras": "Euler Karras",
-                 "euler_ancestral": "Euler a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
-                 "pndm": "PLMS", "lms": "LMS", "heun": "Heun", "unipc": "UniPC", "lcm": "LCM",
-                 "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras"}
+DISPLAY_NAMES = {**{cls.name: cls.display_name for cls in SAMPLERS},
+                 **{name: display for name, (_, _, display) in VARIANTS.items()}}
 
 
 def make_scheduler(name: str, config: dict | None = None, **options) -> Scheduler:
@@ -56,7 +52,7 @@ def make_scheduler(name: str, config: dict | None = None, **options) -> Schedule
     scheduler_config.json, whatever scheduler class it was written for); `options` are sampler inputs
     beyond the config (DDIM's eta), ignored by samplers that have no such input."""
     config = dict(config or {})
-    name, overrides = VARIANTS.get(name, (name, {}))
+    name, overrides, _ = VARIANTS.get(name, (name, {}, None))
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; choose one of {SCHEDULER_NAMES}.")
     return SCHEDULERS[name].from_config({**config, **overrides}, **options)

@@ -196,7 +196,9 @@ def predicted_x0_and_eps(model_output, x_t, alpha_t, sigma_t, prediction_type: s
 
 class Scheduler:
     """Shared by every sampler: the betas, alpha_bar, the closed-form forward process, step bookkeeping."""
-    name = ""
+    name = ""  # sd_core's name (make_scheduler("euler"))
+    diffusers_class = ""  # the diffusers scheduler class it equals, which model folders' configs name
+    display_name = ""  # what A1111/ComfyUI users call it (and PNG infotext writes)
     defaults: dict = {}  # this sampler's diffusers defaults where they differ from SchedulerConfig's
     options: tuple = ()  # the sampler's own inputs beyond the config (DDIM's eta)
     honours_set_alpha_to_one = False  # DDIM, PNDM: alpha_bar before t = 0 follows set_alpha_to_one

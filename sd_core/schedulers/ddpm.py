@@ -8,6 +8,8 @@ from sd_core.schedulers.base import Scheduler, StepOutput, checked_timesteps, pr
 class DDPM(Scheduler):
     """Ho et al. (2020): ancestral sampling from the posterior q(x_{t-1} | x_t, x0_hat)."""
     name = "ddpm"
+    diffusers_class = "DDPMScheduler"
+    display_name = "DDPM"
 
     def schedule(self, n):
         return torch.from_numpy(checked_timesteps(self.config, n)), None, 1.0
@@ -75,6 +77,8 @@ class DDIM(DDPM):
     """Song et al. (2021): x_prev = sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev - s^2) eps + s z, with
     s = eta sqrt(posterior variance): deterministic for eta = 0, DDPM's ancestral step for eta = 1."""
     name = "ddim"
+    diffusers_class = "DDIMScheduler"
+    display_name = "DDIM"
     options = ("eta",)
     honours_set_alpha_to_one = True
 

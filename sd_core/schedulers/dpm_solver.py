@@ -5,7 +5,7 @@ import torch
 
 from sd_core.noise import randn_tensor
 from sd_core.schedulers.base import SamplingState, StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
-from sd_core.schedulers.euler import KarrasSigmaScheduler, alpha_sigma_from_karras_sigma
+from sd_core.schedulers.karras import KarrasSigmaScheduler, alpha_sigma_from_karras_sigma
 
 
 def dpm_solver_lambda(sigma):
@@ -54,6 +54,8 @@ class DPMSolverMultistep(KarrasSigmaScheduler):
     algorithm_type='sde-dpmsolver++' (DPM++ 2M SDE) takes the stochastic step instead, with fresh noise from
     the generator at every step, drawn as diffusers draws it (float32, on the generator's device)."""
     name = "dpmpp_2m"
+    diffusers_class = "DPMSolverMultistepScheduler"
+    display_name = "DPM++ 2M"
 
     def __init__(self, config):
         if config.solver_type in ("logrho", "bh1", "bh2"):  # a UniPC config: diffusers maps it so

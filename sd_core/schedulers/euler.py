@@ -3,13 +3,8 @@ import numpy as np
 import torch
 
 from sd_core.noise import randn_like
-from sd_core.schedulers.base import Scheduler, StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
-
-
-def alpha_sigma_from_karras_sigma(sigma):
-    """alpha_t = 1 / sqrt(sigma^2 + 1) and sigma_t = sigma alpha_t for Karras' sigma = sigma_t / alpha_t."""
-    alpha = 1 / ((sigma ** 2 + 1) ** 0.5)
-    return alpha, sigma * alpha
+from sd_core.schedulers.base import StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
+from sd_core.schedulers.karras import KarrasSigmaScheduler, alpha_sigma_from_karras_sigma
 
 
 def to_d(x, sigma, x0):
@@ -24,33 +19,11 @@ def ancestral_step(sigma, sigma_next):
     return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
 
 
-class KarrasSigmaScheduler(Scheduler):
-    """Samplers that step in Karras' sigma = sqrt((1 - alpha_bar) / alpha_bar) (Euler, LMS, Heun, DPM++, UniPC)."""
-    defaults = {"timestep_spacing": "linspace"}
-    uses_sigmas = True
-
-    def train_sigmas(self) -> np.ndarray:
-        return np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
-
-    def karras(self) -> bool:
-        return self.config.use_karras_sigmas
-
-    def final_sigma(self):
-        """The sigma after the last step: 0 (a clean sample), or the smallest training sigma."""
-        if self.config.final_sigmas_type == "sigma_min":
-            return (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
-        return 0
-
-    def add_noise_at_start(self, state, x0, noise):
-        """x = alpha_t x0 + sigma_t noise at the state's first sigma: the sample DPM-Solver++ and UniPC step on
-        (Euler's samplers step on x / alpha_t instead)."""
-        alpha_t, sigma_t = alpha_sigma_from_karras_sigma(state.sigmas[state.step_index])
-        return (alpha_t * x0 + sigma_t * noise).to(x0.dtype)
-
-
 class EulerDiscrete(KarrasSigmaScheduler):
     """Karras et al. (2022)'s Euler method on the probability-flow ODE dx/dsigma = (x - x0) / sigma."""
     name = "euler"
+    diffusers_class = "EulerDiscreteScheduler"
+    display_name = "Euler"
 
     def schedule(self, n):
         c = self.config
@@ -89,6 +62,8 @@ class EulerAncestral(EulerDiscrete):
     """Euler down to sigma_down, then fresh noise of size sigma_up (so the marginal at sigma_next is right).
     Like diffusers' EulerAncestralDiscreteScheduler, it ignores use_karras_sigmas and final_sigmas_type."""
     name = "euler_ancestral"
+    diffusers_class = "EulerAncestralDiscreteScheduler"
+    display_name = "Euler a"
 
     def karras(self) -> bool:
         return False
@@ -128,6 +103,8 @@ class LMSDiscrete(EulerDiscrete):
     Like diffusers, the order follows the step index (min(i + 1, 4)), also when image to image starts
     past step 0 with fewer derivatives in the history."""
     name = "lms"
+    diffusers_class = "LMSDiscreteScheduler"
+    display_name = "LMS"
     max_order = 4
 
     def final_sigma(self):
@@ -152,6 +129,8 @@ class HeunDiscrete(EulerDiscrete):
     As in diffusers, the schedule lists every step after the first twice (two model calls), so the shared
     loop runs it unchanged; the last step, to sigma = 0, is Euler's."""
     name = "heun"
+    diffusers_class = "HeunDiscreteScheduler"
+    display_name = "Heun"
     order = 2
     defaults = {**EulerDiscrete.defaults, "clip_sample": False}
 

@@ -26,6 +26,8 @@ class LCM(DDPM):
     + sqrt(1 - alpha_bar_prev) z with z from the generator. pred_original_sample is `denoised` (what an LCM
     pipeline decodes; after the last step it is the sample)."""
     name = "lcm"
+    diffusers_class = "LCMScheduler"
+    display_name = "LCM"
     defaults = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False}
 
     def schedule(self, n):

@@ -36,6 +36,8 @@ class PNDM(Scheduler):
     PRK (skip_prk_steps=False): the first three steps are pseudo Runge-Kutta (four calls each, on half
     steps), then PLMS. Like diffusers, every step moves T // n timesteps whatever the spacing."""
     name = "pndm"
+    diffusers_class = "PNDMScheduler"
+    display_name = "PLMS"
     defaults = {"set_alpha_to_one": False}
     honours_set_alpha_to_one = True
 

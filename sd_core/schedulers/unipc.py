@@ -17,7 +17,7 @@ import torch
 
 from sd_core.schedulers.base import StepOutput, predicted_x0_and_eps, sigma_schedule, spaced_timesteps
 from sd_core.schedulers.dpm_solver import dpm_solver_lambda
-from sd_core.schedulers.euler import KarrasSigmaScheduler, alpha_sigma_from_karras_sigma
+from sd_core.schedulers.karras import KarrasSigmaScheduler, alpha_sigma_from_karras_sigma
 
 
 def unipc_rhos(rks: list, hh, order: int, solver_type: str, corrector: bool):
@@ -70,6 +70,8 @@ class UniPCMultistep(KarrasSigmaScheduler):
     corrected sample. The order warms up (1, 2, ... per step run) and, with lower_order_final, falls to the
     steps left at the end. The model is never run on the corrected sample: its x0 comes from the uncorrected."""
     name = "unipc"
+    diffusers_class = "UniPCMultistepScheduler"
+    display_name = "UniPC"
     defaults = {**KarrasSigmaScheduler.defaults, "solver_type": "bh2"}
 
     def __init__(self, config):

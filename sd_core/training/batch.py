@@ -4,9 +4,10 @@
     accelerate launch --multi_gpu --num_processes 2 -m sd_core.training.batch --prompts prompts.txt --out images/
     (on a machine without a GPU that starts two CPU processes; see sd_core.training.distributed)
 
-The prompt file holds one prompt a line, or one JSON object a line with any of: prompt, negative_prompt,
-steps, guidance_scale, seed, width, height, scheduler, images (what a line omits comes from the command
-line). Image i of prompt p is written to OUT/{p:05d}-{i:02d}.png and is seeded on its own:
+The prompt file holds one prompt a line, or one JSON object a line with "prompt" and any other field of the
+settings record (sd_core.pipelines.settings.GenerationSettings: negative_prompt, steps, guidance_scale, seed,
+width, height, scheduler, prompt_syntax, clip_skip, ...) and "images" (how many); what a line omits comes from
+the command line, else the model's recommended settings. Image i of prompt p is written to OUT/{p:05d}-{i:02d}.png and is seeded on its own:
 
     seed(p, i) = (S + i) mod 2**32,  S = the line's "seed" if it gives one, else (base * 1_000_003 + p * 1_009)
 
@@ -25,29 +26,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sd_core.checkpoints.catalog import EMBEDDED, EMBEDDED_GUIDANCE, EMBEDDED_STEPS, EMBEDDED_TEXT_TO_IMAGE
-from sd_core.training.distributed import cpu_only, finish
-from sd_core.pipelines.image_io import save_image
+from sd_core.checkpoints import catalog
+from sd_core.checkpoints.catalog import EMBEDDED_GUIDANCE, EMBEDDED_STEPS, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.checkpoints.loading import DTYPES, load_pipeline
-from sd_core.pipelines.generate import MAX_SEED, text_to_image
+from sd_core.pipelines.generate import generate
+from sd_core.pipelines.image_io import save_image
+from sd_core.pipelines.settings import MAX_SEED, GenerationSettings
+from sd_core.training.distributed import cpu_only, finish
 
-EMBEDDED_MODEL = next(model for model in EMBEDDED.values() if model.kind == "text_to_image")
-SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "scheduler", "images")
+LINE_KEYS = ("images",)  # besides the settings record's fields: how many images of the line
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One image to make: prompt line `index`, image `image` of it, and every setting it is made with."""
+    """One image to make: prompt line `index`, image `image` of it, and the settings it is made with."""
     index: int
     image: int
-    prompt: str
-    negative_prompt: str | None
-    steps: int
-    guidance_scale: float | None  # None: the model's own default
-    seed: int
-    width: int | None
-    height: int | None
-    scheduler: str | None
+    settings: GenerationSettings
 
     @property
     def name(self) -> str:
@@ -71,10 +66,8 @@ def read_prompts(path: Path) -> list[dict]:
                 settings = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({error}).") from None
-            unknown = set(settings) - set(SETTINGS)
-            if unknown or not isinstance(settings.get("prompt"), str):
-                raise ValueError(f"{path}, line {number}: needs a string \"prompt\" and only these keys: "
-                                 f"{', '.join(SETTINGS)}; got {sorted(settings)}.")
+            if not isinstance(settings, dict) or not isinstance(settings.get("prompt"), str):
+                raise ValueError(f"{path}, line {number}: needs a string \"prompt\"; got {line[:80]!r}.")
             lines.append(settings)
         else:
             lines.append({"prompt": line.strip()})
@@ -83,27 +76,32 @@ def read_prompts(path: Path) -> list[dict]:
     return lines
 
 
-def plan(lines: list[dict], args) -> list[Job]:
-    """Every image of every line, in file order: the global work list every process builds identically."""
+def plan(lines: list[dict], defaults: dict, base_seed: int, images: int) -> list[Job]:
+    """Every image of every line, in file order: the global work list every process builds identically. A line's
+    settings override `defaults` (the command line's, then the model's); each image is made alone (batch 1)."""
     jobs = []
     for index, line in enumerate(lines):
-        count = line.get("images", args.batch)
-        if not isinstance(count, int) or count < 1:
+        line = dict(line)
+        count = line.pop("images", images)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValueError(f"prompt {index}: images must be a positive integer; got {count!r}.")
+        try:
+            settings = GenerationSettings.from_values({**defaults, **line, "images_per_prompt": 1})
+        except ValueError as error:
+            raise ValueError(f"prompt {index}: {error}") from None
         for image in range(count):
-            jobs.append(Job(index, image, line["prompt"], line.get("negative_prompt", args.negative),
-                            line.get("steps", args.steps), line.get("guidance_scale", args.guidance),
-                            image_seed(args.seed or 0, index, image, line.get("seed")), line.get("width", args.width),
-                            line.get("height", args.height), line.get("scheduler", args.scheduler)))
+            seed = image_seed(base_seed, index, image, settings.seed)
+            jobs.append(Job(index, image, settings.replace(seed=seed)))
     return jobs
 
 
-def make_image(pipe, job: Job, defaults: dict):
-    """One image, alone (batch 1), from its own seed: the same pixels whichever process makes it."""
-    guidance = job.guidance_scale if job.guidance_scale is not None else defaults["guidance_scale"]
-    return text_to_image(pipe, job.prompt, job.negative_prompt, steps=job.steps, guidance_scale=guidance,
-                         seed=job.seed, height=job.height, width=job.width,
-                         scheduler=job.scheduler or defaults["scheduler"], images_per_prompt=1).images[0]
+def command_line_settings(args, pipe, embedded: bool) -> dict:
+    """What the command line sets for every line (a line overrides it); a setting it leaves out is the model's
+    recommended one."""
+    recommended = catalog.recommended(EMBEDDED_TEXT_TO_IMAGE if embedded else args.model, pipe)
+    given = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+                 scheduler=args.scheduler, height=args.height, width=args.width)
+    return {**recommended, **{key: value for key, value in given.items() if value is not None}}
 
 
 def run(args) -> int:
@@ -121,19 +119,16 @@ def run(args) -> int:
     if threads:
         torch.set_num_threads(threads)
     out = Path(args.out)
-    jobs = plan(read_prompts(args.prompts), args)
+    lines = read_prompts(args.prompts)
+    embedded = args.model is None
+    pipe = load_pipeline(EMBEDDED_TEXT_TO_IMAGE if embedded else args.model, dtype=DTYPES[args.dtype],
+                         device=state.device, allow_pickle=getattr(args, "allow_pickle", False))
+    jobs = plan(lines, command_line_settings(args, pipe, embedded), args.seed or 0, args.batch)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
     # Every process lists the missing images before any process writes one, so all agree on the list.
     todo = [job for job in jobs if not (out / job.name).is_file()]
-    state.wait_for_everyone()
-    embedded = args.model is None
-    pipe = load_pipeline(EMBEDDED_TEXT_TO_IMAGE if embedded else args.model, dtype=DTYPES[args.dtype],
-                         device=state.device, allow_pickle=getattr(args, "allow_pickle", False))
-    # The embedded model's recommended settings (catalog.EMBEDDED); another model's own guidance and scheduler.
-    defaults = {"guidance_scale": EMBEDDED_GUIDANCE if embedded else pipe.traits.guidance_scale,
-                "scheduler": EMBEDDED_MODEL.scheduler if embedded else None}
     stop_after = getattr(args, "stop_after", None)
     state.wait_for_everyone()
     started = time.perf_counter()
@@ -144,7 +139,7 @@ def run(args) -> int:
         for job in mine:
             if stop_after is not None and written >= stop_after:
                 break
-            save_image(make_image(pipe, job, defaults), out / job.name)
+            save_image(generate(pipe, job.settings).images[0], out / job.name)
             written += 1
             bar.update(min(state.num_processes, bar.total - bar.n))  # the others keep the same pace
         bar.close()
@@ -163,7 +158,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--prompts", type=Path, required=True, help="one prompt a line, or JSON lines of settings")
     p.add_argument("--out", type=Path, required=True, help="the folder the images go to (created)")
     p.add_argument("--model", help="diffusers folder or .safetensors file (default: the embedded model)")
-    p.add_argument("--steps", type=int, default=EMBEDDED_STEPS)
+    p.add_argument("--steps", type=int, help=f"sampling steps (default: the model's; embedded model: {EMBEDDED_STEPS})")
     p.add_argument("--guidance", type=float, help=f"guidance scale (embedded model: {EMBEDDED_GUIDANCE})")
     p.add_argument("--seed", type=int, default=0, help="base seed (see the formula above)")
     p.add_argument("--height", type=int)

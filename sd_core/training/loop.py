@@ -14,6 +14,7 @@ exact. Only the main process keeps the EMA, logs and writes checkpoints.
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -97,6 +98,18 @@ def resume(checkpoint: Path, models: dict, optimizer) -> tuple[int, dict, dict |
     return state["step"], state["ema"], state.get("scaler")
 
 
+class StoppedAsAsked(SystemExit):
+    """--stop-at was reached and the run checkpointed: exit status 0 (the stop is what was asked for), with the
+    message that says how to resume."""
+
+    def __init__(self, message: str):
+        super().__init__(0)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
 def train(run: Run, models: dict, draw: Callable[[int], dict], loss_fn: Callable[[dict], torch.Tensor],
           describe: str, helpers: tuple = ()) -> dict | None:
     """AdamW on every model in `models`. draw(step) -> the step's global batch (a dict of tensors and lists,
@@ -114,8 +127,6 @@ def train(run: Run, models: dict, draw: Callable[[int], dict], loss_fn: Callable
     main = accelerator.is_main_process
     my_parts = parts(run.batch, accelerator.process_index, accelerator.num_processes, run.gradient_accumulation_steps)
     parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
-    frozen = {name: {key for key, p in model.named_parameters() if not p.requires_grad}  # kept out of the EMA
-              for name, model in models.items()}
     optimizer = torch.optim.AdamW(parameters, lr=run.lr, weight_decay=0.0)
     checkpoint = run.out / "checkpoint.pt"
     start, ema, scaler_state = resume(checkpoint, models, optimizer) if checkpoint.is_file() else (0, None, None)
@@ -126,38 +137,18 @@ def train(run: Run, models: dict, draw: Callable[[int], dict], loss_fn: Callable
         accelerator.scaler.load_state_dict(scaler_state)
     for helper in helpers:
         helper.to(accelerator.device)
-    if not main:
-        ema = None  # the EMA lives on the main process
-    elif ema is None:
-        ema = {name: {k: v.detach().clone() for k, v in model.state_dict().items()} for name, model in models.items()}
-    else:
-        ema = {name: {k: v.to(accelerator.device) for k, v in values.items()} for name, values in ema.items()}
-    log, end = None, min(run.steps, run.stop_at or run.steps)
-    if main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        log_path = run.out / "loss.log"
-        if log_path.is_file():  # drop lines logged after the checkpoint by an interrupted run
-            kept = [line for line in log_path.read_text().splitlines() if int(line.split()[0]) < start]
-            log_path.write_text("".join(line + "\n" for line in kept))
-        log = log_path.open("a")
+    ema = main_process_ema(models, ema, accelerator.device) if main else None  # the EMA lives on the main process
+    frozen = {name: {key for key, p in model.named_parameters() if not p.requires_grad}  # kept out of the EMA
+              for name, model in models.items()}
+    end = min(run.steps, run.stop_at or run.steps)
+    log = open_log(run, start) if main else None
     bar = tqdm(range(start, end), initial=start, total=run.steps, desc=describe, unit="step", disable=not main)
     started = time.time()
     for step in bar:
         torch.manual_seed(run.seed * 7919 + step)  # noise and dropout: a function of (seed, step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(run, step)
-        batch = draw(step)
-        losses = []
-        for rows in my_parts:
-            with accelerator.accumulate(module):  # gradients sync (DDP) only after the last micro-batch
-                loss = module(take(batch, rows, accelerator.device))
-                accelerator.backward(loss)  # divided by the accumulation steps
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()  # a no-op until the gradients are synced
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        loss = accelerator.reduce(torch.stack(losses).mean(), "mean")  # the global batch's loss
+        loss = train_step(accelerator, module, optimizer, parameters, draw(step), my_parts)
         if not main:
             continue
         decay = min(run.ema_decay, (1 + step) / (10 + step))
@@ -168,18 +159,56 @@ def train(run: Run, models: dict, draw: Callable[[int], dict], loss_fn: Callable
         bar.set_postfix(loss=f"{value:.4f}")
         if (step + 1) % run.save_every == 0 or step + 1 == end:
             log.flush()
-            state = {"models": {n: m.state_dict() for n, m in models.items()}, "optimizer": optimizer.state_dict(),
-                     "ema": ema, "step": step + 1}
-            if accelerator.scaler is not None:  # fp16's loss scale, so a resumed fp16 run is exact too
-                state["scaler"] = accelerator.scaler.state_dict()
-            save_checkpoint(checkpoint, state)
+            save_state(checkpoint, models, optimizer, ema, step + 1, accelerator.scaler)
     accelerator.wait_for_everyone()  # the checkpoint is written before any process leaves
     if main:
         log.close()
     if end < run.steps:
-        raise SystemExit(f"{describe}: stopped at step {end} of {run.steps}; run the same command again to resume.")
+        message = f"{describe}: stopped at step {end} of {run.steps}; run the same command again to resume."
+        print(message, file=sys.stderr)
+        raise StoppedAsAsked(message)
     if main:
         (run.out / "time.json").write_text(json.dumps({
             "steps": run.steps, "seconds_this_session": time.time() - started, "threads": torch.get_num_threads(),
             "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}))
     return ema
+
+
+def train_step(accelerator, module, optimizer, parameters: list, batch: dict, my_parts: list) -> torch.Tensor:
+    """One optimiser step over this process's micro-batches of the global batch; returns the global batch's loss."""
+    losses = []
+    for rows in my_parts:
+        with accelerator.accumulate(module):  # gradients sync (DDP) only after the last micro-batch
+            loss = module(take(batch, rows, accelerator.device))
+            accelerator.backward(loss)  # divided by the accumulation steps
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()  # a no-op until the gradients are synced
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return accelerator.reduce(torch.stack(losses).mean(), "mean")
+
+
+def main_process_ema(models: dict, resumed: dict | None, device) -> dict:
+    """The EMA weights: resumed from the checkpoint (on the device), or a copy of the models' starting weights."""
+    if resumed is not None:
+        return {name: {k: v.to(device) for k, v in values.items()} for name, values in resumed.items()}
+    return {name: {k: v.detach().clone() for k, v in model.state_dict().items()} for name, model in models.items()}
+
+
+def open_log(run: Run, start: int):
+    """loss.log, open for appending, without the lines an interrupted run logged after its checkpoint."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    log_path = run.out / "loss.log"
+    if log_path.is_file():
+        kept = [line for line in log_path.read_text().splitlines() if int(line.split()[0]) < start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    return log_path.open("a")
+
+
+def save_state(checkpoint: Path, models: dict, optimizer, ema: dict, step: int, scaler):
+    state = {"models": {n: m.state_dict() for n, m in models.items()}, "optimizer": optimizer.state_dict(),
+             "ema": ema, "step": step}
+    if scaler is not None:  # fp16's loss scale, so a resumed fp16 run is exact too
+        state["scaler"] = scaler.state_dict()
+    save_checkpoint(checkpoint, state)

@@ -29,21 +29,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sd_core.models import presets
-
-from sd_core.training import shapes_dataset as shapes
 from sd_core.checkpoints.catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE, EMBEDDED_STEPS
-from sd_core.models.clip import CLIPTextModel
-from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
-from sd_core.models.dit import DiTTransformer2DModel
-from sd_core.training.distributed import cpu_only, finish
 from sd_core.checkpoints.loading import load_pipeline, load_vae
+from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
 from sd_core.checkpoints.saving import atomic_folder, commit_folder, save_model, save_pipeline
-from sd_core.schedulers import make_scheduler
-from sd_core.tokenizer import CLIPTokenizer
-from sd_core.training.loop import Run, train
+from sd_core.models import presets
+from sd_core.models.clip import CLIPTextModel
+from sd_core.models.dit import DiTTransformer2DModel
 from sd_core.models.unet import UNet2DConditionModel
 from sd_core.models.vae import AutoencoderKL
+from sd_core.schedulers import make_scheduler
+from sd_core.tokenizer import CLIPTokenizer
+from sd_core.training import shapes_dataset as shapes
+from sd_core.training.distributed import cpu_only, finish
+from sd_core.training.loop import Run, train
 
 # The embedded models' architectures (64x64 images, 16x16x4 latents).
 VAE_CONFIG = dict(block_out_channels=[16, 32, 64], layers_per_block=1, norm_num_groups=8, latent_channels=4,

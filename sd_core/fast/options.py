@@ -1,0 +1,29 @@
+"""The fast path's options (one frozen record, `FastOptions`) and inductor's on-disk cache for torch.compile."""
+import dataclasses
+import os
+from pathlib import Path
+
+COMPILE_CACHE = Path(os.environ.get("SD_CORE_CACHE", Path.home() / ".cache" / "sd_core")) / "inductor"
+
+
+@dataclasses.dataclass(frozen=True)
+class FastOptions:
+    channels_last: bool = True
+    compile: bool = False
+    compile_mode: str | None = None  # None: torch.compile's default mode
+    compile_backend: str = "inductor"  # "eager": dynamo's tracing and guards only (tests)
+    bf16: str | bool = "auto"  # "auto": the hardware's rule (sd_core.fast.precision); True: bf16; False: the model's
+    deepcache: int = 0  # UNet: 0/1 off; N: the full UNet every N steps, the shallow pass between
+    tome: float | None = None  # UNet: None off; r in [0, 1): the fraction of top-resolution tokens merged
+    guidance_until: float | None = None  # the guided fraction of the noise schedule; after it, cond only
+    guidance_similarity: float | None = None  # stop guidance once cos(cond, uncond) reaches this in every image
+    dit_cache: int = 0  # DiT: 0/1 off; N: FORA, every block's attention and MLP outputs recomputed every N steps
+    text_cache: int = 8  # prompts whose encodings are kept per text encoder (exact: the same tensors); 0: off
+
+
+def use_compile_cache():
+    """Point inductor's on-disk cache at sd_core's (unless the user chose one), so a second process reuses the
+    compiled kernels. Importing some libraries fills in torch's default (/tmp/torchinductor_$USER) early."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE)
