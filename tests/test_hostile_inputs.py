@@ -18,8 +18,8 @@ from PIL import Image
 from sd_core.app import serving
 from sd_core.pipelines.image_io import load_image, save_image
 from sd_core.pipelines.inpainting import load_mask
-from sd_core.app.serving import (ModelCache, ResultsJanitor, WorkLimits, as_choice, as_number, as_text, as_whole_number,
-                             check_request, clean_results, open_upload)
+from sd_core.app.serving import (ModelCache, WorkLimits, as_choice, as_number, as_text, as_whole_number,
+                             check_request, open_upload)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -300,10 +300,11 @@ def test_a_gpu_and_an_operator_widen_the_bounds():
         WorkLimits.from_environment("cpu", {"SD_CORE_HEAVY_SLOTS": "0"})
 
 
-def test_observed_speed_tightens_the_bound_at_once():
+def test_observed_speed_tightens_the_bound_once_runs_agree():
     limits = WorkLimits.for_device("cpu")
     before = limits.budget_mpx_steps("text_to_image")
-    limits.observe("text_to_image", seconds=100.0, pixels=512 * 512, steps=10)  # 38 s per Mpx-step, slower
+    for _ in range(3):  # one slow run is an outlier; three are this machine's speed
+        limits.observe("text_to_image", seconds=100.0, pixels=512 * 512, steps=10)  # 38 s per Mpx-step, slower
     assert limits.budget_mpx_steps("text_to_image") < before
     limits.observe("text_to_image", seconds=float("nan"), pixels=1, steps=1)  # ignored
     assert np.isfinite(limits.budget_mpx_steps("text_to_image"))
@@ -313,7 +314,8 @@ def test_each_model_learns_its_own_speed_and_the_table_stays_bounded(monkeypatch
     limits = WorkLimits.for_device("cpu")
     base = limits.budget_mpx_steps("text_to_image")
     assert limits.budget_mpx_steps("text_to_image:embedded") == base  # the kind's speed until observed
-    limits.observe("text_to_image:sd15", seconds=300.0, pixels=512 * 512, steps=20)  # 57 s per Mpx-step
+    for _ in range(3):
+        limits.observe("text_to_image:sd15", seconds=300.0, pixels=512 * 512, steps=20)  # 57 s per Mpx-step
     assert limits.budget_mpx_steps("text_to_image:sd15") < base
     assert limits.budget_mpx_steps("text_to_image:embedded") == limits.budget_mpx_steps("text_to_image") == base
     with pytest.raises(ValueError, match=r"per text-to-image request"):
@@ -581,42 +583,6 @@ def test_jpg_name_gets_jpeg_bytes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ results
-
-
-def test_results_older_than_the_age_or_beyond_the_count_are_deleted(tmp_path):
-    cache, outside = tmp_path / "gradio", tmp_path / "outside.png"
-    outside.write_bytes(b"keep me")
-    now = time.time()
-    files = []
-    for i in range(10):
-        path = cache / f"hash{i}" / "image.png"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(b"x")
-        os.utime(path, (now - 60 * i, now - 60 * i))  # file i is i minutes old
-        files.append(path)
-    example = files[9]  # the oldest, but an example gradio copied at start
-    (cache / "hash0" / "link.png").symlink_to(outside)
-    deleted = clean_results(cache, max_age_s=5.5 * 60, max_files=3, keep={str(example)}, now=now)
-    survivors = sorted(p for p in cache.rglob("*") if p.is_file() and not p.is_symlink())
-    assert survivors == sorted([files[0], files[1], files[2], example])
-    assert deleted == 6 and outside.read_bytes() == b"keep me"
-    assert not (cache / "hash5").exists()  # emptied folders go too
-
-
-def test_janitor_cleans_in_the_background_and_stops(tmp_path):
-    (tmp_path / "example.png").write_bytes(b"e")
-    janitor = ResultsJanitor(tmp_path, every_s=0.05, max_age_s=0, max_files=0).keep_existing()
-    (tmp_path / "result.png").write_bytes(b"r")
-    janitor.start()
-    try:
-        for _ in range(100):
-            if not (tmp_path / "result.png").exists():
-                break
-            time.sleep(0.05)
-    finally:
-        janitor.stop()
-    assert not (tmp_path / "result.png").exists() and (tmp_path / "example.png").exists()
-    assert not janitor._thread.is_alive()
 
 
 def test_upload_limit_for_launch_is_a_byte_count_gradio_accepts():

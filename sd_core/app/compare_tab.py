@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
+from gradio import processing_utils, utils
 
 from sd_core.app.parts import (
     DEEPCACHE_CHOICES,
@@ -89,13 +90,20 @@ def compare_handler(comparisons):
         verdict = f"## {badge}\n{report.verdict}" + (f"\n\n{timestep_semantics(pipe)}" if dit else "")
         rows = [[s.name, f"{s.max_abs:.3g}", f"{s.relative:.3g}", f"{s.cosine:.8f}", f"{s.tolerance:.3g}",
                  "yes" if s.passed else "NO"] for s in report.stages]
-        folder = Path(tempfile.mkdtemp(prefix="sd_core-compare-"))
-        report.write(folder / kind)
-        archive = shutil.make_archive(str(folder / f"sd_core-{kind}-report"), "zip", folder, kind)
+        archive = report_archive(report, kind)
         images = [(image, caption) for caption, image in report.images.items()]
         plots = [(plot, name) for name, plot in report.plots.items()]
         return verdict, images, plots, rows, archive
     return compare
+
+
+def report_archive(report, kind: str) -> str:
+    """The report zipped into gradio's cache (which deletes it with the app's other results, by its delete_cache
+    rule); the folder it was written in is removed at once."""
+    with tempfile.TemporaryDirectory(prefix="sd_core-compare-") as folder:
+        report.write(Path(folder) / kind)
+        archive = shutil.make_archive(str(Path(folder) / f"sd_core-{kind}-report"), "zip", folder, kind)
+        return processing_utils.save_file_to_cache(archive, cache_dir=utils.get_upload_folder())
 
 
 COMPARE_FIELDS = {  # which settings each kind shows: prompt, class label, image, strength, sample, guided channels, dtype

@@ -26,6 +26,7 @@ from sd_core.app.parts import (
     fast_pipeline,
     handler,
     progress_callback,
+    prompt_chunks,
     run_bounded,
     timestep_semantics,
 )
@@ -72,7 +73,7 @@ def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, 
     with contextlib.ExitStack() as held:  # the weights are this request's while a LoRA is merged into them
         for _, locked in sorted({id(p): p for p in (pipe, second) if p is not None}.items()):
             held.enter_context(MODELS.using(locked))
-        tokens = bind_embeddings(pipe, settings.embeddings)
+        tokens = held.enter_context(bind_embeddings(pipe, settings.embeddings))
         with loras_applied(pipe.models, lora_files):
             callback = progress_callback(progress, settings.steps, pipe, trajectory,
                                          fast_preview if settings.fast else preview)
@@ -82,8 +83,9 @@ def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, 
                 run = fast_pipeline(pipe, settings.deepcache, settings.tome).generate if settings.fast else \
                     functools.partial(generate, pipe)
                 work = functools.partial(run, settings, image=image, mask=mask, callback=callback)
+            chunks = prompt_chunks(pipe, settings.prompt_syntax, settings.prompt, settings.negative_prompt)
             result = run_bounded(f"text_to_image:{settings.model}", pixels, settings.steps,
-                                 settings.images_per_prompt, work)
+                                 settings.images_per_prompt, work, chunks)  # a prompt's chunks are priced too
     result.parameters.update(embeddings=tokens)  # shown beside the images: the tokens to write in a prompt
     note = truncation_note(pipe, settings)
     if note:

@@ -8,7 +8,7 @@ import torch
 
 from sd_core.app.layout import CSS, build
 from sd_core.app.parts import EMBEDDED, MODELS, Settings
-from sd_core.app.serving import MAX_UPLOAD_BYTES, ResultsJanitor
+from sd_core.app.serving import MAX_UPLOAD_BYTES
 
 
 def main(argv=None, comparisons=None):
@@ -34,7 +34,6 @@ def main(argv=None, comparisons=None):
         MODELS.get(name)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, args.concurrency)))
     demo = build(comparisons).queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
-    ResultsJanitor(every_s=300, max_age_s=3600, max_files=500).keep_existing().start()  # after build(): keeps examples
     where = {key: value for key, value in (("server_name", args.host), ("server_port", args.port)) if value is not None}
     # no host/port given: gradio reads GRADIO_SERVER_NAME/_PORT; larger uploads are refused before they are kept
     demo.launch(share=args.share, css=CSS, max_file_size=MAX_UPLOAD_BYTES, **where)

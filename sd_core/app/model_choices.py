@@ -20,7 +20,7 @@ from sd_core.app import serving
 from sd_core.checkpoints import catalog
 from sd_core.checkpoints.catalog import CatalogModel
 from sd_core.checkpoints.convert import CheckpointError
-from sd_core.checkpoints.loading import HUB_ID, load_from_hub, load_pipeline, read_safetensors_header
+from sd_core.checkpoints.loading import HUB_ID, inside, load_from_hub, load_pipeline, read_safetensors_header
 from sd_core.pipelines.lora import is_lora
 
 EMBEDDED = {name: Path(model.source) for name, model in catalog.EMBEDDED.items()}
@@ -50,16 +50,32 @@ def is_lora_file(path: Path, modified: float) -> bool:
 
 
 def root_files(what: str) -> list[tuple[str, Path]]:
-    """(label, path) of the LoRAs ("loras") or embeddings ("embeddings") under the model roots."""
+    """(label, path) of the LoRAs ("loras") or embeddings ("embeddings") under the model roots: regular files only,
+    each resolved inside its root (a link out of the root, a FIFO or a device is never listed, so never opened)."""
     found = []
     for root in Settings.model_roots:
         if not root.is_dir():
             continue
-        paths = sorted((root / what).glob("*.safetensors"))
+        paths = offered_files(root, sorted((root / what).glob("*.safetensors")))
         if what == "loras":
-            paths += [p for p in sorted(root.glob("*.safetensors")) if is_lora_file(p, p.stat().st_mtime)]
-        found += [(f"{what}: {p.relative_to(root)}", p) for p in paths]
+            paths += [(p, real) for p, real in offered_files(root, sorted(root.glob("*.safetensors")))
+                      if is_lora_file(real, real.stat().st_mtime)]
+        found += [(f"{what}: {p.relative_to(root)}", real) for p, real in paths]
     return found
+
+
+def offered_files(root: Path, paths) -> list[tuple[Path, Path]]:
+    """(path, its resolved path) of those `paths` that are regular files inside `root` once links are resolved
+    (as checkpoints.loading.inside checks a model folder's files)."""
+    offered = []
+    for path in paths:
+        try:
+            real = inside(root.resolve(), path).resolve(strict=True)
+        except (CheckpointError, OSError, RuntimeError):  # RuntimeError: a link loop
+            continue
+        if real.is_file():
+            offered.append((path, real))
+    return offered
 
 
 def extra_path(what: str, choice: str) -> Path:
@@ -77,8 +93,10 @@ def model_choices(kind: str) -> list[tuple[str, str]]:
              if Path(model.source).is_dir() and kind in ("any", model.kind)]
     for root in Settings.model_roots:
         if root.is_dir():
-            files = [p for p in root.glob("*.safetensors") if not is_lora_file(p, p.stat().st_mtime)]
-            found = sorted([p.parent for p in root.glob("*/model_index.json")] + files)
+            files = [p for p, real in offered_files(root, root.glob("*.safetensors"))
+                     if not is_lora_file(real, real.stat().st_mtime)]
+            folders = [p.parent for p, _ in offered_files(root, root.glob("*/model_index.json"))]
+            found = sorted(folders + files)
             names += [(f"models: {p.relative_to(root)}",) * 2 for p in found]
     if hub_offered():
         names += [(f"{model.name} (hub, {model.download_gb:g} GB)", model.name) for model in catalog.HUB.values()
@@ -95,7 +113,8 @@ def resolve_source(choice: str) -> Path | str:
     relative = choice.removeprefix("models: ")
     for root in Settings.model_roots:
         candidate = (root / relative).resolve()
-        if candidate.is_relative_to(root) and candidate.exists() and choice.startswith("models: "):
+        offered = candidate.is_dir() or candidate.is_file()  # never a FIFO or device
+        if candidate.is_relative_to(root) and offered and choice.startswith("models: "):
             return candidate
     if hub_offered() and (choice in catalog.HUB or choice in HUB_BY_SOURCE):
         return catalog.HUB[choice].source if choice in catalog.HUB else choice

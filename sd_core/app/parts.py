@@ -8,10 +8,13 @@ import functools
 import html
 import inspect
 import logging
+import os
 import re
 import time
+from pathlib import Path
 
 import gradio as gr
+from gradio import processing_utils
 from PIL import Image
 
 from sd_core.app.forms import DEEPCACHE_CHOICES, FORM_LIMITS, MODEL_DEFAULT, TOME_CHOICES, choice_of, form_from_settings  # noqa: F401
@@ -38,11 +41,13 @@ from sd_core.app.serving import (
 from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
 from sd_core.fast.pipeline import make_fast
+from sd_core.files import atomic_path
 from sd_core.pipelines import settings
 from sd_core.pipelines.generate import preview
 from sd_core.pipelines.metadata import read_png_parameters
+from sd_core.pipelines.prompt_syntax import count_chunks
 from sd_core.pipelines.settings import RULES, GenerationSettings
-from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
+from sd_core.pipelines.textual_inversion import embeddings_bound, load_embedding
 from sd_core.schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 
 LOG = logging.getLogger("sd_core.app")
@@ -77,6 +82,7 @@ def on_gpu(fn):
 def user_errors(fn):
     """Turn bad input (ValueError/TypeError from sd_core and sd_core.app.serving's refusals) and non-finite latents
     (FloatingPointError) into a one-line gr.Error the visitor reads, logged as one line; the app keeps serving.
+    What the visitor reads names no server folder (without_server_paths); the log keeps the whole path.
     The handler's signature is kept: gradio names the API parameters after it."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -84,30 +90,70 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except gr.Error as error:
             LOG.warning("%s refused: %s", fn.__name__, error.message)
+            error.message = without_server_paths(str(error.message))
             raise
         except (ValueError, TypeError, FileNotFoundError, CheckpointError, FloatingPointError) as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             LOG.warning("%s refused: %s", fn.__name__, message)
-            raise gr.Error(message) from None
+            raise gr.Error(without_server_paths(message)) from None
     return wrapped
+
+
+# A folder part of an absolute path (POSIX or Windows), not inside a word, a URL or a relative path.
+SERVER_FOLDERS = re.compile(r"(?<![\w.~:/\\-])(?:/|[A-Za-z]:\\)(?:[^\s/\\'\"`<>|,;()\[\]]+[/\\])+")
+
+
+def without_server_paths(message: str) -> str:
+    """`message` naming files as a visitor may read them: a file under a model root (or the embedded models'
+    folder) relative to that root, any other absolute path (the gradio temp folder, the machine's own) by its
+    base name."""
+    roots = {root for root in Settings.model_roots} | {path.parent for path in EMBEDDED.values()}
+    for root in sorted({form for root in roots for form in (str(root), str(root.resolve()))}, key=len, reverse=True):
+        message = message.replace(root + os.sep, "")
+    return SERVER_FOLDERS.sub("", message)
 
 
 def handler(fn):
     return on_gpu(user_errors(fn))
 
 
+def save_pil_to_cache_whole(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """gradio's processing_utils.save_pil_to_cache, but written beside its path and renamed into place. gradio names
+    a result file by its content's hash and rewrote it in place, so a request with the same picture (two VAE
+    round-trips of one image) truncated the file while another visitor was downloading it ("Too little data for
+    declared Content-Length"); a download now keeps reading the whole file it opened."""
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    path = (folder / f"{name}.{format}").resolve()
+    with atomic_path(path) as partial:
+        partial.write_bytes(data)
+    return str(path)
+
+
+processing_utils.save_pil_to_cache = save_pil_to_cache_whole  # every gradio image and gallery output goes through it
+
+
 LIMITS = WorkLimits.from_environment(Settings.device)  # work per request; heavy requests share one slot
 
 
-def run_bounded(kind: str, pixels: int, steps: int, batch: int, work):
+def run_bounded(kind: str, pixels: int, steps: int, batch: int, work, chunks: int = 1):
     """Refuse work beyond this machine's budget for `kind` ("text_to_image:<model>": each model's own speed; the
-    message states the bound), run the rest (heavy requests one at a time across all endpoints), and learn the
-    model's speed from each run."""
-    with LIMITS.slot(check_request(LIMITS, kind, pixels, steps, batch)):
+    message states the bound; `chunks`: the prompt's 77-token chunks), run the rest (heavy requests one at a time
+    across all endpoints), and learn the model's speed from each run."""
+    with LIMITS.slot(check_request(LIMITS, kind, pixels, steps, batch, chunks=chunks)):
         start = time.perf_counter()
         result = work()
-        LIMITS.observe(kind, time.perf_counter() - start, pixels, steps, batch)
+        LIMITS.observe(kind, time.perf_counter() - start, pixels, steps, batch, chunks)
     return result
+
+
+def prompt_chunks(pipe, prompt_syntax: str, *prompts) -> int:
+    """How many 77-token chunks the longest of `prompts` is encoded as: A1111's syntax cuts a long prompt and each
+    BREAK into chunks; a plain prompt is one (cut at 77 tokens)."""
+    if prompt_syntax != "a1111":
+        return 1
+    return count_chunks(pipe.tokenizer, [prompt or "" for prompt in prompts])
 
 
 def timestep_semantics(pipe) -> str:
@@ -241,14 +287,11 @@ def fast_pipeline(pipe, deepcache: int, tome: float = 0.0):
     return made[options]
 
 
-def bind_embeddings(pipe, choices) -> list[str]:
-    """Bind the chosen embeddings to the cached pipeline once each (their tokens stay); returns their tokens."""
-    bound = pipe.__dict__.setdefault("app_embeddings", {})
-    for choice in choices or []:
-        path = extra_path("embeddings", choice)
-        if path not in bound:
-            bound[path] = add_embedding(pipe, load_embedding(path))
-    return [bound[extra_path("embeddings", choice)] for choice in choices or []]
+def bind_embeddings(pipe, choices):
+    """The chosen embeddings bound to the cached pipeline for one request: `with bind_embeddings(pipe, choices) as
+    tokens:` inside the request's MODELS.using(pipe) lock; afterwards the pipeline is as it was, so another visitor's
+    prompt with the same word never draws this one's embedding."""
+    return embeddings_bound(pipe, [load_embedding(extra_path("embeddings", choice)) for choice in choices or []])
 
 
 def selected_image(gallery, selected):

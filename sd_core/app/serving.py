@@ -9,17 +9,16 @@
 
 Every refusal is a ValueError whose text a visitor can read: it names the parameter, the bound and what to do.
 """
-import logging
 import math
 import os
+import statistics
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sd_core.pipelines.image_io import MAX_IMAGE_BYTES, describe_size, open_image, side_of
 # The settings record's rules, under the names the app's checks use.
@@ -181,6 +180,13 @@ def release_memory():
 # real checkpoints sets its own rates, and observe() learns them from the requests it runs.
 CPU_SECONDS_PER_MPX_STEP = {"text_to_image": 22.0, "dit": 20.0, "vae_roundtrip": 25.0, "compare": 66.0}
 MAX_KINDS = 256
+# Each 77-token prompt chunk past the first (A1111 syntax: a long prompt, or a BREAK) adds this share of a step's
+# work: the UNet's cross-attention reads a context one chunk longer at every step, and the chunk is encoded (SD 1.5
+# at 512 px: about 1.5% of a step in FLOPs, plus 5% of one step to encode it; 333 BREAKs ran 2.8x a plain request on
+# the embedded model).
+CHUNK_SHARE = 0.03
+RECENT_RUNS = 5  # a kind's learned speed is the median of its last runs: one outlier never sets it
+PRIOR_RUNS = 2  # the table's speed counts as this many runs until real ones replace it
 KIND_NAMES = {"text_to_image": "text-to-image", "dit": "DiT", "vae_roundtrip": "VAE round-trip", "compare": "compare"}
 
 
@@ -203,6 +209,7 @@ class WorkLimits:
     def __post_init__(self):
         self._slots = threading.BoundedSemaphore(self.heavy_slots)
         self._observed_lock = threading.Lock()
+        self._recent: dict[str, deque] = {}  # kind -> its last RECENT_RUNS speeds, seeded with the prior
 
     @classmethod
     def for_device(cls, device: str = "cpu", **overrides) -> "WorkLimits":
@@ -235,20 +242,22 @@ class WorkLimits:
         rates = self.seconds_per_mpx_step
         return rates.get(kind) or rates.get(kind.split(":")[0]) or max(rates.values())
 
-    def estimate_seconds(self, kind: str, pixels: int, steps: int = 1, batch: int = 1) -> float:
-        return pixels * steps * batch / 1e6 * self.rate(kind)
+    def estimate_seconds(self, kind: str, pixels: int, steps: int = 1, batch: int = 1, chunks: int = 1) -> float:
+        return work_mpx_steps(pixels, steps, batch, chunks) * self.rate(kind)
 
-    def observe(self, kind: str, seconds: float, pixels: int, steps: int = 1, batch: int = 1):
-        """Learn this machine's speed from a finished request: a slower run raises the rate at once, a faster one
-        lowers it slowly (so bounds tighten quickly and widen with evidence)."""
-        mpx_steps = pixels * steps * batch / 1e6
-        if mpx_steps <= 0 or not math.isfinite(seconds) or seconds <= 0:
+    def observe(self, kind: str, seconds: float, pixels: int, steps: int = 1, batch: int = 1, chunks: int = 1):
+        """Learn this machine's speed from a finished request: the median of the kind's last RECENT_RUNS speeds,
+        the prior counting as PRIOR_RUNS of them, so one slow or fast outlier (a busy moment, a strange request)
+        moves nothing and three consistent runs set it."""
+        work = work_mpx_steps(pixels, steps, batch, chunks)
+        if work <= 0 or not math.isfinite(seconds) or seconds <= 0:
             return
         with self._observed_lock:
             if kind not in self.seconds_per_mpx_step and len(self.seconds_per_mpx_step) >= MAX_KINDS:
                 return  # model names come from visitors (hub ids): the table stays bounded
-            measured, current = seconds / mpx_steps, self.rate(kind)
-            self.seconds_per_mpx_step[kind] = measured if measured > current else 0.9 * current + 0.1 * measured
+            recent = self._recent.setdefault(kind, deque([self.rate(kind)] * PRIOR_RUNS, maxlen=RECENT_RUNS))
+            recent.append(seconds / work)
+            self.seconds_per_mpx_step[kind] = statistics.median(recent)
 
     def slot(self, estimate_s: float) -> "Slot":
         """A context manager: heavy work (estimate above light_seconds) takes one of the shared slots, waiting at
@@ -271,105 +280,29 @@ class Slot:
             self.limits._slots.release()
 
 
+def work_mpx_steps(pixels: int, steps: int = 1, batch: int = 1, chunks: int = 1) -> float:
+    """A request's work in megapixel-steps, each prompt chunk past the first adding CHUNK_SHARE."""
+    return pixels * steps * batch / 1e6 * (1 + CHUNK_SHARE * (max(chunks, 1) - 1))
+
+
 def check_request(limits: WorkLimits, kind: str, pixels: int, steps: int = 1, batch: int = 1,
-                  label: str | None = None) -> float:
-    """Refuse a request whose work (pixels x steps x images) exceeds this server's budget for `kind`; returns its
-    estimated seconds (for limits.slot()). `label` names the size in the message (default: a square side)."""
-    work = pixels * steps * batch / 1e6
+                  label: str | None = None, chunks: int = 1) -> float:
+    """Refuse a request whose work (pixels x steps x images, and the prompt's 77-token `chunks`) exceeds this
+    server's budget for `kind`; returns its estimated seconds (for limits.slot()). `label` names the size in the
+    message (default: a square side)."""
+    work = work_mpx_steps(pixels, steps, batch, chunks)
     budget = limits.budget_mpx_steps(kind)
     if work > budget:
         side = side_of(pixels)
         size = label or (f"{side}x{side}" if side * side == pixels else describe_size(pixels, "px"))
-        parts = [size] + ([f"{steps} steps"] if steps != 1 else []) + ([f"{batch} images"] if batch != 1 else [])
+        parts = [size] + ([f"{steps} steps"] if steps != 1 else []) + ([f"{batch} images"] if batch != 1 else []) + (
+            [f"a prompt of {chunks} chunks"] if chunks > 1 else [])
         unit = "Mpx-steps" if steps != 1 or kind not in ("vae_roundtrip",) else "Mpx"
-        fewer = [word for word, present in (("size", True), ("steps", steps != 1), ("number of images", batch != 1))
-                 if present]
+        fewer = [word for word, present in (("size", True), ("steps", steps != 1), ("number of images", batch != 1),
+                                            ("prompt (its BREAKs and length)", chunks > 1)) if present]
         fewer = fewer[0] if len(fewer) == 1 else ", ".join(fewer[:-1]) + " or " + fewer[-1]
         raise ValueError(f"{' x '.join(parts)} is {work:.3g} {unit}; this server allows {budget:.3g} {unit} per "
                          f"{KIND_NAMES.get(kind.split(':')[0], kind)} request (about {limits.max_seconds:.0f} s "
                          f"here). "
                          f"Reduce the {fewer}.")
     return work * limits.rate(kind)
-
-
-# ----------------------------------------------------------------------------------------------- results
-
-
-def results_folder() -> Path:
-    """Where gradio keeps uploads and results: GRADIO_TEMP_DIR, else <temp>/gradio."""
-    import tempfile
-    return Path(os.environ.get("GRADIO_TEMP_DIR") or (Path(tempfile.gettempdir()) / "gradio").resolve())
-
-
-def clean_results(folder, max_age_s: float = 3600, max_files: int = 500, keep=frozenset(),
-                  now: float | None = None) -> int:
-    """Delete regular files under `folder` older than `max_age_s`, then the oldest beyond `max_files`; never a
-    file in `keep` (e.g. the examples gradio copied there at start), never through a symbolic link, never outside
-    `folder`. Empty sub-folders left behind are removed. Returns how many files were deleted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    now = time.time() if now is None else now
-    keep = {str(Path(p)) for p in keep}
-    files = []
-    for root, dirs, names in os.walk(folder, followlinks=False):
-        for name in names:
-            path = os.path.join(root, name)
-            try:
-                stat = os.lstat(path)
-            except OSError:
-                continue
-            if path in keep or not os.path.isfile(path) or os.path.islink(path):
-                continue
-            files.append((stat.st_mtime, path))
-    files.sort()
-    old = [path for mtime, path in files if now - mtime > max_age_s]
-    recent = [path for mtime, path in files if now - mtime <= max_age_s]
-    doomed = old + recent[:max(0, len(recent) - max_files)]
-    deleted = 0
-    for path in doomed:
-        try:
-            os.unlink(path)
-            deleted += 1
-        except OSError:
-            pass
-    for root, dirs, names in sorted(os.walk(folder, followlinks=False), key=lambda w: -len(w[0])):
-        if root != str(folder) and not os.listdir(root):
-            try:
-                os.rmdir(root)
-            except OSError:
-                pass
-    return deleted
-
-
-class ResultsJanitor:
-    """Runs clean_results() every `every_s` seconds in a daemon thread; stop() ends it."""
-
-    def __init__(self, folder=None, every_s: float = 300, **rules):
-        self.folder, self.every_s, self.rules = Path(folder or results_folder()), every_s, rules
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sd_core results janitor", daemon=True)
-
-    def keep_existing(self) -> "ResultsJanitor":
-        """Never delete what is there now (call after the app is built: the examples it copied in)."""
-        present = set()
-        if self.folder.is_dir():
-            for root, _, names in os.walk(self.folder):
-                present.update(os.path.join(root, name) for name in names)
-        self.rules["keep"] = frozenset(present) | set(self.rules.get("keep", ()))
-        return self
-
-    def start(self) -> "ResultsJanitor":
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 5):
-        self._stop.set()
-        self._thread.join(timeout_s)
-
-    def _run(self):
-        while not self._stop.wait(self.every_s):
-            try:
-                clean_results(self.folder, **self.rules)
-            except Exception:  # noqa: BLE001 - a cleaning failure must never take the server down
-                logging.getLogger("sd_core.app.serving").exception("cleaning %s failed", self.folder)

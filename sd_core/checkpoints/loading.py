@@ -50,8 +50,11 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def read_weights(path: str | Path, allow_pickle: bool = False) -> dict:
     """A flat {name: tensor} from a .safetensors file, or (opted in) a weights-only pickle."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"No such checkpoint file: {path}")
+    if not path.is_file():  # a FIFO would block the reader until a writer comes; a device may never end
+        raise CheckpointError(f"{path.name} is not a regular file (a folder, FIFO or device): only weights files "
+                              f"are read.")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish.")
     if path.suffix == ".safetensors":
@@ -80,10 +83,10 @@ def read_weights(path: str | Path, allow_pickle: bool = False) -> dict:
 MAX_HEADER_BYTES = 100 * 2 ** 20  # the safetensors format's own bound on its JSON header
 
 
-def read_safetensors_header(path: str | Path) -> tuple[list[str], dict]:
+def read_safetensors_header(path: str | Path, max_bytes: int = MAX_HEADER_BYTES) -> tuple[list[str], dict]:
     """The tensor names and the string metadata of a .safetensors file, read from its header alone (no weights).
     Only a regular file is opened (a FIFO or device named *.safetensors would block or never end), and no more
-    than the format's header bound is read."""
+    than `max_bytes` (at most the format's own header bound) is read."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -96,6 +99,9 @@ def read_safetensors_header(path: str | Path) -> tuple[list[str], dict]:
         size = int.from_bytes(size_bytes, "little") if len(size_bytes) == 8 else -1
         if not 0 < size <= MAX_HEADER_BYTES:
             raise CheckpointError(f"{path.name} is not a valid safetensors file (its header length is {size}).")
+        if size > max_bytes:
+            raise CheckpointError(f"{path.name} has a {size}-byte header; files of its kind have at most "
+                                  f"{max_bytes} bytes of header here: refused before reading it.")
         try:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -186,13 +192,18 @@ def read_json(path: Path) -> dict:
 
 
 def inside(root: Path, path: Path) -> Path:
-    """`path`, if it stays inside `root` (a resolved folder) once links are resolved; else an error. Every file a
-    folder loader opens goes through here, so a model's contents (a shard index naming ../x, an absolute
-    path, a component folder that is a link out) can never make sd_core read outside the model."""
-    if not path.resolve().is_relative_to(root):
+    """`path`, if it stays inside `root` (a resolved folder) once links are resolved and is a regular file or a
+    folder; else an error. Every file a folder loader opens goes through here, so a model's contents (a shard index
+    naming ../x, an absolute path, a component folder that is a link out, a FIFO named config.json) can never make
+    sd_core read outside the model or block on a read."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
         raise CheckpointError(f"{path.name} in the model folder points outside it (to a path elsewhere on the "
                               f"machine); refused. Copy the file into the model folder instead of linking or "
                               f"naming it.")
+    if resolved.exists() and not (resolved.is_file() or resolved.is_dir()):  # reading a FIFO blocks
+        raise CheckpointError(f"{path.name} in the model folder is not a regular file (a FIFO, device or socket); "
+                              f"refused.")
     return path
 
 

@@ -49,6 +49,8 @@ PROCESSOR_LAYERS = {"unet": {"processor.to_q_lora": "to_q", "processor.to_k_lora
                     "text": {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj",
                              "to_out_lora": "out_proj"}}
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights writes each component's LoraConfig
+MAX_LORA_TENSORS = 20_000  # a LoRA of 10^6 tiny tensors took 35 s and 3 GB per request
+MAX_LORA_HEADER_BYTES = 32 * 2 ** 20  # 20,000 tensor entries and kohya's training metadata fit with room to spare
 
 
 @dataclasses.dataclass
@@ -86,20 +88,30 @@ class AppliedLoRAs:
 
 
 def load_lora(source, allow_pickle: bool = False) -> LoRA:
-    """Parse a LoRA file (or a state dict) of either format; nothing is checked against a model yet."""
+    """Parse a LoRA file (or a state dict) of either format; nothing is checked against a model yet. A file's
+    tensors are counted from its header before any is read: at most MAX_LORA_TENSORS."""
     if isinstance(source, dict):
-        return parse_lora(source, {}, "the given state dict")
+        return parse_lora(count_tensors(source, "the given state dict"), {}, "the given state dict")
     path = Path(source)
-    tensors = read_weights(path, allow_pickle)
-    return parse_lora(tensors, read_lora_metadata(path), str(path))
+    metadata = {}
+    if path.suffix == ".safetensors":
+        names, header = read_safetensors_header(path, max_bytes=MAX_LORA_HEADER_BYTES)
+        count_tensors(names, path.name)
+        try:
+            metadata = json.loads(header.get(METADATA_KEY) or "{}")
+        except ValueError:
+            metadata = None
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{path.name}: its {METADATA_KEY} is not a JSON object; the file is damaged.")
+    return parse_lora(count_tensors(read_weights(path, allow_pickle), path.name), metadata, str(path))
 
 
-def read_lora_metadata(path: Path) -> dict:
-    """The LoraConfig fields diffusers stores in a .safetensors header ({"unet.lora_alpha": 8, ...}), or {}."""
-    if path.suffix != ".safetensors":
-        return {}
-    raw = read_safetensors_header(path)[1].get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+def count_tensors(tensors, name: str):
+    """`tensors` (names or a dict) when they are few enough for a LoRA; else an error stating the bound."""
+    if len(tensors) > MAX_LORA_TENSORS:
+        raise CheckpointError(f"{name} holds {len(tensors)} tensors; a LoRA has at most {MAX_LORA_TENSORS} here "
+                              f"(one for SDXL's UNet and both text encoders has a few thousand): refused before loading them.")
+    return tensors
 
 
 def is_lora(keys) -> bool:

@@ -2,6 +2,8 @@
 written beside every image made and read back by PNG Info, the CLI and batch files."""
 import json
 import re
+import zlib
+from pathlib import Path
 
 from PIL import Image
 
@@ -27,7 +29,13 @@ def tag(images: list, parameters: dict, seeds: list[int] | None = None) -> list:
 # there is one, then one line of "Key: value" pairs joined by ", ", a value quoted as JSON when it holds a
 # comma, colon or newline (modules/infotext_utils.py `create_infotext`, `quote`, `parse_generation_parameters`).
 
-A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param
+# A1111's re_param, r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', finds the same pairs as this one, but
+# tries a key at every position of a run of key characters, each try scanning to the run's end: quadratic in a long
+# last line. A key that fits starts at its run's first word character (a later start in the run ends at the same
+# place, and a longer key fits where a shorter one does), so here a key is only tried where a run starts, and the
+# possessive quantifiers never rescan: linear.
+A1111_PARAM = re.compile(r'(?<![\w \-/])[ \-/]*+(\w[\w \-/]++):\s*+("(?:\\.|[^\\"])++"(?=,|$)|[^,]*+)(?:,|$)')
+MAX_PARAMETERS_BYTES = 2 * 2 ** 20  # the longest settings text read (A1111's or sd_core's), stored or inflated
 
 
 def quote(value) -> str:
@@ -110,10 +118,15 @@ def a1111_parameters(parameters: dict) -> str:
 
 def parse_a1111_parameters(text: str) -> dict:
     """A1111's infotext -> {"Prompt": ..., "Negative prompt": ..., key: value, ...} as its parser reads it: the
-    last line holds the parameters when it has at least 3 "Key: value" pairs."""
+    last line holds the parameters when it has at least 3 "Key: value" pairs. Linear in the text's length, which
+    is bounded by MAX_PARAMETERS_BYTES characters."""
+    if len(text) > MAX_PARAMETERS_BYTES:
+        raise ValueError(f"These A1111 parameters are {len(text)} characters long; sd_core reads at most "
+                         f"{MAX_PARAMETERS_BYTES} (a prompt reaches the model as 75-token chunks anyway).")
     *lines, last = text.strip().split("\n")
-    if len(A1111_PARAM.findall(last)) < 3:
-        lines, last = lines + [last], ""
+    pairs = A1111_PARAM.findall(last)
+    if len(pairs) < 3:
+        lines, pairs = lines + [last], []
     prompt, negative, in_negative = [], [], False
     for line in lines:
         line = line.strip()
@@ -121,9 +134,19 @@ def parse_a1111_parameters(text: str) -> dict:
             in_negative, line = True, line[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(line)
     fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in A1111_PARAM.findall(last):
-        fields[key] = json.loads(value) if len(value) > 1 and value[0] == value[-1] == '"' else value
+    for key, value in pairs:
+        fields[key] = unquote(value)
     return fields
+
+
+def unquote(value: str) -> str:
+    """A value A1111 quoted as JSON, unquoted; one that only looks quoted stays as written (as A1111's `unquote`)."""
+    if len(value) > 1 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
 
 
 def controlnets_from_a1111(fields: dict) -> dict:
@@ -194,12 +217,121 @@ def settings_from_sd_core(p: dict) -> GenerationSettings | DiTSettings:
 def read_png_parameters(image) -> dict:
     """The settings that made an image, from its PNG text: sd_core's JSON ("sd_core"), else A1111's infotext
     ("parameters"): a GenerationSettings for generate() (a DiTSettings for generate_dit()); its `model` names
-    the model that made it."""
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    text = getattr(image, "text", None) or image.info
+    the model that made it. `image`: a PNG file (path or binary file object), read chunk by chunk without decoding
+    its pixels, or a PIL image (its `info`). Damaged settings are a ValueError saying what is wrong."""
+    text = image.info if isinstance(image, Image.Image) else read_png_text(image, ("sd_core", "parameters"))
     if "sd_core" in text:
-        return settings_from_sd_core(json.loads(text["sd_core"]))
+        try:
+            parameters = json.loads(text["sd_core"])
+        except (ValueError, RecursionError):
+            raise ValueError("This image's sd_core settings text is damaged (it is not JSON); use an image sd_core "
+                             "wrote, or type the settings in.") from None
+        try:
+            return settings_from_sd_core(parameters)
+        except (KeyError, TypeError, IndexError, AttributeError) as error:
+            problem = f"it lacks {error.args[0]!r}" if isinstance(error, KeyError) else "a field has the wrong type"
+            raise ValueError(f"This image's sd_core settings text is damaged ({problem}); use an image sd_core "
+                             f"wrote, or type the settings in.") from None
     if "parameters" in text:
-        return settings_from_a1111(parse_a1111_parameters(text["parameters"]))
+        fields = parse_a1111_parameters(text["parameters"])
+        problem = a1111_field_problem(fields)
+        if problem:
+            raise ValueError(f"This image's A1111 parameters cannot be used: {problem}.")
+        return settings_from_a1111(fields)
     raise ValueError("This image carries no generation parameters (neither sd_core's nor A1111's PNG text).")
+
+
+def a1111_field_problem(fields: dict) -> str | None:
+    """What keeps A1111 fields from being read as settings, in words, or None: a missing field, a Size that is not
+    WIDTHxHEIGHT, a Clip skip that is not a whole number (the settings record checks every other value)."""
+    missing = [key for key in ("Steps", "CFG scale", "Seed") if key not in fields]
+    if missing:
+        return f"the text has no {', '.join(missing)} (it is not a complete A1111 infotext)"
+    if "Size" in fields and not re.fullmatch(r"\d{1,6}x\d{1,6}", fields["Size"]):
+        return f"Size is {fields['Size'][:40]!r}, not WIDTHxHEIGHT"
+    if not re.fullmatch(r"\d{1,3}", str(fields.get("Clip skip", 1))):
+        return f"Clip skip is {fields['Clip skip'][:40]!r}, not a whole number from 1"
+    return None
+
+
+# -------------------------------------------------------------------------------- PNG text, chunk by chunk
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+MAX_PNG_CHUNKS = 2 ** 16  # walked before the settings are found (a PNG of 8 KB image-data chunks: 512 MB)
+
+
+def read_png_text(source, keys) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) named in `keys` of a PNG file (a path or a binary file object), found by
+    walking its chunks: the image data is skipped unread, never decoded. The walk ends at the image data once a
+    key was found (where sd_core, A1111 and Pillow write them), else at IEND. Each text is bounded by
+    MAX_PARAMETERS_BYTES, stored and inflated; a damaged or oversized chunk is a ValueError naming it."""
+    if hasattr(source, "read"):
+        return walk_png_text(source, keys, Path(getattr(source, "name", "") or "the image").name)
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"{path.name} is not a file; drop a PNG image.")
+    with open(path, "rb") as file:
+        return walk_png_text(file, keys, path.name)
+
+
+def walk_png_text(file, keys, name: str) -> dict[str, str]:
+    if file.read(8) != PNG_SIGNATURE:
+        raise ValueError(f"{name} is not a PNG image; settings are read from PNG text (drop a .png made by sd_core "
+                         f"or A1111).")
+    found = {}
+    for _ in range(MAX_PNG_CHUNKS):
+        head = file.read(8)
+        if len(head) < 8:
+            return found  # the file ends early: what was read stands
+        length, kind = int.from_bytes(head[:4], "big"), head[4:]
+        if kind == b"IEND" or (kind == b"IDAT" and found):
+            return found
+        if kind not in TEXT_CHUNKS:
+            if length >= 2 ** 31:
+                raise ValueError(f"{name} is a damaged PNG (a chunk claims {length} bytes).")
+            file.seek(length + 4, 1)  # its data and CRC, unread
+            continue
+        if length > MAX_PARAMETERS_BYTES + 1024:  # room for the keyword, flags and language tags
+            raise ValueError(f"{name} has a {length}-byte text chunk; sd_core reads PNG text chunks of at most "
+                             f"{MAX_PARAMETERS_BYTES} bytes.")
+        data, crc = file.read(length), file.read(4)
+        if len(data) < length or len(crc) < 4 or zlib.crc32(kind + data) != int.from_bytes(crc, "big"):
+            raise ValueError(f"{name} is a damaged PNG: a text chunk is truncated or fails its checksum.")
+        key, text = png_text_chunk(kind, data, keys, name)
+        if key is not None:
+            found.setdefault(key, text)
+    raise ValueError(f"{name} has more than {MAX_PNG_CHUNKS} PNG chunks before its settings; sd_core walks at most "
+                     f"that many.")
+
+
+def png_text_chunk(kind: bytes, data: bytes, keys, name: str) -> tuple[str | None, str]:
+    """(keyword, text) of one tEXt / zTXt / iTXt chunk's data, or (None, "") when its keyword is not in `keys`
+    (then nothing is inflated)."""
+    keyword, _, rest = data.partition(b"\0")
+    key = keyword.decode("latin-1")
+    if key not in keys:
+        return None, ""
+    if kind == b"tEXt":
+        return key, rest.decode("latin-1")
+    if kind == b"zTXt":
+        return key, inflate(rest[1:], name, key).decode("latin-1")
+    compressed = rest[:1] == b"\1"  # then the compression method, the language tag and the translated keyword
+    text = rest[2:].partition(b"\0")[2].partition(b"\0")[2]
+    try:
+        return key, (inflate(text, name, key) if compressed else text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: its {key!r} text is not UTF-8, as PNG's iTXt chunks must be.") from None
+
+
+def inflate(data: bytes, name: str, key: str) -> bytes:
+    """zlib-compressed PNG text, inflated to at most MAX_PARAMETERS_BYTES."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, MAX_PARAMETERS_BYTES + 1)
+    except zlib.error:
+        raise ValueError(f"{name}: its {key!r} text chunk is damaged (its compressed text does not inflate).") from None
+    if len(text) > MAX_PARAMETERS_BYTES:
+        raise ValueError(f"{name}: its {key!r} text inflates beyond {MAX_PARAMETERS_BYTES} bytes; sd_core reads "
+                         f"PNG text of at most that size.")
+    return text

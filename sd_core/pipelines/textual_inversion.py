@@ -4,6 +4,9 @@
     token = add_embedding(pipe, embedding)           # "my-style", or pass token="<my-style>"
     result = text_to_image(pipe, f"a cat in {token} style")
 
+    with embeddings_bound(pipe, [embedding]) as tokens:   # bound for the block only (a server's request)
+        result = text_to_image(pipe, f"a cat in {tokens[0]} style")
+
 Formats:
 - A1111 `.pt`: {"string_to_param": {"*": (n, dim)}, "name": ...}; A1111 `.safetensors`: {"emb_params": (n, dim)}.
 - diffusers `learned_embeds.safetensors`: {token: (dim,) or (n, dim)}.
@@ -11,7 +14,9 @@ Formats:
 An embedding of n vectors becomes n tokens, `token`, `token_1`, ... (as diffusers names them); `token` in a
 prompt stands for all n. Their rows are appended to the text encoder's token embedding.
 """
+import copy
 import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,8 +79,7 @@ def add_embedding(pipe, embedding: TextualInversion, token: str | None = None) -
     token = token or embedding.name
     if not token:
         raise ValueError("This embedding carries no name; pass token='<my-token>'.")
-    encoders = {name: (getattr(pipe, name), getattr(pipe, name.replace("text_encoder", "tokenizer")))
-                for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None}
+    encoders = text_encoders(pipe)
     for name, (text_encoder, tokenizer) in encoders.items():
         vectors = embedding.vectors.get(name)
         width = token_embedding(text_encoder).embedding_dim
@@ -98,3 +102,32 @@ def append_rows(text_encoder: nn.Module, vectors: torch.Tensor):
     weight = torch.cat([embedding.weight, vectors.to(embedding.weight)])
     embedding.weight = nn.Parameter(weight, requires_grad=embedding.weight.requires_grad)
     embedding.num_embeddings = text_encoder.config.vocab_size = weight.shape[0]
+
+
+def text_encoders(pipe) -> dict[str, tuple[nn.Module, object]]:
+    """{"text_encoder": (encoder, tokenizer), "text_encoder_2": ...} for the encoders `pipe` has."""
+    return {name: (getattr(pipe, name), getattr(pipe, name.replace("text_encoder", "tokenizer")))
+            for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None}
+
+
+TOKENIZER_STATE = ("vocab", "id_to_token", "added_tokens", "added_split")  # what CLIPTokenizer.add_token changes
+
+
+@contextmanager
+def embeddings_bound(pipe, embeddings: list[TextualInversion]):
+    """`with embeddings_bound(pipe, [embedding]) as tokens: ...` binds each embedding to its own name for the block,
+    then puts back the tokenizers and the token-embedding matrices exactly as they were (the same tensors), even
+    when binding or the block fails: a server's cached pipeline never keeps one request's embeddings for the next.
+    The counterpart of lora.loras_applied; hold the same lock around it (nothing else may encode text meanwhile)."""
+    saved = [(tokenizer, {name: copy.copy(getattr(tokenizer, name)) for name in TOKENIZER_STATE}, text_encoder,
+              token_embedding(text_encoder).weight, text_encoder.config.vocab_size)
+             for text_encoder, tokenizer in text_encoders(pipe).values()]
+    try:
+        yield [add_embedding(pipe, embedding) for embedding in embeddings]
+    finally:
+        for tokenizer, state, text_encoder, weight, vocab_size in saved:
+            for name, value in state.items():
+                setattr(tokenizer, name, value)
+            embedding = token_embedding(text_encoder)
+            embedding.weight, embedding.num_embeddings = weight, weight.shape[0]
+            text_encoder.config.vocab_size = vocab_size
