@@ -25,6 +25,7 @@ from sd_core.app import compare_tab
 from sd_core.app import handlers
 from sd_core.app import layout
 from tests.helpers import assert_images_match
+from tests.launch import free_port
 from sd_core.app import model_choices as app_models
 from sd_core.app import parts as app_parts
 from sd_core.pipelines.textual_inversion import token_embedding
@@ -91,7 +92,7 @@ def fresh_work_limits(monkeypatch):
 @pytest.fixture(scope="module")
 def server():
     demo = app.build().queue(max_size=32, default_concurrency_limit=2)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                             css=layout.CSS)
     yield url
     demo.close()
@@ -156,7 +157,7 @@ def test_twenty_concurrent_requests_all_complete_correctly(server):
 @pytest.mark.slow
 def test_a_request_over_the_queue_limit_is_told_the_queue_is_full():
     demo = app.build().queue(max_size=1, default_concurrency_limit=1)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     try:
         def request(_):
             try:
@@ -240,7 +241,9 @@ def hub_loads(monkeypatch):
     calls = []
     monkeypatch.setattr(app_models, "load_from_hub", lambda source, **kw: calls.append(("hub", source, kw)) or "pipe")
     monkeypatch.setattr(app_models, "load_pipeline", lambda source, **kw: calls.append(("disk", source, kw)) or "pipe")
-    monkeypatch.setattr(handlers, "MODELS", app_models.ModelCache())
+    cache = app_models.ModelCache()  # the tests ask app_parts.MODELS: never leave a fake "pipe" in the real cache
+    monkeypatch.setattr(handlers, "MODELS", cache)
+    monkeypatch.setattr(app_parts, "MODELS", cache)
     return calls
 
 
