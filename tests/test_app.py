@@ -359,10 +359,10 @@ def test_app_py_started_as_on_a_space_listens_on_all_interfaces_and_serves(tmp_p
 
 @pytest.mark.parametrize("kind,model,settings", [
     ("text_to_image", SD, dict(prompt="a red circle", steps=2)),
-    ("vae", SD, dict(image=handle_file(str(layout.EXAMPLE_SCENE)))),
-    ("dit", DIT, dict(class_label="red circle", steps=2, guidance_scale=3.0)),
-    ("precision", DIT, dict(class_label="blue triangle", steps=2, dtype="bf16")),
-    ("fast_path", SD, dict(prompt="a red circle", steps=3, deepcache=2, tome=0.5)),
+    pytest.param("vae", SD, dict(image=handle_file(str(layout.EXAMPLE_SCENE))), marks=pytest.mark.slow),
+    pytest.param("dit", DIT, dict(class_label="red circle", steps=2, guidance_scale=3.0), marks=pytest.mark.slow),
+    pytest.param("precision", DIT, dict(class_label="blue triangle", steps=2, dtype="bf16"), marks=pytest.mark.slow),
+    pytest.param("fast_path", SD, dict(prompt="a red circle", steps=3, deepcache=2, tome=0.5), marks=pytest.mark.slow),
 ])
 def test_compare_runs_each_kind_through_gradio_client_with_named_parameters(client, kind, model, settings, tmp_path):
     verdict, images, plots, table, report = client.predict(kind=kind, model=model, seed=1, api_name="/compare",
@@ -408,6 +408,7 @@ def test_each_compare_kind_shows_only_the_settings_it_takes():
 FAST_MIN_PSNR = 20.0  # dB against the parity image; measured 47.2 (bf16 UNet) and 26.7 (bf16, DeepCache 3)
 
 
+@pytest.mark.slow
 def test_the_fast_path_is_tagged_and_differs_from_the_parity_image_through_gradio_client(client):
     common = dict(model=SD, prompt="a big yellow triangle on the right on a black background", steps=12, seed=2,
                   scheduler="ddim", number_of_images=1, api_name="/text_to_image")
@@ -538,6 +539,7 @@ def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_requ
         run(lora_2="loras: detail.safetensors", lora_2_scale=float("nan"))
 
 
+@pytest.mark.slow
 def test_the_readme_client_example_runs_as_written(server):
     section = (Path(app.__file__).parent / "README.md").read_text().split("## The app", 1)[1]
     code = section.split("```python", 1)[1].split("```", 1)[0].replace('"http://127.0.0.1:7860"', repr(server))

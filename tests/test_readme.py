@@ -4,6 +4,7 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sd_core.__main__ import main
@@ -27,6 +28,7 @@ def scene_of(caption: str) -> Scene:
     return Scene(find(SHAPES), find(COLOURS), position, find(SIZES), find(BACKGROUNDS))
 
 
+@pytest.mark.slow
 def test_readme_command_lines_draw_what_they_say(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lines = command_lines()
