@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -45,3 +46,10 @@ def assert_images_match(ours: list, reference: np.ndarray):
     from compare.parity import compare_images
     stage = compare_images(np.stack([np.asarray(image) for image in ours]), (reference * 255).round().astype("uint8"))
     assert stage.passed, (stage.max_abs, stage.extra)
+
+
+def slow_unless(cases: list, quick: list) -> list:
+    """Parametrised cases (tuples, or single values), those not in `quick` marked slow: the quick loop
+    (`-m "not slow"`) keeps a case of each behaviour, the full suite runs every case under the same ids."""
+    return [pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=() if case in quick else pytest.mark.slow)
+            for case in cases]

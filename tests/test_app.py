@@ -26,6 +26,7 @@ from sd_core.app import compare_tab
 from sd_core.app import handlers
 from sd_core.app import layout
 from tests.helpers import assert_images_match
+from tests.launch import free_port
 from sd_core.app import model_choices as app_models
 from sd_core.app import parts as app_parts
 from sd_core.pipelines.textual_inversion import token_embedding
@@ -92,7 +93,7 @@ def fresh_work_limits(monkeypatch):
 @pytest.fixture(scope="module")
 def server():
     demo = app.build().queue(max_size=32, default_concurrency_limit=2)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                             css=layout.CSS)
     yield url
     demo.close()
@@ -157,7 +158,7 @@ def test_twenty_concurrent_requests_all_complete_correctly(server):
 @pytest.mark.slow
 def test_a_request_over_the_queue_limit_is_told_the_queue_is_full():
     demo = app.build().queue(max_size=1, default_concurrency_limit=1)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     try:
         def request(_):
             try:
@@ -359,10 +360,10 @@ def test_app_py_started_as_on_a_space_listens_on_all_interfaces_and_serves(tmp_p
 
 @pytest.mark.parametrize("kind,model,settings", [
     ("text_to_image", SD, dict(prompt="a red circle", steps=2)),
-    ("vae", SD, dict(image=handle_file(str(layout.EXAMPLE_SCENE)))),
-    ("dit", DIT, dict(class_label="red circle", steps=2, guidance_scale=3.0)),
-    ("precision", DIT, dict(class_label="blue triangle", steps=2, dtype="bf16")),
-    ("fast_path", SD, dict(prompt="a red circle", steps=3, deepcache=2, tome=0.5)),
+    pytest.param("vae", SD, dict(image=handle_file(str(layout.EXAMPLE_SCENE))), marks=pytest.mark.slow),
+    pytest.param("dit", DIT, dict(class_label="red circle", steps=2, guidance_scale=3.0), marks=pytest.mark.slow),
+    pytest.param("precision", DIT, dict(class_label="blue triangle", steps=2, dtype="bf16"), marks=pytest.mark.slow),
+    pytest.param("fast_path", SD, dict(prompt="a red circle", steps=3, deepcache=2, tome=0.5), marks=pytest.mark.slow),
 ])
 def test_compare_runs_each_kind_through_gradio_client_with_named_parameters(client, kind, model, settings, tmp_path):
     verdict, images, plots, table, report = client.predict(kind=kind, model=model, seed=1, api_name="/compare",
@@ -408,6 +409,7 @@ def test_each_compare_kind_shows_only_the_settings_it_takes():
 FAST_MIN_PSNR = 20.0  # dB against the parity image; measured 47.2 (bf16 UNet) and 26.7 (bf16, DeepCache 3)
 
 
+@pytest.mark.slow
 def test_the_fast_path_is_tagged_and_differs_from_the_parity_image_through_gradio_client(client):
     common = dict(model=SD, prompt="a big yellow triangle on the right on a black background", steps=12, seed=2,
                   scheduler="ddim", number_of_images=1, api_name="/text_to_image")
@@ -539,6 +541,7 @@ def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_requ
         run(lora_2="loras: detail.safetensors", lora_2_scale=float("nan"))
 
 
+@pytest.mark.slow
 def test_the_app_page_client_example_runs_as_written(server):
     section = (Path(app.__file__).parent / "docs" / "app.md").read_text().split("## The API", 1)[1]
     code = section.split("```python", 1)[1].split("```", 1)[0].replace('"http://127.0.0.1:7860"', repr(server))

@@ -138,6 +138,7 @@ def test_zero_width_and_a_folder_as_output_are_clear_errors(folders, tmp_path, c
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_generate_inpaints_with_a_mask_and_refines_with_an_sdxl_refiner(folders, tmp_path, capsys):
     from sd_core.checkpoints.loading import load_pipeline
     from sd_core.pipelines.generate import inpaint, refine

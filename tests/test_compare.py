@@ -9,6 +9,7 @@ from compare.parity import compare_images, first_divergence, run_parity
 from compare.plots import bar_chart, line_plot
 from sd_core.checkpoints.loading import load_pipeline
 from tests import tiny
+from tests.helpers import slow_unless
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +18,9 @@ def folders(tmp_path_factory):
             for family in ("sd1", "sdxl")}
 
 
-@pytest.mark.parametrize("family,scheduler", [("sd1", "ddim"), ("sd1", "euler_ancestral"), ("sdxl", "dpmpp_2m"),
-                                              ("sd1", "lms")])  # LMS: diffusers integrates with scipy
+@pytest.mark.parametrize("family,scheduler", slow_unless([("sd1", "ddim"), ("sd1", "euler_ancestral"), ("sdxl", "dpmpp_2m"),
+                                                           ("sd1", "lms")],  # LMS: diffusers integrates with scipy
+                                                          [("sd1", "ddim")]))
 def test_parity_run_passes_every_stage_and_writes_reports(folders, family, scheduler, tmp_path):
     report = run_parity(folders[family], "a red circle", "blurry", seed=3, steps=4, scheduler=scheduler,
                         guidance_scale=5.0, height=16, width=24)
@@ -131,7 +133,7 @@ def test_a_wrong_group_norm_eps_in_the_unet_is_reported_at_step_1_and_the_module
     assert names.index(first) > 0  # modules before it agreed
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_image_to_image_equals_diffusers_img2img(folders, family):
     report = run_comparison("image_to_image", folders[family], prompt="a red circle", strength=0.5, steps=4,
                             guidance_scale=4.0, scheduler="euler")
@@ -191,7 +193,7 @@ FAST_PATH_MIN_PSNR = {(0, None): 40.0, (3, None): 22.0, (0, 0.5): 28.0}  # dB; m
 # (fp32, 12 steps): channels_last 83.0, DeepCache N=3 26.4, ToMe 0.5 34.4
 
 
-@pytest.mark.parametrize("deepcache,tome", [(0, None), (3, None), (0, 0.5)])
+@pytest.mark.parametrize("deepcache,tome", slow_unless([(0, None), (3, None), (0, 0.5)], [(0, None)]))
 def test_fast_path_is_measured_against_the_parity_path_on_the_embedded_model(deepcache, tome, tmp_path, capsys):
     report = run_comparison("fast_path", deepcache=deepcache, bf16="off", tome=tome, prompt="a big yellow triangle on "
                             "the right on a black background", steps=12, guidance_scale=5.0, seed=2)

@@ -8,7 +8,7 @@ from sd_core.training import shapes_dataset as shapes
 from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.checkpoints.loading import load_pipeline
 from sd_core.pipelines.generate import dit_sample, text_to_image
-from tests.helpers import assert_images_match
+from tests.helpers import assert_images_match, slow_unless
 
 SCHEDULERS = {"dpmpp_2m": diffusers.DPMSolverMultistepScheduler, "euler": diffusers.EulerDiscreteScheduler,
               "ddim": diffusers.DDIMScheduler}
@@ -19,7 +19,7 @@ def test_shipped_weights_are_small():
     assert size < 50 * 2 ** 20, f"{size / 2 ** 20:.1f} MB"
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", slow_unless(list(SCHEDULERS), ["dpmpp_2m"]))
 def test_diffusers_draws_the_same_images_from_the_shipped_text_to_image_model(scheduler):
     ours = load_pipeline(EMBEDDED_TEXT_TO_IMAGE)
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(EMBEDDED_TEXT_TO_IMAGE, local_files_only=True)
@@ -32,6 +32,7 @@ def test_diffusers_draws_the_same_images_from_the_shipped_text_to_image_model(sc
     assert_images_match(result.images, expected)
 
 
+@pytest.mark.slow
 def test_diffusers_draws_the_same_images_from_the_shipped_dit():
     ours = load_pipeline(EMBEDDED_DIT)
     assert ours.id2label == dict(enumerate(shapes.CLASS_NAMES))

@@ -79,8 +79,8 @@ def assert_images_equal(ours, reference, prompt: str):
     assert_images_match(result.images, images)
 
 
-@pytest.mark.parametrize("kind", ["a1111_pt", "a1111_safetensors", "diffusers"])
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("kind", ["a1111_pt", pytest.param("a1111_safetensors", marks=pytest.mark.slow), "diffusers"])
+@pytest.mark.parametrize("n", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_embedding_equals_diffusers_load_textual_inversion(folders, tmp_path, kind, n):
     path, token = write(kind, tmp_path, n)
     ours = load_pipeline(folders["sd1"])

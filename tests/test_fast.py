@@ -106,6 +106,7 @@ def test_deepcache_skips_deep_blocks_within_stated_psnr(pipe, parity_image):
     assert fast.pipe.unet.options.deepcache == 3 and fast.original is pipe
 
 
+@pytest.mark.slow
 def test_compiled_fast_path_is_reused_across_requests(pipe):
     """The second identical request compiles nothing new. Dynamo's guards decide reuse whatever the backend;
     the 'eager' backend keeps the test fast on a small CPU (inductor's code generation takes minutes here)."""

@@ -509,7 +509,8 @@ else:
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGINT", "SIGTERM"])
 def test_a_signal_mid_write_leaves_the_old_file_and_no_partial(tmp_path, signum):
     target = tmp_path / "out.png"
     target.write_bytes(GOOD)

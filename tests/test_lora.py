@@ -15,7 +15,7 @@ from sd_core.checkpoints.loading import load_pipeline
 from sd_core.pipelines.lora import apply_loras, load_lora, loras_applied, remove_loras
 from sd_core.pipelines.generate import text_to_image
 from tests import tiny
-from tests.helpers import assert_images_match, relative_diff
+from tests.helpers import assert_images_match, relative_diff, slow_unless
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj"]
@@ -166,8 +166,8 @@ def assert_restored(pipe, before: dict):
     assert [k for k in before if not torch.equal(after[k], before[k])] == []
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+@pytest.mark.parametrize("fmt,family", slow_unless([("kohya", "sd1"), ("kohya", "sdxl"), ("peft", "sd1"), ("peft", "sdxl")],
+                                                  [("kohya", "sd1"), ("peft", "sdxl")]))
 def test_merged_lora_equals_diffusers_fuse_lora_and_unloads_exactly(folders, tmp_path, family, fmt):
     file = write_kohya(family, tmp_path, seed=1) if fmt == "kohya" else peft_file(family, tmp_path, seed=1)
     ours = load_pipeline(folders[family])

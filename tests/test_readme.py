@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sd_core.__main__ import main
@@ -57,6 +58,7 @@ def assert_draws(path, scene: Scene, fields=ALL_FIELDS):
     assert all(getattr(result, field) for field in fields), (path, scene, result.found)
 
 
+@pytest.mark.slow
 def test_command_line_page_lines_draw_what_they_say(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lines = command_lines("## Images from the embedded models")
@@ -79,6 +81,7 @@ def test_command_line_page_lines_draw_what_they_say(tmp_path, monkeypatch):
                              ("colour", "shape"))
 
 
+@pytest.mark.slow
 def test_prompt_file_line_writes_an_image_per_prompt_as_printed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (argv,) = command_lines("## Many images from a prompt file")

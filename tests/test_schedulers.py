@@ -40,8 +40,14 @@ class GaussLegendreQuad:
         return (b - a) / 2 * sum(w * float(f((b - a) / 2 * x + (a + b) / 2)) for x, w in zip(nodes, weights)), 0.0
 
 
-if not hasattr(diffusers_lms, "integrate"):
-    diffusers_lms.integrate = GaussLegendreQuad
+@pytest.fixture(autouse=True)
+def lms_reference_can_integrate(monkeypatch):
+    """diffusers' LMS module has no `integrate` without scipy: this module's tests then get the stand-in, undone after
+    each test so no other module sees a patched diffusers."""
+    if not hasattr(diffusers_lms, "integrate"):
+        monkeypatch.setattr(diffusers_lms, "integrate", GaussLegendreQuad, raising=False)
+
+
 STEP_COUNTS = [1, 2, 7, 25, 30, 50, 1000]
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 # Stable Diffusion 1.5's scheduler_config.json (written for PNDM): every sampler must accept it.
@@ -326,21 +332,16 @@ def test_lms_coefficients_integrate_the_lagrange_basis_exactly():
     assert lagrange_integrals([3.0], 3.0, 2.0) == [-1.0]  # order 1 is Euler
 
 
-def test_lms_equals_diffusers_with_scipy_quad_where_scipy_is_installed():
+def test_lms_equals_diffusers_with_scipy_quad_where_scipy_is_installed(monkeypatch):
     """diffusers' own coefficients (scipy.integrate.quad, epsrel 1e-4, float32 integrand) against the exact ones:
     measured at most 8.8e-6 of the output's scale over every spacing/offset/prediction/Karras, 1-50 steps."""
-    integrate = pytest.importorskip("scipy.integrate")
-    original = diffusers_lms.integrate
-    diffusers_lms.integrate = integrate
-    try:
-        ours, reference = pair("lms", **SD_BETAS)
-        model = synthetic_model(4, 4)
-        noise = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0))
-        expected = run_reference(reference, model, noise, 25, None)
-        got = run_ours(ours, model, noise, 25, None)
-        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
-    finally:
-        diffusers_lms.integrate = original
+    monkeypatch.setattr(diffusers_lms, "integrate", pytest.importorskip("scipy.integrate"), raising=False)
+    ours, reference = pair("lms", **SD_BETAS)
+    model = synthetic_model(4, 4)
+    noise = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+    expected = run_reference(reference, model, noise, 25, None)
+    got = run_ours(ours, model, noise, 25, None)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 @pytest.mark.parametrize("karras", [False, True])

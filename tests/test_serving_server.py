@@ -18,6 +18,7 @@ from sd_core.app.serving import (
     open_upload,
     raw_value,
 )
+from tests.launch import free_port
 
 LIMITS = WorkLimits.for_device("cpu")
 
@@ -57,7 +58,7 @@ def client():
         image = gr.Image(type="filepath", image_mode=None)
         gr.Button().click(roundtrip, image, used, api_name="roundtrip")
     demo.queue(max_size=8, default_concurrency_limit=2)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                             max_file_size=MAX_UPLOAD_BYTES)
     yield Client(url, verbose=False)
     demo.close()
@@ -131,7 +132,7 @@ ANSWER_WITHIN_S = 45  # each small request, from submission to answer; generous:
 def app_server():
     import app
     demo = app.build().queue(max_size=64, default_concurrency_limit=2)  # app.py's defaults: --concurrency 2
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                             max_file_size=MAX_UPLOAD_BYTES)
     yield url, app
     demo.close()
@@ -234,7 +235,6 @@ def test_no_visitor_path_trick_makes_the_server_open_a_file_outside_its_folders(
     opens nothing outside the model roots, the package, the Python install, the temp/gradio/hub cache folders
     and /proc, /sys, /dev."""
     import os
-    import socket
     import subprocess
     import sys
     import time
@@ -254,9 +254,7 @@ def test_no_visitor_path_trick_makes_the_server_open_a_file_outside_its_folders(
     (models / "out.safetensors").symlink_to(secret)
     (tmp_path / "launcher.py").write_text(AUDIT_LAUNCHER)
     log = tmp_path / "opened.log"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "TMPDIR": str(temp), "GRADIO_TEMP_DIR": str(temp / "gradio"), "HF_HOME": str(hub),
            "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "SD_CORE_MODELS_DIR": ""}
     process = subprocess.Popen([sys.executable, str(tmp_path / "launcher.py"), str(log), "--models-dir", str(models),

@@ -66,6 +66,7 @@ def losses(folder):
     return [float(line.split()[1]) for line in (folder / "loss.log").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_vae_training_lowers_the_loss_and_writes_a_loadable_model(tiny_vae):
     assert len(losses(tiny_vae)) == 40
@@ -82,6 +83,7 @@ def test_vae_training_lowers_the_loss_and_writes_a_loadable_model(tiny_vae):
         assert torch.allclose(vae.decode(vae.encode(x).mode()), reference(x).sample, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_decoder_training_keeps_the_latent_space_and_lowers_the_error(tiny_vae, tmp_path):
     train.train_vae_decoder(train.Run(tmp_path, steps=30, batch=8, lr=3e-3, save_every=15), tiny_vae / "model")
     before, after = train.load_vae(tiny_vae / "model" / "vae"), train.load_vae(tmp_path / "model" / "vae")
@@ -95,6 +97,7 @@ def test_decoder_training_keeps_the_latent_space_and_lowers_the_error(tiny_vae, 
         assert error(after) < 0.9 * error(before)
 
 
+@pytest.mark.slow
 def test_training_resumes_exactly_from_its_checkpoint(tiny_vae, tmp_path):
     straight = train.Run(tmp_path / "straight", steps=6, batch=2, lr=1e-3, save_every=3)
     train.train_text_to_image(straight, tiny_vae / "model", TINY_TEXT, TINY_UNET)
@@ -109,6 +112,7 @@ def test_training_resumes_exactly_from_its_checkpoint(tiny_vae, tmp_path):
     assert losses(tmp_path / "straight") == losses(tmp_path / "interrupted")
 
 
+@pytest.mark.slow
 def test_trained_folders_load_in_diffusers_and_give_the_same_images(tiny_vae, tmp_path):
     run = train.Run(tmp_path / "sd", steps=2, batch=2, lr=1e-3)
     train.train_text_to_image(run, tiny_vae / "model", TINY_TEXT, TINY_UNET)
@@ -174,12 +178,14 @@ def test_two_processes_with_accumulation_train_as_one_process_with_the_whole_bat
     assert len(losses(tmp_path)) == 4
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_needs_a_batch_it_can_split(tiny_vae, tmp_path):
     run = train.Run(tmp_path, steps=1, batch=3, lr=0.1, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match=r"batch \(3\) must split evenly into 1 process\(es\) x 2"):
         train.train_text_to_image(run, tiny_vae / "model", TINY_TEXT, TINY_UNET)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_trains_under_autocast(tiny_vae, one_process, tmp_path):
     """bf16 autocast on the CPU: the losses follow the fp32 run's to bf16's precision (8 bits of mantissa,
     ~0.4% per op; 2% over a whole forward pass) but are not equal to them, which shows autocast was on."""
