@@ -18,7 +18,7 @@ from PIL import Image
 from sd_core.app import serving
 from sd_core.pipelines.image_io import load_image, save_image
 from sd_core.pipelines.inpainting import load_mask
-from sd_core.app.serving import (ModelCache, WorkLimits, as_choice, as_number, as_text, as_whole_number,
+from sd_core.app.serving import (LoadingCache, WorkLimits, as_choice, as_number, as_text, as_whole_number,
                              check_request, open_upload)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -385,7 +385,7 @@ def in_thread(fn, *args):
 
 def test_slow_load_of_one_model_does_not_block_a_loaded_model():
     loader = FakeLoader()
-    cache = ModelCache(loader, size=2)
+    cache = LoadingCache(loader, size=2)
     b = cache.get("B")
     loader.gates["A"] = threading.Event()
     loading_a, result_a = in_thread(cache.get, "A")
@@ -402,7 +402,7 @@ def test_slow_load_of_one_model_does_not_block_a_loaded_model():
 def test_concurrent_requests_for_one_model_share_one_load():
     loader = FakeLoader()
     loader.gates["A"] = threading.Event()
-    cache = ModelCache(loader, size=2)
+    cache = LoadingCache(loader, size=2)
     threads = [in_thread(cache.get, "A") for _ in range(5)]
     assert loader.started.setdefault("A", threading.Event()).wait(5)
     loader.gates["A"].set()
@@ -416,7 +416,7 @@ def test_a_failed_load_reaches_its_waiters_and_is_retried_after_its_ttl():
     loader = FakeLoader()
     loader.gates["A"] = threading.Event()
     loader.failures["A"] = ValueError("A is corrupt")
-    cache = ModelCache(loader, size=2, error_ttl_s=60)
+    cache = LoadingCache(loader, size=2, error_ttl_s=60)
     first, first_result = in_thread(cache.get, "A")
     assert loader.started.setdefault("A", threading.Event()).wait(5)
     second, second_result = in_thread(cache.get, "A")
@@ -436,7 +436,7 @@ def test_a_failed_load_reaches_its_waiters_and_is_retried_after_its_ttl():
 def test_waiting_for_a_load_is_bounded():
     loader = FakeLoader()
     loader.gates["A"] = threading.Event()
-    cache = ModelCache(loader, wait_s=0.2, max_parallel_loads=1)
+    cache = LoadingCache(loader, wait_s=0.2, max_parallel_loads=1)
     loading, _ = in_thread(cache.get, "A")
     try:
         assert loader.started.setdefault("A", threading.Event()).wait(5)
@@ -452,7 +452,7 @@ def test_waiting_for_a_load_is_bounded():
 
 def test_remembered_errors_expire_and_do_not_pile_up():
     loader = FakeLoader()
-    cache = ModelCache(loader, error_ttl_s=0.05)
+    cache = LoadingCache(loader, error_ttl_s=0.05)
     for i in range(50):
         loader.failures[f"owner/missing-{i}"] = OSError("no such repo")
         with pytest.raises(OSError):
@@ -467,7 +467,7 @@ def test_remembered_errors_expire_and_do_not_pile_up():
 
 def test_cache_keeps_at_most_size_models_and_releases_the_oldest():
     loader, released = FakeLoader(), []
-    cache = ModelCache(loader, size=2, release=lambda: released.append(True))
+    cache = LoadingCache(loader, size=2, release=lambda: released.append(True))
     a = cache.get("A")
     cache.get("B")
     assert cache.get("A") is a  # A is now the most recent
@@ -478,7 +478,7 @@ def test_cache_keeps_at_most_size_models_and_releases_the_oldest():
 def test_an_interrupted_load_is_not_cached():
     loader = FakeLoader()
     loader.failures["A"] = KeyboardInterrupt()
-    cache = ModelCache(loader)
+    cache = LoadingCache(loader)
     with pytest.raises(KeyboardInterrupt):
         cache.get("A")
     del loader.failures["A"]

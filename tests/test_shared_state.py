@@ -16,6 +16,7 @@ from sd_core.app import handlers
 from sd_core.app import parts as app_parts
 from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.pipelines.textual_inversion import embeddings_bound, load_embedding, token_embedding
+from tests.launch import free_port
 
 SD = "embedded: shapes (text to image)"
 SHINY = "embeddings: embeddings/shiny.safetensors"
@@ -188,7 +189,8 @@ def within(seconds: float, fn, *args):
 
 def test_a_fifo_named_like_weights_is_never_listed_and_never_blocks_a_reader(fifo_root):
     from sd_core.checkpoints.convert import CheckpointError
-    from sd_core.checkpoints.loading import load_pipeline, read_weights
+    from sd_core.checkpoints.loading import load_pipeline
+    from sd_core.checkpoints.weights_files import read_weights
     from sd_core.pipelines.lora import load_lora
     root, fifos = fifo_root
     assert [label for label, _ in within(10, app_parts.root_files, "loras")] == ["loras: loras/genuine.safetensors"]
@@ -274,7 +276,8 @@ def served(tmp_path, monkeypatch):
     foreign.parent.mkdir(parents=True)
     foreign.write_bytes(b"another app's file")
     demo = app.build().queue()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, css=layout.CSS)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            css=layout.CSS)
     yield demo, url.rstrip("/"), foreign
     demo.close()
 

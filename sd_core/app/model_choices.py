@@ -20,7 +20,8 @@ from sd_core.app import serving
 from sd_core.checkpoints import catalog
 from sd_core.checkpoints.catalog import CatalogModel
 from sd_core.checkpoints.convert import CheckpointError
-from sd_core.checkpoints.loading import HUB_ID, inside, load_from_hub, load_pipeline, read_safetensors_header
+from sd_core.checkpoints.loading import HUB_ID, inside, load_from_hub, load_pipeline
+from sd_core.checkpoints.weights_files import read_safetensors_header
 from sd_core.pipelines.lora import is_lora
 
 EMBEDDED = {name: Path(model.source) for name, model in catalog.EMBEDDED.items()}
@@ -167,12 +168,12 @@ def load_source(source: Path | str, progress=None):
 
 
 class ModelCache:
-    """A visitor's model choice -> resolve_source -> serving.ModelCache: the last few pipelines, each loaded without
+    """A visitor's model choice -> resolve_source -> serving.LoadingCache: the last few pipelines, each loaded without
     blocking requests for the others (no lock is held while a model loads).
     `using(pipe)` is the lock a request holds while it runs a pipeline whose weights a LoRA may change."""
 
     def __init__(self, size: int = 2):
-        self.cache = serving.ModelCache(lambda source, progress=None: load_source(source, progress), size=size)
+        self.cache = serving.LoadingCache(lambda source, progress=None: load_source(source, progress), size=size)
         self.lock = threading.Lock()
 
     def get(self, choice: str, progress=None):

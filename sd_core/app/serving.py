@@ -1,6 +1,6 @@
 """Rules for serving sd_core to strangers (the Gradio app calls these; nothing here imports gradio).
 
-    MODELS = ModelCache(load_source, size=2)          # loads without blocking requests for other models
+    cache = LoadingCache(load_source, size=2)         # loads without blocking requests for other models
     LIMITS = WorkLimits.for_device("cpu")             # work per request, and one slot shared by heavy work
     with LIMITS.slot(check_request(LIMITS, "text_to_image", width * height, steps, batch)):
         ...
@@ -82,7 +82,7 @@ class Busy(ValueError):
     """A request refused because the server is busy (not because of what it asked): try again later."""
 
 
-class ModelCache:
+class LoadingCache:
     """Loaded models by key, at most `size` of them (the least recently used is released when another loads).
 
     No lock is held while a model loads: requests for an already-loaded model never wait on another model's

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from sd_core.checkpoints import convert
 from sd_core.checkpoints.convert import CheckpointError, first_few
-from sd_core.checkpoints.loading import (build, component_weights, expected_shapes, inside, read_json, read_weights,
-                                         unwrap)
+from sd_core.checkpoints.loading import build, component_weights, expected_shapes, inside, read_json, unwrap
+from sd_core.checkpoints.weights_files import read_weights
 from sd_core.models import presets
 from sd_core.models.controlnet import ControlNetConfig, ControlNetModel
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from sd_core.checkpoints import convert
 from sd_core.checkpoints.convert import CheckpointError, first_few
-from sd_core.checkpoints.loading import read_safetensors_header, read_weights
+from sd_core.checkpoints.weights_files import read_safetensors_header, read_weights
 
 KOHYA_COMPONENTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                     "lora_te2_": "text_encoder_2"}

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sd_core.checkpoints.convert import CheckpointError
-from sd_core.checkpoints.loading import read_weights
+from sd_core.checkpoints.weights_files import read_weights
 
 SDXL_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 
