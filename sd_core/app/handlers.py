@@ -2,7 +2,6 @@
 bound, and answers what the tab shows. Gradio calls them; so can a test or a script."""
 import contextlib
 import functools
-import html
 import json
 
 import gradio as gr
@@ -17,6 +16,7 @@ from sd_core.app.forms import (
 )
 from sd_core.app.inpaint_tab import painted_mask
 from sd_core.app.parts import (
+    as_page_text,
     LIMITS,
     MODELS,
     as_int,
@@ -89,7 +89,7 @@ def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, 
     result.parameters.update(embeddings=tokens)  # shown beside the images: the tokens to write in a prompt
     note = truncation_note(pipe, settings)
     if note:
-        gr.Warning(html.escape(note))
+        gr.Warning(as_page_text(note))
         result.parameters["note"] = note
     seeds = image_seeds(settings.seed, len(result.images), True)
     return result, settings, [(picture, f"seed {one}") for picture, one in zip(result.images, seeds)]

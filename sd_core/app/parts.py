@@ -346,6 +346,12 @@ PNG_FIELDS = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "
               "prompt_syntax", "clip_skip")
 
 
+def as_page_text(text: str) -> str:
+    """A message that may carry a visitor's values (a link's, a PNG's), for a Markdown box or a toast: its
+    markup shown as text, never rendered (quotes stay as they are)."""
+    return html.escape(text, quote=False)
+
+
 @handler
 def png_info(png):
     """Settings from a PNG made by sd_core or AUTOMATIC1111, for the Text to image inputs (unchanged where absent
@@ -357,7 +363,7 @@ def png_info(png):
     except (OSError, Image.DecompressionBombError) as error:
         raise gr.Error(f"Cannot read this file as a PNG ({error}); drop a .png image made by sd_core or A1111.") from None
     except ValueError as error:  # no settings in it (a photo, a ComfyUI workflow): nothing to fill, said plainly
-        return [gr.skip()] * len(PNG_FIELDS) + [html.escape(f"{error} The form keeps its values.")]
+        return [gr.skip()] * len(PNG_FIELDS) + [as_page_text(f"{error} The form keeps its values.")]
     if not isinstance(settings, GenerationSettings) or not isinstance(settings.prompt, str):
         raise gr.Error("This image is a DiT sample or one of a diffusers-rule batch; its settings fit the DiT tab "
                        "or the CLI, not one prompt here.")
@@ -376,4 +382,4 @@ def png_info(png):
     values = [form[field] if form.get(field) is not None else gr.skip() for field in PNG_FIELDS]
     values[PNG_FIELDS.index("negative_prompt")] = settings.negative_prompt or ""
     read = ", ".join(f"{field}={form[field]!r}" for field in PNG_FIELDS if form.get(field) is not None)
-    return values + [html.escape("Read " + read + (". Note: " + "; ".join(notes) + "." if notes else "."))]
+    return values + [as_page_text("Read " + read + (". Note: " + "; ".join(notes) + "." if notes else "."))]

@@ -4,7 +4,6 @@
 A link carries a tab's form values (named as its API parameters); restoring reads them back through the settings
 record (sd_core.app.forms), so a link gets exactly the bounds and messages the form gets.
 """
-import html
 import inspect
 import os
 import urllib.parse
@@ -12,6 +11,7 @@ import urllib.parse
 import gradio as gr
 
 from sd_core.app.model_choices import EMBEDDED
+from sd_core.app.parts import as_page_text
 
 
 def share_link(tab: str, form: dict, fn, request: gr.Request | None = None) -> str:
@@ -58,7 +58,7 @@ def linked_values(query, fn, inputs: list, to_settings, to_form) -> list:
         if refused:
             raise ValueError(f"{', '.join(refused)} {'is' if len(refused) == 1 else 'are'} not offered here")
     except ValueError as error:
-        gr.Warning(html.escape(f"This link's settings do not fit this app ({error}); the form keeps its values."))
+        gr.Warning(as_page_text(f"This link's settings do not fit this app ({error}); the form keeps its values."))
         return list(defaults.values())
     return list(values.values())
 
@@ -80,6 +80,6 @@ def restore(shareable: dict, request: gr.Request | None):
             try:
                 results = list(fn(*values, request=request))
             except gr.Error as error:
-                gr.Warning(html.escape(f"The link's settings did not run: {error.message}"))
+                gr.Warning(as_page_text(f"The link's settings did not run: {error.message}"))
         updates += values + results
     return updates
