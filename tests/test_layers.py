@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
         "sys.argv = ['lint-imports', '--no-cache']; lint_imports_command()"]
@@ -28,28 +30,17 @@ def test_every_contract_is_kept_by_the_code_as_it_is():
     assert result.returncode == 0 and "0 broken" in result.stdout, result.stdout + result.stderr
 
 
-def test_a_model_that_reads_checkpoints_breaks_the_layers(tmp_path):
-    result = lint(planted_copy(tmp_path, "sd_core/models/unet.py", "from sd_core.checkpoints import loading"))
+@pytest.mark.parametrize("module,planted,broken", [
+    ("sd_core/models/unet.py", "from sd_core.checkpoints import loading",  # a model reading checkpoints: layers
+     "sd_core.models.unet -> sd_core.checkpoints.loading"),
+    ("sd_core/pipelines/generate.py", "import gradio", "sd_core.pipelines.generate -> gradio"),  # gradio outside app
+    ("sd_core/checkpoints/saving.py", "import compare.kinds", "sd_core.checkpoints.saving -> compare.kinds"),
+    ("sd_core/models/vae.py", "from PIL import Image", "sd_core.models.vae -> PIL"),  # a model reading images
+])
+def test_a_planted_violation_breaks_its_contract(tmp_path, module, planted, broken):
+    result = lint(planted_copy(tmp_path, module, planted))
     assert result.returncode != 0
-    assert "sd_core.models.unet -> sd_core.checkpoints.loading" in result.stdout, result.stdout
-
-
-def test_gradio_outside_the_app_package_breaks_a_contract(tmp_path):
-    result = lint(planted_copy(tmp_path, "sd_core/pipelines/generate.py", "import gradio"))
-    assert result.returncode != 0
-    assert "sd_core.pipelines.generate -> gradio" in result.stdout, result.stdout
-
-
-def test_sd_core_importing_compare_breaks_a_contract(tmp_path):
-    result = lint(planted_copy(tmp_path, "sd_core/checkpoints/saving.py", "import compare.kinds"))
-    assert result.returncode != 0
-    assert "sd_core.checkpoints.saving -> compare.kinds" in result.stdout, result.stdout
-
-
-def test_a_model_reading_images_breaks_a_contract(tmp_path):
-    result = lint(planted_copy(tmp_path, "sd_core/models/vae.py", "from PIL import Image"))
-    assert result.returncode != 0
-    assert "sd_core.models.vae -> PIL" in result.stdout, result.stdout
+    assert broken in result.stdout, result.stdout
 
 
 def test_the_public_surface_names_what_readme_uses_and_imports_nothing_until_asked():

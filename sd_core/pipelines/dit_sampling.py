@@ -6,19 +6,8 @@ from sd_core.checkpoints.pipeline_classes import DiTPipeline
 from sd_core.noise import randn_tensor
 from sd_core.pipelines.metadata import tag
 from sd_core.pipelines.offload import execution_device
-from sd_core.pipelines.sampling import (
-    GenerationResult,
-    StepCallback,
-    check_finite,
-    decode,
-    denoise,
-    display_name,
-    dtype_of,
-    guide,
-    image_seeds,
-    resolve_seed,
-    scheduler_name,
-)
+from sd_core.pipelines.sampling import (GenerationResult, StepCallback, check_finite, decode, denoise, display_name,
+                                        dtype_of, guide, image_seeds, resolve_seed, scheduler_name)
 from sd_core.pipelines.settings import GUIDED_CHANNELS, DiTSettings, split_settings  # noqa: F401
 from sd_core.schedulers import make_scheduler
 

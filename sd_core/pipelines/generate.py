@@ -38,21 +38,9 @@ from sd_core.pipelines.image_io import crop_to_multiple, image_to_tensor, load_i
 from sd_core.pipelines.lora import apply_loras, load_lora
 from sd_core.pipelines.metadata import tag
 from sd_core.pipelines.offload import execution_device
-from sd_core.pipelines.sampling import (
-    GenerationResult,
-    StepCallback,
-    check_finite,
-    check_size,
-    cut_schedule,
-    decode,
-    denoise,
-    display_name,
-    dtype_of,
-    guide,
-    image_seeds,
-    resolve_seed,
-    scheduler_name,
-)
+from sd_core.pipelines.sampling import (GenerationResult, StepCallback, check_finite, check_size, cut_schedule,
+                                        decode, denoise, display_name, dtype_of, guide, image_seeds, resolve_seed,
+                                        scheduler_name)
 from sd_core.pipelines.settings import GenerationSettings, split_settings
 from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
 from sd_core.schedulers import make_scheduler
