@@ -6,12 +6,14 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from sd_core.checkpoints.catalog import EMBEDDED_DIT_GUIDANCE, EMBEDDED_GUIDANCE
 from sd_core.checkpoints.loading import load_pipeline
 from sd_core.pipelines.generate import class_ids, scheduler_name
+from sd_core.schedulers import VARIANTS
 
-from .parity import compare_tensors, first_tensor
+from .parity import REFERENCE_SCHEDULERS, compare_tensors, first_tensor
 
 SD_KINDS, DIT_KINDS = ("text_to_image", "image_to_image", "vae", "controlnet"), ("dit", "dit_timestep_semantics")
 DEFAULT_PROMPT = "a big red circle on the left on a gray background"
@@ -92,3 +94,32 @@ def dit_probe(pipe, labels: list, seed: int, dtype=torch.float32):
     c = pipe.transformer.config
     sample = torch.randn((2, c.in_channels, c.sample_size, c.sample_size), generator=torch.Generator().manual_seed(seed))
     return sample.to(dtype), torch.tensor([500, 500]), torch.tensor([labels[0], c.null_class])
+
+
+def default_image(size: int) -> Image.Image:
+    """A deterministic picture to start from: a red disc and a blue square on gray."""
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([size * 0.1, size * 0.2, size * 0.5, size * 0.6], fill=(220, 30, 30))
+    draw.rectangle([size * 0.55, size * 0.45, size * 0.9, size * 0.8], fill=(30, 60, 220))
+    return image
+
+
+def parity_verdict(kind: str, stages: list, divergence: dict, extra: str = "") -> tuple[bool, str]:
+    passed = all(s.passed for s in stages)
+    failed = [s.name for s in stages if not s.passed]
+    image = next((s for s in stages if s.name.startswith("decoded images")), None)
+    first = (divergence or {}).get("first_divergent")
+    text = f"{kind}: {'PASS' if passed else 'FAIL'} vs diffusers"
+    text += f", {len(stages)} stages" + (f", first off: {failed[0]}" if failed else " within tolerance")
+    if image is not None:
+        text += "; " + image_stage_summary(image)
+    if divergence:
+        text += f"; first module over tolerance: {first['name'] if first else 'none'}"
+    return passed, text + extra
+
+
+def reference_scheduler(pipe, name: str):
+    import diffusers
+    sampler, overrides, _ = VARIANTS.get(name, (name, {}, None))
+    return getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config, **overrides)

@@ -22,7 +22,7 @@ from sd_core.pipelines.control_images import preprocess_control_image
 from sd_core.pipelines.controlnet import acts_at
 from sd_core.pipelines.generate import text_to_image
 
-from .common import check_family, load, sd_settings, step_stages
+from .common import check_family, default_image, load, parity_verdict, reference_scheduler, sd_settings, step_stages
 from .parity import (TOLERANCE, UNetRecorder, compare_images, compare_tensors, difference_map, first_divergence,
                      probe_conditioning, quiet_diffusers, reference_model, reference_pipeline)
 from .report import Report, standard_plots
@@ -121,7 +121,6 @@ def controlnet_stages(ours, theirs, steps: int, unit: dict) -> list:
 def controlnet_kind(model, controlnet=None, control_image=None, preprocessor: str = "canny",
                     conditioning_scale: float = 1.0, control_start: float = 0.0, control_end: float = 1.0,
                     guess_mode: bool = False, **settings) -> Report:
-    from .kinds import default_image, parity_verdict, reference_scheduler  # kinds lists this kind among its own
     pipe = load(model)
     check_family(pipe, "controlnet")
     s = sd_settings(pipe, **settings)

@@ -12,18 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.pipelines.image_io import crop_to_multiple, image_to_tensor, load_image, psnr, to_pil
 from sd_core.pipelines.generate import dit_sample, vae_roundtrip
-from sd_core.schedulers import VARIANTS
 
-from .common import (DIT_KINDS, OutputRecorder, check_family, dit_probe, dit_settings, image_stage_summary, load,
+from .common import (DIT_KINDS, default_image, parity_verdict, reference_scheduler, OutputRecorder, check_family, dit_probe, dit_settings, load,
                      sd_settings, step_stages)
 from .common import SD_KINDS  # noqa: F401  (compare.kinds.SD_KINDS, beside KINDS: the Compare tab's SD kinds)
 from .controlnet_kind import controlnet_kind
-from .parity import (REFERENCE_SCHEDULERS, TOLERANCE, compare_images, compare_tensors, difference_map,
+from .parity import (TOLERANCE, compare_images, compare_tensors, difference_map,
                      first_divergence, reference_model, reference_pipeline, run_parity)
 from .report import Report, standard_plots
 from .self_kinds import attention_kind, dit_timestep_semantics_kind, fast_path_kind, precision_kind
@@ -45,15 +44,6 @@ def default_model(kind: str) -> Path:
     return EMBEDDED_DIT if kind in DIT_KINDS else EMBEDDED_TEXT_TO_IMAGE
 
 
-def default_image(size: int) -> Image.Image:
-    """A deterministic picture to start from: a red disc and a blue square on gray."""
-    image = Image.new("RGB", (size, size), (128, 128, 128))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse([size * 0.1, size * 0.2, size * 0.5, size * 0.6], fill=(220, 30, 30))
-    draw.rectangle([size * 0.55, size * 0.45, size * 0.9, size * 0.8], fill=(30, 60, 220))
-    return image
-
-
 def run_comparison(kind: str, model_or_pipe=None, **settings) -> Report:
     """Run comparison `kind` (see KINDS) on a model (folder, single file, hub id or a loaded sd_core pipeline;
     default: the embedded model of the right family). Settings are the kind's options: prompt, negative_prompt,
@@ -65,20 +55,6 @@ def run_comparison(kind: str, model_or_pipe=None, **settings) -> Report:
         raise ValueError(f"Unknown comparison {kind!r}; choose one of {sorted(KINDS)}.")
     model = default_model(kind) if model_or_pipe is None else model_or_pipe
     return RUNNERS[kind](model, **settings)
-
-
-def parity_verdict(kind: str, stages: list, divergence: dict, extra: str = "") -> tuple[bool, str]:
-    passed = all(s.passed for s in stages)
-    failed = [s.name for s in stages if not s.passed]
-    image = next((s for s in stages if s.name.startswith("decoded images")), None)
-    first = (divergence or {}).get("first_divergent")
-    text = f"{kind}: {'PASS' if passed else 'FAIL'} vs diffusers"
-    text += f", {len(stages)} stages" + (f", first off: {failed[0]}" if failed else " within tolerance")
-    if image is not None:
-        text += "; " + image_stage_summary(image)
-    if divergence:
-        text += f"; first module over tolerance: {first['name'] if first else 'none'}"
-    return passed, text + extra
 
 
 # --------------------------------------------------------------------- text and image to image vs diffusers
@@ -152,12 +128,6 @@ def vae_kind(model, image=None, sample: bool = False, seed: int = 0, size: int |
 
 
 # ------------------------------------------------------------------------------------------- DiT sampling
-
-
-def reference_scheduler(pipe, name: str):
-    import diffusers
-    sampler, overrides, _ = VARIANTS.get(name, (name, {}, None))
-    return getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config, **overrides)
 
 
 @torch.no_grad()
