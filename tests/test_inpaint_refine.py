@@ -178,7 +178,7 @@ def test_refiner_image_to_image_with_aesthetic_scores_equals_diffusers(pipelines
 
 def test_denoising_fractions_are_checked(pipelines):
     _, base = pipelines["sdxl"]
-    for bad in (0.0, 1.0, 1, "0.5"):
+    for bad in (0.0, 1.0, 1, "half"):  # a numeral string ("0.5") reads as its number, as from a link or a file
         with pytest.raises(ValueError, match="denoising_end must be a fraction strictly between 0 and 1"):
             text_to_image(base, PROMPT, steps=2, height=16, width=16, denoising_end=bad)
     with pytest.raises(ValueError, match="leave no step to run"):

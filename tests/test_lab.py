@@ -21,6 +21,7 @@ from sd_core.pipelines.metadata import read_png_parameters
 from sd_core.pipelines.settings import DiTSettings, GenerationSettings
 from sd_core.training.shapes_dataset import BACKGROUNDS, HELD_OUT
 from tests import tiny
+from tests.launch import free_port
 
 CAPTION = "a big red circle on the left on a gray background"
 
@@ -305,7 +306,7 @@ def client():
     from gradio_client import Client
     from sd_core.app import layout
     demo = app.build().queue(max_size=16, default_concurrency_limit=1)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                             css=layout.CSS)
     yield Client(url, verbose=False)
     demo.close()

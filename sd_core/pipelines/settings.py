@@ -127,6 +127,15 @@ def seed(value, name: str = "seed") -> int | None:
     return whole_number(value, name, 0, MAX_SEED)
 
 
+def open_fraction(value, name: str) -> float:
+    """A share of the noise schedule strictly between 0 and 1 (SDXL's denoising_start / denoising_end)."""
+    expected = f"{name} must be a fraction strictly between 0 and 1"
+    number = float(number_sent(value, expected))
+    if not 0 < number < 1:  # NaN too
+        raise ValueError(f"{expected}; got {number:g}.")
+    return number
+
+
 def optional(rule: Callable) -> Callable:
     return lambda value, name, *bounds: None if value in (None, "") else rule(value, name, *bounds)
 
@@ -243,8 +252,8 @@ RULES: dict[str, Callable[[Any, str, Limits], Any]] = {
     "embeddings": names,
     "refiner": lambda v, n, lim: None if v in (None, "") else text(v, n, 1000),
     "high_noise_frac": lambda v, n, lim: real_number(v, n, 0.05, 0.95),
-    "denoising_start": lambda v, n, lim: optional(real_number)(v, n, 0, 1),
-    "denoising_end": lambda v, n, lim: optional(real_number)(v, n, 0, 1),
+    "denoising_start": lambda v, n, lim: optional(open_fraction)(v, n),
+    "denoising_end": lambda v, n, lim: optional(open_fraction)(v, n),
     "original_size": size_pair,
     "target_size": size_pair,
     "crops_coords_top_left": lambda v, n, lim: size_pair(v, n, lim) or (0, 0),
