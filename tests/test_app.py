@@ -615,6 +615,7 @@ def test_raw_api_values_reach_the_app_s_checks_as_sent(client, endpoint, argumen
         client.predict(api_name=endpoint, **{**defaults, **arguments})
 
 
+@pytest.mark.slow
 def test_a_link_restores_only_through_the_forms_bounds_and_says_why_as_text(monkeypatch):
     """Share-link values pass the settings record's rules under the form's bounds: a hostile value leaves the form
     as it is, and the warning shows the value as text (escaped), never as HTML."""

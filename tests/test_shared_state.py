@@ -250,7 +250,8 @@ def kohya_header_file(path, tensors: int):
 
 
 @pytest.mark.parametrize("tensors, message", [(20_001, "holds 20001 tensors; a LoRA has at most 20000"),
-                                              (10 ** 6, "-byte header; files of its kind have at most 33554432")])
+                                              pytest.param(10 ** 6, "-byte header; files of its kind have at most "
+                                                           "33554432", marks=pytest.mark.slow)])
 def test_a_lora_of_too_many_tensors_is_refused_from_its_header_before_any_is_read(tmp_path, monkeypatch, tensors,
                                                                                   message):
     from sd_core.checkpoints.convert import CheckpointError
