@@ -15,8 +15,6 @@ from sd_core.app.parts import (
     MODELS,
     TOME_CHOICES,
     Settings,
-    as_float,
-    as_int,
     deepcache_of,
     drawn_side,
     handler,
@@ -30,7 +28,7 @@ from sd_core.app.parts import (
 )
 from sd_core.app.serving import as_choice, as_text, open_upload, raw_value
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
-from sd_core.pipelines.settings import MAX_SEED
+from sd_core.pipelines.settings import MAX_SEED, real_number, whole_number
 
 MAX_COMPARE_STEPS = 50
 EXAMPLE_SCENE = Path(__file__).resolve().parents[1] / "data" / "example-scene.png"
@@ -61,8 +59,8 @@ def compare_handler(comparisons):
         dit = isinstance(pipe, DiTPipeline)
         if dit != (kind in DIT_KINDS) and kind in SD_KINDS + DIT_KINDS:
             raise gr.Error(f"{kind} compares {'DiT' if kind in DIT_KINDS else 'Stable Diffusion'} models; {model} is not one.")
-        common = dict(seed=as_int(seed, "seed", 0, MAX_SEED), steps=as_int(steps, "steps", 1, MAX_COMPARE_STEPS),
-                      scheduler=scheduler_of(scheduler), guidance_scale=as_float(guidance_scale, "guidance_scale", 0, 30))
+        common = dict(seed=whole_number(seed, "seed", 0, MAX_SEED), steps=whole_number(steps, "steps", 1, MAX_COMPARE_STEPS),
+                      scheduler=scheduler_of(scheduler), guidance_scale=real_number(guidance_scale, "guidance_scale", 0, 30))
         side = drawn_side(pipe)
         pixels, steps = side * side, common["steps"]
         if kind in ("vae", "image_to_image"):
@@ -78,7 +76,7 @@ def compare_handler(comparisons):
             settings = dict(common, prompt=as_text(prompt, "prompt"), negative_prompt=as_text(negative_prompt,
                                                                                               "negative_prompt") or None)
             if kind == "image_to_image":
-                settings.update(image=image, strength=as_float(strength, "strength", 0.0, 1.0))
+                settings.update(image=image, strength=real_number(strength, "strength", 0.0, 1.0))
         if kind in ("precision", "attention"):
             settings["dtype"] = as_choice(dtype, "dtype", ["bf16", "fp16"]) if kind == "precision" else "fp32"
         if kind == "fast_path":

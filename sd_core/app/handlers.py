@@ -19,7 +19,6 @@ from sd_core.app.parts import (
     as_page_text,
     LIMITS,
     MODELS,
-    as_int,
     bind_embeddings,
     drawn_side,
     extra_path,
@@ -40,7 +39,7 @@ from sd_core.pipelines.generate import generate, image_seeds, preview, refine_ru
 from sd_core.pipelines.lora import load_lora, loras_applied
 from sd_core.pipelines.previews import fast_preview
 from sd_core.pipelines.sampling import resolve_seed
-from sd_core.pipelines.settings import MAX_SEED, GenerationSettings
+from sd_core.pipelines.settings import MAX_SEED, whole_number, GenerationSettings
 
 MAX_SIZE, MAX_STEPS, MAX_BATCH = FORM_LIMITS.max_side, FORM_LIMITS.max_steps, FORM_LIMITS.max_batch
 SD_DEFAULTS, DIT_DEFAULTS = catalog.EMBEDDED["embedded: shapes (text to image)"], catalog.EMBEDDED["embedded: shapes (DiT)"]
@@ -154,7 +153,7 @@ def inpaint_image(model, image_and_mask, prompt, negative_prompt, strength, step
 def roundtrip(model, image, sample_posterior=False, seed=0):
     """VAE round trip. Returns (reconstruction, difference x4, PSNR dB, latent channels)."""
     image = open_upload(image, max_pixels=LIMITS.max_upload_pixels)  # a bomb is refused from its header
-    seed = as_int(0 if seed is None else seed, "seed", 0, MAX_SEED)
+    seed = whole_number(0 if seed is None else seed, "seed", 0, MAX_SEED)
     pipe = MODELS.get(model)
     result = run_bounded(f"vae_roundtrip:{model}", image.width * image.height, 1, 1,
                          lambda: vae_roundtrip(pipe.vae, image, sample=bool(sample_posterior), seed=seed))

@@ -33,8 +33,6 @@ from sd_core.app.model_choices import (  # noqa: F401
 from sd_core.app.serving import (
     WorkLimits,
     as_choice,
-    as_number,
-    as_whole_number,
     check_request,
     raw_value,
 )
@@ -168,15 +166,6 @@ def drawn_side(pipe) -> int:
     if hasattr(pipe, "transformer"):
         return pipe.transformer.config.sample_size * pipe.vae.downscale_factor
     return pipe.default_size
-
-
-def as_int(value, name: str, low: int, high: int) -> int:
-    """NaN, inf, "ten", None, 1.5: refused with a message naming the parameter and its range."""
-    return as_whole_number(value, name, low, high)
-
-
-def as_float(value, name: str, low: float, high: float) -> float:
-    return as_number(value, name, low, high)
 
 
 def random_seed() -> int:
