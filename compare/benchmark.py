@@ -201,6 +201,7 @@ def trick_names(fast_options: dict, dtype: torch.dtype) -> str:
     names += [f"guidance until {fast_options['guidance_until']:g}"] if "guidance_until" in fast_options else []
     names += [f"guidance until cos >= {fast_options['guidance_similarity']:g}"] \
         if "guidance_similarity" in fast_options else []
+    names += [f"T-GATE after {fast_options['tgate']:g}"] if "tgate" in fast_options else []
     names += ["no text cache"] if fast_options.get("text_cache") == 0 else []
     return " + ".join(names)
 
@@ -262,7 +263,7 @@ def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
 
     variants = [{"bf16": False, "text_cache": 0}, {"bf16": False}, {"bf16": False, "deepcache": 2},
                 {"bf16": False, "deepcache": 3}, {"bf16": False, "guidance_until": 0.8},
-                {"bf16": False, "guidance_similarity": 0.999}, {"bf16": True}]
+                {"bf16": False, "guidance_similarity": 0.999}, {"bf16": False, "tgate": 0.5}, {"bf16": True}]
     return pipeline_pairs(load_pipeline(EMBEDDED_TEXT_TO_IMAGE, device=device()), diffusers_pipeline,
                           EMBEDDED_PROMPT, {"steps": steps, "seed": 0, "guidance_scale": 5.0}, fast, variants)
 
@@ -324,7 +325,8 @@ def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
                                    CLIPTokenizer(EMBEDDED_TEXT_TO_IMAGE / "tokenizer"))
     options = {"steps": steps, "seed": 0, "guidance_scale": 7.5, "height": latent * 8, "width": latent * 8,
                "scheduler": "dpmpp_2m"}
-    variants = [{"bf16": "auto"}, {"bf16": "auto", "deepcache": 2}]  # the hardware's precision, as make_fast chooses
+    variants = [{"bf16": "auto"}, {"bf16": "auto", "deepcache": 2}, {"bf16": "auto", "tgate": 0.5},
+                {"bf16": "auto", "deepcache": 2, "tgate": 0.5}]  # the hardware's precision, as make_fast chooses
     return pipeline_pairs(ours, lambda dtype: theirs.to(device(), dtype), "a photograph of an astronaut riding a horse",
                           options, fast, variants)
 

@@ -17,6 +17,7 @@ class FastOptions:
     tome: float | None = None  # UNet: None off; r in [0, 1): the fraction of top-resolution tokens merged
     guidance_until: float | None = None  # the guided fraction of the noise schedule; after it, cond only
     guidance_similarity: float | None = None  # stop guidance once cos(cond, uncond) reaches this in every image
+    tgate: float | None = None  # UNet: T-GATE, the share of the schedule after which cross-attention is frozen
     dit_cache: int = 0  # DiT: 0/1 off; N: FORA, every block's attention and MLP outputs recomputed every N steps
     text_cache: int = 8  # prompts whose encodings are kept per text encoder (exact: the same tensors); 0: off
 
