@@ -45,6 +45,7 @@ from sd_core.pipelines.sampling import converted_copy
 from sd_core.models.unet import UNet2DConditionModel
 from sd_core.models.vae import AutoencoderKL
 
+from .peers import openvino_installed, openvino_unet_pair
 from .measure import DTYPES, Pair, Row, count_flops, device, load_line, measure, peak_gflops, table, tensor_psnr
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -86,6 +87,13 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
     pairs = {plain: lambda: Pair(plain_ours, plain_theirs)}
     if fast == "none":
         return pairs
+    if openvino_installed() and added is None and dtype == torch.float32 and device() == "cpu":
+        def openvino_pair():  # before the rows that convert the reference in place
+            fast_ours = FastUNet(converted_copy(ours, torch.bfloat16, channels_last=True), FastOptions(bf16=False))
+            low = sample.to(torch.bfloat16), context.to(torch.bfloat16)
+            return openvino_unet_pair(reference, lambda: fast_ours(low[0], t, low[1]), (sample, t, context), exact)
+        pairs["peer: UNet step, sd_core fast bf16 + channels_last (diffusers column: OpenVINO, its CPU default)"] = \
+            openvino_pair
 
     def channels_last_pair():  # from here on the reference is channels_last (and then bf16): the rows' order matters
         reference.to(memory_format=torch.channels_last)
@@ -304,14 +312,11 @@ def embedded_dit_pairs(fast: str, steps: int = 20) -> dict:
     return pairs
 
 
-def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
-    """A real-size SD 1.5 pipeline end to end (random weights, shared by both stacks; the CLIP tokenizer) at
-    `latent` * 8 px with DPM++ 2M. One diffusers pipeline: the fast rows convert it in place, so they come last."""
+def sd15_diffusers_pipeline():
+    """A real-size SD 1.5 diffusers pipeline with random weights (diffusers' init) and the CLIP tokenizer, on the
+    device, DPM++ 2M."""
     import diffusers
     import transformers
-
-    from sd_core.checkpoints.pipeline_classes import StableDiffusionPipeline
-    from sd_core.tokenizer import CLIPTokenizer
     unet = diffusers.UNet2DConditionModel.from_config(presets.UNET_SD15).eval()
     vae = diffusers.AutoencoderKL.from_config(presets.VAE_SD).eval()
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**presets.CLIP_VIT_L)).eval()
@@ -320,9 +325,24 @@ def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
     theirs = diffusers.StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
                                                feature_extractor=None, requires_safety_checker=False).to(device())
     theirs.set_progress_bar_config(disable=True)
-    ours = StableDiffusionPipeline("sd1", twin(UNet2DConditionModel, unet), twin(AutoencoderKL, vae),
-                                   dict(scheduler.config), twin(CLIPTextModel, text_encoder, text_encoder.config.to_dict()),
+    return theirs
+
+
+def sd_core_twin(theirs):
+    """sd_core's pipeline sharing a diffusers SD 1.x pipeline's tensors (no copy)."""
+    from sd_core.checkpoints.pipeline_classes import StableDiffusionPipeline
+    from sd_core.tokenizer import CLIPTokenizer
+    return StableDiffusionPipeline("sd1", twin(UNet2DConditionModel, theirs.unet), twin(AutoencoderKL, theirs.vae),
+                                   dict(theirs.scheduler.config),
+                                   twin(CLIPTextModel, theirs.text_encoder, theirs.text_encoder.config.to_dict()),
                                    CLIPTokenizer(EMBEDDED_TEXT_TO_IMAGE / "tokenizer"))
+
+
+def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
+    """A real-size SD 1.5 pipeline end to end (random weights, shared by both stacks) at `latent` * 8 px with
+    DPM++ 2M. One diffusers pipeline: the fast rows convert it in place, so they come last."""
+    theirs = sd15_diffusers_pipeline()
+    ours = sd_core_twin(theirs)
     options = {"steps": steps, "seed": 0, "guidance_scale": 7.5, "height": latent * 8, "width": latent * 8,
                "scheduler": "dpmpp_2m"}
     variants = [{"bf16": "auto"}, {"bf16": "auto", "deepcache": 2}, {"bf16": "auto", "tgate": 0.5},
@@ -364,9 +384,9 @@ def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str =
             row = measure(config, DTYPE_NAMES[pair.dtype or dtype], what, pair.ours, pair.theirs, repeats)
             row.sd_core_gflop, row.diffusers_gflop = count_flops(flops[0]), count_flops(flops[1])
             row.peak_gflops = peak
-            if pair.psnr is not None:
-                with torch.no_grad():
-                    row.psnr = pair.psnr()
+            with torch.no_grad():
+                row.psnr = pair.psnr and pair.psnr()
+                row.peer_psnr = pair.peer_psnr and pair.peer_psnr()
             if pair.baseline in plain:
                 row.vs_default = row.sd_core_s / plain[pair.baseline].diffusers_s
             plain[what] = row

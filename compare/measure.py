@@ -71,6 +71,7 @@ class Row:
     diffusers_gflop: float = 0.0
     peak_gflops: float = 0.0  # this machine's measured matmul peak in this dtype
     psnr: float | None = None  # fast rows: sd_core fast path against sd_core's parity path
+    peer_psnr: float | None = None  # peer rows: the peer (in the diffusers column) against sd_core's parity path
     vs_default: float | None = None  # fast rows: sd_core fast / diffusers default (the plain row's diffusers time)
     load_start: float = 0.0  # the 1-minute load average as the row's timing began and ended (busy: above the cores)
     load_end: float = 0.0
@@ -123,6 +124,7 @@ class Pair:
     psnr: object = None
     dtype: torch.dtype | None = None  # what sd_core's side computes in, where not the job's dtype (bf16 fast rows)
     baseline: str | None = None  # the plain row whose diffusers time is "diffusers default" for this row
+    peer_psnr: object = None  # peer rows: a function giving the peer's PSNR against sd_core's parity path
 
 
 def measure(config: str, dtype: str, what: str, ours, theirs, repeats: int) -> Row:
@@ -162,7 +164,8 @@ def table(rows: list[Row]) -> str:
               f"{'' if r.vs_default is None else f'{r.vs_default:.2f}'} | "
               f"{r.sd_core_gflop:.1f} | {r.peak_share(r.sd_core_gflop, r.sd_core_s):.1f} | {r.diffusers_gflop:.1f} | "
               f"{r.peak_share(r.diffusers_gflop, r.diffusers_s):.1f} | "
-              f"{'' if r.psnr is None else f'{r.psnr:.1f}'} | {r.sd_core_mb:.0f} | {r.diffusers_mb:.0f} | "
+              f"{'' if r.psnr is None else f'{r.psnr:.1f}'}{'' if r.peer_psnr is None else f' (peer {r.peer_psnr:.1f})'} | "
+              f"{r.sd_core_mb:.0f} | {r.diffusers_mb:.0f} | "
               f"{r.load_start:.1f}-{r.load_end:.1f} |" for r in rows]
     return "\n".join(lines)
 
