@@ -6,7 +6,7 @@
     python -m compare benchmark --configs embedded-dit --dtypes fp32 --repeats 1    # the embedded DiT's rows alone (quick)
 
 Each measurement is warmed up once, then the two implementations alternate for `repeats` rounds; the
-table gives median seconds and the ratio sd_core / diffusers (below 1: sd_core is faster), and the peak
+table gives the fastest seconds (with the spread of the repeats) and the ratio sd_core / diffusers (below 1: sd_core is faster), and the peak
 resident-memory growth during the call (CPU: sampled RSS after returning freed memory to the OS; GPU:
 torch's peak allocation). Real-size configs use random weights (diffusers' init, shared with sd_core
 without a copy) at small latent sizes. This is a measurement, never a test.
@@ -203,7 +203,7 @@ EMBEDDED_PROMPT = "a small red circle on the left on a gray background"
 
 def trick_names(fast_options: dict, dtype: torch.dtype) -> str:
     names = [{torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")]
-    names += [name for name in ("compile", "channels_last") if fast_options.get(name, name == "channels_last")]
+    names += [name for name in ("compile", "freeze", "channels_last") if fast_options.get(name, name == "channels_last")]
     names += [f"DeepCache N={fast_options['deepcache']}"] if fast_options.get("deepcache", 0) > 1 else []
     names += [f"FORA N={fast_options['dit_cache']}"] if fast_options.get("dit_cache", 0) > 1 else []
     names += [f"guidance until {fast_options['guidance_until']:g}"] if "guidance_until" in fast_options else []
@@ -241,8 +241,8 @@ def pipeline_pairs(ours, diffusers_pipeline, prompt: str, options: dict, fast: s
         theirs = diffusers_pipeline(fast_pipe.dtype)  # diffusers' way: the whole pipeline in that dtype
         theirs.unet.to(memory_format=torch.channels_last)
         theirs.vae.to(memory_format=torch.channels_last)
-        if fast_options.get("compile"):
-            theirs.unet = torch.compile(theirs.unet)
+        if fast_options.get("compile"):  # the same compile for diffusers, inductor's freezing included
+            theirs.unet = torch.compile(theirs.unet, options={"freezing": True} if fast_options.get("freeze") else None)
         fast_run = lambda: fast_pipe.text_to_image(prompt, **options)
         eager = make_fast(ours, **{**fast_options, "compile": False})
         return Pair(fast_run, run_theirs(theirs), flops=(lambda: eager.text_to_image(prompt, **options), run_theirs(theirs)),
@@ -252,7 +252,8 @@ def pipeline_pairs(ours, diffusers_pipeline, prompt: str, options: dict, fast: s
     @functools.cache
     def parity_image():
         return run_ours().images[0]
-    for fast_options in variants + ([{"bf16": False, "compile": True}] if fast == "all" else []):
+    compiled = [{"bf16": False, "compile": True}, {"bf16": False, "compile": True, "freeze": True}]
+    for fast_options in variants + (compiled if fast == "all" else []):
         dtype = choose_precision(fast_options["bf16"], torch.float32, device()).dtype
         pairs[f"fast: pipeline, {trick_names(fast_options, dtype)}"] = functools.partial(fast_pair, fast_options)
     return pairs

@@ -123,6 +123,16 @@ def test_compiled_fast_path_is_reused_across_requests(pipe):
     assert np.array_equal(np.asarray(first), np.asarray(second))
 
 
+def test_freeze_asks_inductor_for_weight_freezing_and_refuses_a_mode_beside_it(monkeypatch, pipe):
+    import sd_core.fast.options as fast_options
+    asked = []
+    monkeypatch.setattr(fast_options.torch, "compile", lambda fn, **kwargs: asked.append(kwargs) or fn)
+    fast = make_fast(pipe, bf16=False, compile=True, freeze=True)
+    assert asked == [{"backend": "inductor", "options": {"freezing": True}}] * 2 and "freeze" in fast.description
+    with pytest.raises(ValueError, match="freez.*compile_mode"):
+        make_fast(pipe, bf16=False, compile=True, freeze=True, compile_mode="max-autotune")
+
+
 def encoded_scenes(vae, count: int = 32):
     scenes = shapes.sample_scenes(5, count, shapes.ALL_SCENES)
     images = torch.tensor(np.stack([image for _, image in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1

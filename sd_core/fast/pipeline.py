@@ -136,7 +136,7 @@ class FastPipeline:
 
 def describe(options: FastOptions, precision: Precision) -> str:
     """The fast path's settings as one line, e.g. "channels_last,deepcache=2,bfloat16 (cpu avx512_bf16)"."""
-    parts = [name for name in ("channels_last", "compile") if getattr(options, name)]
+    parts = [name for name in ("channels_last", "compile", "freeze") if getattr(options, name)]
     for name in ("deepcache", "dit_cache"):
         if getattr(options, name) > 1:
             parts.append(f"{name}={getattr(options, name)}")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd_core.fast.guidance import GuidanceTruncation
-from sd_core.fast.options import FastOptions, use_compile_cache
+from sd_core.fast.options import FastOptions, compiled
 from sd_core.fast.tgate import gate_cutoff, with_tgate
 from sd_core.fast.tome import with_tome
 from sd_core.models.unet import UNet2DConditionModel
@@ -42,10 +42,7 @@ class FastUNet(nn.Module):
         self.full = unet.blocks
         self.shallow = self._shallow
         if options.compile:
-            use_compile_cache()
-            self.full = torch.compile(unet.blocks, mode=options.compile_mode, backend=options.compile_backend)
-            self.shallow = torch.compile(self._shallow, mode=options.compile_mode,
-                                         backend=options.compile_backend)
+            self.full, self.shallow = compiled(unet.blocks, options), compiled(self._shallow, options)
         self.reset()
 
     @property
