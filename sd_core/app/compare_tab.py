@@ -26,7 +26,7 @@ from sd_core.app.parts import (
     timestep_semantics,
     tome_of,
 )
-from sd_core.app.serving import as_choice, as_text, open_upload, raw_value
+from sd_core.app.serving import as_choice, as_text, numbers_choice, open_upload, raw_value
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
 from sd_core.pipelines.settings import MAX_SEED, real_number, whole_number
 
@@ -126,9 +126,10 @@ def compare_tab(comparisons):
             sample = gr.Checkbox(False, label="Sample posterior (else its mean)", visible=False)
             guided = gr.Radio(["all", "first3"], value="all", label="Guided channels", visible=False)
             dtype = gr.Radio(["bf16", "fp16"], value="bf16", label="Dtype (against fp32)", visible=False)
-            deepcache = raw_value(gr.Dropdown(DEEPCACHE_CHOICES, value=3,
+            deepcache = numbers_choice(gr.Dropdown(DEEPCACHE_CHOICES, value=3,
                                               label="DeepCache interval (fast path)", visible=False))
-            tome = raw_value(gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged (fast path)", visible=False))
+            tome = numbers_choice(gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged (fast path)",
+                                              visible=False))
             with gr.Row():
                 cmp_seed = raw_value(gr.Number(0, label="Seed", precision=0))
                 cmp_steps = raw_value(gr.Slider(1, MAX_COMPARE_STEPS, 10, step=1, label="Steps"))

@@ -45,8 +45,9 @@ def settings_from_form(form: dict) -> GenerationSettings:
                                                          for field in CONTROLNET_FIELDS))
                              for i in CONTROLNET_SLOTS if form.get(f"controlnet_{i}")]
     fast = values.get("fast") in (True, "true", "True", 1, "1")  # off: its options are not recorded
-    values["deepcache"] = choice_of(values.get("deepcache") or 0, "deepcache", DEEPCACHE_CHOICES) if fast else 0
-    values["tome"] = choice_of(values.get("tome") or 0.0, "tome", TOME_CHOICES) if fast else 0.0
+    deepcache = choice_of(values.get("deepcache") or 0, "deepcache", DEEPCACHE_CHOICES)  # checked, fast or not
+    tome = choice_of(values.get("tome") or 0.0, "tome", TOME_CHOICES)
+    values["deepcache"], values["tome"] = (deepcache, tome) if fast else (0, 0.0)
     return GenerationSettings.from_values({**values, "seed_per_image": True}, FORM_LIMITS)
 
 
