@@ -732,3 +732,11 @@ def test_on_a_phone_every_tab_shows_its_results_above_its_form():
     galleries = [block for block in demo.blocks.values() if isinstance(block, gr.Gallery) and block.label == "Images"]
     assert len(results) == 5 and all(any(g in column.children for column in results) for g in galleries)
     assert "@media (max-width: 768px)" in layout.CSS and ".results { order: -1; }" in layout.CSS
+
+
+def test_a_path_typed_as_a_model_is_refused_even_inside_a_model_root(model_root):
+    """app.py's docstring: the API takes the dropdown's choices, never a path, wherever it points."""
+    assert "models: model.safetensors" in dict(app_parts.model_choices("text_to_image")).values()
+    for typed in (str(model_root / "model.safetensors"), "model.safetensors"):
+        with pytest.raises(gr.Error, match="not one of the offered models"):
+            app_parts.resolve_source(typed)

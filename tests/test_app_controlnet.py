@@ -13,7 +13,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import app
-from sd_core.app import controlnet_section, handlers, layout
+from sd_core.app import controlnet_section, handlers
 from sd_core.app import parts as app_parts
 from sd_core.models.controlnet import ControlNetModel
 from tests.launch import free_port
