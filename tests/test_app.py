@@ -408,6 +408,17 @@ def test_each_compare_kind_shows_only_the_settings_it_takes():
     assert [value for _, value in dropdown.choices] == [DIT] and class_label["visible"] and not prompt["visible"]
 
 
+def test_compare_s_image_has_no_unreachable_api_default_and_the_tab_starts_from_the_example(client):
+    image = next(p for p in client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/compare"][
+        "parameters"] if p["parameter_name"] == "image")
+    assert image["parameter_default"] is None  # was a FileData whose url was gradio's own bus.png
+    on_kind = next(d for d in app.build().fns.values() if d.name == "on_kind").fn
+    assert on_kind("vae")[3]["value"] == str(layout.EXAMPLE_SCENE)  # an empty image field starts from the example
+    assert "value" not in on_kind("vae", "mine.png")[3]  # a visitor's own image stays
+    with pytest.raises(Exception, match=r"Upload an image \(or pick an example\) first"):
+        client.predict(kind="vae", model=SD, api_name="/compare")
+
+
 FAST_MIN_PSNR = 20.0  # dB against the parity image; measured 47.2 (bf16 UNet) and 26.7 (bf16, DeepCache 3)
 
 
@@ -730,7 +741,7 @@ def test_on_a_phone_every_tab_shows_its_results_above_its_form():
     demo = app.build()
     results = [block for block in demo.blocks.values() if "results" in (getattr(block, "elem_classes", None) or [])]
     galleries = [block for block in demo.blocks.values() if isinstance(block, gr.Gallery) and block.label == "Images"]
-    assert len(results) == 5 and all(any(g in column.children for column in results) for g in galleries)
+    assert len(results) == 6 and all(any(g in column.children for column in results) for g in galleries)  # + Compare
     assert "@media (max-width: 768px)" in layout.CSS and ".results { order: -1; }" in layout.CSS
 
 
