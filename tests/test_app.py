@@ -751,3 +751,33 @@ def test_a_path_typed_as_a_model_is_refused_even_inside_a_model_root(model_root)
     for typed in (str(model_root / "model.safetensors"), "model.safetensors"):
         with pytest.raises(gr.Error, match="not one of the offered models"):
             app_parts.resolve_source(typed)
+
+
+LAYOUT_PROBE = """<script>
+setTimeout(() => {  // where the first tab's results and its prompt sit, written where --dump-dom shows it
+  const top = (selector) => Math.round(document.querySelector(selector).getBoundingClientRect().top);
+  document.body.setAttribute('data-layout', top('.results') + ',' + top('textarea') + ',' + window.innerWidth);
+}, 6000);
+</script>"""
+
+
+@pytest.mark.slow
+def test_on_a_phone_a_browser_shows_the_results_above_the_form_and_beside_it_on_a_desktop():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
+    demo = app.build().queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            css=layout.CSS, head=LAYOUT_PROBE)
+    try:
+        tops = {}
+        for width in (390, 1280):
+            dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={width},900",
+                                  "--virtual-time-budget=15000", "--dump-dom", url], capture_output=True, text=True,
+                                 timeout=120).stdout
+            tops[width] = [int(v) for v in dom.split('data-layout="', 1)[1].split('"', 1)[0].split(",")]
+    finally:
+        demo.close()
+    (results, prompt, narrow), (wide_results, wide_prompt, _) = tops[390], tops[1280]
+    assert narrow <= 768 and results < prompt, tops  # stacked: the pictures first (before: 1330 px below, at 326)
+    assert wide_results < wide_prompt + 200, tops  # a desktop keeps them side by side, at the top
