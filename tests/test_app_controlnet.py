@@ -189,3 +189,32 @@ def test_a_link_with_a_controlnet_restores_its_unit_and_waits_for_its_image(offe
     assert values["controlnet_1_image"] == gr.skip() and len(warnings) == 1
     assert "not ControlNet 1's image (a link cannot hold pictures)" in warnings[0]
     assert updates[1 + len(T2I_INPUTS):][:2] == [gr.skip()] * 2  # nothing ran without its image
+
+
+def test_the_embedded_shapes_controlnet_is_offered_first_once_it_is_shipped(offered, monkeypatch):
+    shipped = offered / "controlnets" / "canny"
+    monkeypatch.setitem(controlnet_section.EMBEDDED_CONTROLNETS, "embedded: shapes-controlnet", shipped)
+    assert controlnet_section.controlnet_choices()[1] == ("embedded: shapes-controlnet",) * 2
+    assert controlnet_section.controlnet_path("embedded: shapes-controlnet") == shipped
+    monkeypatch.setitem(controlnet_section.EMBEDDED_CONTROLNETS, "embedded: shapes-controlnet", offered / "absent")
+    assert "embedded: shapes-controlnet" not in dict(controlnet_section.controlnet_choices())
+
+
+def test_each_unit_s_preview_follows_its_image_and_its_preprocessor():
+    demo = app.build()
+    previews = [f for f in demo.fns.values() if f.name == "control_preview"]
+    triggers = sorted((type(demo.blocks[target]).__name__, event) for f in previews for target, event in f.targets)
+    assert triggers == [("ImageEditor", "change")] * 6 + [("Radio", "change")] * 6  # 2 units in each of 3 tabs
+
+
+def test_png_info_maps_an_a1111_unit_onto_the_offered_controlnet_of_that_name(offered, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("parameters", 'a red circle\nSteps: 12, Sampler: DPM++ 2M, CFG scale: 6, Seed: 7, Size: 64x64, '
+                  'ControlNet 0: "Module: invert (from white bg & black line), Model: canny [d14c016b], Weight: 0.6, '
+                  'Guidance Start: 0.1, Guidance End: 0.9, Control Mode: Balanced", ControlNet 1: "Module: none, '
+                  'Model: depth_midas, Weight: 1.0"')
+    Image.new("RGB", (64, 64)).save(tmp_path / "a1111.png", pnginfo=info)
+    *values, note = controlnet_section.png_controlnets(str(tmp_path / "a1111.png"))
+    assert values[:5] == [CANNY, "invert", 0.6, 0.1, 0.9] and values[5] == gr.skip() and values[-1] is False
+    assert "units read: 1 of 2" in note and "ControlNet 2 ('depth_midas') is not offered here" in note
