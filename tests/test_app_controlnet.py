@@ -218,3 +218,11 @@ def test_png_info_maps_an_a1111_unit_onto_the_offered_controlnet_of_that_name(of
     *values, note = controlnet_section.png_controlnets(str(tmp_path / "a1111.png"))
     assert values[:5] == [CANNY, "invert", 0.6, 0.1, 0.9] and values[5] == gr.skip() and values[-1] is False
     assert "units read: 1 of 2" in note and "ControlNet 2 ('depth_midas') is not offered here" in note
+
+
+def test_a_steered_picture_carries_its_unit_in_a1111_s_controlnet_field(offered):
+    images, *_ = run(controlnet_1=CANNY, controlnet_1_image=editor(offered / "outline.png"),
+                     controlnet_1_preprocessor="canny", controlnet_1_scale=0.5)
+    assert ('ControlNet 0: "Module: canny, Model: canny, Weight: 0.5, Resize Mode: Just Resize, Threshold A: 100.0, '
+            'Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 1.0, Control Mode: Balanced"'
+            in images[0][0].info["parameters"])
