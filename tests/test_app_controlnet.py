@@ -226,3 +226,15 @@ def test_a_steered_picture_carries_its_unit_in_a1111_s_controlnet_field(offered)
     assert ('ControlNet 0: "Module: canny, Model: canny, Weight: 0.5, Resize Mode: Just Resize, Threshold A: 100.0, '
             'Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 1.0, Control Mode: Balanced"'
             in images[0][0].info["parameters"])
+
+
+def test_a_link_naming_server_files_as_pictures_never_fills_a_picture_input(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    updates = opened("[x](?tab=image_to_image&image=%2Fetc%2Fpasswd&controlnet_1_image=%2Fetc%2Fpasswd&steps=3)")
+    names = list(inspect.signature(handlers.transform_image).parameters)[:-2]
+    start = next(i for i, update in enumerate(updates) if update == SD)
+    values = dict(zip(names, updates[start:]))
+    assert values["image"] == gr.skip() and values["controlnet_1_image"] == gr.skip() and values["steps"] == 3
+    assert warnings == ["This link carries the settings but not the starting image (a link cannot hold pictures): "
+                        "upload it, then run."]
