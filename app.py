@@ -5,7 +5,8 @@
 
 Visitors pick models from a list: the embedded ones, folders and .safetensors files under the
 configured model roots (--models-dir / SD_CORE_MODELS_DIR), and hub ids when --allow-hub is given.
-A path typed into the API is accepted only if it resolves inside a model root. Where the hub is reachable
+The API takes the same choices the dropdowns offer (gradio refuses any other value; with --allow-hub, any hub id):
+a path typed into it is refused, even one inside a model root. Where the hub is reachable
 (a Hugging Face Space, where SPACE_ID is set, or --allow-hub) the curated hub models of sd_core.checkpoints.catalog are
 offered too, fetched from the hub and never looked up on this disk. LoRAs and embeddings: see sd_core.app.parts.
 

@@ -302,6 +302,9 @@ class FakeRequest:
         self.headers = {}
 
 
+T2I_INPUTS = len(inspect.signature(handlers.generate_images).parameters) - 2  # less progress and request
+
+
 def test_a_share_link_made_after_a_run_restores_the_tab_model_and_settings(client):
     images, seed, _, _, link = client.predict(SD, "a small blue square in the center on a white background", "", 7,
                                               3.5, "euler_karras", 64, 72, -1, 2, False, api_name="/text_to_image")
@@ -309,8 +312,8 @@ def test_a_share_link_made_after_a_run_restores_the_tab_model_and_settings(clien
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
     updates = load.fn(FakeRequest(query))
-    tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number, _, *advanced = updates[:24]
-    gallery, used = updates[24:26]
+    tabs, model, prompt, negative, steps, guidance, scheduler, width, height, seed_box, number = updates[:11]
+    gallery, used = updates[1 + T2I_INPUTS:3 + T2I_INPUTS]
     assert tabs.selected == "text_to_image" and model == SD and prompt.startswith("a small blue square")
     assert (steps, guidance, scheduler, width, height, str(seed_box), number) == (7, 3.5, "euler_karras", 64, 72, seed, 2)
     assert used == seed and np.array_equal(np.asarray(gallery[0][0]), np.asarray(Image.open(images[0]["image"])))
@@ -323,7 +326,7 @@ def test_the_first_page_shows_a_picture_and_a_bad_link_value_is_ignored():
     demo = app.build()
     load = next(d for d in demo.fns.values() if d.name == "on_load")
     updates = load.fn(FakeRequest(""))
-    assert len(updates[24]) == 4 and int(updates[25]) >= 0  # four images and the seed used, before any click
+    assert len(updates[1 + T2I_INPUTS]) == 4 and int(updates[2 + T2I_INPUTS]) >= 0  # four images and the seed used
     updates = load.fn(FakeRequest("tab=text_to_image&model=%2Fetc%2Fpasswd&steps=abc&scheduler=nonsense"))
     assert updates[1] == SD and updates[4] == 20 and updates[6] == "dpmpp_2m"
 
@@ -405,6 +408,17 @@ def test_each_compare_kind_shows_only_the_settings_it_takes():
     assert [value for _, value in dropdown.choices] == [DIT] and class_label["visible"] and not prompt["visible"]
 
 
+def test_compare_s_image_has_no_unreachable_api_default_and_the_tab_starts_from_the_example(client):
+    image = next(p for p in client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/compare"][
+        "parameters"] if p["parameter_name"] == "image")
+    assert image["parameter_default"] is None  # was a FileData whose url was gradio's own bus.png
+    on_kind = next(d for d in app.build().fns.values() if d.name == "on_kind").fn
+    assert on_kind("vae")[3]["value"] == str(layout.EXAMPLE_SCENE)  # an empty image field starts from the example
+    assert "value" not in on_kind("vae", "mine.png")[3]  # a visitor's own image stays
+    with pytest.raises(Exception, match=r"Upload an image \(or pick an example\) first"):
+        client.predict(kind="vae", model=SD, api_name="/compare")
+
+
 FAST_MIN_PSNR = 20.0  # dB against the parity image; measured 47.2 (bf16 UNet) and 26.7 (bf16, DeepCache 3)
 
 
@@ -432,7 +446,7 @@ def test_the_fast_path_is_tagged_and_differs_from_the_parity_image_through_gradi
         assert not np.array_equal(plain, parity)
     else:
         assert np.abs(plain.astype(int) - parity).max() <= 1
-    with pytest.raises(Exception, match=r"not in the list of choices: \[0.0, 0.5, 0.75\]"):
+    with pytest.raises(Exception, match=r"tome must be one of 0.0, 0.5, 0.75; got 0.3"):  # sd_core's own words
         client.predict(**common, fast=True, tome=0.3)
 
 
@@ -452,8 +466,8 @@ def test_the_fast_path_previews_its_trajectory_without_a_vae_decode(monkeypatch)
 
 
 def test_image_to_image_and_png_info_through_gradio_client(client, tmp_path):
-    images, seed, parameters = client.predict(SD, handle_file(str(layout.EXAMPLE_SCENE)), "a blue circle", "", 0.5, 4,
-                                              5.0, "ddim", 21, 2, api_name="/image_to_image")
+    images, seed, parameters, _ = client.predict(SD, handle_file(str(layout.EXAMPLE_SCENE)), "a blue circle", "", 0.5,
+                                                 4, 5.0, "ddim", 21, 2, api_name="/image_to_image")
     assert seed == "21" and [image["caption"] for image in images] == ["seed 21", "seed 22"]
     assert '"strength": 0.5' in parameters and Image.open(images[0]["image"]).size == (64, 64)
     made, *_ = client.predict(SD, "a small blue square in the center on a white background", "bad", 3, 4.5, "euler",
@@ -563,12 +577,17 @@ def test_inpaint_repaints_the_painted_region_and_keeps_the_rest_through_gradio_c
     width, height = scene.size
     layer = painted_layer(tmp_path / "layer.png", scene.size, (width // 2, 0, width, height))  # the right half
     editor = {"background": handle_file(str(layout.EXAMPLE_SCENE)), "layers": [handle_file(str(layer))], "composite": None}
-    images, seed, mask, parameters = client.predict(model=SD, image_and_mask=editor, prompt="a big blue square on a "
-                                                    "white background", strength=1.0, steps=8, seed=3,
-                                                    number_of_images=1, api_name="/inpaint")
+    images, seed, shown, parameters, _ = client.predict(model=SD, image_and_mask=editor, prompt="a big blue square on "
+                                                        "a white background", strength=1.0, steps=8, seed=3,
+                                                        number_of_images=1, api_name="/inpaint")
     assert seed == "3" and json.loads(parameters)["inpaint"] is True
-    mask = np.asarray(Image.open(mask).convert("L"))
-    assert mask[:, : width // 2].max() == 0 and mask[:, width // 2:].min() == 255
+    shown = np.asarray(Image.open(shown).convert("RGB")).astype(int)  # the mask used: the image, repainted in red
+    factor = shown.shape[1] // width
+    assert factor * min(width, height) >= 256 and shown.shape[:2] == (height * factor, width * factor)
+    kept_shown = shown[::factor, ::factor][:, : width // 2]
+    painted_shown = shown[::factor, ::factor][:, width // 2:]
+    assert np.array_equal(kept_shown, np.asarray(scene)[:, : width // 2])
+    assert (painted_shown[..., 0] >= 127).all() and (painted_shown[..., 1] <= 128).all()
     result = np.asarray(Image.open(images[0]["image"]).convert("RGB")).astype(float)
     original = np.asarray(scene).astype(float)
     kept = np.abs(result[:, : width // 2 - 4] - original[:, : width // 2 - 4]).mean()  # (4 px from the seam)
@@ -646,3 +665,119 @@ def test_a_prompt_cut_at_77_tokens_is_said_to_the_visitor(monkeypatch):
     *_, parameters, _ = handlers.generate_images(SD, long_prompt, "", 2, 5.0, "ddim", 64, 64, 0, 1,
                                                  prompt_syntax="a1111")
     assert "note" not in json.loads(parameters)
+
+
+@pytest.mark.parametrize("tab, handler, form, left_behind", [
+    ("image_to_image", handlers.transform_image, dict(image=str(layout.EXAMPLE_SCENE), strength=0.45,
+                                                      clip_skip=1), "the starting image"),
+    ("inpaint", handlers.inpaint_image, dict(image_and_mask={"background": str(layout.EXAMPLE_SCENE), "layers": [
+        str(layout.EXAMPLE_SCENE)], "composite": None}, strength=0.9), "the image and its mask"),
+])
+def test_a_picture_tab_s_link_restores_its_settings_and_says_its_picture_cannot_travel(monkeypatch, tab, handler,
+                                                                                       form, left_behind):
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    settings = dict(model=SD, prompt="a blue circle", negative_prompt="red", steps=3, guidance_scale=4.5,
+                    scheduler="euler", seed=8, number_of_images=1, **form)
+    *_, link = handler(**settings)
+    assert f"{left_behind} cannot travel in a link" in link
+    load = next(d for d in app.build().fns.values() if d.name == "on_load")
+    updates = load.fn(FakeRequest(link.split("](", 1)[1].split(")", 1)[0].split("?", 1)[1]))
+    names = list(inspect.signature(handler).parameters)[:-2]
+    start = next(i for i, update in enumerate(updates) if update == SD)  # the tab's model, after the tabs before
+    restored = dict(zip(names, updates[start:]))
+    assert updates[0].selected == tab
+    assert {key: restored[key] for key in settings if key in restored and key not in form or key == "strength"} == {
+        key: value for key, value in settings.items() if key not in form or key == "strength"}
+    assert restored.get("clip_skip", 1) == 1 and restored[names[1]] == gr.skip()  # the picture stays as it is
+    assert len(warnings) == 1 and f"not {left_behind} (a link cannot hold pictures)" in warnings[0]
+    assert updates[start + len(names)] == gr.skip()  # nothing ran without the picture
+
+
+def test_the_fast_path_s_choices_are_numbers_in_the_api_schema_and_taken_as_numbers_or_numerals(client):
+    parameters = {p["parameter_name"]: p for p in client.view_api(return_format="dict", print_info=False)[
+        "named_endpoints"]["/text_to_image"]["parameters"]}
+    assert parameters["deepcache"]["type"] == {"type": "number", "enum": [0, 2, 3]}
+    assert parameters["tome"]["type"] == {"type": "number", "enum": [0.0, 0.5, 0.75]}
+    for deepcache, tome in ((2, 0.5), ("2", "0.5")):  # the schema's numbers, or the client's rendering of them
+        *_, parameters_json, _ = client.predict(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 0, 1, fast=True,
+                                                deepcache=deepcache, tome=tome, api_name="/text_to_image")
+        assert '"fast"' in parameters_json
+    with pytest.raises(Exception, match="deepcache must be one of 0, 2, 3; got 'x'"):
+        client.predict(SD, "a red circle", "", 2, 5.0, "ddim", 64, 64, 0, 1, deepcache="x", api_name="/text_to_image")
+
+
+def test_png_info_s_outputs_are_named_after_their_labels(client):
+    returns = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/png_info"]["returns"]
+    assert [r["label"] for r in returns][-4:] == ["Seed", "Prompt syntax", "Clip skip", "PNG Info note"]
+
+
+def test_the_random_seed_button_and_every_button_say_what_they_do_in_words(client):
+    buttons = [c["props"]["value"] for c in client.config["components"] if c["type"] == "button"]
+    assert "🎲 Random seed" in buttons and all(any(ch.isalpha() for ch in str(label)) for label in buttons)
+
+
+def test_the_clip_skip_slider_ends_at_the_model_s_deepest_layer(client):
+    sliders = [c["props"] for c in client.config["components"] if c["props"].get("label") == "Clip skip"]
+    assert len(sliders) == 2 and all(slider["maximum"] == 1 for slider in sliders)  # a 2-layer encoder keeps one
+    assert layout.clip_skip_slider(SD).maximum == 1 and layout.clip_skip_slider("Stable Diffusion 1.5") == gr.skip()
+    with pytest.raises(gr.Error, match=r"clip_skip=2 must be an integer in \[0, 1\]"):
+        handlers.generate_images(SD, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1, clip_skip=2)
+
+
+def test_psnr_is_empty_before_a_run(client):
+    psnr = next(c["props"] for c in client.config["components"] if c["props"].get("label") == "PSNR (dB)")
+    assert psnr.get("value") is None and psnr["placeholder"] == "run first"
+
+
+def test_clicking_an_example_runs_it():
+    demo = app.build()
+    loads = {i for i, f in demo.fns.items() if f.name == "load_example"}
+    after = {f.trigger_after: f.name for f in demo.fns.values() if f.trigger_after in loads}
+    assert sorted(after.values()) == ["generate_images", "roundtrip", "sample_dit", "transform_image"]
+
+
+def test_on_a_phone_every_tab_shows_its_results_above_its_form():
+    demo = app.build()
+    results = [block for block in demo.blocks.values() if "results" in (getattr(block, "elem_classes", None) or [])]
+    galleries = [block for block in demo.blocks.values() if isinstance(block, gr.Gallery) and block.label == "Images"]
+    assert len(results) == 6 and all(any(g in column.children for column in results) for g in galleries)  # + Compare
+    assert "@media (max-width: 768px)" in layout.CSS and ".results { order: -1; }" in layout.CSS
+
+
+def test_a_path_typed_as_a_model_is_refused_even_inside_a_model_root(model_root):
+    """app.py's docstring: the API takes the dropdown's choices, never a path, wherever it points."""
+    assert "models: model.safetensors" in dict(app_parts.model_choices("text_to_image")).values()
+    for typed in (str(model_root / "model.safetensors"), "model.safetensors"):
+        with pytest.raises(gr.Error, match="not one of the offered models"):
+            app_parts.resolve_source(typed)
+
+
+LAYOUT_PROBE = """<script>
+setTimeout(() => {  // where the first tab's results and its prompt sit, written where --dump-dom shows it
+  const top = (selector) => Math.round(document.querySelector(selector).getBoundingClientRect().top);
+  document.body.setAttribute('data-layout', top('.results') + ',' + top('textarea') + ',' + window.innerWidth);
+}, 6000);
+</script>"""
+
+
+@pytest.mark.slow
+def test_on_a_phone_a_browser_shows_the_results_above_the_form_and_beside_it_on_a_desktop():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
+    demo = app.build().queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            css=layout.CSS, head=LAYOUT_PROBE)
+    try:
+        tops = {}
+        for width in (390, 1280):
+            dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={width},900",
+                                  "--virtual-time-budget=15000", "--dump-dom", url], capture_output=True, text=True,
+                                 timeout=120).stdout
+            tops[width] = [int(v) for v in dom.split('data-layout="', 1)[1].split('"', 1)[0].split(",")]
+    finally:
+        demo.close()
+    (results, prompt, narrow), (wide_results, wide_prompt, _) = tops[390], tops[1280]
+    assert narrow <= 768 and results < prompt, tops  # stacked: the pictures first (before: 1330 px below, at 326)
+    assert wide_results < wide_prompt + 200, tops  # a desktop keeps them side by side, at the top

@@ -26,7 +26,7 @@ from sd_core.app.parts import (
     timestep_semantics,
     tome_of,
 )
-from sd_core.app.serving import as_choice, as_text, open_upload, raw_value
+from sd_core.app.serving import as_choice, as_text, numbers_choice, open_upload, raw_value
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
 from sd_core.pipelines.settings import MAX_SEED, real_number, whole_number
 
@@ -121,14 +121,15 @@ def compare_tab(comparisons):
             prompt = gr.Textbox("a small green triangle on the left on a white background", label="Prompt")
             negative = gr.Textbox("", label="Negative prompt")
             class_label = gr.Textbox("red circle", label="Class label (name or id)", visible=False)
-            cmp_image = gr.Image(type="filepath", image_mode=None, label="Image", height=200, visible=False, value=str(EXAMPLE_SCENE))
+            cmp_image = gr.Image(type="filepath", image_mode=None, label="Image", height=200, visible=False)  # on_kind fills it
             strength = gr.Slider(0, 1, 0.6, step=0.05, label="Strength", visible=False)
             sample = gr.Checkbox(False, label="Sample posterior (else its mean)", visible=False)
             guided = gr.Radio(["all", "first3"], value="all", label="Guided channels", visible=False)
             dtype = gr.Radio(["bf16", "fp16"], value="bf16", label="Dtype (against fp32)", visible=False)
-            deepcache = raw_value(gr.Dropdown(DEEPCACHE_CHOICES, value=3,
+            deepcache = numbers_choice(gr.Dropdown(DEEPCACHE_CHOICES, value=3,
                                               label="DeepCache interval (fast path)", visible=False))
-            tome = raw_value(gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged (fast path)", visible=False))
+            tome = numbers_choice(gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged (fast path)",
+                                              visible=False))
             with gr.Row():
                 cmp_seed = raw_value(gr.Number(0, label="Seed", precision=0))
                 cmp_steps = raw_value(gr.Slider(1, MAX_COMPARE_STEPS, 10, step=1, label="Steps"))
@@ -136,7 +137,7 @@ def compare_tab(comparisons):
             cmp_guidance = raw_value(gr.Slider(0, 20, 5.0, step=0.5, label="Guidance scale"))
             strength = raw_value(strength)
             cmp_run = gr.Button("Compare", variant="primary")
-        with gr.Column():
+        with gr.Column(elem_classes="results"):
             verdict = gr.Markdown(label="Verdict")
             cmp_images = images_gallery("Images: sd_core, reference, |difference| x gain", columns=4)
             plots = gr.Gallery(label="Plots: error per step, error per module", columns=1, height="auto", format="png",
@@ -146,11 +147,15 @@ def compare_tab(comparisons):
                           label="Per-stage error", max_height=600)
     fields = [prompt, class_label, cmp_image, strength, sample, guided, dtype]
 
-    def on_kind(name):
+    def on_kind(name, image=None):
+        """The kind's fields shown; an empty image field starts from the example scene (never an API default:
+        gradio's API page showed that default as an unreachable URL)."""
         shown, choices = COMPARE_FIELDS[name], compare_models_for(comparisons, name)
-        return [gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)] + [
-            gr.update(visible=flag in shown) for flag in "pcismgdpff"]
-    kind.change(on_kind, kind, [cmp_model] + fields[:4] + [sample, guided, dtype, negative, deepcache, tome],
+        updates = [gr.update(visible=flag in shown) for flag in "pcismgdpff"]
+        if "i" in shown and image is None:
+            updates[2] = gr.update(visible=True, value=str(EXAMPLE_SCENE))
+        return [gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)] + updates
+    kind.change(on_kind, [kind, cmp_image], [cmp_model] + fields[:4] + [sample, guided, dtype, negative, deepcache, tome],
                 api_name=False)
     cmp_run.click(compare_handler(comparisons), [kind, cmp_model, prompt, negative, class_label, cmp_image, strength, sample, guided, dtype,
                             cmp_seed, cmp_steps, cmp_scheduler, cmp_guidance, deepcache, tome],

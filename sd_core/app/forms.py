@@ -1,20 +1,24 @@
 """The forms' values <-> the settings records (sd_core.pipelines.settings), under the app's bounds.
 
 A tab's form (and its API endpoint, whose parameters are named after the form's labels) speaks in its own names
-(number_of_images, lora_1 / lora_1_scale, "default" for the model's own scheduler); everything else speaks in
-records. Every door of the app goes through here: a Generate click, an API call, a share link being restored, a
-PNG dropped on PNG Info. So a hostile value gets the same message whichever door it came through.
+(number_of_images, lora_1 / lora_1_scale, controlnet_1 / controlnet_1_scale / ..., "default" for the model's own
+scheduler); everything else speaks in records. Every door of the app goes through here: a Generate click, an API
+call, a share link being restored, a PNG dropped on PNG Info. So a hostile value gets the same message whichever
+door it came through.
 """
 import dataclasses
 
 from sd_core.pipelines.settings import DiTSettings, GenerationSettings, Limits, one_of, whole_number
 
 FORM_LIMITS = Limits(max_steps=100, max_side=1024, max_batch=8, max_prompt_chars=2000,
-                     max_guidance=50, max_loras=2)
+                     max_guidance=50, max_loras=2, max_controlnets=2)
 MODEL_DEFAULT = "default"  # the scheduler choice meaning "the one the model's own scheduler config names"
 DEEPCACHE_CHOICES = [("off", 0), ("2", 2), ("3", 3)]
 TOME_CHOICES = [("off", 0.0), ("50%", 0.5), ("75%", 0.75)]
 LORA_SLOTS = (1, 2)
+CONTROLNET_SLOTS = tuple(range(1, FORM_LIMITS.max_controlnets + 1))
+CONTROLNET_FIELDS = ("preprocessor", "scale", "start", "end")  # controlnet_N_<field>, in the record's unit order
+CONTROLNET_DEFAULTS = {"preprocessor": "none", "scale": 1.0, "start": 0.0, "end": 1.0}
 NOT_SETTINGS = ("show_trajectory", "image", "image_and_mask")  # form inputs that are not part of the record
 
 
@@ -29,16 +33,21 @@ def choice_of(value, name: str, choices: list):
 
 def settings_from_form(form: dict) -> GenerationSettings:
     """The record of a Text to image / Image to image / Inpaint form (or API call, or share link)."""
-    values = {key: value for key, value in form.items() if key not in NOT_SETTINGS and not key.startswith("lora_")}
+    values = {key: value for key, value in form.items()
+              if key not in NOT_SETTINGS and not key.startswith(("lora_", "controlnet_"))}
     values["images_per_prompt"] = whole_number(values.pop("number_of_images", 1), "number_of_images", 1,
                                                FORM_LIMITS.max_batch)
     if values.get("scheduler") == MODEL_DEFAULT:
         values["scheduler"] = None
     values["loras"] = [(form[f"lora_{i}"], form.get(f"lora_{i}_scale", 1.0)) for i in LORA_SLOTS
                        if form.get(f"lora_{i}")]
+    values["controlnets"] = [(form[f"controlnet_{i}"], *(controlnet_field(form, i, field)
+                                                         for field in CONTROLNET_FIELDS))
+                             for i in CONTROLNET_SLOTS if form.get(f"controlnet_{i}")]
     fast = values.get("fast") in (True, "true", "True", 1, "1")  # off: its options are not recorded
-    values["deepcache"] = choice_of(values.get("deepcache") or 0, "deepcache", DEEPCACHE_CHOICES) if fast else 0
-    values["tome"] = choice_of(values.get("tome") or 0.0, "tome", TOME_CHOICES) if fast else 0.0
+    deepcache = choice_of(values.get("deepcache") or 0, "deepcache", DEEPCACHE_CHOICES)  # checked, fast or not
+    tome = choice_of(values.get("tome") or 0.0, "tome", TOME_CHOICES)
+    values["deepcache"], values["tome"] = (deepcache, tome) if fast else (0, 0.0)
     return GenerationSettings.from_values({**values, "seed_per_image": True}, FORM_LIMITS)
 
 
@@ -46,12 +55,21 @@ def form_from_settings(settings: GenerationSettings) -> dict:
     """A form's values for a record (what a share link carries and PNG Info fills in): the inverse of
     settings_from_form, leaving out what the record does not set."""
     values = {key: value for key, value in settings.to_dict().items()
-              if key not in ("images_per_prompt", "loras", "seed_per_image", "seed")}
+              if key not in ("images_per_prompt", "loras", "controlnets", "seed_per_image", "seed")}
     values.update(number_of_images=settings.images_per_prompt, seed=-1 if settings.seed is None else settings.seed,
                   scheduler=settings.scheduler or MODEL_DEFAULT, embeddings=list(settings.embeddings))
     for i, (name, scale) in zip(LORA_SLOTS, settings.loras):
         values.update({f"lora_{i}": name, f"lora_{i}_scale": scale})
+    for i, (name, *unit) in zip(CONTROLNET_SLOTS, settings.controlnets):
+        values.update({f"controlnet_{i}": name, **{f"controlnet_{i}_{field}": value
+                                                   for field, value in zip(CONTROLNET_FIELDS, unit)}})
     return values
+
+
+def controlnet_field(form: dict, slot: int, field: str):
+    """ControlNet `slot`'s preprocessor, scale, start or end as the form sent it (its default when not sent)."""
+    value = form.get(f"controlnet_{slot}_{field}")
+    return CONTROLNET_DEFAULTS[field] if value is None else value
 
 
 def dit_settings_from_form(form: dict) -> DiTSettings:

@@ -14,7 +14,8 @@ from sd_core.app.forms import (
     form_from_settings,
     settings_from_form,
 )
-from sd_core.app.inpaint_tab import painted_mask
+from sd_core.app.controlnet_section import control_pictures, loaded_control
+from sd_core.app.inpaint_tab import mask_overlay, painted_mask
 from sd_core.app.parts import (
     as_page_text,
     LIMITS,
@@ -50,9 +51,10 @@ def form_of(arguments: dict) -> dict:
     return {key: value for key, value in arguments.items() if key not in ("progress", "request")}
 
 
-def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, mask=None):
+def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, mask=None, pictures=()):
     """Text or image to image (or inpainting, or SDXL base + refiner) on cached pipelines, LoRAs merged and
-    embeddings bound for this request only, the work bounded; settings.fast: through sd_core.fast (approximate).
+    embeddings bound for this request only, the ControlNets of settings.controlnets steering it with `pictures`
+    (one control image each), the work bounded; settings.fast: through sd_core.fast (approximate).
     Returns (result, the settings as they ran, [(image, "seed N")])."""
     pipe = MODELS.get(settings.model, progress)
     if not isinstance(pipe, StableDiffusionPipeline):
@@ -67,6 +69,10 @@ def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, 
     if settings.fast and (settings.refiner or settings.loras):
         raise gr.Error("The fast path does not combine with LoRAs or a refiner: set them to none, or turn the fast "
                        "path off.")
+    if settings.controlnets and (settings.fast or settings.refiner):
+        raise gr.Error("ControlNets run on the parity path without a refiner: turn the fast path off and set Refiner "
+                       "to none, or set the ControlNets to none.")
+    control = loaded_control(pipe, settings.controlnets, pictures)
     lora_files = [(load_lora(extra_path("loras", name)), scale) for name, scale in settings.loras]
     pixels = image.width * image.height if image is not None else (settings.width or 0) * (settings.height or 0)
     with contextlib.ExitStack() as held:  # the weights are this request's while a LoRA is merged into them
@@ -81,9 +87,11 @@ def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, 
             else:
                 run = fast_pipeline(pipe, settings.deepcache, settings.tome).generate if settings.fast else \
                     functools.partial(generate, pipe)
-                work = functools.partial(run, settings, image=image, mask=mask, callback=callback)
+                work = functools.partial(run, settings, image=image, mask=mask, callback=callback,
+                                         **({"control": control} if control else {}))
             chunks = prompt_chunks(pipe, settings.prompt_syntax, settings.prompt, settings.negative_prompt)
-            result = run_bounded(f"text_to_image:{settings.model}", pixels, settings.steps,
+            kind = f"text_to_image:{settings.model}" + (f"+{len(control)} controlnets" if control else "")
+            result = run_bounded(kind, pixels, settings.steps,
                                  settings.images_per_prompt, work, chunks)  # a prompt's chunks are priced too
     result.parameters.update(embeddings=tokens)  # shown beside the images: the tokens to write in a prompt
     note = truncation_note(pipe, settings)
@@ -111,42 +119,70 @@ def truncation_note(pipe, settings: GenerationSettings) -> str:
 def generate_images(model, prompt, negative_prompt, steps, guidance_scale, scheduler, width, height, seed,
                     number_of_images, show_trajectory=False, prompt_syntax="plain", clip_skip=0, lora_1=None,
                     lora_1_scale=1.0, lora_2=None, lora_2_scale=1.0, embeddings=None, refiner="",
-                    high_noise_frac=0.8, fast=False, deepcache=0, tome=0.0, progress=gr.Progress(),
+                    high_noise_frac=0.8, fast=False, deepcache=0, tome=0.0, controlnet_1="", controlnet_1_image=None,
+                    controlnet_1_preprocessor="none", controlnet_1_scale=1.0, controlnet_1_start=0.0,
+                    controlnet_1_end=1.0, controlnet_2="", controlnet_2_image=None, controlnet_2_preprocessor="none",
+                    controlnet_2_scale=1.0, controlnet_2_start=0.0, controlnet_2_end=1.0, guess_mode=False,
+                    progress=gr.Progress(),
                     request: gr.Request = None):
     """Text to image (an SDXL base model may hand its last steps to a refiner; `fast`: the approximate fast path,
     its images' metadata says "fast", with DeepCache every `deepcache` steps, 0 off, and ToMe merging the `tome`
-    share of the top-resolution tokens, 0 off). Returns (images captioned with
-    their seeds, seed used, trajectory of x0 previews, parameters as JSON, share link). Image k of a batch is
-    drawn from seed + k."""
-    settings = settings_from_form(form_of(locals()))
+    share of the top-resolution tokens, 0 off; `controlnet_N`: a ControlNet steering the image with
+    `controlnet_N_image` through `controlnet_N_preprocessor`, at `controlnet_N_scale` from the `controlnet_N_start`
+    to the `controlnet_N_end` share of the steps). Returns (images captioned with their seeds, seed used, trajectory
+    of x0 previews, parameters as JSON, share link). Image k of a batch is drawn from seed + k."""
+    form = form_of(locals())
+    settings = settings_from_form(form)
     trajectory = [] if show_trajectory else None
-    result, ran, images = run_sd(settings, progress, trajectory)
-    link = share_link("text_to_image", form_from_settings(ran), generate_images, request)
+    result, ran, images = run_sd(settings, progress, trajectory, pictures=control_pictures(form))
+    link = share_link("text_to_image", form_from_settings(ran), generate_images, request, left_behind(ran))
     return images, str(ran.seed), trajectory or [], json.dumps(result.parameters, indent=2), link
 
 
 @handler
 def transform_image(model, image, prompt, negative_prompt, strength, steps, guidance_scale, scheduler, seed,
                     number_of_images, prompt_syntax="plain", clip_skip=0, lora_1=None, lora_1_scale=1.0, lora_2=None,
-                    lora_2_scale=1.0, embeddings=None, progress=gr.Progress()):
-    """Image to image. Returns (images captioned with their seeds, seed used, parameters as JSON)."""
+                    lora_2_scale=1.0, embeddings=None, controlnet_1="", controlnet_1_image=None,
+                    controlnet_1_preprocessor="none", controlnet_1_scale=1.0, controlnet_1_start=0.0,
+                    controlnet_1_end=1.0, controlnet_2="", controlnet_2_image=None, controlnet_2_preprocessor="none",
+                    controlnet_2_scale=1.0, controlnet_2_start=0.0, controlnet_2_end=1.0, guess_mode=False,
+                    progress=gr.Progress(),
+                    request: gr.Request = None):
+    """Image to image (ControlNets as in text to image). Returns (images captioned with their seeds, seed used,
+    parameters as JSON, share link)."""
     if image is None:
         raise gr.Error("Upload a starting image first (or send one here from Text to image).")
-    settings = settings_from_form(form_of(locals()))
+    form = form_of(locals())
+    settings = settings_from_form(form)
     image = open_upload(image, max_pixels=LIMITS.max_upload_pixels)  # a bomb is refused from its header
-    result, ran, images = run_sd(settings, progress, image=image)
-    return images, str(ran.seed), json.dumps(result.parameters, indent=2)
+    result, ran, images = run_sd(settings, progress, image=image, pictures=control_pictures(form))
+    link = share_link("image_to_image", form_from_settings(ran), transform_image, request,
+                      ["the starting image"] + left_behind(ran))
+    return images, str(ran.seed), json.dumps(result.parameters, indent=2), link
 
 
 @handler
 def inpaint_image(model, image_and_mask, prompt, negative_prompt, strength, steps, guidance_scale, scheduler, seed,
-                  number_of_images, progress=gr.Progress()):
-    """Inpainting: repaint the painted region of the image (the editor's layers are the mask), keep the rest.
-    Returns (images captioned with their seeds, seed used, the mask used, parameters as JSON)."""
-    settings = settings_from_form(form_of(locals()))
+                  number_of_images, controlnet_1="", controlnet_1_image=None, controlnet_1_preprocessor="none",
+                  controlnet_1_scale=1.0, controlnet_1_start=0.0, controlnet_1_end=1.0, controlnet_2="",
+                  controlnet_2_image=None, controlnet_2_preprocessor="none", controlnet_2_scale=1.0,
+                  controlnet_2_start=0.0, controlnet_2_end=1.0, guess_mode=False, progress=gr.Progress(),
+                  request: gr.Request = None):
+    """Inpainting: repaint the painted region of the image (the editor's layers are the mask), keep the rest
+    (ControlNets as in text to image). Returns (images captioned with their seeds, seed used, the image with the
+    repainted region shown in red, parameters as JSON, share link)."""
+    form = form_of(locals())
+    settings = settings_from_form(form)
     image, mask = painted_mask(image_and_mask, LIMITS.max_upload_pixels)
-    result, ran, images = run_sd(settings, progress, image=image, mask=mask)
-    return images, str(ran.seed), mask, json.dumps(result.parameters, indent=2)
+    result, ran, images = run_sd(settings, progress, image=image, mask=mask, pictures=control_pictures(form))
+    link = share_link("inpaint", form_from_settings(ran), inpaint_image, request,
+                      ["the image and its mask"] + left_behind(ran))
+    return images, str(ran.seed), mask_overlay(image, mask), json.dumps(result.parameters, indent=2), link
+
+
+def left_behind(ran: GenerationSettings) -> list[str]:
+    """The uploads a share link of this run cannot carry besides the tab's own: each ControlNet's image."""
+    return [f"ControlNet {i}'s image" for i in range(1, len(ran.controlnets) + 1)]
 
 
 @handler

@@ -60,9 +60,25 @@ def painted_mask(editor: dict | None, max_pixels: int) -> tuple[Image.Image, Ima
     return image, mask
 
 
-def inpaint_tab(models: list, fn, example: str | None, defaults, max_steps: int, max_batch: int):
-    """The Inpaint tab: the image in a mask editor (the visitor paints what to repaint), the usual settings;
-    `fn` is the handler (named endpoint /inpaint)."""
+MASK_TINT, MASK_PREVIEW_SIDE = (255, 0, 0), 256
+
+
+def mask_overlay(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The mask used, shown where a visitor can see it: the image with the repainted region half red, enlarged
+    (nearest neighbour) so its shorter side is at least MASK_PREVIEW_SIDE. A bare white-on-black mask of a 64 px
+    image disappears into a white panel."""
+    image = image.convert("RGB")
+    tinted = Image.blend(image, Image.new("RGB", image.size, MASK_TINT), 0.5)
+    shown = Image.composite(tinted, image, mask.convert("L"))
+    factor = max(1, -(-MASK_PREVIEW_SIDE // min(shown.size)))
+    return shown.resize((shown.width * factor, shown.height * factor), Image.NEAREST)
+
+
+def inpaint_tab(models: list, fn, example: str | None, defaults, max_steps: int, max_batch: int,
+                extra_settings=list) -> dict:
+    """The Inpaint tab: the image in a mask editor (the visitor paints what to repaint), the usual settings, then
+    what `extra_settings()` adds (the ControlNet section); `fn` is the handler (named endpoint /inpaint).
+    Returns its inputs and outputs (share links restore them)."""
     with gr.Row():
         with gr.Column():
             model = model_dropdown(models)
@@ -78,12 +94,16 @@ def inpaint_tab(models: list, fn, example: str | None, defaults, max_steps: int,
                 guidance = raw_value(gr.Slider(0, 20, defaults.guidance_scale, step=0.5, label="Guidance scale"))
                 scheduler = scheduler_dropdown(defaults.scheduler)
             with gr.Row():
-                seed = raw_value(gr.Number(-1, label="Seed (-1: random; image k uses seed + k)", precision=0))
+                seed = raw_value(gr.Number(-1, label="Seed", info="-1: random; image k uses seed + k", precision=0))
                 batch = raw_value(gr.Slider(1, max_batch, 2, step=1, label="Number of images"))
-        with gr.Column():
+            extra = extra_settings()
+        with gr.Column(elem_classes="results"):
             gallery = images_gallery()
             used_seed = gr.Textbox(label="Seed used", placeholder="run first", interactive=False)
-            mask = gr.Image(label="Mask used (white: repainted)", format="png", height=160, elem_classes="pixelated")
+            mask = gr.Image(label="Mask used (red: repainted)", format="png", height=256, elem_classes="pixelated")
             parameters = gr.Code(label="Parameters", language="json")
-    run.click(fn, [model, editor, prompt, negative, strength, steps, guidance, scheduler, seed, batch],
-              [gallery, used_seed, mask, parameters], api_name="inpaint")
+            link = gr.Markdown(label="Share link")
+    inputs = [model, editor, prompt, negative, strength, steps, guidance, scheduler, seed, batch] + extra
+    outputs = [gallery, used_seed, mask, parameters, link]
+    run.click(fn, inputs, outputs, api_name="inpaint")
+    return dict(inputs=inputs, outputs=outputs)

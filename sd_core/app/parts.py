@@ -34,6 +34,7 @@ from sd_core.app.serving import (
     WorkLimits,
     as_choice,
     check_request,
+    numbers_choice,
     raw_value,
 )
 from sd_core.checkpoints.convert import CheckpointError
@@ -215,7 +216,7 @@ def advanced_settings(refiners: list | None = None, fast: bool = False) -> list:
         with gr.Row():
             syntax = gr.Radio(SYNTAXES, value="plain", label="Prompt syntax")
             clip_skip = raw_value(gr.Slider(0, 10, 0, step=1,
-                                            label="Clip skip (0: the model's usual layer; A1111's 2 is 1)"))
+                                            label="Clip skip", info="0: the model's usual layer; A1111's 2 is 1"))
         components = [syntax, clip_skip]
         for i in (1, 2):
             with gr.Row():
@@ -233,8 +234,8 @@ def advanced_settings(refiners: list | None = None, fast: bool = False) -> list:
         if fast:
             with gr.Row():
                 components += [gr.Checkbox(False, label="Fast path (approximate)"),
-                               gr.Dropdown(DEEPCACHE_CHOICES, value=0, label="DeepCache interval"),
-                               gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged")]
+                               numbers_choice(gr.Dropdown(DEEPCACHE_CHOICES, value=0, label="DeepCache interval")),
+                               numbers_choice(gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged"))]
             gr.Markdown("The fast path is not the parity path: its images differ from diffusers' (see Compare: "
                         "fast_path). DeepCache N runs the full UNet every N steps; ToMe merges that share of the "
                         "tokens before self-attention at the highest resolution (it pays from 512 px up). Neither "

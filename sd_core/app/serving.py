@@ -57,6 +57,14 @@ def raw_value(component):
     return component
 
 
+def numbers_choice(dropdown):
+    """A Dropdown of numbers whose API schema lists numbers (gradio's own says strings, which it then refuses),
+    its value reaching the handler as sent, to be checked there (forms.choice_of takes 2 and "2" alike)."""
+    values = [value for _, value in dropdown.choices]
+    dropdown.api_info = lambda: {"type": "number", "enum": values}
+    return raw_value(dropdown)
+
+
 # ------------------------------------------------------------------------------------------------ uploads
 
 

@@ -2,10 +2,13 @@
 (which also shows a first result on the embedded models).
 
 A link carries a tab's form values (named as its API parameters); restoring reads them back through the settings
-record (sd_core.app.forms), so a link gets exactly the bounds and messages the form gets.
+record (sd_core.app.forms), so a link gets exactly the bounds and messages the form gets. Pictures a visitor
+uploaded (Image to image's starting image, Inpaint's image and mask, each ControlNet's image) cannot travel in a
+link: the link says so, and a restored form keeps its own pictures and waits for them before running.
 """
 import inspect
 import os
+import re
 import urllib.parse
 
 import gradio as gr
@@ -14,9 +17,13 @@ from sd_core.app.model_choices import EMBEDDED
 from sd_core.app.parts import as_page_text
 
 
-def share_link(tab: str, form: dict, fn, request: gr.Request | None = None) -> str:
+PICTURES = (gr.Image, gr.ImageEditor)  # inputs a link cannot carry
+
+
+def share_link(tab: str, form: dict, fn, request: gr.Request | None = None, left_behind=()) -> str:
     """A Markdown link that reopens the app on this tab with these form values (those `fn`, the tab's handler,
-    takes), read back by `restore`. Absolute: the Space's page on a Space, else the page the request came from."""
+    takes), read back by `restore`. Absolute: the Space's page on a Space, else the page the request came from.
+    `left_behind`: the pictures the result needs that the link cannot carry (said beside it)."""
     parameters = inspect.signature(fn).parameters
     carried = {key: value for key, value in form.items() if key in parameters and value not in (None, "", [])}
     query = urllib.parse.urlencode({"tab": tab, **carried}, doseq=True)
@@ -26,7 +33,20 @@ def share_link(tab: str, form: dict, fn, request: gr.Request | None = None) -> s
         base = request.headers["referer"].split("?")[0].split("#")[0]
     else:
         base = ""
-    return f"[🔗 Link to this result and its settings]({base}?{query})"
+    if not left_behind:
+        return f"[🔗 Link to this result and its settings]({base}?{query})"
+    them = " and ".join(left_behind)
+    return (f"[🔗 Link to these settings]({base}?{query}) ({them} cannot travel in a link: upload "
+            f"{'it' if len(left_behind) == 1 else 'them'} again after opening it)")
+
+
+def pictures_needed(values: dict) -> list[str]:
+    """The uploads a tab's restored values need and a link cannot carry: the starting image, the image and mask,
+    and the image of each ControlNet the link names."""
+    needed = [what for name, what in (("image", "the starting image"), ("image_and_mask", "the image and its mask"))
+              if name in values]
+    return needed + [f"ControlNet {name.split('_')[1]}'s image" for name, value in values.items()
+                     if re.fullmatch(r"controlnet_\d+", name) and value]
 
 
 def offered(component, value) -> bool:
@@ -76,7 +96,12 @@ def restore(shareable: dict, request: gr.Request | None):
             continue
         values = linked_values(query, fn, inputs, to_settings, to_form)
         results = [gr.skip()] * len(outputs)
-        if values[0] in EMBEDDED:  # fast; a hub model waits for the visitor's click (it may download gigabytes)
+        needed = pictures_needed(dict(zip(inspect.signature(fn).parameters, values)))
+        values = [gr.skip() if isinstance(component, PICTURES) else value for component, value in zip(inputs, values)]
+        if needed:
+            gr.Warning(f"This link carries the settings but not {' or '.join(needed)} (a link cannot hold pictures): "
+                       f"upload {'it' if len(needed) == 1 else 'them'}, then run.")
+        elif values[0] in EMBEDDED:  # fast; a hub model waits for the visitor's click (it may download gigabytes)
             try:
                 results = list(fn(*values, request=request))
             except gr.Error as error:
