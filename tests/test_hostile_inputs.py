@@ -589,3 +589,16 @@ def test_jpg_name_gets_jpeg_bytes(tmp_path):
 def test_upload_limit_for_launch_is_a_byte_count_gradio_accepts():
     from gradio import utils
     assert utils._parse_file_size(serving.MAX_UPLOAD_BYTES) == 20 * 2 ** 20
+
+
+@pytest.mark.parametrize("form,message", [
+    ({"lora_1": "", "lora_1_scale": "nan"}, r"lora_1_scale must be a number from -4 to 4"),
+    ({"lora_2": "", "lora_2_scale": "/etc/passwd"}, r"lora_2_scale must be a number from -4 to 4"),
+    ({"fast": "yes please"}, r"fast must be true or false"),
+])
+def test_a_form_value_is_checked_even_where_it_would_be_ignored(form, message):
+    """A LoRA scale without a LoRA, or the fast switch, is refused when it is not a value of its kind (the battery
+    found them accepted whatever they held)."""
+    from sd_core.app.forms import settings_from_form
+    with pytest.raises(ValueError, match=message):
+        settings_from_form({"prompt": "a cat", "steps": 2, "guidance_scale": 5.0, "seed": 0, **form})

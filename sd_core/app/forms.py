@@ -8,7 +8,15 @@ door it came through.
 """
 import dataclasses
 
-from sd_core.pipelines.settings import DiTSettings, GenerationSettings, Limits, one_of, whole_number
+from sd_core.pipelines.settings import (
+    DiTSettings,
+    GenerationSettings,
+    Limits,
+    flag,
+    one_of,
+    real_number,
+    whole_number,
+)
 
 FORM_LIMITS = Limits(max_steps=100, max_side=1024, max_batch=8, max_prompt_chars=2000,
                      max_guidance=50, max_loras=2, max_controlnets=2)
@@ -39,12 +47,12 @@ def settings_from_form(form: dict) -> GenerationSettings:
                                                FORM_LIMITS.max_batch)
     if values.get("scheduler") == MODEL_DEFAULT:
         values["scheduler"] = None
-    values["loras"] = [(form[f"lora_{i}"], form.get(f"lora_{i}_scale", 1.0)) for i in LORA_SLOTS
-                       if form.get(f"lora_{i}")]
+    scales = {i: real_number(form.get(f"lora_{i}_scale", 1.0), f"lora_{i}_scale", -4, 4) for i in LORA_SLOTS}
+    values["loras"] = [(form[f"lora_{i}"], scales[i]) for i in LORA_SLOTS if form.get(f"lora_{i}")]
     values["controlnets"] = [(form[f"controlnet_{i}"], *(controlnet_field(form, i, field)
                                                          for field in CONTROLNET_FIELDS))
                              for i in CONTROLNET_SLOTS if form.get(f"controlnet_{i}")]
-    fast = values.get("fast") in (True, "true", "True", 1, "1")  # off: its options are not recorded
+    fast = flag(values.get("fast"), "fast")  # off: its options are not recorded
     deepcache = choice_of(values.get("deepcache") or 0, "deepcache", DEEPCACHE_CHOICES)  # checked, fast or not
     tome = choice_of(values.get("tome") or 0.0, "tome", TOME_CHOICES)
     values["deepcache"], values["tome"] = (deepcache, tome) if fast else (0, 0.0)

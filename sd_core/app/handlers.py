@@ -40,7 +40,7 @@ from sd_core.pipelines.generate import generate, image_seeds, preview, refine_ru
 from sd_core.pipelines.lora import load_lora, loras_applied
 from sd_core.pipelines.previews import fast_preview
 from sd_core.pipelines.sampling import resolve_seed
-from sd_core.pipelines.settings import MAX_SEED, whole_number, GenerationSettings
+from sd_core.pipelines.settings import MAX_SEED, GenerationSettings, flag, whole_number
 
 MAX_SIZE, MAX_STEPS, MAX_BATCH = FORM_LIMITS.max_side, FORM_LIMITS.max_steps, FORM_LIMITS.max_batch
 SD_DEFAULTS, DIT_DEFAULTS = catalog.EMBEDDED["embedded: shapes (text to image)"], catalog.EMBEDDED["embedded: shapes (DiT)"]
@@ -133,7 +133,7 @@ def generate_images(model, prompt, negative_prompt, steps, guidance_scale, sched
     of x0 previews, parameters as JSON, share link). Image k of a batch is drawn from seed + k."""
     form = form_of(locals())
     settings = settings_from_form(form)
-    trajectory = [] if show_trajectory else None
+    trajectory = [] if flag(show_trajectory, "show_trajectory") else None
     result, ran, images = run_sd(settings, progress, trajectory, pictures=control_pictures(form))
     link = share_link("text_to_image", form_from_settings(ran), generate_images, request, left_behind(ran))
     return images, str(ran.seed), trajectory or [], json.dumps(result.parameters, indent=2), link
@@ -192,7 +192,8 @@ def roundtrip(model, image, sample_posterior=False, seed=0):
     seed = whole_number(0 if seed is None else seed, "seed", 0, MAX_SEED)
     pipe = MODELS.get(model)
     result = run_bounded(f"vae_roundtrip:{model}", image.width * image.height, 1, 1,
-                         lambda: vae_roundtrip(pipe.vae, image, sample=bool(sample_posterior), seed=seed))
+                         lambda: vae_roundtrip(pipe.vae, image, sample=flag(sample_posterior, "sample_posterior"),
+                                                      seed=seed))
     channels = [(channel.resize((channel.width * 4, channel.height * 4), Image.NEAREST), f"channel {i}")
                 for i, channel in enumerate(result.latent_channels)]
     return result.reconstruction, result.difference, round(result.psnr, 2), channels

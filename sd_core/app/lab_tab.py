@@ -27,7 +27,7 @@ from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPip
 from sd_core.pipelines.lab import schedules as lab_schedules
 from sd_core.pipelines.lab import walks, xyz
 from sd_core.pipelines.lab.attention_maps import attention_maps as daam
-from sd_core.pipelines.settings import DiTSettings, GenerationSettings
+from sd_core.pipelines.settings import DiTSettings, GenerationSettings, flag
 from sd_core.schedulers import SCHEDULER_NAMES, TIMESTEP_SPACINGS
 
 SD_MODEL, DIT_MODEL = SD_DEFAULTS.name, DIT_DEFAULTS.name
@@ -127,7 +127,7 @@ def schedules(model=SD_MODEL, samplers=("euler", "dpmpp_2m", "ddim"), steps=20, 
     (the log-SNR plot, the sigma plot)."""
     pipe = MODELS.get(model)
     wanted = [lab_schedules.Schedule(name, steps, None if spacing == MODEL_DEFAULT else spacing,
-                                     karras and name in ("euler", "dpmpp_2m", "heun", "lms"))
+                                     flag(karras, "karras") and name in ("euler", "dpmpp_2m", "heun", "lms"))
               for name in ([samplers] if isinstance(samplers, str) else list(samplers or []))]
     rows = lab_schedules.schedules(pipe.scheduler_config, wanted)
     return lab_schedules.plot(rows, "log_snr"), lab_schedules.plot(rows, "sigma")
