@@ -237,7 +237,7 @@ def build(comparisons) -> gr.Blocks:
                 dit = dit_tab(dit_models)
             with gr.Tab("Compare", id="compare"):
                 compare_tab(comparisons)
-            with gr.Tab("Lab", id="lab"): lab_tab()  # noqa: E701
+            with gr.Tab("Lab", id="lab"): lab_tab(comparisons)  # noqa: E701
         shareable = {"text_to_image": (generate_images, text_tab["inputs"], text_tab["outputs"], settings_from_form,
                                        form_from_settings),
                      "dit": (sample_dit, dit["inputs"], dit["outputs"], dit_settings_from_form, dit_form_from_settings)}
