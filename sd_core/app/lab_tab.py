@@ -175,15 +175,25 @@ def walk(model=SD_MODEL, walk_between="seeds", prompt=EXAMPLE_PROMPT, second_pro
 
 @handler
 def schedules(model=SD_MODEL, samplers=("euler", "dpmpp_2m", "ddim"), steps=20, spacing=MODEL_DEFAULT,
-              karras=False):
-    """Sigma and log-SNR at each model call of each chosen sampler, on the model's noise schedule. Returns
-    (the log-SNR plot, the sigma plot)."""
-    pipe = MODELS.get(model)
+              karras=False, show_trajectory=True, prompt=EXAMPLE_PROMPT, seed=1, progress=gr.Progress()):
+    """Sigma and log-SNR at each model call of each chosen sampler, on the model's noise schedule; with
+    show_trajectory, the first sampler's run on the prompt (the model's own spacing), its x0 estimate after each
+    call marked with that call's noise level. Returns (the log-SNR plot, the sigma plot, the trajectory)."""
+    pipe = MODELS.get(model, progress)
+    names = [samplers] if isinstance(samplers, str) else list(samplers or [])
     wanted = [lab_schedules.Schedule(name, steps, None if spacing == MODEL_DEFAULT else spacing,
-                                     karras and name in ("euler", "dpmpp_2m", "heun", "lms"))
-              for name in ([samplers] if isinstance(samplers, str) else list(samplers or []))]
+                                     karras and name in ("euler", "dpmpp_2m", "heun", "lms")) for name in names]
     rows = lab_schedules.schedules(pipe.scheduler_config, wanted)
-    return lab_schedules.plot(rows, "log_snr"), lab_schedules.plot(rows, "sigma")
+    trajectory = None
+    if show_trajectory:
+        if not isinstance(pipe, StableDiffusionPipeline):
+            raise gr.Error(f"{model} has no text prompt: untick show_trajectory or choose a text-to-image model.")
+        settings = base_record(pipe, prompt, "", steps, SD_DEFAULTS.guidance_scale, names[0], seed, model)
+        callback = lambda step, *_: progress((step + 1, len(rows[0].sigma)), desc="denoising")
+        with MODELS.using(pipe):
+            trajectory = run_bounded(f"lab:{model}", cell_pixels(pipe, settings), settings.steps, 1,
+                                     lambda: lab_schedules.marked_trajectory(pipe, settings, callback))
+    return lab_schedules.plot(rows, "log_snr"), lab_schedules.plot(rows, "sigma"), trajectory
 
 
 def sampling_row():
@@ -267,10 +277,17 @@ def schedules_section(models: list):
             steps = raw_value(gr.Slider(1, lab_schedules.MAX_STEPS, 20, step=1, label="Steps"))
             spacing = gr.Dropdown([MODEL_DEFAULT, *TIMESTEP_SPACINGS], value=MODEL_DEFAULT, label="Spacing")
             karras = gr.Checkbox(False, label="Karras (sigma samplers)")
+            show = gr.Checkbox(True, label=f"Trajectory of the first sampler (at most "
+                                           f"{lab_schedules.MAX_TRAJECTORY_STEPS} steps)")
+            prompt = gr.Textbox(EXAMPLE_PROMPT, label="Prompt (the trajectory)")
+            seed = raw_value(gr.Number(1, label="Seed", precision=0))
             run = gr.Button("Plot schedules", variant="primary")
         with gr.Column():
             log_snr, sigma = gr.Image(label="log-SNR", format="png"), gr.Image(label="sigma", format="png")
-    run.click(schedules, [model, samplers, steps, spacing, karras], [log_snr, sigma], api_name="schedules")
+            trajectory = gr.Image(label="Trajectory: x0 after each model call, marked with its noise level",
+                                  format="png")
+    run.click(schedules, [model, samplers, steps, spacing, karras, show, prompt, seed], [log_snr, sigma, trajectory],
+              api_name="schedules")
 
 
 def lab_tab(comparisons=None):
