@@ -192,7 +192,7 @@ def schedules(model=SD_MODEL, samplers=("euler", "dpmpp_2m", "ddim"), steps=20, 
         callback = lambda step, *_: progress((step + 1, len(rows[0].sigma)), desc="denoising")
         with MODELS.using(pipe):
             trajectory = run_bounded(f"lab:{model}", cell_pixels(pipe, settings), settings.steps, 1,
-                                     lambda: lab_schedules.marked_trajectory(pipe, settings, callback))
+                                     lambda: lab_schedules.marked_trajectory(pipe, settings, callback).image)
     return lab_schedules.plot(rows, "log_snr"), lab_schedules.plot(rows, "sigma"), trajectory
 
 

@@ -4,7 +4,7 @@ sd_core's own samplers (make_scheduler + set_timesteps) and drawn on one plot.
 
     rows = schedules(pipe.scheduler_config, [Schedule("euler", 20), Schedule("euler", 20, karras=True)])
     plot(rows, "log_snr")
-    marked_trajectory(pipe, GenerationSettings(prompt="a big red circle ...", steps=10))   # x0 per call, its sigma
+    marked_trajectory(pipe, GenerationSettings(prompt="a big red circle ...", steps=10)).image   # x0, each sigma
 """
 import dataclasses
 
@@ -87,10 +87,29 @@ def plot(rows: list[NoiseLevels], quantity: str = "log_snr"):
     return line_plot(series, f"{QUANTITIES[quantity]} at each model call", "model call", label)
 
 
-def marked_trajectory(pipe, settings: GenerationSettings, callback=None):
+@dataclasses.dataclass
+class Trajectory:
+    frames: list  # the x0 estimate (PIL) after each model call
+    levels: NoiseLevels  # the noise level each call ran at
+
+    @property
+    def captions(self) -> list[str]:
+        return [f"call {i + 1}: sigma {sigma:.3g}, log-SNR {log_snr:.2f}"
+                for i, (sigma, log_snr) in enumerate(zip(self.levels.sigma, self.levels.log_snr))]
+
+    @property
+    def image(self):
+        """The frames TRAJECTORY_COLUMNS to a row, each captioned with its noise level."""
+        cells = [strip([frame], [caption]) for frame, caption in zip(self.frames, self.captions)]
+        schedule = self.levels.schedule
+        return labelled_grid(cells, min(TRAJECTORY_COLUMNS, len(cells)), [], [], f"{schedule.sampler}, "
+                             f"{schedule.steps} steps: the x0 estimate after each model call and the noise level "
+                             f"it ran at")
+
+
+def marked_trajectory(pipe, settings: GenerationSettings, callback=None) -> Trajectory:
     """One picture's denoising trajectory: the x0 estimate after every model call, each marked with the noise level
-    that call ran at (its point on the schedules plot: sigma and log-SNR, from noise_levels of the same sampler
-    and steps), TRAJECTORY_COLUMNS to a row."""
+    that call ran at (its point on the schedules plot: noise_levels of the same sampler and steps)."""
     whole_number(settings.steps, "steps", 1, MAX_TRAJECTORY_STEPS)
     if settings.strength is not None:
         raise ValueError("The trajectory view follows text to image from pure noise: leave strength unset.")
@@ -105,7 +124,4 @@ def marked_trajectory(pipe, settings: GenerationSettings, callback=None):
     generate(pipe, settings.replace(images_per_prompt=1), callback=collect)
     if len(frames) != len(levels.sigma):
         raise ValueError(f"{sampler} made {len(frames)} model calls but its schedule lists {len(levels.sigma)}.")
-    cells = [strip([frame], [f"call {i + 1}: sigma {sigma:.3g}, log-SNR {log_snr:.2f}"])
-             for i, (frame, sigma, log_snr) in enumerate(zip(frames, levels.sigma, levels.log_snr))]
-    return labelled_grid(cells, min(TRAJECTORY_COLUMNS, len(cells)), [], [], f"{sampler}, {settings.steps} steps: "
-                         f"the x0 estimate after each model call and the noise level it ran at")
+    return Trajectory(frames, levels)
