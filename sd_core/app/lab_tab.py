@@ -28,6 +28,7 @@ from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPip
 from sd_core.pipelines.lab import schedules as lab_schedules
 from sd_core.pipelines.lab import walks, xyz
 from sd_core.pipelines.lab.attention_maps import attention_maps as daam
+from sd_core.pipelines.lab.parity_grid import comparisons as parity_comparisons
 from sd_core.pipelines.lab.parity_grid import parity_plot
 from sd_core.pipelines.settings import DiTSettings, GenerationSettings
 from sd_core.schedulers import SCHEDULER_NAMES, TIMESTEP_SPACINGS
@@ -77,7 +78,7 @@ def plot_pipelines(plot, model: str, pipe, progress) -> dict:
 def using_all(pipes):
     """MODELS.using(pipe) for each pipeline (in one order, so two plots never wait on each other)."""
     with contextlib.ExitStack() as stack:
-        for pipe in sorted(set(pipes), key=id):
+        for _, pipe in sorted({id(pipe): pipe for pipe in pipes}.items()):
             stack.enter_context(MODELS.using(pipe))
         yield
 
@@ -108,6 +109,8 @@ def xyz_handler(comparisons=None):
         base = base_record(pipe, prompt, negative_prompt, steps, guidance_scale, scheduler, seed, model)
         plot = xyz.plan(base, (x_type, x_values), (y_type, y_values), (z_type, z_values), FORM_LIMITS)
         pipes = plot_pipelines(plot, model, pipe, progress)
+        if parity_grid:
+            parity_comparisons(plot)  # a plot Compare cannot check is refused before any picture
         if isinstance(pipe, StableDiffusionPipeline):
             run = xyz.sd_runner(pipe, models=pipes, fast_pipeline=lambda p, s: fast_pipeline(p, s.deepcache, s.tome))
         else:

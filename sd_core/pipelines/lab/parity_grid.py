@@ -68,8 +68,13 @@ def comparison(record, image=None) -> tuple[str, dict]:
     return "image_to_image", dict(settings, image=image)
 
 
-def parity_cell(compare: Callable, pipe, record, image=None) -> ParityCell:
-    kind, settings = comparison(record, image)
+def comparisons(plot: Plot, image=None) -> list[tuple[str, dict]]:
+    """Every cell's comparison (kind, settings): call it before any picture is made, so that a plot Compare cannot
+    check is refused at once."""
+    return [comparison(record, image) for record in plot.cells]
+
+
+def parity_cell(compare: Callable, pipe, kind: str, settings: dict) -> ParityCell:
     report = compare(kind, pipe, **settings)
     stage = next(s for s in report.stages if s.name.startswith("decoded images"))
     reference = report.images.get("diffusers", report.images.get("reference"))
@@ -81,8 +86,8 @@ def parity_plot(plot: Plot, compare: Callable, pipe, models: dict | None = None,
     """Every cell through `compare(kind, pipeline, **settings)` (compare.kinds.run_comparison) on the pipeline
     its model names in `models` (else `pipe`); progress(done, total, label) after each."""
     cells = []
-    for index, record in enumerate(plot.cells):
-        cells.append(parity_cell(compare, (models or {}).get(record.model, pipe), record, image))
+    for index, (record, (kind, settings)) in enumerate(zip(plot.cells, comparisons(plot, image))):
+        cells.append(parity_cell(compare, (models or {}).get(record.model, pipe), kind, settings))
         if progress is not None:
             progress(index + 1, len(plot.cells), f"parity: {cell_label(plot, index)}")
     shown = [strip([cell.reference], [cell.caption(emoji=False)], colours=[BADGES[cell.passed][2]])
