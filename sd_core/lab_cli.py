@@ -86,7 +86,9 @@ def plot_pipelines(plot, pipe, source, load, args) -> dict:
 
 def fast_pipelines():
     """fast_pipeline(pipe, settings) for DeepCache and ToMe cells: one FastPipeline per model and options."""
-    from sd_core.fast.pipeline import make_fast  # the fast path loads only when a cell takes it
+    # the fast path loads only when a cell takes it
+    from sd_core.fast.pipeline import make_fast
+
     made = {}
 
     def fast_pipeline(pipe, settings):

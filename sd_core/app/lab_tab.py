@@ -206,6 +206,12 @@ def sampling_row():
         return steps, guidance, scheduler_dropdown("dpmpp_2m")
 
 
+def whole_pictures(label: str) -> gr.Gallery:
+    """A gallery that shows each picture whole (contained, not cropped to a thumbnail), one to a row."""
+    return gr.Gallery(label=label, columns=1, height="auto", format="png", object_fit="contain",
+                      elem_classes="pixelated")
+
+
 def xyz_section(models: list, comparisons):
     with gr.Row():
         with gr.Column():
@@ -222,9 +228,10 @@ def xyz_section(models: list, comparisons):
                                  visible=comparisons is not None)
             run = gr.Button("Plot", variant="primary")
         with gr.Column():
-            grids, cells = images_gallery("Grids", columns=1), images_gallery("Cells", columns=6)
-            parameters = gr.Code(label="Parameters", language="json")
-            parity_cells = images_gallery("Parity grid: diffusers' pictures, max |difference| and verdict", columns=6)
+            grids = whole_pictures("Grids")  # a grid is shown whole, its labels with it
+            cells = images_gallery("Cells", columns=6)
+            parity_cells = whole_pictures("Parity grid: diffusers' pictures, max |difference| and verdict")
+            parameters = gr.Code(label="Parameters", language="json", max_lines=30)
     inputs = [model, prompt, negative, steps, guidance, scheduler, seed] + axes + [parity]
     run.click(xyz_handler(comparisons), inputs, [grids, cells, parameters, parity_cells], api_name="xyz_plot")
     if models:

@@ -8,7 +8,7 @@ sd_core's and Compare's verdict: visual diffing over a whole grid of settings.
     result.cells[k].passed, result.cells[k].verdict   # Compare's verdict for cell k's settings
 """
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from sd_core.pipelines.lab.drawing import strip
 from sd_core.pipelines.lab.xyz import Plot, cell_label, plot_grids

@@ -17,7 +17,7 @@ from sd_core.pipelines.settings import GenerationSettings, one_of, whole_number
 from sd_core.schedulers import SCHEDULER_NAMES, TIMESTEP_SPACINGS, make_scheduler
 
 MAX_SCHEDULES, MAX_STEPS = 8, 1000
-MAX_TRAJECTORY_STEPS, TRAJECTORY_COLUMNS = 50, 10
+MAX_TRAJECTORY_STEPS, TRAJECTORY_COLUMNS = 50, 5  # five to a row: legible in the app's column
 QUANTITIES = {"sigma": "sigma (= sigma_t / alpha_t)", "log_snr": "log-SNR (= -2 log sigma)"}
 
 
