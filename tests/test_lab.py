@@ -17,7 +17,6 @@ from sd_core.pipelines.image_io import save_image
 from sd_core.pipelines.lab import schedules as lab_schedules
 from sd_core.pipelines.lab import walks, xyz
 from sd_core.pipelines.lab.attention_maps import attention_maps, prompt_words
-from sd_core.pipelines.lab.parity_grid import comparison, parity_plot
 from sd_core.pipelines.metadata import read_png_parameters
 from sd_core.pipelines.settings import DiTSettings, GenerationSettings
 from sd_core.training.shapes_dataset import BACKGROUNDS, HELD_OUT
@@ -159,23 +158,6 @@ def test_model_axis_runs_each_cell_on_the_pipeline_its_model_names(tmp_path):
     assert not same_pixels(result.cells[0], result.cells[1])
 
 
-@pytest.mark.slow
-def test_parity_grid_verdict_equals_compares_for_the_same_settings(shapes):
-    """The issue's proof: a parity-grid cell says what the Compare tab says for its settings."""
-    from compare import kinds
-    base = GenerationSettings(prompt=CAPTION, steps=2, scheduler="dpmpp_2m", seed=4, guidance_scale=5.0)
-    plot = xyz.plan(base, ("CFG Scale", "1, 4"))
-    cells = xyz.run_plot(plot, xyz.sd_runner(shapes)).cells
-    parity = parity_plot(plot, kinds.run_comparison, shapes)
-    compare = kinds.run_comparison("text_to_image", shapes, prompt=CAPTION, negative_prompt=None, seed=4, steps=2,
-                                   scheduler="dpmpp_2m", guidance_scale=4.0)
-    assert (parity.cells[1].passed, parity.cells[1].verdict) == (compare.passed, compare.verdict)
-    assert parity.cells[1].max_difference == compare.stages[-1].max_abs
-    assert all(same_pixels(cell.sd_core, image) for cell, image in zip(parity.cells, cells))  # the same pictures
-    assert parity.passed and parity.cells[0].caption() == "✅ max |difference| 0"
-    assert len(parity.grids) == 1 and parity.grids[0].width > 2 * 160
-
-
 def test_clip_skip_cells_equal_the_same_settings_run_alone(tmp_path):
     pipe = load_pipeline(tiny.save_pretrained(tiny.stable_diffusion("sd1", seed=1), tmp_path))
     plot = xyz.plan(GenerationSettings(prompt="a cat", steps=2, seed=3, height=16, width=16), ("Clip skip", "0, 1"))
@@ -183,12 +165,6 @@ def test_clip_skip_cells_equal_the_same_settings_run_alone(tmp_path):
     for cell, settings in zip(result.cells, plot.cells):
         assert same_pixels(cell, generate(pipe, settings).images[0])
     assert not same_pixels(result.cells[0], result.cells[1])
-
-
-def test_parity_grid_refuses_settings_compare_does_not_take():
-    with pytest.raises(ValueError, match="Compare's comparisons, which do not take clip_skip"):
-        comparison(GenerationSettings(prompt=CAPTION, clip_skip=1, seed=1))
-    assert comparison(DiTSettings(class_labels=("red circle",), seed=1, steps=2))[0] == "dit"
 
 
 # ------------------------------------------------------------------------------------------ attention maps
