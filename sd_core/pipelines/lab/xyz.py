@@ -285,8 +285,9 @@ def sd_runner(pipe, image=None, fast_pipeline: Callable | None = None, load_lora
         files = [(load_lora(name), scale) for name, scale in settings.loras]
         with loras_applied(cell_pipe.models, files):
             if not settings.fast:
-                cached = views.setdefault(id(cell_pipe), with_encoders(cell_pipe, answer))
-                return generate(cached, settings, image=image, callback=callback)
+                if id(cell_pipe) not in views:
+                    views[id(cell_pipe)] = with_encoders(cell_pipe, answer)
+                return generate(views[id(cell_pipe)], settings, image=image, callback=callback)
             if fast_pipeline is None:
                 raise ValueError("DeepCache and ToMe cells run on the fast path: pass fast_pipeline= "
                                  "(sd_core.fast.make_fast).")
