@@ -1,4 +1,4 @@
-"""Command line: python -m sd_core {generate, vae, dit} ... (the embedded models when --model is omitted).
+"""Command line: python -m sd_core {generate, vae, dit, xyz, attention} ... (the embedded models when --model is omitted).
 
 generate does text to image, image to image (--init-image), inpainting (--init-image and --mask: white is
 repainted) and SDXL's base + refiner ensemble (--refiner MODEL --high-noise-frac 0.8), each steered by ControlNets
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from sd_core import lab_cli
 from sd_core.checkpoints import catalog
 from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.checkpoints.controlnet import load_controlnet
@@ -349,6 +350,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--guided-channels", choices=["all", "first3"], default="all")
     common_arguments(d, None)
     d.set_defaults(run=run_dit)
+    lab_cli.add_commands(commands, common_arguments, load, resolve_output)  # xyz, attention (sd_core.lab_cli)
     return main
 
 

@@ -146,6 +146,27 @@ def test_dit_axes_vary_class_label_and_guided_channels(shapes_dit):
     assert same_pixels(result.cells[3], generate_dit(shapes_dit, plot.cells[3]).images[0])
 
 
+def test_model_axis_runs_each_cell_on_the_pipeline_its_model_names(tmp_path):
+    folders = [tiny.save_pretrained(tiny.stable_diffusion("sd1", seed=s), tmp_path / str(s)) for s in (1, 2)]
+    pipes = {str(folder): load_pipeline(folder) for folder in folders}
+    base = GenerationSettings(prompt="a cat", steps=2, seed=3, height=16, width=16, model=str(folders[0]))
+    plot = xyz.plan(base, ("Model", ", ".join(pipes)))
+    assert xyz.plot_models(plot) == list(pipes)
+    result = xyz.run_plot(plot, xyz.sd_runner(pipes[str(folders[0])], models=pipes))
+    for cell, (name, pipe) in zip(result.cells, pipes.items()):
+        assert same_pixels(cell, generate(pipe, plot.cells[0].replace(model=name)).images[0])
+    assert not same_pixels(result.cells[0], result.cells[1])
+
+
+def test_clip_skip_cells_equal_the_same_settings_run_alone(tmp_path):
+    pipe = load_pipeline(tiny.save_pretrained(tiny.stable_diffusion("sd1", seed=1), tmp_path))
+    plot = xyz.plan(GenerationSettings(prompt="a cat", steps=2, seed=3, height=16, width=16), ("Clip skip", "0, 1"))
+    result = xyz.run_plot(plot, xyz.sd_runner(pipe))
+    for cell, settings in zip(result.cells, plot.cells):
+        assert same_pixels(cell, generate(pipe, settings).images[0])
+    assert not same_pixels(result.cells[0], result.cells[1])
+
+
 # ------------------------------------------------------------------------------------------ attention maps
 
 
@@ -161,6 +182,14 @@ def test_attention_recorder_sees_the_math_path_probabilities_and_leaves_the_outp
     torch.testing.assert_close(seen[0].sum(-1), torch.ones(2, 2, 5))
     layer.attention_backend, layer.recorder = "math", None
     torch.testing.assert_close(layer(x, context), plain, atol=1e-6, rtol=1e-5)
+
+
+def test_a_repeated_words_overlay_is_its_own_places_map(shapes):
+    maps = attention_maps(shapes, GenerationSettings(prompt="a big red circle on a gray background", steps=2, seed=1,
+                                                     guidance_scale=5.0))
+    (first, _), (second, _) = [(o, w) for o, w in maps.overlays if w == "a"]
+    assert not same_pixels(first, second)
+    assert np.array_equal(maps.heat("a"), maps.positions_heat(maps.words[0][1]))
 
 
 def test_prompt_words_rejoin_the_tokens_of_each_word(shapes):
@@ -292,6 +321,18 @@ def test_schedules_read_each_samplers_noise_levels_and_refuse_karras_without_sig
         lab_schedules.noise_levels(shapes.scheduler_config, lab_schedules.Schedule("ddim", 10, karras=True))
 
 
+def test_trajectory_marks_each_model_call_with_the_noise_level_it_ran_at(shapes):
+    settings = GenerationSettings(prompt=CAPTION, steps=3, scheduler="heun", seed=2, guidance_scale=5.0)
+    trajectory = lab_schedules.marked_trajectory(shapes, settings)
+    levels = lab_schedules.noise_levels(shapes.scheduler_config, lab_schedules.Schedule("heun", 3))
+    assert len(trajectory.frames) == len(levels.sigma) == 5  # Heun: two calls a step but the last
+    np.testing.assert_array_equal(trajectory.levels.sigma, levels.sigma)
+    assert trajectory.captions[0] == f"call 1: sigma {levels.sigma[0]:.3g}, log-SNR {levels.log_snr[0]:.2f}"
+    assert trajectory.image.width >= 5 * 160
+    with pytest.raises(ValueError, match="steps must be a whole number from 1 to 50"):
+        lab_schedules.marked_trajectory(shapes, settings.replace(steps=60))
+
+
 def shapes_alpha_bar(pipe, timesteps):
     from sd_core.schedulers import make_scheduler
     return make_scheduler("ddim", pipe.scheduler_config).alphas_cumprod.double().numpy()[timesteps.astype(int)]
@@ -315,19 +356,21 @@ def client():
 @pytest.mark.slow
 def test_lab_endpoints_answer_a_bare_call_with_the_example(client):
     """Every parameter has a default that runs the example on the embedded models."""
-    grids, cells, parameters = client.predict(api_name="/xyz_plot")
+    grids, cells, parameters, parity = client.predict(api_name="/xyz_plot")
     grid = Image.open(grids[0]["image"])
     assert len(cells) == 9 and cells[0]["caption"] == "Seed: 1, CFG Scale: 1.0"
     assert [c["guidance_scale"] for c in __import__("json").loads(parameters)["cells"]][::3] == [1.0, 4.0, 7.0]
     assert len(xyz.grid_settings(grid)["cells"]) == 9  # the grid PNG that reached the client carries every cell
+    assert parity == []  # the parity grid is opt-in
     image, overlays, _ = client.predict(api_name="/attention_maps")
     assert Image.open(image).size == (64, 64) and [o["caption"] for o in overlays][:4] == ["a", "big", "red", "circle"]
     animation, frames = client.predict(api_name="/walk")
     with Image.open(animation) as webp:
         assert webp.format == "WEBP" and webp.n_frames == 4
     assert Image.open(frames).width >= 4 * 160
-    log_snr, sigma = client.predict(api_name="/schedules")
+    log_snr, sigma, trajectory = client.predict(api_name="/schedules")
     assert Image.open(log_snr).size == Image.open(sigma).size == (720, 400)
+    assert Image.open(trajectory).width >= 5 * 160  # 20 calls of euler, five to a row
 
 
 @pytest.mark.parametrize("endpoint,arguments,message", [
@@ -337,7 +380,18 @@ def test_lab_endpoints_answer_a_bare_call_with_the_example(client):
     ("/xyz_plot", dict(x_type="Sampler", x_values="Euler, Karras 9000"), "Unknown sampler 'Karras 9000'"),
     ("/xyz_plot", dict(x_type="Steps", x_values="100", y_type="Seed", y_values="1-100"), "Mpx-steps; this server allows"),
     ("/walk", dict(frames=1000), "frames must be a whole number from 2 to 32"),
+    ("/xyz_plot", dict(x_type="Model", x_values="embedded: shapes (text to image), embedded: shapes (DiT)"),
+     "The Model axis mixes kinds of model"),
+    ("/xyz_plot", dict(x_type="Clip skip", x_values="0, 1", parity_grid=True), "which do not take clip_skip"),
 ])
 def test_lab_refusals_reach_the_client_with_their_bound(client, endpoint, arguments, message):
     with pytest.raises(Exception, match=message):
         client.predict(**arguments, api_name=endpoint)
+
+
+@pytest.mark.slow
+def test_app_parity_grid_captions_each_cell_with_compares_verdict(client):
+    _, cells, parameters, parity = client.predict(x_values="1", y_type="Nothing", y_values="", steps=2,
+                                                  parity_grid=True, api_name="/xyz_plot")
+    assert [p["caption"] for p in parity] == ["✅ 1/1 cells equal to diffusers", "Seed: 1: ✅ max |difference| 0"]
+    assert __import__("json").loads(parameters)["parity"][0]["verdict"].startswith("text_to_image: PASS vs diffusers")

@@ -95,7 +95,8 @@ def test_prompt_file_line_writes_an_image_per_prompt_as_printed(tmp_path, monkey
 
 
 def test_every_sd_core_command_line_the_docs_print_is_one_these_tests_run():
-    tested = [command_lines("## Images from the embedded models"), command_lines("## Many images from a prompt file")]
+    tested = [command_lines("## Images from the embedded models"), command_lines("## Many images from a prompt file"),
+              command_lines("## The Lab")]  # run by tests/test_cli_lab.py
     tested = {tuple(argv) for block in tested for argv in block}
     printed = {}
     for page in PAGES:

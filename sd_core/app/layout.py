@@ -290,7 +290,7 @@ def build(comparisons) -> gr.Blocks:
                 dit = dit_tab(dit_models)
             with gr.Tab("Compare", id="compare"):
                 compare_tab(comparisons)
-            with gr.Tab("Lab", id="lab"): lab_tab()  # noqa: E701
+            with gr.Tab("Lab", id="lab"): lab_tab(comparisons)  # noqa: E701
         shareable = {"text_to_image": (generate_images, text_tab["inputs"], text_tab["outputs"], settings_from_form,
                                        form_from_settings),
                      "image_to_image": (transform_image, i2i_tab["inputs"], i2i_tab["outputs"], settings_from_form,

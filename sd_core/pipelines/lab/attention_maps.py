@@ -86,19 +86,24 @@ class AttentionMaps:
     parameters: dict
 
     def heat(self, word: str) -> np.ndarray:
-        """The word's map on the latent grid, its tokens' sum scaled to [0, 1] from its minimum to its maximum (every
-        pixel attends to every word a little: without the minimum's floor the map would show that floor)."""
+        """The map of the word's first occurrence in the prompt (see positions_heat)."""
         matches = [positions for text, positions in self.words if text == word]
         if not matches:
             raise ValueError(f"{word!r} is not a word of the prompt; its words are {[text for text, _ in self.words]}.")
-        summed = self.totals[matches[0]].sum(dim=0)
+        return self.positions_heat(matches[0])
+
+    def positions_heat(self, positions: list[int]) -> np.ndarray:
+        """The map of the tokens at `positions` on the latent grid: their sum scaled to [0, 1] from its minimum to
+        its maximum (every pixel attends to every word a little: without the minimum's floor the map would show
+        that floor)."""
+        summed = self.totals[positions].sum(dim=0)
         low = summed.min()
         return ((summed - low) / (summed.max() - low).clamp_min(1e-12)).numpy()
 
     @property
     def overlays(self) -> list:
-        """(picture with the word's map drawn over it, the word) for each word."""
-        return [(heat_overlay(self.image, self.heat(text)), text) for text, _ in self.words]
+        """(picture with the word's map drawn over it, the word) for each word, a repeated word once per place."""
+        return [(heat_overlay(self.image, self.positions_heat(positions)), text) for text, positions in self.words]
 
 
 @torch.no_grad()

@@ -68,8 +68,8 @@ def labelled_grid(images: list, columns: int, column_labels: list[str], row_labe
     return grid
 
 
-def strip(images: list, captions: list[str], size: int = 16) -> Image.Image:
-    """Images side by side, each captioned underneath."""
+def strip(images: list, captions: list[str], size: int = 16, colours: list | None = None) -> Image.Image:
+    """Images side by side, each captioned underneath (in black, or in its colour of `colours`)."""
     cells = [enlarged(image.convert("RGB")) for image in images]
     cell_w, cell_h = max(c.width for c in cells), max(c.height for c in cells)
     typeface, line_h = font(size), size + 6
@@ -81,7 +81,7 @@ def strip(images: list, captions: list[str], size: int = 16) -> Image.Image:
         row.paste(cell, (i * cell_w, 0))
         for k, line in enumerate(wrapped(draw, caption, cell_w - 6, typeface)):
             x = i * cell_w + (cell_w - draw.textlength(line, font=typeface)) / 2
-            draw.text((x, cell_h + 3 + k * line_h), line, fill="black", font=typeface)
+            draw.text((x, cell_h + 3 + k * line_h), line, fill=colours[i] if colours else "black", font=typeface)
     return row
 
 

@@ -4,16 +4,20 @@ sd_core's own samplers (make_scheduler + set_timesteps) and drawn on one plot.
 
     rows = schedules(pipe.scheduler_config, [Schedule("euler", 20), Schedule("euler", 20, karras=True)])
     plot(rows, "log_snr")
+    marked_trajectory(pipe, GenerationSettings(prompt="a big red circle ...", steps=10)).image   # x0, each sigma
 """
 import dataclasses
 
 import numpy as np
 
-from sd_core.pipelines.lab.drawing import line_plot
-from sd_core.pipelines.settings import one_of, whole_number
+from sd_core.pipelines.generate import generate, preview
+from sd_core.pipelines.lab.drawing import labelled_grid, line_plot, strip
+from sd_core.pipelines.sampling import scheduler_name
+from sd_core.pipelines.settings import GenerationSettings, one_of, whole_number
 from sd_core.schedulers import SCHEDULER_NAMES, TIMESTEP_SPACINGS, make_scheduler
 
 MAX_SCHEDULES, MAX_STEPS = 8, 1000
+MAX_TRAJECTORY_STEPS, TRAJECTORY_COLUMNS = 50, 5  # five to a row: legible in the app's column
 QUANTITIES = {"sigma": "sigma (= sigma_t / alpha_t)", "log_snr": "log-SNR (= -2 log sigma)"}
 
 
@@ -81,3 +85,43 @@ def plot(rows: list[NoiseLevels], quantity: str = "log_snr"):
               for row in rows}
     label = "log10 sigma" if quantity == "sigma" else "log-SNR"
     return line_plot(series, f"{QUANTITIES[quantity]} at each model call", "model call", label)
+
+
+@dataclasses.dataclass
+class Trajectory:
+    frames: list  # the x0 estimate (PIL) after each model call
+    levels: NoiseLevels  # the noise level each call ran at
+
+    @property
+    def captions(self) -> list[str]:
+        return [f"call {i + 1}: sigma {sigma:.3g}, log-SNR {log_snr:.2f}"
+                for i, (sigma, log_snr) in enumerate(zip(self.levels.sigma, self.levels.log_snr))]
+
+    @property
+    def image(self):
+        """The frames TRAJECTORY_COLUMNS to a row, each captioned with its noise level."""
+        cells = [strip([frame], [caption]) for frame, caption in zip(self.frames, self.captions)]
+        schedule = self.levels.schedule
+        return labelled_grid(cells, min(TRAJECTORY_COLUMNS, len(cells)), [], [], f"{schedule.sampler}, "
+                             f"{schedule.steps} steps: the x0 estimate after each model call and the noise level "
+                             f"it ran at")
+
+
+def marked_trajectory(pipe, settings: GenerationSettings, callback=None) -> Trajectory:
+    """One picture's denoising trajectory: the x0 estimate after every model call, each marked with the noise level
+    that call ran at (its point on the schedules plot: noise_levels of the same sampler and steps)."""
+    whole_number(settings.steps, "steps", 1, MAX_TRAJECTORY_STEPS)
+    if settings.strength is not None:
+        raise ValueError("The trajectory view follows text to image from pure noise: leave strength unset.")
+    sampler = scheduler_name(pipe.scheduler_config, settings.scheduler)
+    levels = noise_levels(pipe.scheduler_config, Schedule(sampler, settings.steps))
+    frames = []
+
+    def collect(step, timestep, latents, x0):
+        frames.append(preview(pipe, x0))
+        if callback is not None:
+            callback(step, timestep, latents, x0)
+    generate(pipe, settings.replace(images_per_prompt=1), callback=collect)
+    if len(frames) != len(levels.sigma):
+        raise ValueError(f"{sampler} made {len(frames)} model calls but its schedule lists {len(levels.sigma)}.")
+    return Trajectory(frames, levels)

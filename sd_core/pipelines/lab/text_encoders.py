@@ -16,16 +16,17 @@ ENCODER_SLOTS = ("text_encoder", "text_encoder_2")
 
 class EncoderView:
     """A text encoder whose calls go to `answer`; every attribute (text_model, parameters, config) is the
-    encoder's own, so the pipelines' encoding code (clip_skip reads the layers) cannot tell the difference."""
+    encoder's own, so the pipelines' encoding code (clip_skip reads the layers) cannot tell the difference. (The
+    model is kept as `wrapped`: a CLIP text model has an `encoder` of its own, which clip_skip reads.)"""
 
     def __init__(self, encoder: torch.nn.Module, answer: Answer):
-        self.encoder, self.answer = encoder, answer
+        self.wrapped, self.answer = encoder, answer
 
     def __call__(self, input_ids: torch.Tensor, **options):
-        return self.answer(self.encoder, input_ids, options)
+        return self.answer(self.wrapped, input_ids, options)
 
     def __getattr__(self, name: str):
-        return getattr(self.encoder, name)
+        return getattr(self.wrapped, name)
 
 
 def with_encoders(pipe, answer: Answer):
@@ -37,7 +38,7 @@ def with_encoders(pipe, answer: Answer):
 
 def encoder_of(encoder):
     """The model behind an encoder or a view of it."""
-    return encoder.encoder if isinstance(encoder, EncoderView) else encoder
+    return encoder.wrapped if isinstance(encoder, EncoderView) else encoder
 
 
 def caching(cache: dict, weights_key: Callable[[], object] = lambda: None) -> Answer:

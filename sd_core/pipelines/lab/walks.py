@@ -72,7 +72,7 @@ def seed_walk(pipe, settings: GenerationSettings, seed_a, seed_b, frames: int = 
     for t in fractions(frames):
         image = generate(pipe, settings, latents=slerp(a, b, t), callback=callback).images[0]
         pictures.append(image)
-        captions.append(f"seed {seed_a} → {seed_b}: {t:.2f}")
+        captions.append(f"seed {seed_a} to {seed_b}: {t:.2f}")
     return Walk(pictures, captions)
 
 
@@ -88,7 +88,7 @@ def prompt_walk(pipe, settings: GenerationSettings, prompt_b: str, frames: int =
         view = with_encoders(pipe, blending(pipe, settings.prompt, prompt_b, t))
         pictures.append(generate(view, settings, callback=callback).images[0])
         captions.append(f"{t:.2f}")
-    return Walk(pictures, [f"{settings.prompt!r} → {prompt_b!r}: {c}" if i in (0, len(captions) - 1) else c
+    return Walk(pictures, [f"{settings.prompt!r} to {prompt_b!r}: {c}" if i in (0, len(captions) - 1) else c
                            for i, c in enumerate(captions)])
 
 

@@ -122,6 +122,7 @@ SD_AXES = {option.label: option for option in [
     AxisOption("Prompt S/R", str, apply_prompt_sr),
     AxisOption("Clip skip", int, field("clip_skip")),
     AxisOption("Size", str, apply_size),
+    AxisOption("Model", str, field("model")),
     AxisOption("LoRA scale", float, apply_lora_scale),
     AxisOption("Denoising", float, field("strength")),
     AxisOption("DeepCache", int, field("deepcache", fast=True)),
@@ -135,6 +136,7 @@ DIT_AXES = {option.label: option for option in [
     AxisOption("Sampler", str, apply_sampler),
     AxisOption("Seed", int, field("seed")),
     AxisOption("Guided channels", str, field("guided_channels")),
+    AxisOption("Model", str, field("model")),
 ]}
 
 
@@ -261,60 +263,76 @@ class PlotResult:
     parameters: list  # every cell's parameters as it ran
 
 
-def sd_runner(pipe, image=None, fast_pipeline: Callable | None = None, load_lora: Callable | None = None):
+def sd_runner(pipe, image=None, fast_pipeline: Callable | None = None, load_lora: Callable | None = None,
+              models: dict | None = None):
     """run(settings, callback) for Stable Diffusion cells: generate() on `pipe` whose text encoders answer each
-    distinct prompt once per plot (a cell equals the same settings run alone, bit for bit). `image`: the start
-    image for image to image (the Denoising axis). Fast-path cells (DeepCache, ToMe) go through
-    `fast_pipeline(settings)` (an sd_core.fast FastPipeline, which this layer cannot build itself); LoRAs are
-    merged per cell from `load_lora(name)`."""
+    distinct prompt once per plot (a cell equals the same settings run alone, bit for bit). `models`: the
+    pipelines the Model axis names (name -> pipeline, loaded by the caller's cache); a cell whose model is not
+    among them runs on `pipe`. `image`: the start image for image to image (the Denoising axis). Fast-path cells
+    (DeepCache, ToMe) go through `fast_pipeline(pipe, settings)` (an sd_core.fast FastPipeline, which this layer
+    cannot build itself); LoRAs are merged per cell from `load_lora(name)`."""
     cache, current = {}, {"loras": ()}
     answer = caching(cache, lambda: current["loras"])
-    cached = with_encoders(pipe, answer)
+    views = {}  # id(pipeline) -> the pipeline with caching encoders (the pipelines are held by `models`)
 
     def run(settings, callback=None):
         if settings.strength is not None and image is None:
             raise ValueError("The Denoising axis changes image-to-image strength: give a starting image.")
         if settings.loras and load_lora is None:
             raise ValueError("These settings name LoRAs but no LoRA loader was given (load_lora=).")
+        cell_pipe = (models or {}).get(settings.model, pipe)
         current["loras"] = settings.loras
         files = [(load_lora(name), scale) for name, scale in settings.loras]
-        with loras_applied(pipe.models, files):
+        with loras_applied(cell_pipe.models, files):
             if not settings.fast:
-                return generate(cached, settings, image=image, callback=callback)
+                if id(cell_pipe) not in views:
+                    views[id(cell_pipe)] = with_encoders(cell_pipe, answer)
+                return generate(views[id(cell_pipe)], settings, image=image, callback=callback)
             if fast_pipeline is None:
                 raise ValueError("DeepCache and ToMe cells run on the fast path: pass fast_pipeline= "
                                  "(sd_core.fast.make_fast).")
-            fast = fast_pipeline(settings)
+            fast = fast_pipeline(cell_pipe, settings)
             return dataclasses.replace(fast, pipe=with_encoders(fast.pipe, answer)).generate(
                 settings, image=image, callback=callback)
     run.cache = cache
     return run
 
 
-def dit_runner(pipe):
-    return lambda settings, callback=None: generate_dit(pipe, settings, callback)
+def dit_runner(pipe, models: dict | None = None):
+    """run(settings, callback) for DiT cells, on the pipeline the cell's model names in `models`, else `pipe`."""
+    return lambda settings, callback=None: generate_dit((models or {}).get(settings.model, pipe), settings, callback)
+
+
+def plot_models(plot: Plot) -> list:
+    """The distinct models the cells name (the Model axis's values, or the base's), in order; None: unnamed."""
+    return list(dict.fromkeys(cell.model for cell in plot.cells))
 
 
 def run_plot(plot: Plot, run: Callable, progress: Callable | None = None) -> PlotResult:
     """Every cell in A1111's order through `run(settings, callback)`; progress(done, total, label) after each
     cell. Returns the grids (one per Z value) and the cells."""
     images, parameters = [], []
-    xs, ys, zs = plot.axes
     for index, settings in enumerate(plot.cells):
         result = run(settings)
         images.append(result.images[0])
         parameters.append(json.loads(result.images[0].info["sd_core"]))
         if progress is not None:
             progress(index + 1, len(plot.cells), cell_label(plot, index))
-    per_grid = len(xs.values) * len(ys.values)
-    grids = []
-    for iz, z_value in enumerate(zs.values):
-        grid = labelled_grid(images[iz * per_grid:(iz + 1) * per_grid], len(xs.values),
-                             [xs.label(v) for v in xs.values] if xs.option.label != NOTHING else [],
-                             [ys.label(v) for v in ys.values] if ys.option.label != NOTHING else [],
-                             zs.label(z_value) if zs.option.label != NOTHING else "")
-        grids.append(tagged_grid(grid, plot, parameters[iz * per_grid:(iz + 1) * per_grid]))
+    per_grid = len(plot.axes[0].values) * len(plot.axes[1].values)
+    grids = [tagged_grid(grid, plot, parameters[iz * per_grid:(iz + 1) * per_grid])
+             for iz, grid in enumerate(plot_grids(plot, images))]
     return PlotResult(grids, images, parameters)
+
+
+def plot_grids(plot: Plot, images: list) -> list:
+    """One labelled grid per Z value of `images` (one per cell, A1111's order): the axes' values on its edges."""
+    xs, ys, zs = plot.axes
+    per_grid = len(xs.values) * len(ys.values)
+    return [labelled_grid(images[iz * per_grid:(iz + 1) * per_grid], len(xs.values),
+                          [xs.label(v) for v in xs.values] if xs.option.label != NOTHING else [],
+                          [ys.label(v) for v in ys.values] if ys.option.label != NOTHING else [],
+                          zs.label(z_value) if zs.option.label != NOTHING else "")
+            for iz, z_value in enumerate(zs.values)]
 
 
 def cell_label(plot: Plot, index: int) -> str:
