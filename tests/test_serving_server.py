@@ -138,6 +138,24 @@ def app_server():
     demo.close()
 
 
+def test_a_text_file_named_png_is_refused_with_sd_cores_message_at_every_image_door(app_server, tmp_path):
+    url, _ = app_server
+    client = Client(url, verbose=False)
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    doors = {"/image_to_image": dict(model=SD, image=handle_file(str(fake))),
+             "/vae_roundtrip": dict(model=SD, image=handle_file(str(fake))),
+             "/compare": dict(kind="vae", model=SD, image=handle_file(str(fake)))}
+    for door, arguments in doors.items():
+        with pytest.raises(Exception, match=r"Cannot read fake\.png as an image: it is not a PNG, JPEG"):
+            client.predict(**arguments, api_name=door)
+    editor = {"background": handle_file(str(fake)), "layers": [], "composite": None}
+    with pytest.raises(Exception, match=r"Cannot read the image as an image: it is not a PNG, JPEG"):
+        client.predict(SD, editor, api_name="/inpaint")
+    note = client.predict(handle_file(str(fake)), api_name="/png_info")[-1]  # PNG Info says it in its notes box
+    assert note.startswith("fake.png is not a PNG image; settings are read from PNG text")
+
+
 @pytest.mark.slow
 def test_twenty_clients_on_every_endpoint_with_oversized_requests_in_flight_lose_nothing(app_server, tmp_path):
     import concurrent.futures

@@ -18,6 +18,7 @@ from sd_core.app.parts import (
     deepcache_of,
     drawn_side,
     handler,
+    image_upload,
     images_gallery,
     model_choices,
     run_bounded,
@@ -121,7 +122,7 @@ def compare_tab(comparisons):
             prompt = gr.Textbox("a small green triangle on the left on a white background", label="Prompt")
             negative = gr.Textbox("", label="Negative prompt")
             class_label = gr.Textbox("red circle", label="Class label (name or id)", visible=False)
-            cmp_image = gr.Image(type="filepath", image_mode=None, label="Image", height=200, visible=False, value=str(EXAMPLE_SCENE))
+            cmp_image = image_upload(label="Image", height=200, visible=False, value=str(EXAMPLE_SCENE))
             strength = gr.Slider(0, 1, 0.6, step=0.05, label="Strength", visible=False)
             sample = gr.Checkbox(False, label="Sample posterior (else its mean)", visible=False)
             guided = gr.Radio(["all", "first3"], value="all", label="Guided channels", visible=False)

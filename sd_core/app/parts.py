@@ -34,6 +34,7 @@ from sd_core.app.serving import (
     WorkLimits,
     as_choice,
     check_request,
+    open_upload,
     raw_value,
 )
 from sd_core.checkpoints.convert import CheckpointError
@@ -173,6 +174,30 @@ def random_seed() -> int:
 
 
 # ------------------------------------------------------------------------------------ shared form pieces
+
+
+def image_upload(**options) -> gr.Image:
+    """An image input that hands the handler the uploaded file's path (decoded there within open_upload's bounds),
+    and refuses a file that is no image (a text file named .png) with sd_core's message, as the command line does
+    ("Cannot read fake.png as an image: ..."): gradio's own preprocessing opened it first and answered only "Error".
+    (An instance attribute, as serving.raw_value does.)"""
+    component = gr.Image(type="filepath", image_mode=None, **options)
+    gradio_preprocess = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return gradio_preprocess(payload)
+        except Exception:  # noqa: BLE001 - whatever gradio raised, the visitor reads sd_core's reason below
+            name = Path(payload.orig_name or payload.path or "the image").name
+            try:
+                open_upload(payload.path, max_pixels=LIMITS.max_upload_pixels, name=name)
+            except (ValueError, OSError) as refusal:
+                LOG.warning("upload refused: %s", refusal)
+                raise gr.Error(without_server_paths(str(refusal))) from None
+            raise
+    component.preprocess = preprocess
+    return component
+
 
 SCHEDULER_CHOICES = [(DISPLAY_NAMES.get(name, name), name) for name in SCHEDULER_NAMES] + [
     ("the model's own", MODEL_DEFAULT)]
