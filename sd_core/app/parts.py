@@ -80,7 +80,8 @@ def on_gpu(fn):
 
 def user_errors(fn):
     """Turn bad input (ValueError/TypeError from sd_core and sd_core.app.serving's refusals) and non-finite latents
-    (FloatingPointError) into a one-line gr.Error the visitor reads, logged as one line; the app keeps serving.
+    (FloatingPointError) into a one-line gr.Error the visitor reads, logged as one line (no traceback: a visitor's
+    mistake is not the server's); the app keeps serving.
     What the visitor reads names no server folder (without_server_paths); the log keeps the whole path.
     The handler's signature is kept: gradio names the API parameters after it."""
     @functools.wraps(fn)
@@ -90,11 +91,12 @@ def user_errors(fn):
         except gr.Error as error:
             LOG.warning("%s refused: %s", fn.__name__, error.message)
             error.message = without_server_paths(str(error.message))
+            error.print_exception = False  # the line above is the log's record; gradio would add a traceback
             raise
         except (ValueError, TypeError, FileNotFoundError, CheckpointError, FloatingPointError) as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             LOG.warning("%s refused: %s", fn.__name__, message)
-            raise gr.Error(without_server_paths(message)) from None
+            raise gr.Error(without_server_paths(message), print_exception=False) from None
     return wrapped
 
 
@@ -193,7 +195,7 @@ def image_upload(**options) -> gr.Image:
                 open_upload(payload.path, max_pixels=LIMITS.max_upload_pixels, name=name)
             except (ValueError, OSError) as refusal:
                 LOG.warning("upload refused: %s", refusal)
-                raise gr.Error(without_server_paths(str(refusal))) from None
+                raise gr.Error(without_server_paths(str(refusal)), print_exception=False) from None
             raise
     component.preprocess = preprocess
     return component
