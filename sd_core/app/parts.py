@@ -17,6 +17,7 @@ import gradio as gr
 from gradio import processing_utils
 from PIL import Image
 
+from sd_core.app.api_docs import documented
 from sd_core.app.forms import DEEPCACHE_CHOICES, FORM_LIMITS, MODEL_DEFAULT, TOME_CHOICES, choice_of, form_from_settings  # noqa: F401
 from sd_core.app.model_choices import (  # noqa: F401
     EMBEDDED,
@@ -115,7 +116,9 @@ def without_server_paths(message: str) -> str:
 
 
 def handler(fn):
-    return on_gpu(user_errors(fn))
+    """A visitor-facing endpoint: its parameters documented (api_docs: the API page, the MCP tools), its refusals
+    one-line messages, its work on a ZeroGPU GPU where there is one."""
+    return on_gpu(user_errors(documented(fn)))
 
 
 def save_pil_to_cache_whole(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
