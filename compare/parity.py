@@ -292,7 +292,8 @@ def parity_reference(pipe, scheduler: str, image_to_image: bool):
     if image_to_image:
         image_class = (diffusers.StableDiffusionXLImg2ImgPipeline if pipe.traits.xl
                        else diffusers.StableDiffusionImg2ImgPipeline)
-        reference = image_class(**reference.components)
+        with quiet_diffusers():  # from_pipe keeps the text-to-image pipeline's flags (no safety checker asked for)
+            reference = image_class.from_pipe(reference)
         reference.set_progress_bar_config(disable=True)
     sampler, overrides, _ = VARIANTS.get(scheduler, (scheduler, {}, None))  # e.g. dpmpp_2m_karras
     reference.scheduler = getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config,

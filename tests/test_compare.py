@@ -338,9 +338,12 @@ def test_cli_runs_a_dit_kind_with_class_names_and_ids(dit_folder, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_benchmark_under_two_processes_gathers_every_row_on_the_main_process(tmp_path):
-    """Each process measures a share of the (dtype, config) jobs; the main process prints and writes them all."""
+def test_benchmark_under_two_processes_gathers_every_row_on_the_main_process(tmp_path, monkeypatch):
+    """Each process measures a share of the (dtype, config) jobs; the main process prints and writes them all, without
+    diffusers' notices (the suite's own environment quiets them: a user's does not)."""
     from tests.launch import launch
+    monkeypatch.delenv("DIFFUSERS_VERBOSITY")
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY")
     rows = {}
     for processes in (1, 2):
         out = tmp_path / f"bench-{processes}.json"
@@ -348,7 +351,18 @@ def test_benchmark_under_two_processes_gathers_every_row_on_the_main_process(tmp
                                     "--repeats", "1", "--fast", "none", "--json", str(out)], timeout=300)
         rows[processes] = [(r["config"], r["dtype"], r["what"]) for r in json.loads(out.read_text())]
         assert result.stdout.count("| embedded | fp32 | pipeline") == 1
+        assert "should be kept in float32" not in result.stderr and "torchvision" not in result.stderr
     assert rows[1] == rows[2] == [("embedded", "fp32", "pipeline (20 steps, CFG, 64 px)")]
+
+
+def test_python_m_compare_prints_no_library_notices(tmp_path, monkeypatch):
+    """transformers' torchvision fallback notices and diffusers' safety-checker warning (image to image) printed on
+    every run; the suite's environment quiets both libraries, so the command runs here as a user runs it."""
+    from tests.launch import launch
+    monkeypatch.delenv("DIFFUSERS_VERBOSITY")
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY")
+    result = launch(1, ["compare", "image_to_image", "--steps", "2", "--out", str(tmp_path / "report")], timeout=300)
+    assert result.stderr.strip() == "" and "image_to_image: PASS" in result.stdout
 
 
 def test_a_comparison_keeps_the_log_quiet(capfd):
