@@ -397,11 +397,12 @@ def test_each_compare_kind_shows_only_the_settings_it_takes():
     assert set(compare_tab.COMPARE_FIELDS) == set(app.comparisons.KINDS)
     demo = app.build()
     on_kind = next(d for d in demo.fns.values() if d.name == "on_kind").fn
-    dropdown, prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache, tome = on_kind("vae")
-    assert [u["visible"] for u in (prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache,
-                                   tome)] == [False, False, True, False, True, False, False, False, False, False]
-    dropdown, prompt, *_, deepcache, tome = on_kind("fast_path")
+    dropdown, *fields = on_kind("vae")  # prompt, class label, image, strength, sample, guided, dtype, negative,
+    # DeepCache, ToMe, steps, scheduler, guidance: a VAE round trip takes an image and the posterior's sampling only
+    assert [u["visible"] for u in fields] == [False, False, True, False, True] + [False] * 8
+    dropdown, prompt, *_, deepcache, tome, steps, scheduler, guidance = on_kind("fast_path")
     assert [value for _, value in dropdown.choices][0] == SD and prompt["visible"] and deepcache["visible"] and tome["visible"]
+    assert steps["visible"] and scheduler["visible"] and guidance["visible"]
     dropdown, prompt, class_label, *_ = on_kind("dit")
     assert [value for _, value in dropdown.choices] == [DIT] and class_label["visible"] and not prompt["visible"]
 

@@ -105,9 +105,20 @@ def report_archive(report, kind: str) -> str:
         return processing_utils.save_file_to_cache(archive, cache_dir=utils.get_upload_folder())
 
 
-COMPARE_FIELDS = {  # which settings each kind shows: prompt, class label, image, strength, sample, guided channels, dtype
-    "text_to_image": "p", "image_to_image": "pis", "vae": "im", "dit": "cg", "dit_timestep_semantics": "c",
-    "precision": "pcd", "attention": "pc", "fast_path": "pf", "controlnet": "p"}
+COMPARE_FIELDS = {  # which settings each kind shows: prompt, class label, image, strength, sample, guided channels, dtype,
+    # fast path, sampling (steps, scheduler, guidance: every kind that denoises)
+    "text_to_image": "pt", "image_to_image": "pist", "vae": "im", "dit": "cgt", "dit_timestep_semantics": "ct",
+    "precision": "pcdt", "attention": "pct", "fast_path": "pft", "controlnet": "pt"}
+FIELD_FLAGS = "pcismgdpffttt"  # the flag of each component kind_fields updates, in its order
+
+
+def kind_fields(comparisons, name: str) -> list:
+    """The updates the Compare form gets when `name` is picked: the models that fit it, then each setting shown only
+    where the kind reads it (prompt, class label, image, strength, sample, guided channels, dtype, negative prompt,
+    DeepCache, ToMe, steps, scheduler, guidance)."""
+    shown, choices = COMPARE_FIELDS[name], compare_models_for(comparisons, name)
+    return [gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)] + [
+        gr.update(visible=flag in shown) for flag in FIELD_FLAGS]
 
 
 def compare_tab(comparisons):
@@ -145,14 +156,11 @@ def compare_tab(comparisons):
             report = gr.File(label="Report (zip: report.md, report.json, images, plots)")
     stages = gr.Dataframe(headers=["stage", "max |diff|", "relative", "cosine", "tolerance", "within"], wrap=True,
                           label="Per-stage error", max_height=600)
-    fields = [prompt, class_label, cmp_image, strength, sample, guided, dtype]
-
     def on_kind(name):
-        shown, choices = COMPARE_FIELDS[name], compare_models_for(comparisons, name)
-        return [gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)] + [
-            gr.update(visible=flag in shown) for flag in "pcismgdpff"]
-    kind.change(on_kind, kind, [cmp_model] + fields[:4] + [sample, guided, dtype, negative, deepcache, tome],
-                api_name=False)
+        return kind_fields(comparisons, name)
+    kind.change(on_kind, kind,
+                [cmp_model, prompt, class_label, cmp_image, strength, sample, guided, dtype, negative, deepcache, tome,
+                 cmp_steps, cmp_scheduler, cmp_guidance], api_name=False)
     cmp_run.click(compare_handler(comparisons), [kind, cmp_model, prompt, negative, class_label, cmp_image, strength, sample, guided, dtype,
                             cmp_seed, cmp_steps, cmp_scheduler, cmp_guidance, deepcache, tome],
                   [verdict, cmp_images, plots, stages, report], api_name="compare")
