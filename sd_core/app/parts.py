@@ -377,8 +377,9 @@ def png_info(png):
     or beyond this app's bounds, with a note saying so)."""
     if png is None:
         return [gr.skip()] * len(PNG_FIELDS) + [""]
+    read_notes = []  # what was read in place of something sd_core lacks (an A1111 sampler)
     try:
-        settings = read_png_parameters(png)
+        settings = read_png_parameters(png, read_notes)
     except (OSError, Image.DecompressionBombError) as error:
         raise gr.Error(f"Cannot read this file as a PNG ({error}); drop a .png image made by sd_core or A1111.") from None
     except ValueError as error:  # no settings in it (a photo, a ComfyUI workflow): nothing to fill, said plainly
@@ -386,7 +387,7 @@ def png_info(png):
     if not isinstance(settings, GenerationSettings) or not isinstance(settings.prompt, str):
         raise gr.Error("This image is a DiT sample or one of a diffusers-rule batch; its settings fit the DiT tab "
                        "or the CLI, not one prompt here.")
-    form, notes = form_from_settings(settings), []
+    form, notes = form_from_settings(settings), read_notes
     if form["model"] not in dict(model_choices("text_to_image")).values():
         notes.append(f"its model {form.pop('model')!r} is not offered here: the selected model is kept")
     if settings.strength is not None:
