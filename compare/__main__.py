@@ -11,7 +11,7 @@ from pathlib import Path
 from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
 from sd_core.schedulers import SCHEDULER_NAMES
 
-from . import benchmark, startup
+from . import benchmark, gpu_parity, startup
 from .kinds import KINDS, default_model, run_comparison
 from .parity import REFERENCE_SCHEDULERS, run_parity
 
@@ -116,12 +116,19 @@ def main(argv=None) -> int:
     b.add_argument("--fast", choices=("none", "default", "all"), default="default",
                    help="fast-path rows: none; default (channels_last, DeepCache); all (also torch.compile, minutes to build)")
     b.add_argument("--json")
+    g = commands.add_parser("gpu-parity", help="sd_core and diffusers in fp16/bf16 against fp32, real-size random "
+                            "weights (for a GPU; compare/gpu-check.sh)")
+    g.add_argument("--configs", default="sd15,sdxl,dit-xl-2")
+    g.add_argument("--dtypes", default="fp16,bf16")
+    g.add_argument("--latent", type=int, default=64, help="latent size (64: 512 px)")
     s = commands.add_parser("startup", help="python app.py to the first pictures on the page (needs chromium)")
     s.add_argument("--runs", type=positive, default=3)
     args = parser.parse_args(argv)
     if args.command == "benchmark":
         benchmark.main(args)
         return 0
+    if args.command == "gpu-parity":
+        return gpu_parity.main(args)
     if args.command == "startup":
         startup.main(args.runs)
         return 0

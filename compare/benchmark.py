@@ -6,7 +6,7 @@
     python -m compare benchmark --configs embedded-dit --dtypes fp32 --repeats 1    # the embedded DiT's rows alone (quick)
 
 Each measurement is warmed up once, then the two implementations alternate for `repeats` rounds; the
-table gives median seconds and the ratio sd_core / diffusers (below 1: sd_core is faster), and the peak
+table gives the fastest seconds (with the spread of the repeats) and the ratio sd_core / diffusers (below 1: sd_core is faster), and the peak
 resident-memory growth during the call (CPU: sampled RSS after returning freed memory to the OS; GPU:
 torch's peak allocation). Real-size configs use random weights (diffusers' init, shared with sd_core
 without a copy) at small latent sizes. This is a measurement, never a test.
@@ -45,6 +45,7 @@ from sd_core.pipelines.sampling import converted_copy
 from sd_core.models.unet import UNet2DConditionModel
 from sd_core.models.vae import AutoencoderKL
 
+from .peers import openvino_installed, openvino_unet_pair
 from .measure import DTYPES, Pair, Row, count_flops, device, load_line, measure, peak_gflops, table, tensor_psnr
 from .parity import quiet_diffusers
 
@@ -87,6 +88,13 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
     pairs = {plain: lambda: Pair(plain_ours, plain_theirs)}
     if fast == "none":
         return pairs
+    if openvino_installed() and added is None and dtype == torch.float32 and device() == "cpu":
+        def openvino_pair():  # before the rows that convert the reference in place
+            fast_ours = FastUNet(converted_copy(ours, torch.bfloat16, channels_last=True), FastOptions(bf16=False))
+            low = sample.to(torch.bfloat16), context.to(torch.bfloat16)
+            return openvino_unet_pair(reference, lambda: fast_ours(low[0], t, low[1]), (sample, t, context), exact)
+        pairs["peer: UNet step, sd_core fast bf16 + channels_last (diffusers column: OpenVINO, its CPU default)"] = \
+            openvino_pair
 
     def channels_last_pair():  # from here on the reference is channels_last (and then bf16): the rows' order matters
         reference.to(memory_format=torch.channels_last)
@@ -196,12 +204,13 @@ EMBEDDED_PROMPT = "a small red circle on the left on a gray background"
 
 def trick_names(fast_options: dict, dtype: torch.dtype) -> str:
     names = [{torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")]
-    names += [name for name in ("compile", "channels_last") if fast_options.get(name, name == "channels_last")]
+    names += [name for name in ("compile", "freeze", "channels_last") if fast_options.get(name, name == "channels_last")]
     names += [f"DeepCache N={fast_options['deepcache']}"] if fast_options.get("deepcache", 0) > 1 else []
     names += [f"FORA N={fast_options['dit_cache']}"] if fast_options.get("dit_cache", 0) > 1 else []
     names += [f"guidance until {fast_options['guidance_until']:g}"] if "guidance_until" in fast_options else []
     names += [f"guidance until cos >= {fast_options['guidance_similarity']:g}"] \
         if "guidance_similarity" in fast_options else []
+    names += [f"T-GATE after {fast_options['tgate']:g}"] if "tgate" in fast_options else []
     names += ["no text cache"] if fast_options.get("text_cache") == 0 else []
     return " + ".join(names)
 
@@ -233,8 +242,8 @@ def pipeline_pairs(ours, diffusers_pipeline, prompt: str, options: dict, fast: s
         theirs = diffusers_pipeline(fast_pipe.dtype)  # diffusers' way: the whole pipeline in that dtype
         theirs.unet.to(memory_format=torch.channels_last)
         theirs.vae.to(memory_format=torch.channels_last)
-        if fast_options.get("compile"):
-            theirs.unet = torch.compile(theirs.unet)
+        if fast_options.get("compile"):  # the same compile for diffusers, inductor's freezing included
+            theirs.unet = torch.compile(theirs.unet, options={"freezing": True} if fast_options.get("freeze") else None)
         fast_run = lambda: fast_pipe.text_to_image(prompt, **options)
         eager = make_fast(ours, **{**fast_options, "compile": False})
         return Pair(fast_run, run_theirs(theirs), flops=(lambda: eager.text_to_image(prompt, **options), run_theirs(theirs)),
@@ -244,7 +253,8 @@ def pipeline_pairs(ours, diffusers_pipeline, prompt: str, options: dict, fast: s
     @functools.cache
     def parity_image():
         return run_ours().images[0]
-    for fast_options in variants + ([{"bf16": False, "compile": True}] if fast == "all" else []):
+    compiled = [{"bf16": False, "compile": True}, {"bf16": False, "compile": True, "freeze": True}]
+    for fast_options in variants + (compiled if fast == "all" else []):
         dtype = choose_precision(fast_options["bf16"], torch.float32, device()).dtype
         pairs[f"fast: pipeline, {trick_names(fast_options, dtype)}"] = functools.partial(fast_pair, fast_options)
     return pairs
@@ -263,7 +273,7 @@ def embedded_pipeline_pairs(fast: str, steps: int = 20) -> dict:
 
     variants = [{"bf16": False, "text_cache": 0}, {"bf16": False}, {"bf16": False, "deepcache": 2},
                 {"bf16": False, "deepcache": 3}, {"bf16": False, "guidance_until": 0.8},
-                {"bf16": False, "guidance_similarity": 0.999}, {"bf16": True}]
+                {"bf16": False, "guidance_similarity": 0.999}, {"bf16": False, "tgate": 0.5}, {"bf16": True}]
     return pipeline_pairs(load_pipeline(EMBEDDED_TEXT_TO_IMAGE, device=device()), diffusers_pipeline,
                           EMBEDDED_PROMPT, {"steps": steps, "seed": 0, "guidance_scale": 5.0}, fast, variants)
 
@@ -304,14 +314,11 @@ def embedded_dit_pairs(fast: str, steps: int = 20) -> dict:
     return pairs
 
 
-def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
-    """A real-size SD 1.5 pipeline end to end (random weights, shared by both stacks; the CLIP tokenizer) at
-    `latent` * 8 px with DPM++ 2M. One diffusers pipeline: the fast rows convert it in place, so they come last."""
+def sd15_diffusers_pipeline():
+    """A real-size SD 1.5 diffusers pipeline with random weights (diffusers' init) and the CLIP tokenizer, on the
+    device, DPM++ 2M."""
     import diffusers
     import transformers
-
-    from sd_core.checkpoints.pipeline_classes import StableDiffusionPipeline
-    from sd_core.tokenizer import CLIPTokenizer
     unet = diffusers.UNet2DConditionModel.from_config(presets.UNET_SD15).eval()
     vae = diffusers.AutoencoderKL.from_config(presets.VAE_SD).eval()
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**presets.CLIP_VIT_L)).eval()
@@ -320,12 +327,28 @@ def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
     theirs = diffusers.StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
                                                feature_extractor=None, requires_safety_checker=False).to(device())
     theirs.set_progress_bar_config(disable=True)
-    ours = StableDiffusionPipeline("sd1", twin(UNet2DConditionModel, unet), twin(AutoencoderKL, vae),
-                                   dict(scheduler.config), twin(CLIPTextModel, text_encoder, text_encoder.config.to_dict()),
+    return theirs
+
+
+def sd_core_twin(theirs):
+    """sd_core's pipeline sharing a diffusers SD 1.x pipeline's tensors (no copy)."""
+    from sd_core.checkpoints.pipeline_classes import StableDiffusionPipeline
+    from sd_core.tokenizer import CLIPTokenizer
+    return StableDiffusionPipeline("sd1", twin(UNet2DConditionModel, theirs.unet), twin(AutoencoderKL, theirs.vae),
+                                   dict(theirs.scheduler.config),
+                                   twin(CLIPTextModel, theirs.text_encoder, theirs.text_encoder.config.to_dict()),
                                    CLIPTokenizer(EMBEDDED_TEXT_TO_IMAGE / "tokenizer"))
+
+
+def sd15_pipeline_pairs(fast: str, latent: int, steps: int = 4) -> dict:
+    """A real-size SD 1.5 pipeline end to end (random weights, shared by both stacks) at `latent` * 8 px with
+    DPM++ 2M. One diffusers pipeline: the fast rows convert it in place, so they come last."""
+    theirs = sd15_diffusers_pipeline()
+    ours = sd_core_twin(theirs)
     options = {"steps": steps, "seed": 0, "guidance_scale": 7.5, "height": latent * 8, "width": latent * 8,
                "scheduler": "dpmpp_2m"}
-    variants = [{"bf16": "auto"}, {"bf16": "auto", "deepcache": 2}]  # the hardware's precision, as make_fast chooses
+    variants = [{"bf16": "auto"}, {"bf16": "auto", "deepcache": 2}, {"bf16": "auto", "tgate": 0.5},
+                {"bf16": "auto", "deepcache": 2, "tgate": 0.5}]  # the hardware's precision, as make_fast chooses
     return pipeline_pairs(ours, lambda dtype: theirs.to(device(), dtype), "a photograph of an astronaut riding a horse",
                           options, fast, variants)
 
@@ -363,9 +386,9 @@ def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str =
             row = measure(config, DTYPE_NAMES[pair.dtype or dtype], what, pair.ours, pair.theirs, repeats)
             row.sd_core_gflop, row.diffusers_gflop = count_flops(flops[0]), count_flops(flops[1])
             row.peak_gflops = peak
-            if pair.psnr is not None:
-                with torch.no_grad():
-                    row.psnr = pair.psnr()
+            with torch.no_grad():
+                row.psnr = pair.psnr and pair.psnr()
+                row.peer_psnr = pair.peer_psnr and pair.peer_psnr()
             if pair.baseline in plain:
                 row.vs_default = row.sd_core_s / plain[pair.baseline].diffusers_s
             plain[what] = row

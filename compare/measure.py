@@ -6,7 +6,6 @@ import ctypes
 import dataclasses
 import math
 import os
-import statistics
 import threading
 import time
 
@@ -71,9 +70,14 @@ class Row:
     diffusers_gflop: float = 0.0
     peak_gflops: float = 0.0  # this machine's measured matmul peak in this dtype
     psnr: float | None = None  # fast rows: sd_core fast path against sd_core's parity path
+    peer_psnr: float | None = None  # peer rows: the peer (in the diffusers column) against sd_core's parity path
     vs_default: float | None = None  # fast rows: sd_core fast / diffusers default (the plain row's diffusers time)
     load_start: float = 0.0  # the 1-minute load average as the row's timing began and ended (busy: above the cores)
     load_end: float = 0.0
+    sd_core_spread: float = 0.0  # slowest repeat over the fastest, minus 1
+    diffusers_spread: float = 0.0
+    sd_core_first_s: float = 0.0  # the first call, timed apart (torch.compile's compile time lands here)
+    diffusers_first_s: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -123,14 +127,20 @@ class Pair:
     psnr: object = None
     dtype: torch.dtype | None = None  # what sd_core's side computes in, where not the job's dtype (bf16 fast rows)
     baseline: str | None = None  # the plain row whose diffusers time is "diffusers default" for this row
+    peer_psnr: object = None  # peer rows: a function giving the peer's PSNR against sd_core's parity path
 
 
 def measure(config: str, dtype: str, what: str, ours, theirs, repeats: int) -> Row:
-    """Median time and peak memory of two zero-argument callables, alternating after one warm-up each."""
-    times, memory = {"ours": [], "theirs": []}, {"ours": 0, "theirs": 0}
+    """The fastest time, the spread (slowest over fastest) and peak memory of two zero-argument callables, alternating
+    after one first call each (timed apart: it holds torch.compile's compile time, from inductor's cache when warm).
+    The minimum is what the code costs; on a shared machine other work only adds to a time."""
+    times, memory, first = {"ours": [], "theirs": []}, {"ours": 0, "theirs": 0}, {}
     load_start = os.getloadavg()[0]
     with torch.no_grad():
-        ours(), theirs()
+        for name, fn in (("ours", ours), ("theirs", theirs)):
+            start = time.perf_counter()
+            fn()
+            first[name] = time.perf_counter() - start
         for r in range(repeats):
             order = [("ours", ours), ("theirs", theirs)] if r % 2 == 0 else [("theirs", theirs), ("ours", ours)]
             for name, fn in order:
@@ -141,9 +151,15 @@ def measure(config: str, dtype: str, what: str, ours, theirs, repeats: int) -> R
                         torch.cuda.synchronize()
                     times[name].append(time.perf_counter() - start)
                 memory[name] = max(memory[name], peak.bytes)
-    return Row(config, dtype, what, statistics.median(times["ours"]), statistics.median(times["theirs"]),
-               memory["ours"] / 2 ** 20, memory["theirs"] / 2 ** 20, load_start=load_start,
-               load_end=os.getloadavg()[0])
+    return Row(config, dtype, what, min(times["ours"]), min(times["theirs"]), memory["ours"] / 2 ** 20,
+               memory["theirs"] / 2 ** 20, load_start=load_start, load_end=os.getloadavg()[0],
+               sd_core_spread=spread(times["ours"]), diffusers_spread=spread(times["theirs"]),
+               sd_core_first_s=first["ours"], diffusers_first_s=first["theirs"])
+
+
+def spread(times: list[float]) -> float:
+    """How much slower the slowest repeat was than the fastest (0.08: 8%)."""
+    return max(times) / min(times) - 1
 
 
 def tensor_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -154,16 +170,22 @@ def tensor_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def table(rows: list[Row]) -> str:
-    lines = [("| config | dtype | measurement | sd_core (s) | diffusers (s) | ratio | fast / diffusers default | sd_core GFLOP "
-              "| sd_core % of peak | diffusers GFLOP | diffusers % of peak | PSNR vs parity (dB) | sd_core peak MB "
-              "| diffusers peak MB | load avg (start-end) |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r.config} | {r.dtype} | {r.what} | {r.sd_core_s:.3f} | {r.diffusers_s:.3f} | {r.ratio:.2f} | "
-              f"{'' if r.vs_default is None else f'{r.vs_default:.2f}'} | "
-              f"{r.sd_core_gflop:.1f} | {r.peak_share(r.sd_core_gflop, r.sd_core_s):.1f} | {r.diffusers_gflop:.1f} | "
-              f"{r.peak_share(r.diffusers_gflop, r.diffusers_s):.1f} | "
-              f"{'' if r.psnr is None else f'{r.psnr:.1f}'} | {r.sd_core_mb:.0f} | {r.diffusers_mb:.0f} | "
-              f"{r.load_start:.1f}-{r.load_end:.1f} |" for r in rows]
+    """The rows as Markdown: fastest times with the spread of the repeats (+8%: the slowest was 8% slower)."""
+    lines = [("| config | dtype | measurement | sd_core (s) | diffusers (s) | ratio | fast / diffusers default "
+              "| first call (s) sd_core / diffusers | sd_core GFLOP | sd_core % of peak | diffusers GFLOP "
+              "| diffusers % of peak | PSNR vs parity (dB) | sd_core peak MB | diffusers peak MB | load avg (start-end) |"),
+             "| --- " * 16 + "|"]
+    for r in rows:
+        psnr = '' if r.psnr is None else f'{r.psnr:.1f}'
+        psnr += '' if r.peer_psnr is None else f' (peer {r.peer_psnr:.1f})'
+        lines.append(
+            f"| {r.config} | {r.dtype} | {r.what} | {r.sd_core_s:.3f} (+{r.sd_core_spread:.0%}) | "
+            f"{r.diffusers_s:.3f} (+{r.diffusers_spread:.0%}) | {r.ratio:.2f} | "
+            f"{'' if r.vs_default is None else f'{r.vs_default:.2f}'} | "
+            f"{r.sd_core_first_s:.2f} / {r.diffusers_first_s:.2f} | "
+            f"{r.sd_core_gflop:.1f} | {r.peak_share(r.sd_core_gflop, r.sd_core_s):.1f} | {r.diffusers_gflop:.1f} | "
+            f"{r.peak_share(r.diffusers_gflop, r.diffusers_s):.1f} | {psnr} | {r.sd_core_mb:.0f} | "
+            f"{r.diffusers_mb:.0f} | {r.load_start:.1f}-{r.load_end:.1f} |")
     return "\n".join(lines)
 
 

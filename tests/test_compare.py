@@ -419,3 +419,31 @@ def test_the_per_module_probe_feeds_the_refiner_its_own_five_time_ids(tmp_path):
     assert added["text_embeds"].shape == (2, config.projection_class_embeddings_input_dim - 5 * config.addition_time_embed_dim)
     sample = torch.randn(2, config.in_channels, 2, 2)
     refiner.unet(sample, torch.tensor(500), torch.randn(2, 77, config.cross_attention_dim), added)
+
+
+def test_gpu_parity_rows_put_sd_core_and_diffusers_equally_far_from_fp32(monkeypatch):
+    """The GPU script's parity rows, run here on tiny UNets in bfloat16 on the CPU: both stacks round the same
+    operations, so sd_core's half-precision output is as close to fp32 as diffusers' and close to diffusers'."""
+    from compare import gpu_parity
+    from tests import tiny
+    monkeypatch.setitem(gpu_parity.UNET_CONFIGS, "sdxl", tiny.UNETS["sdxl"])
+    monkeypatch.setitem(gpu_parity.CONTEXT_WIDTH, "sdxl", tiny.UNETS["sdxl"]["cross_attention_dim"])
+    [row] = gpu_parity.step_agreement("sdxl", ["bf16"], latent=8)
+    assert row.dtype == "bf16" and 0 < row.ours_vs_fp32 < 1e-3 and 0 < row.theirs_vs_fp32 < 1e-3
+    assert row.ours_vs_fp32 < 2 * row.theirs_vs_fp32 and row.ours_vs_theirs < 1e-3
+
+
+def test_benchmark_rows_give_the_fastest_time_its_spread_and_the_first_call_apart():
+    """The first call (where torch.compile compiles) is timed apart; the row is the fastest repeat, with the spread."""
+    import time
+
+    from compare.measure import measure, table
+    calls = {"ours": 0}
+
+    def ours():
+        calls["ours"] += 1
+        time.sleep(0.3 if calls["ours"] == 1 else 0.02 * calls["ours"])
+
+    row = measure("tiny", "fp32", "sleep", ours, lambda: time.sleep(0.01), repeats=3)
+    assert row.sd_core_first_s >= 0.3 and 0.04 <= row.sd_core_s < 0.06 and row.sd_core_spread > 0.4
+    assert "(+" in table([row]).splitlines()[-1] and row.diffusers_s < row.sd_core_s

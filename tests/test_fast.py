@@ -8,7 +8,9 @@ colour: the best any per-pixel linear map does on those very images is 46).
 
 Doing less work, against the parity image (fp32, channels_last): guidance truncation on the embedded SD model, guided
 for the first 0.8 of the schedule 32.7 dB (0.5: 30.2), adaptive at cos >= 0.999 29.3 dB (0.995: 25.2); on the
-embedded DiT (20 steps, the worst of four classes) guided for the first 0.7 33.4 dB. DiT caching, the worst of four
+embedded DiT (20 steps, the worst of four classes) guided for the first 0.7 33.4 dB. T-GATE (cross-attention frozen
+and guidance stopped at the same point) after 0.3/0.5/0.7/0.8 of the schedule 26.1/29.5/31.1/32.2 dB, against
+27.0/30.2/31.7/32.7 dB for guidance truncation alone at those points. DiT caching, the worst of four
 classes at the same share of block work skipped: FORA N=2 33.8 dB (N=3 24.9), reusing the whole block stack's
 residual N=2 32.8 dB (N=3 24.5), DeepCache's idea adapted (first and last block fresh, the middle 4 of 6 reused) N=3
 29.5 dB while doing more work than FORA N=2 (N=2: 38.0 dB, two thirds of the blocks' work). The text cache is exact.
@@ -119,6 +121,16 @@ def test_compiled_fast_path_is_reused_across_requests(pipe):
     second = fast.text_to_image(PROMPT, **settings).images[0]
     assert counters["stats"]["unique_graphs"] == graphs
     assert np.array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_freeze_asks_inductor_for_weight_freezing_and_refuses_a_mode_beside_it(monkeypatch, pipe):
+    import sd_core.fast.options as fast_options
+    asked = []
+    monkeypatch.setattr(fast_options.torch, "compile", lambda fn, **kwargs: asked.append(kwargs) or fn)
+    fast = make_fast(pipe, bf16=False, compile=True, freeze=True)
+    assert asked == [{"backend": "inductor", "options": {"freezing": True}}] * 2 and "freeze" in fast.description
+    with pytest.raises(ValueError, match="freez.*compile_mode"):
+        make_fast(pipe, bf16=False, compile=True, freeze=True, compile_mode="max-autotune")
 
 
 def encoded_scenes(vae, count: int = 32):
@@ -268,6 +280,7 @@ def test_a_float16_choice_leaves_a_force_upcast_vae_decoding_in_float32(pipe):
 # --------------------------------------------------------------------------------------- guidance truncation
 
 GUIDANCE_UNTIL_MIN_PSNR = 29.0  # SD, guided for the first 0.8 of the schedule (SETTINGS): measured 32.7 dB
+TGATE_MIN_PSNR = 26.0  # SD, T-GATE after 0.5 of the schedule: measured 29.5 dB
 GUIDANCE_SIMILARITY_MIN_PSNR = 26.0  # SD, guidance stopped once cos(cond, uncond) >= 0.999: measured 29.3 dB
 
 
@@ -307,6 +320,46 @@ def test_adaptive_guidance_stops_once_cond_and_uncond_agree_within_stated_psnr(p
     image = fast.text_to_image(PROMPT, **SETTINGS).images[0]
     assert rows[0] == 2 and rows[-1] == 1 and rows == sorted(rows, reverse=True)  # never guided again once stopped
     assert GUIDANCE_SIMILARITY_MIN_PSNR < psnr(image, parity_image) < float("inf")
+
+
+def test_tgate_freezes_cross_attention_to_the_halves_mean_after_the_gate(pipe):
+    generator = torch.Generator().manual_seed(0)
+    sample, context = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 77, 64, generator=generator)
+    fast = FastUNet(pipe.unet, FastOptions(channels_last=False, bf16=False, tgate=0.5))
+    fast.guidance.start(guided=True)
+    keys = []
+    handles = [module.register_forward_hook(lambda m, i, o: keys.append(o.shape[0]))
+               for name, module in pipe.unet.named_modules() if name.endswith("attn2.to_k")]
+    rows = record_rows(fast, "predict")
+    with torch.no_grad():
+        early = fast(sample, torch.tensor(700), context)
+        layers = fast.gate["layers"]
+        cached = [layer.cache.clone() for layer in layers]
+        late = fast(sample, torch.tensor(300), context)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(early, pipe.unet(sample, torch.tensor(700), context))  # before the gate: the UNet itself
+    assert rows == [2, 1] and len(keys) == len(layers) > 0  # past it: one half, no cross-attention computed
+    assert torch.equal(late[:1], late[1:]) and all(c.shape[0] == 1 for c in cached)
+    assert all(torch.equal(layer.cache, c) for layer, c in zip(layers, cached))
+    assert not torch.equal(late[1:], pipe.unet(sample[1:], torch.tensor(300), context[1:]))
+
+
+def test_tgate_halves_the_batch_after_the_gate_within_stated_psnr_and_leaves_the_parity_tree(pipe, parity_image):
+    fast = make_fast(pipe, bf16=False, tgate=0.5)
+    rows = record_rows(fast.pipe.unet, "predict")
+    result = fast.text_to_image(PROMPT, **SETTINGS)
+    assert rows == [2] * 7 + [1] * 5 and "tgate=0.5" in result.parameters["fast"]
+    assert TGATE_MIN_PSNR < psnr(result.images[0], parity_image) < float("inf")
+    assert not any(type(module).__name__ == "GatedCrossAttention" for module in pipe.unet.modules())
+    assert np.array_equal(np.asarray(text_to_image(pipe, PROMPT, **SETTINGS).images[0]), np.asarray(parity_image))
+    again = fast.text_to_image(PROMPT, **SETTINGS)  # a second request starts with empty caches
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
+
+
+def test_tgate_on_dit_says_it_has_no_cross_attention(dit_pipe):
+    with pytest.raises(ValueError, match="cross-attention.*dit_cache"):
+        make_fast(dit_pipe, tgate=0.5)
 
 
 # --------------------------------------------------------------------------------------------- text cache

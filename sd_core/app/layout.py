@@ -3,6 +3,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from sd_core.app.blocks import Blocks
 from sd_core.app.compare_tab import compare_tab
 from sd_core.app.forms import dit_form_from_settings, dit_settings_from_form, form_from_settings, settings_from_form
 from sd_core.app.handlers import (
@@ -220,7 +221,7 @@ def build(comparisons) -> gr.Blocks:
     """The whole page; `comparisons` (compare.kinds) feeds the Compare tab."""
     t2i_models, dit_models = model_choices("text_to_image"), model_choices("dit")
     first_sd = t2i_models[0][1] if t2i_models else None
-    with gr.Blocks(title="sd_core", delete_cache=(600, 3600)) as demo:
+    with Blocks(title="sd_core", delete_cache=(600, 3600)) as demo:
         gr.Markdown("# sd_core\nStable Diffusion and DiT written from scratch in PyTorch, checked number by number "
                     "against diffusers. The embedded models are small, trained here on simple shapes"
                     + (", the hub models are the released checkpoints." if hub_offered() else "."))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd_core.fast.guidance import GuidanceTruncation
-from sd_core.fast.options import FastOptions, use_compile_cache
+from sd_core.fast.options import FastOptions, compiled
 from sd_core.models.dit import DiTBlock, DiTTransformer2DModel, modulate
 
 
@@ -64,8 +64,7 @@ class FastDiT(nn.Module):
         self.transformer = with_fora(transformer, self.cache) if self.interval > 1 else transformer
         self.run = self.transformer
         if options.compile:
-            use_compile_cache()
-            self.run = torch.compile(self.transformer, mode=options.compile_mode, backend=options.compile_backend)
+            self.run = compiled(self.transformer, options)
         self.reset()
 
     @property

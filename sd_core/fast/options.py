@@ -1,7 +1,10 @@
-"""The fast path's options (one frozen record, `FastOptions`) and inductor's on-disk cache for torch.compile."""
+"""The fast path's options (one frozen record, `FastOptions`), torch.compile as they ask for it, and inductor's on-disk
+cache."""
 import dataclasses
 import os
 from pathlib import Path
+
+import torch
 
 COMPILE_CACHE = Path(os.environ.get("SD_CORE_CACHE", Path.home() / ".cache" / "sd_core")) / "inductor"
 
@@ -12,11 +15,14 @@ class FastOptions:
     compile: bool = False
     compile_mode: str | None = None  # None: torch.compile's default mode
     compile_backend: str = "inductor"  # "eager": dynamo's tracing and guards only (tests)
+    freeze: bool = False  # with compile: inductor's weight freezing (weights folded in as constants, prepacked for
+    # oneDNN on the CPU); the weights must not change afterwards (a LoRA merged later is not seen: make a new fast path)
     bf16: str | bool = "auto"  # "auto": the hardware's rule (sd_core.fast.precision); True: bf16; False: the model's
     deepcache: int = 0  # UNet: 0/1 off; N: the full UNet every N steps, the shallow pass between
     tome: float | None = None  # UNet: None off; r in [0, 1): the fraction of top-resolution tokens merged
     guidance_until: float | None = None  # the guided fraction of the noise schedule; after it, cond only
     guidance_similarity: float | None = None  # stop guidance once cos(cond, uncond) reaches this in every image
+    tgate: float | None = None  # UNet: T-GATE, the share of the schedule after which cross-attention is frozen
     dit_cache: int = 0  # DiT: 0/1 off; N: FORA, every block's attention and MLP outputs recomputed every N steps
     text_cache: int = 8  # prompts whose encodings are kept per text encoder (exact: the same tensors); 0: off
 
@@ -27,3 +33,14 @@ def use_compile_cache():
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE)
+
+
+def compiled(fn, options: FastOptions):
+    """torch.compile of a module or function as the options say: the mode, the backend, and inductor's freezing."""
+    use_compile_cache()
+    if not options.freeze:
+        return torch.compile(fn, mode=options.compile_mode, backend=options.compile_backend)
+    if options.compile_backend != "inductor" or options.compile_mode is not None:
+        raise ValueError("freeze is inductor's weight freezing: use it with compile_backend='inductor' and no "
+                         "compile_mode (torch.compile takes a mode or inductor options, not both).")
+    return torch.compile(fn, backend="inductor", options={"freezing": True})

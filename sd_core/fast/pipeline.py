@@ -136,11 +136,11 @@ class FastPipeline:
 
 def describe(options: FastOptions, precision: Precision) -> str:
     """The fast path's settings as one line, e.g. "channels_last,deepcache=2,bfloat16 (cpu avx512_bf16)"."""
-    parts = [name for name in ("channels_last", "compile") if getattr(options, name)]
+    parts = [name for name in ("channels_last", "compile", "freeze") if getattr(options, name)]
     for name in ("deepcache", "dit_cache"):
         if getattr(options, name) > 1:
             parts.append(f"{name}={getattr(options, name)}")
-    for name in ("tome", "guidance_until", "guidance_similarity"):
+    for name in ("tome", "guidance_until", "guidance_similarity", "tgate"):
         if getattr(options, name) is not None:
             parts.append(f"{name}={getattr(options, name):g}")
     parts.append(f"{precision.name} ({precision.reason})")
@@ -168,6 +168,9 @@ def make_fast(pipe, options: FastOptions | None = None, **overrides) -> FastPipe
         raise TypeError(f"make_fast takes a loaded Stable Diffusion or DiT pipeline (load_pipeline); "
                         f"got {type(pipe).__name__}.")
     dit = isinstance(pipe, DiTPipeline)
+    if dit and options.tgate is not None:
+        raise ValueError("tgate freezes cross-attention and a DiT has none (its class label conditions it through "
+                         "adaLN): cache its blocks with dit_cache instead.")
     model = pipe.transformer if dit else pipe.unet
     precision = choose_precision(options.bf16, dtype_of(model), execution_device(model))
     model, decoding = low_precision_copies(model, pipe.vae, precision, options.channels_last)

@@ -4,11 +4,10 @@ matching: one random destination per 2x2 cell, cosine similarity of the block's 
 averaged into their best destination), attend over the fewer tokens, and unmerge by copying each destination's
 output back to the sources merged into it. A view of the UNet whose top-resolution blocks are wrapped (`ToMeBlock`),
 sharing every parameter: layers.py and the parity forward are unchanged."""
-import copy
-
 import torch
 from torch import nn
 
+from sd_core.fast.module_views import view_with
 from sd_core.models.unet import UNet2DConditionModel
 
 
@@ -77,17 +76,8 @@ class ToMeBlock(nn.Module):
 
 
 def with_tome(unet: UNet2DConditionModel, ratio: float, state: dict) -> UNet2DConditionModel:
-    """A view of `unet` (shallow copies along the way, every parameter shared) whose transformer blocks are ToMeBlocks;
-    each merges only when it sees the highest resolution's tokens. The original module tree is unchanged."""
+    """A view of `unet` (every parameter shared) whose transformer blocks are ToMeBlocks; each merges only when it
+    sees the highest resolution's tokens. The original module tree is unchanged."""
     from sd_core.models.layers import BasicTransformerBlock
-
-    def view(module):
-        if isinstance(module, BasicTransformerBlock):
-            return ToMeBlock(module, ratio, state)
-        children = {name: view(child) for name, child in module.named_children()}
-        if all(children[name] is child for name, child in module.named_children()):
-            return module
-        clone = copy.copy(module)
-        clone._modules = {**module._modules, **children}  # copy.copy shared the dict; the original keeps its own
-        return clone
-    return view(unet)
+    return view_with(unet, lambda module: ToMeBlock(module, ratio, state)
+                     if isinstance(module, BasicTransformerBlock) else None)

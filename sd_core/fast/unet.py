@@ -1,5 +1,5 @@
 """FastUNet: a shared UNet run with the fast options: channels_last inputs, torch.compile, ToMe (sd_core.fast.tome),
-guidance truncation (sd_core.fast.guidance) and DeepCache.
+guidance truncation (sd_core.fast.guidance), T-GATE (sd_core.fast.tgate) and DeepCache.
 
 DeepCache (Ma et al. 2023): every `deepcache` steps the full UNet runs and the input of its last up block (the deep
 features) is kept; the steps between run only conv_in, the first down block (without its downsampler) and the last
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd_core.fast.guidance import GuidanceTruncation
-from sd_core.fast.options import FastOptions, use_compile_cache
+from sd_core.fast.options import FastOptions, compiled
+from sd_core.fast.tgate import gate_cutoff, with_tgate
 from sd_core.fast.tome import with_tome
 from sd_core.models.unet import UNet2DConditionModel
 
@@ -25,7 +26,13 @@ class FastUNet(nn.Module):
 
     def __init__(self, unet: UNet2DConditionModel, options: FastOptions):
         super().__init__()
-        self.guidance = GuidanceTruncation(options.guidance_until, options.guidance_similarity, cond_half=1)
+        self.gate, self.cutoff = {"gated": False, "guided": False, "layers": []}, None
+        until = options.guidance_until
+        if options.tgate is not None:  # past the gate both halves are equal: guidance stops there too
+            self.cutoff = gate_cutoff(options.tgate)
+            until = options.tgate if until is None else min(until, options.tgate)
+            unet = with_tgate(unet, self.gate)
+        self.guidance = GuidanceTruncation(until, options.guidance_similarity, cond_half=1)
         self.tome = {"size": (0, 0), "generator": torch.Generator()}
         if options.tome is not None:
             if not 0 <= options.tome < 1:
@@ -35,10 +42,7 @@ class FastUNet(nn.Module):
         self.full = unet.blocks
         self.shallow = self._shallow
         if options.compile:
-            use_compile_cache()
-            self.full = torch.compile(unet.blocks, mode=options.compile_mode, backend=options.compile_backend)
-            self.shallow = torch.compile(self._shallow, mode=options.compile_mode,
-                                         backend=options.compile_backend)
+            self.full, self.shallow = compiled(unet.blocks, options), compiled(self._shallow, options)
         self.reset()
 
     @property
@@ -48,6 +52,8 @@ class FastUNet(nn.Module):
     def reset(self):
         self.calls, self.deep, self.last_timestep = 0, None, None
         self.tome["generator"].manual_seed(0)  # ToMe's random partition: the same for the same request
+        for layer in self.gate["layers"]:
+            layer.cache = None
 
     def _shallow(self, sample, emb, context, deep):
         """conv_in, the first down block's ResNets/transformers (no downsampler), the last up block on `deep`."""
@@ -64,8 +70,11 @@ class FastUNet(nn.Module):
         return unet.conv_out(F.silu(unet.conv_norm_out(x)))
 
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None) -> torch.Tensor:
-        guidance = self.guidance
-        if not guidance.skips(float(torch.as_tensor(timestep).flatten()[0])):
+        guidance, t = self.guidance, float(torch.as_tensor(timestep).flatten()[0])
+        skipping = guidance.skips(t)
+        self.gate["gated"] = self.cutoff is not None and t < self.cutoff
+        self.gate["guided"] = guidance.guided and not skipping
+        if not skipping:
             out = self.predict(sample, timestep, encoder_hidden_states, added_cond_kwargs)
             guidance.observe(out)
             return out
