@@ -193,7 +193,9 @@ def image_upload(**options) -> gr.Image:
         try:
             return gradio_preprocess(payload)
         except Exception:  # noqa: BLE001 - whatever gradio raised, the visitor reads sd_core's reason below
-            name = Path(payload.orig_name or payload.path or "the image").name
+            if getattr(payload, "path", None) is None:  # nothing on disk to read (a data URL gradio could not decode)
+                raise
+            name = Path(payload.orig_name or payload.path).name
             try:
                 open_upload(payload.path, max_pixels=LIMITS.max_upload_pixels, name=name)
             except (ValueError, OSError) as refusal:
