@@ -303,8 +303,6 @@ def common_arguments(p, default_steps):
     p.add_argument("--allow-pickle", action="store_true", help="load .ckpt/.pt files (tensors only)")
     p.add_argument("--offload", action="store_true",
                    help="keep the model in CPU memory, each component on the GPU only while it runs")
-    p.add_argument("--force", action="store_true", help=f"run even when the run is estimated past "
-                   f"{MAX_SECONDS // 60} minutes on this machine (refused otherwise, with the estimate)")
     p.add_argument("-o", "--output", help="a .png (keeps the parameters), .jpg or .webp file; a batch adds "
                    "-0, -1, ... (default: outputs/<command>-<n>.png)")
 
@@ -322,8 +320,14 @@ def fast_and_batch_arguments(g):
     g.add_argument("--threads", type=int, default=0, help="with --prompts: torch threads per process")
 
 
+def force_argument(p):
+    """--force, for the commands whose work is priced before they run (generate, dit)."""
+    p.add_argument("--force", action="store_true", help=f"run even when the run is estimated past "
+                   f"{MAX_SECONDS // 60} minutes on this machine (refused otherwise, with the estimate)")
+
+
 def picture_arguments(g):
-    """generate's prompt, guidance, size, batch, start image and mask, and the SDXL refiner."""
+    """generate's prompt, guidance, size, batch, start image and mask, and the SDXL refiner; --force."""
     g.add_argument("prompt", nargs="?", help=f"what to draw; the embedded model knows captions like "
                    f"\"{shapes.EXAMPLE_CAPTION}\" (shapes: circle/square/triangle; colours: "
                    f"{'/'.join(shapes.COLOURS)}; small/big; left/center/right; gray/black/white background)")
@@ -341,6 +345,7 @@ def picture_arguments(g):
                    "(ensemble of expert denoisers)")
     g.add_argument("--high-noise-frac", type=finite_float, default=0.8,
                    help="with --refiner: the fraction of the noise schedule the base model runs (default 0.8)")
+    force_argument(g)
 
 
 def customization_arguments(g):
@@ -391,6 +396,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--count", type=int, default=1, help="images of each class")
     d.add_argument("--guidance", type=finite_float, help="guidance scale (default: the model's recommended one)")
     d.add_argument("--guided-channels", choices=["all", "first3"], default="all")
+    force_argument(d)
     common_arguments(d, None)
     d.set_defaults(run=run_dit)
     return main
