@@ -47,6 +47,7 @@ from sd_core.models.vae import AutoencoderKL
 
 from .peers import openvino_installed, openvino_unet_pair
 from .measure import DTYPES, Pair, Row, count_flops, device, load_line, measure, peak_gflops, table, tensor_psnr
+from .parity import quiet_diffusers
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -416,7 +417,8 @@ def main(args):
     state = PartialState(cpu=cpu_only())
     jobs = [(dtype, config) for dtype in args.dtypes.split(",") for config in args.configs.split(",")]
     args.load_at_start = os.getloadavg()
-    with state.split_between_processes(jobs) as share:
+    # quiet_diffusers: diffusers' "modules that should be kept in float32: []" notice on every cast names no module
+    with state.split_between_processes(jobs) as share, quiet_diffusers():
         rows = run(share, args.repeats, args.latent, getattr(args, "fast", "default"))
     if state.num_processes > 1:
         rows = gather_object(rows)

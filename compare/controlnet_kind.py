@@ -23,7 +23,7 @@ from sd_core.pipelines.controlnet import acts_at
 from sd_core.pipelines.generate import text_to_image
 
 from .common import check_family, default_image, load, parity_verdict, reference_scheduler, sd_settings, step_stages
-from .parity import (TOLERANCE, UNetRecorder, compare_images, compare_tensors, difference_map, first_divergence,
+from .parity import (TOLERANCE, UNetRecorder, compare_images, compare_tensors, difference_caption, difference_map, first_divergence,
                      probe_conditioning, quiet_diffusers, reference_model, reference_pipeline)
 from .report import Report, standard_plots
 
@@ -148,7 +148,7 @@ def controlnet_kind(model, controlnet=None, control_image=None, preprocessor: st
     their_image = Image.fromarray(their_images[0])
     difference, gain = difference_map(result.images[0], their_image)
     images = {"control image": hint_image, "sd_core": result.images[0], "diffusers": their_image,
-              f"|difference| x{gain:g}": difference}
+              difference_caption(gain): difference}
     report_settings = {"model": pipe.source, **{k: v for k, v in s.items() if k not in ("image", "strength")},
                        "controlnet": str(controlnet) if controlnet is not None else "stand-in (from the UNet)",
                        "preprocessor": preprocessor, **unit, "guess_mode": guess_mode}

@@ -22,7 +22,7 @@ from .common import (DIT_KINDS, default_image, parity_verdict, reference_schedul
                      sd_settings, step_stages)
 from .common import SD_KINDS  # noqa: F401  (compare.kinds.SD_KINDS, beside KINDS: the Compare tab's SD kinds)
 from .controlnet_kind import controlnet_kind
-from .parity import (TOLERANCE, compare_images, compare_tensors, difference_map,
+from .parity import (TOLERANCE, compare_images, compare_tensors, difference_caption, difference_map,
                      first_divergence, reference_model, reference_pipeline, run_parity)
 from .report import Report, standard_plots
 from .self_kinds import attention_kind, dit_timestep_semantics_kind, fast_path_kind, precision_kind
@@ -72,7 +72,7 @@ def from_parity(kind: str, model, image, **settings) -> Report:
     images = {} if kind == "text_to_image" else {"input": crop_to_multiple(load_image(s["image"]),
                                                                            pipe.vae_scale_factor)}
     images.update({"sd_core": parity.images["sd_core"], "diffusers": parity.images["diffusers"],
-                   f"|difference| x{parity.images['difference_scale']:g}": parity.images["difference"]})
+                   difference_caption(parity.images["difference_scale"]): parity.images["difference"]})
     settings = {k: v for k, v in parity.settings.items()}
     notes = [f"diffusers ran {'StableDiffusion(XL)Img2ImgPipeline' if kind == 'image_to_image' else 'its pipeline'}"
              " on sd_core's very tensors (shared, not copied).",
@@ -120,7 +120,7 @@ def vae_kind(model, image=None, sample: bool = False, seed: int = 0, size: int |
                                      f"; PSNR vs input: sd_core {psnr_ours:.2f} dB, diffusers {psnr_theirs:.2f} dB")
     difference, gain = difference_map(ours.reconstruction, theirs)
     images = {"input": image, "sd_core": ours.reconstruction, "diffusers": theirs,
-              f"|difference| x{gain:g}": difference}
+              difference_caption(gain): difference}
     settings = {"model": pipe.source, "family": pipe.family, "size": list(image.size), "sample": sample, "seed": seed}
     return Report("vae", settings, stages, verdict, passed, images, standard_plots(stages, divergence, "VAE", TOLERANCE),
                   divergence, {"psnr_sd_core_db": psnr_ours, "psnr_diffusers_db": psnr_theirs},
@@ -252,7 +252,7 @@ def dit_kind(model, **settings) -> Report:
     verdict = verdict.replace("vs diffusers", f"vs {'diffusers' if all_channels else 'original rule'}")
     ours_image, their_image = result.images[0], Image.fromarray(their_images[0])
     difference, gain = difference_map(ours_image, their_image)
-    images = {"sd_core": ours_image, "reference": their_image, f"|difference| x{gain:g}": difference}
+    images = {"sd_core": ours_image, "reference": their_image, difference_caption(gain): difference}
     measurements = {"image_psnr_db": stages[-1].extra.get("psnr_db")}
     if not all_channels:
         deviation, said = first3_deviation(result, ours_latents, all_images, all_latents)

@@ -186,7 +186,7 @@ class ParityReport:
         lines += ["", f"Modules compared (UNet, step 1): {self.divergence.get('modules_compared', 0)}; first divergent: "
                   + (f"`{first['name']}` (relative {first['relative']:.3g})" if first else "none")]
         if "difference_scale" in self.images:
-            lines.append(f"Difference map: |sd_core - diffusers| x {self.images['difference_scale']:g}.")
+            lines.append(f"Difference map: |sd_core - diffusers| x {self.images['difference_scale']:.3g}.")
         return "\n".join(lines) + "\n"
 
     def write(self, folder: Path) -> Path:
@@ -207,9 +207,14 @@ def difference_map(a: Image.Image, b: Image.Image) -> tuple[Image.Image, float]:
     return Image.fromarray(heat), gain
 
 
+def difference_caption(gain: float) -> str:
+    """The difference map's caption with its gain to three figures (x9.44, x255), as a reader takes it in."""
+    return f"|difference| x{gain:.3g}"
+
+
 def side_by_side(images: dict) -> Image.Image:
     tiles = [("sd_core", images["sd_core"]), ("diffusers", images["diffusers"]),
-             (f"|difference| x{images['difference_scale']:g}", images["difference"])]
+             (difference_caption(images["difference_scale"]), images["difference"])]
     width, height = images["sd_core"].size
     scale = max(1, 256 // max(width, height))
     canvas = Image.new("RGB", (3 * width * scale, height * scale + 16), "white")
@@ -292,7 +297,8 @@ def parity_reference(pipe, scheduler: str, image_to_image: bool):
     if image_to_image:
         image_class = (diffusers.StableDiffusionXLImg2ImgPipeline if pipe.traits.xl
                        else diffusers.StableDiffusionImg2ImgPipeline)
-        reference = image_class(**reference.components)
+        with quiet_diffusers():  # from_pipe keeps the text-to-image pipeline's flags (no safety checker asked for)
+            reference = image_class.from_pipe(reference)
         reference.set_progress_bar_config(disable=True)
     sampler, overrides, _ = VARIANTS.get(scheduler, (scheduler, {}, None))  # e.g. dpmpp_2m_karras
     reference.scheduler = getattr(diffusers, REFERENCE_SCHEDULERS[sampler]).from_config(pipe.scheduler_config,

@@ -5,11 +5,28 @@
 """
 import math
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
-FLOOR = 1e-12  # zero errors are drawn at the floor of the log axis
-LEFT, RIGHT, TOP, BOTTOM = 58, 12, 26, 34
+FLOOR = 1e-12  # a zero error beside nonzero ones is drawn at the floor of the log axis
+FONT = ImageFont.load_default(size=15)  # legible where the app's gallery shrinks a plot to its column
+LEFT, RIGHT, TOP, BOTTOM = 64, 12, 30, 40
+
+
+def all_zero(values) -> bool:
+    """Every error exactly 0: the two sides are identical, which a log axis cannot draw (it would sit on FLOOR)."""
+    return bool(values) and all(value == 0 for value in values)
+
+
+def identical_plot(title: str, width: int, height: int) -> Image.Image:
+    """The plot of errors that are all exactly 0: the title and the word, no log axis."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((LEFT, 6), title, fill="black", font=FONT)
+    draw.rectangle([LEFT, TOP, width - RIGHT, height - BOTTOM], outline="black")
+    text = "identical: every error is exactly 0"
+    draw.text(((width - draw.textlength(text, font=FONT)) / 2, height / 2 - 8), text, fill=(44, 120, 44), font=FONT)
+    return image
 
 
 def log_range(values, threshold=None) -> tuple[float, float]:
@@ -23,7 +40,7 @@ def frame(title: str, width: int, height: int, low: int, high: int):
     """A white canvas with the title and a log10 y axis from 10^low to 10^high; returns (image, draw, y_of)."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((LEFT, 6), title, fill="black")
+    draw.text((LEFT, 6), title, fill="black", font=FONT)
     bottom = height - BOTTOM
 
     def y_of(value: float) -> float:
@@ -34,7 +51,7 @@ def frame(title: str, width: int, height: int, low: int, high: int):
     for exponent in range(low, high + 1, step):
         y = y_of(10.0 ** exponent)
         draw.line([(LEFT, y), (width - RIGHT, y)], fill=(230, 230, 230))
-        draw.text((4, y - 6), f"1e{exponent}", fill="black")
+        draw.text((4, y - 8), f"1e{exponent}", fill="black", font=FONT)
     draw.rectangle([LEFT, TOP, width - RIGHT, bottom], outline="black")
     return image, draw, y_of
 
@@ -44,12 +61,16 @@ def threshold_line(draw, y_of, threshold, width):
         y = y_of(threshold)
         for x in range(LEFT, width - RIGHT, 8):
             draw.line([(x, y), (min(x + 4, width - RIGHT), y)], fill=(120, 120, 120))
-        draw.text((width - RIGHT - 110, y - 12), f"threshold {threshold:.0e}", fill=(90, 90, 90))
+        text = f"threshold {threshold:.0e}"
+        draw.text((width - RIGHT - 4 - draw.textlength(text, font=FONT), y - 17), text, fill=(90, 90, 90), font=FONT)
 
 
 def line_plot(series: dict, title: str, x_label: str = "step", threshold: float | None = None,
-              width: int = 480, height: int = 260) -> Image.Image:
-    """One line per named series of positive values (log y axis), x = 1..n; a dashed threshold line."""
+              width: int = 560, height: int = 300) -> Image.Image:
+    """One line per named series of positive values (log y axis), x = 1..n; a dashed threshold line. All zero: the
+    word "identical" instead."""
+    if all_zero([v for values in series.values() for v in values]):
+        return identical_plot(title, width, height)
     low, high = log_range([v for values in series.values() for v in values], threshold)
     image, draw, y_of = frame(title, width, height, low, high)
     n = max((len(values) for values in series.values()), default=1)
@@ -60,8 +81,8 @@ def line_plot(series: dict, title: str, x_label: str = "step", threshold: float 
     threshold_line(draw, y_of, threshold, width)
     for i in range(n):
         if n <= 12 or i % math.ceil(n / 12) == 0 or i == n - 1:
-            draw.text((x_of(i) - 3, height - BOTTOM + 4), str(i + 1), fill="black")
-    draw.text((LEFT + span // 2 - 10, height - 14), x_label, fill="black")
+            draw.text((x_of(i) - 4, height - BOTTOM + 3), str(i + 1), fill="black", font=FONT)
+    draw.text((LEFT + span // 2 - 10, height - 19), x_label, fill="black", font=FONT)
     for k, (name, values) in enumerate(series.items()):
         colour = COLOURS[k % len(COLOURS)]
         points = [(x_of(i), y_of(v)) for i, v in enumerate(values)]
@@ -69,13 +90,16 @@ def line_plot(series: dict, title: str, x_label: str = "step", threshold: float 
             draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.text((LEFT + 6 + 150 * k, TOP + 4), f"- {name}", fill=colour)
+        draw.text((LEFT + 6 + 170 * k, TOP + 4), f"- {name}", fill=colour, font=FONT)
     return image
 
 
 def bar_chart(labels: list, values: list, title: str, threshold: float | None = None, marked: int | None = None,
-              width: int = 720, height: int = 260) -> Image.Image:
-    """One bar per value in the given order (log y axis); bar `marked` in red and named under the axis."""
+              width: int = 720, height: int = 300) -> Image.Image:
+    """One bar per value in the given order (log y axis); bar `marked` in red and named under the axis. All zero: the
+    word "identical" instead."""
+    if all_zero(values):
+        return identical_plot(title, width, height)
     low, high = log_range(values, threshold)
     image, draw, y_of = frame(title, width, height, low, high)
     span, bottom = width - LEFT - RIGHT, height - BOTTOM
@@ -86,13 +110,14 @@ def bar_chart(labels: list, values: list, title: str, threshold: float | None = 
         x0 = LEFT + i * bar
         draw.rectangle([x0, y_of(value), max(x0, x0 + bar - (1 if bar > 3 else 0)), bottom], fill=colour)
     threshold_line(draw, y_of, threshold, width)
-    draw.text((LEFT, height - BOTTOM + 4), f"{len(values)} modules in execution order", fill="black")
+    draw.text((LEFT, height - BOTTOM + 3), f"{len(values)} modules in execution order", fill="black", font=FONT)
     if marked is not None and 0 <= marked < len(labels):
         x = LEFT + (marked + 0.5) * bar
         draw.polygon([(x, bottom + 2), (x - 4, bottom + 9), (x + 4, bottom + 9)], fill=(214, 39, 40))
         text = f"first over threshold: {labels[marked]}"
-        draw.text((min(max(LEFT, x - 3 * len(text)), width - RIGHT - 6 * len(text)), height - 14), text,
-                  fill=(214, 39, 40))
+        length = draw.textlength(text, font=FONT)
+        draw.text((min(max(LEFT, x - length / 2), width - RIGHT - length), height - 19), text, fill=(214, 39, 40),
+                  font=FONT)
     return image
 
 

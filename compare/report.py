@@ -10,6 +10,8 @@ import math
 import re
 from pathlib import Path
 
+from sd_core.checkpoints import catalog
+
 from .plots import bar_chart, caption_strip, line_plot
 
 STEP_STAGE = re.compile(r"^step (\d+) (.+)$")
@@ -27,6 +29,10 @@ class Report:
     divergence: dict = dataclasses.field(default_factory=dict)  # parity.first_divergence's result
     measurements: dict = dataclasses.field(default_factory=dict)  # headline numbers (drift, deviation size)
     notes: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if "model" in self.settings:  # a report travels (the app hands it to visitors): no machine's folders in it
+            self.settings = {**self.settings, "model": model_label(self.settings["model"])}
 
     def to_dict(self) -> dict:
         divergence = {k: v for k, v in self.divergence.items() if k != "modules"}
@@ -79,6 +85,16 @@ class Report:
         for name, plot in self.plots.items():
             plot.save(folder / f"plot-{name}.png", optimize=True)
         return folder
+
+
+def model_label(source) -> str:
+    """A model as a report names it: the catalog's name (the embedded models, the curated hub ones), a hub id as it
+    is, a folder or file by its own name, never by the absolute path it has on the machine that ran it."""
+    entry = catalog.entry_for(source)
+    if entry is not None:
+        return entry.name
+    path = Path(str(source))
+    return path.name if path.is_absolute() else str(source)
 
 
 def json_value(value):

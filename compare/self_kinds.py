@@ -16,7 +16,7 @@ from .parity import probe_conditioning
 from .common import (OutputRecorder, cast_pipeline, check_family, dit_probe, dit_settings, image_stage_summary, load,
                      sd_settings, step_stages)
 from . import measure
-from .parity import TOLERANCE, UNetRecorder, compare_images, compare_tensors, difference_map, first_divergence
+from .parity import TOLERANCE, UNetRecorder, compare_images, compare_tensors, difference_caption, difference_map, first_divergence
 from .report import Report, standard_plots
 
 @dataclasses.dataclass
@@ -95,7 +95,7 @@ def self_comparison(kind: str, pipe_a, pipe_b, names: tuple, s: dict, tolerance:
     divergence = first_divergence(models[1], models[0], runs[1], runs[0], tolerance)
     image_a, image_b = Image.fromarray(a.images[0]), Image.fromarray(b.images[0])
     difference, gain = difference_map(image_b, image_a)
-    images = {names[0]: image_a, names[1]: image_b, f"|difference| x{gain:g}": difference}
+    images = {names[0]: image_a, names[1]: image_b, difference_caption(gain): difference}
     return stages, divergence, images
 
 
@@ -205,7 +205,7 @@ def fast_path_kind(model, deepcache: int = 3, bf16: str | bool = "auto", channel
     image, latents = stages[-1], stages[-2]
     image_a, image_b = Image.fromarray(parity.images[0]), Image.fromarray(quick.images[0])
     difference, gain = difference_map(image_b, image_a)
-    images = {"parity path": image_a, f"fast path ({described})": image_b, f"|difference| x{gain:g}": difference}
+    images = {"parity path": image_a, f"fast path ({described})": image_b, difference_caption(gain): difference}
     measurements = {"image_psnr_db": image.extra["psnr_db"], "image_max_levels": image.max_abs,
                     "final_latents_relative": latents.relative, "fast": described}
     verdict = (f"fast_path: a measurement, not parity: the fast path ({described}) against the parity path: image "

@@ -27,12 +27,16 @@ from sd_core.pipelines.control_images import PREPROCESSORS
 from sd_core.pipelines.generate import customize, generate, image_seeds, refine_run, vae_roundtrip
 from sd_core.pipelines.image_io import save_image
 from sd_core.pipelines.offload import enable_model_cpu_offload, execution_device
+from sd_core.pipelines.prompt_syntax import count_chunks
 from sd_core.pipelines.sampling import dtype_of
 from sd_core.pipelines.settings import PROMPT_SYNTAXES, DiTSettings, GenerationSettings
+from sd_core.pipelines.work import WorkLimits, check_request
 from sd_core.schedulers import SCHEDULER_NAMES
 from sd_core.training import shapes_dataset as shapes
 
 OUTPUTS = Path("outputs")  # the default output folder, created when missing
+MAX_SECONDS = 300  # the estimated run time past which a command asks for --force (the app's work model prices it)
+TRAINED_SIZE_SPAN = (0.5, 1.5)  # sides outside these multiples of the trained size draw broken pictures: a warning
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -117,13 +121,38 @@ def finite_float(text: str) -> float:
 
 
 def progress_callback(total: int):
-    bar = tqdm(total=total, unit="step")
+    """A step counter drawn from the first step on, so an input error found before it prints on its own line."""
+    bar = None
 
     def callback(step, timestep, latents, x0):  # counts calls: a refined image steps through two models
+        nonlocal bar
+        bar = bar or tqdm(total=total, unit="step")
         bar.update(1)
         if bar.n >= total:
             bar.close()
     return callback
+
+
+def check_work(args, kind: str, width: int, height: int, steps: int, batch: int = 1, chunks: int = 1):
+    """Refuse a run estimated past MAX_SECONDS on this machine (the app's work model, sd_core.pipelines.work),
+    unless --force; the message names the bound and --force."""
+    if args.force:
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    limits = WorkLimits.for_device(device, max_seconds=MAX_SECONDS)
+    check_request(limits, kind, width * height, steps, batch, label=f"{width}x{height}", chunks=chunks,
+                  host=f"this machine ({device})", otherwise=", or pass --force to run it anyway")
+
+
+def warn_trained_size(pipe, width: int, height: int):
+    """Say so when a side lies far from the size the model was trained at (the embedded model: 64 px), where
+    models draw scattered or repeated shapes."""
+    trained = pipe.default_size
+    low, high = TRAINED_SIZE_SPAN
+    if not all(low * trained <= side <= high * trained for side in (width, height)):
+        print(f"warning: this model was trained at {trained}x{trained} px; {width}x{height} is far from it and "
+              f"usually draws scattered or repeated shapes (try --width {trained} --height {trained}).",
+              file=sys.stderr)
 
 
 def load(source, args, expected_type):
@@ -207,6 +236,7 @@ def run_generate(args):
         strength=strength if args.init_image else None, refiner=args.refiner, high_noise_frac=args.high_noise_frac,
         fast=bool(args.fast or args.deepcache or args.compile), deepcache=args.deepcache or 0,
         controlnets=controlnets, guess_mode=args.guess_mode))
+    check_generate_work(args, pipe, settings)
     tokens = customize(pipe, settings.loras, settings.embeddings, allow_pickle=args.allow_pickle)
     if tokens:
         print(f"embedding tokens: {', '.join(tokens)}")
@@ -222,6 +252,16 @@ def run_generate(args):
         else:
             result = generate(pipe, settings, **inputs)
     write(result.images, output, seeds_of(result))
+
+
+def check_generate_work(args, pipe, settings: GenerationSettings):
+    """Warn about a size far from the model's trained one; refuse (unless --force) a run past the work bound."""
+    width, height = settings.width or pipe.default_size, settings.height or pipe.default_size
+    warn_trained_size(pipe, width, height)
+    steps = steps_to_run(settings.steps, settings.strength) if args.init_image else settings.steps
+    chunks = count_chunks(pipe.tokenizer, [settings.prompt, settings.negative_prompt or ""]) \
+        if settings.prompt_syntax == "a1111" else 1
+    check_work(args, "text_to_image", width, height, steps, settings.images_per_prompt, chunks)
 
 
 def run_vae(args):
@@ -247,6 +287,8 @@ def run_dit(args):
         steps=defaults["steps"] if args.steps is None else args.steps, scheduler=args.scheduler,
         guidance_scale=defaults["guidance_scale"] if args.guidance is None else args.guidance,
         guided_channels=args.guided_channels))
+    side = pipe.transformer.config.sample_size * pipe.vae.downscale_factor
+    check_work(args, "dit", side, side, settings.steps, len(settings.class_labels))
     result = generate_dit(pipe, settings, callback=progress_callback(settings.steps))
     write(result.images, output, seeds_of(result))
 
@@ -279,8 +321,14 @@ def fast_and_batch_arguments(g):
     g.add_argument("--threads", type=int, default=0, help="with --prompts: torch threads per process")
 
 
+def force_argument(p):
+    """--force, for the commands whose work is priced before they run (generate, dit)."""
+    p.add_argument("--force", action="store_true", help=f"run even when the run is estimated past "
+                   f"{MAX_SECONDS // 60} minutes on this machine (refused otherwise, with the estimate)")
+
+
 def picture_arguments(g):
-    """generate's prompt, guidance, size, batch, start image and mask, and the SDXL refiner."""
+    """generate's prompt, guidance, size, batch, start image and mask, and the SDXL refiner; --force."""
     g.add_argument("prompt", nargs="?", help=f"what to draw; the embedded model knows captions like "
                    f"\"{shapes.EXAMPLE_CAPTION}\" (shapes: circle/square/triangle; colours: "
                    f"{'/'.join(shapes.COLOURS)}; small/big; left/center/right; gray/black/white background)")
@@ -298,6 +346,7 @@ def picture_arguments(g):
                    "(ensemble of expert denoisers)")
     g.add_argument("--high-noise-frac", type=finite_float, default=0.8,
                    help="with --refiner: the fraction of the noise schedule the base model runs (default 0.8)")
+    force_argument(g)
 
 
 def customization_arguments(g):
@@ -348,6 +397,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--count", type=int, default=1, help="images of each class")
     d.add_argument("--guidance", type=finite_float, help="guidance scale (default: the model's recommended one)")
     d.add_argument("--guided-channels", choices=["all", "first3"], default="all")
+    force_argument(d)
     common_arguments(d, None)
     d.set_defaults(run=run_dit)
     lab_cli.add_commands(commands, common_arguments, load, resolve_output)  # xyz, attention (sd_core.lab_cli)
@@ -358,6 +408,9 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
+    except KeyboardInterrupt:  # every image is written whole or not at all (sd_core.files.atomic_path)
+        print("\ninterrupted, nothing half-written", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, CheckpointError,
             FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)

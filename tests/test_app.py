@@ -230,8 +230,9 @@ def test_a_space_offers_the_curated_hub_models_labelled_with_their_size(monkeypa
     assert all("hub" not in label for label, _ in app_parts.model_choices("text_to_image"))
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
     choices = dict(app_parts.model_choices("text_to_image"))
-    assert choices["Stable Diffusion XL base 1.0 (hub, 6.9 GB)"] == "Stable Diffusion XL base 1.0"
-    assert "DiT-XL/2 256 (hub, 1.5 GB)" in dict(app_parts.model_choices("dit"))
+    assert choices["Stable Diffusion XL base 1.0 (hub, 13.8 GB in fp32)"] == "Stable Diffusion XL base 1.0"
+    assert "DiT-XL/2 256 (hub, 3.0 GB in fp32)" in dict(app_parts.model_choices("dit"))
+    assert "Stable Diffusion 1.5 (hub, 4.3 GB in fp32)" in choices  # its 4.27 GB of fp32 files (docs/real-checkpoints.md)
     assert app_parts.resolve_source("SD-Turbo") == "stabilityai/sd-turbo"
 
 
@@ -351,7 +352,7 @@ def test_app_py_started_as_on_a_space_listens_on_all_interfaces_and_serves(tmp_p
         assert listening == [("0.0.0.0", port)]
         client = Client(f"http://127.0.0.1:{port}", verbose=False)
         choices = next(c for c in client.config["components"] if c["props"].get("label") == "Model")["props"]["choices"]
-        assert ["SD-Turbo (hub, 2.6 GB)", "SD-Turbo"] in choices
+        assert ["SD-Turbo (hub, 5.2 GB in fp32)", "SD-Turbo"] in choices
         images, seed, *_ = client.predict(SD, "a red circle", "", 4, 5.0, "ddim", 64, 64, 2, 1, False,
                                           api_name="/text_to_image")
         assert seed == "2" and Image.open(images[0]["image"]).size == (64, 64)
@@ -399,11 +400,12 @@ def test_each_compare_kind_shows_only_the_settings_it_takes():
     assert set(compare_tab.COMPARE_FIELDS) == set(app.comparisons.KINDS)
     demo = app.build()
     on_kind = next(d for d in demo.fns.values() if d.name == "on_kind").fn
-    dropdown, prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache, tome = on_kind("vae")
-    assert [u["visible"] for u in (prompt, class_label, image, strength, sample, guided, dtype, negative, deepcache,
-                                   tome)] == [False, False, True, False, True, False, False, False, False, False]
-    dropdown, prompt, *_, deepcache, tome = on_kind("fast_path")
+    dropdown, *fields = on_kind("vae")  # prompt, class label, image, strength, sample, guided, dtype, negative,
+    # DeepCache, ToMe, steps, scheduler, guidance: a VAE round trip takes an image and the posterior's sampling only
+    assert [u["visible"] for u in fields] == [False, False, True, False, True] + [False] * 8
+    dropdown, prompt, *_, deepcache, tome, steps, scheduler, guidance = on_kind("fast_path")
     assert [value for _, value in dropdown.choices][0] == SD and prompt["visible"] and deepcache["visible"] and tome["visible"]
+    assert steps["visible"] and scheduler["visible"] and guidance["visible"]
     dropdown, prompt, class_label, *_ = on_kind("dit")
     assert [value for _, value in dropdown.choices] == [DIT] and class_label["visible"] and not prompt["visible"]
 
@@ -600,7 +602,7 @@ def test_inpaint_repaints_the_painted_region_and_keeps_the_rest_through_gradio_c
 
 def test_the_refiner_is_refused_on_a_model_that_is_not_an_sdxl_base(monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
-    assert ("SDXL refiner 1.0 (hub, 6.1 GB)", "SDXL refiner 1.0") in app_parts.refiner_choices()
+    assert ("SDXL refiner 1.0 (hub, 12.2 GB in fp32)", "SDXL refiner 1.0") in app_parts.refiner_choices()
     assert "SDXL refiner 1.0" not in dict(app_parts.model_choices("text_to_image")).values()
     with pytest.raises(gr.Error, match=r"A refiner follows an SDXL base model; embedded: shapes \(text to image\) is sd1\. Set Refiner to none"):
         handlers.generate_images(SD, "x", "", 2, 5.0, "ddim", 64, 64, 0, 1, refiner="SDXL refiner 1.0")

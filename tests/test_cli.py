@@ -217,3 +217,47 @@ def test_fast_path_is_opt_in_and_says_so_in_the_image(tmp_path):
     assert "fast" not in json.loads(parity.info["sd_core"])
     assert "deepcache=2" in json.loads(fast.info["sd_core"])["fast"]
     assert np.asarray(parity).tolist() != np.asarray(fast).tolist()
+
+
+def test_a_size_far_from_the_trained_one_is_warned_naming_the_trained_size(tmp_path, capsys):
+    assert main(["generate", "a big red circle on the left on a gray background", "--steps", "1", "--width", "128",
+                 "--height", "128", "-o", str(tmp_path / "a.png")]) == 0
+    assert "this model was trained at 64x64 px; 128x128 is far from it" in capsys.readouterr().err
+    assert main(["generate", "a big red circle on the left on a gray background", "--steps", "1",
+                 "-o", str(tmp_path / "b.png")]) == 0
+    assert "trained at" not in capsys.readouterr().err
+
+
+def test_a_run_past_the_work_bound_is_refused_naming_the_bound_and_force(folders, tmp_path, capsys, monkeypatch):
+    sd, dit = folders
+    assert main(["generate", "x", "--width", "4096", "--height", "4096", "--steps", "1",
+                 "-o", str(tmp_path / "x.png")]) == 2
+    error = capsys.readouterr().err
+    assert "4096x4096 is 16.8 Mpx-steps; this machine (cpu) allows 13.6 Mpx-steps per text-to-image request" in error
+    assert "or pass --force to run it anyway" in error and not any(tmp_path.iterdir())
+    monkeypatch.setattr("sd_core.__main__.MAX_SECONDS", 1e-6)
+    small = ["--steps", "1", "--height", "16", "--width", "16", "-o", str(tmp_path / "y.png")]
+    assert main(["generate", "--model", str(sd), "x", *small]) == 2
+    assert main(["dit", "--model", str(dit), "1", *small[:2], "-o", str(tmp_path / "d.png")]) == 2
+    assert "per DiT request" in capsys.readouterr().err
+    assert main(["generate", "--model", str(sd), "x", *small, "--force"]) == 0 and (tmp_path / "y.png").is_file()
+
+
+def test_an_input_error_prints_on_its_own_line_before_any_progress_bar(folders, tmp_path, capsys):
+    sd, _ = folders
+    (tmp_path / "fake.png").write_text("not an image")
+    assert main(["generate", "--model", str(sd), "x", "--init-image", str(tmp_path / "fake.png"), "--steps", "2",
+                 "-o", str(tmp_path / "x.png")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: Cannot read fake.png as an image") and "%|" not in error
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(folders, tmp_path, capsys, monkeypatch):
+    sd, _ = folders
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("sd_core.__main__.generate", interrupted)
+    assert main(["generate", "--model", str(sd), "x", "--steps", "1", "-o", str(tmp_path / "x.png")]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted, nothing half-written"]
+    assert not any(tmp_path.iterdir())

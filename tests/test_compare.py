@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,10 +236,42 @@ def test_math_and_sdpa_attention_agree_and_a_fault_in_one_is_found(dit_folder, m
 
 def test_plots_are_pil_images_with_the_first_module_over_threshold_marked():
     plot = line_plot({"latents": [1e-7, 0.0, 3e-3]}, "relative error", threshold=1e-4)
-    assert plot.size == (480, 260)
+    assert plot.size == (560, 300)
     chart = bar_chart(["a", "b", "c"], [1e-8, 1.0, 1e-8], "modules", threshold=1e-4, marked=1)
     pixels = chart.convert("RGB").getdata()
     assert (214, 39, 40) in set(pixels)  # the marked bar is drawn red
+
+
+IDENTICAL_GREEN = (44, 120, 44)
+
+
+def test_an_all_zero_error_plot_says_identical_instead_of_drawing_on_the_floor():
+    for plot in (line_plot({"latents": [0.0, 0.0], "noise prediction": [0.0, 0.0]}, "per step", threshold=1e-4),
+                 bar_chart(["a", "b"], [0.0, 0.0], "per module", threshold=1e-4)):
+        colours = set(plot.convert("RGB").getdata())
+        assert IDENTICAL_GREEN in colours and (230, 230, 230) not in colours  # the word, and no log grid
+    assert IDENTICAL_GREEN not in set(line_plot({"latents": [0.0, 1e-6]}, "per step").convert("RGB").getdata())
+
+
+def test_plot_text_is_tall_enough_to_read_once_the_gallery_shrinks_the_plot():
+    from compare.plots import TOP
+    title = np.asarray(bar_chart(["a"], [1.0], "relative error per module (Tq)").convert("L"))[:TOP] < 128
+    rows = np.flatnonzero(title.any(axis=1))
+    assert rows.max() - rows.min() + 1 >= 16  # PIL's default bitmap font: 10 px from ascender to descender
+
+
+def test_a_report_names_its_model_without_the_machines_folders(folders):
+    from sd_core.checkpoints.catalog import EMBEDDED_TEXT_TO_IMAGE
+    report = run_comparison("vae", folders["sd1"], size=16)
+    assert report.settings["model"] == folders["sd1"].name
+    assert str(folders["sd1"].parent) not in report.markdown() + json.dumps(report.to_dict(), default=str)
+    assert run_comparison("vae", EMBEDDED_TEXT_TO_IMAGE, size=16).settings["model"] == "embedded: shapes (text to image)"
+
+
+def test_difference_gains_are_given_to_three_figures():
+    from compare.parity import difference_caption
+    assert (difference_caption(255 / 27), difference_caption(255.0), difference_caption(1.0)) == (
+        "|difference| x9.44", "|difference| x255", "|difference| x1")
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -338,9 +371,12 @@ def test_cli_runs_a_dit_kind_with_class_names_and_ids(dit_folder, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_benchmark_under_two_processes_gathers_every_row_on_the_main_process(tmp_path):
-    """Each process measures a share of the (dtype, config) jobs; the main process prints and writes them all."""
+def test_benchmark_under_two_processes_gathers_every_row_on_the_main_process(tmp_path, monkeypatch):
+    """Each process measures a share of the (dtype, config) jobs; the main process prints and writes them all, without
+    diffusers' notices (the suite's own environment quiets them: a user's does not)."""
     from tests.launch import launch
+    monkeypatch.delenv("DIFFUSERS_VERBOSITY")
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY")
     rows = {}
     for processes in (1, 2):
         out = tmp_path / f"bench-{processes}.json"
@@ -348,7 +384,18 @@ def test_benchmark_under_two_processes_gathers_every_row_on_the_main_process(tmp
                                     "--repeats", "1", "--fast", "none", "--json", str(out)], timeout=300)
         rows[processes] = [(r["config"], r["dtype"], r["what"]) for r in json.loads(out.read_text())]
         assert result.stdout.count("| embedded | fp32 | pipeline") == 1
+        assert "should be kept in float32" not in result.stderr and "torchvision" not in result.stderr
     assert rows[1] == rows[2] == [("embedded", "fp32", "pipeline (20 steps, CFG, 64 px)")]
+
+
+def test_python_m_compare_prints_no_library_notices(tmp_path, monkeypatch):
+    """transformers' torchvision fallback notices and diffusers' safety-checker warning (image to image) printed on
+    every run; the suite's environment quiets both libraries, so the command runs here as a user runs it."""
+    from tests.launch import launch
+    monkeypatch.delenv("DIFFUSERS_VERBOSITY")
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY")
+    result = launch(1, ["compare", "image_to_image", "--steps", "2", "--out", str(tmp_path / "report")], timeout=300)
+    assert result.stderr.strip() == "" and "image_to_image: PASS" in result.stdout
 
 
 def test_a_comparison_keeps_the_log_quiet(capfd):

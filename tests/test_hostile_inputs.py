@@ -320,7 +320,7 @@ def test_each_model_learns_its_own_speed_and_the_table_stays_bounded(monkeypatch
     assert limits.budget_mpx_steps("text_to_image:embedded") == limits.budget_mpx_steps("text_to_image") == base
     with pytest.raises(ValueError, match=r"per text-to-image request"):
         check_request(limits, "text_to_image:sd15", 512 * 512, 20, 1)
-    monkeypatch.setattr(serving, "MAX_KINDS", len(limits.seconds_per_mpx_step))
+    monkeypatch.setattr("sd_core.pipelines.work.MAX_KINDS", len(limits.seconds_per_mpx_step))
     limits.observe("text_to_image:owner/visitor-model", seconds=1.0, pixels=64 * 64, steps=1)
     assert "text_to_image:owner/visitor-model" not in limits.seconds_per_mpx_step
 

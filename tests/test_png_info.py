@@ -1,6 +1,5 @@
 """PNG Info: sd_core's images carry A1111's "parameters" text, and read_png_parameters reads it (or ours) back."""
 import json
-import re
 
 import numpy as np
 import pytest
@@ -127,8 +126,10 @@ def test_an_a1111_infotext_is_read_into_sd_core_settings(tmp_path):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", older.replace("Euler a", "DPM adaptive"))
     Image.new("RGB", (8, 8)).save(tmp_path / "unknown-sampler.png", pnginfo=info)
-    with pytest.raises(ValueError, match=re.escape("sampler 'DPM adaptive', which sd_core lacks")):
-        read_png_parameters(tmp_path / "unknown-sampler.png")
+    notes = []
+    assert read_png_parameters(tmp_path / "unknown-sampler.png", notes).scheduler == "dpmpp_2m"
+    assert notes == ["its sampler 'DPM adaptive' is not one sd_core has: the closest it offers, 'DPM++ 2M', is set "
+                     "instead"]
     Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
     with pytest.raises(ValueError, match="carries no generation parameters"):
         read_png_parameters(tmp_path / "bare.png")
@@ -143,3 +144,44 @@ def test_jpeg_and_webp_are_written_in_their_format_and_a_folder_is_refused(pipes
         save_image(image, tmp_path)
     with pytest.raises(ValueError, match="use a .png, .jpg or .webp"):
         save_image(image, tmp_path / "x.gif")
+
+
+def a1111_png(path, text: str, **chunks):
+    info = PngImagePlugin.PngInfo()
+    for key, value in {**({"parameters": text} if text else {}), **chunks}.items():
+        info.add_text(key, value)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return str(path)
+
+
+@pytest.mark.parametrize("sampler,closest", [("DPM++ SDE Karras", "dpmpp_2m_sde_karras"), ("DPM2 a", "euler_ancestral"),
+                                             ("LMS Karras", "lms")])
+def test_an_a1111_sampler_sd_core_lacks_becomes_the_closest_one_it_has(sampler, closest, tmp_path):
+    from sd_core.pipelines.metadata import closest_sampler
+    assert closest_sampler(sampler) == closest
+
+
+def test_png_info_loads_an_a1111_png_with_a_sampler_sd_core_lacks_and_keeps_lora_tags_as_text(tmp_path):
+    from sd_core.app import parts as app_parts
+    text = ("<lora:style:0.8> a red circle\nSteps: 12, Sampler: DPM++ SDE, Schedule type: Karras, CFG scale: 6, "
+            "Seed: 77, Size: 64x64")
+    model, prompt, negative, steps, guidance, scheduler, width, height, seed, syntax, skip, note = app_parts.png_info(
+        a1111_png(tmp_path / "a.png", text))
+    assert (prompt, steps, guidance, scheduler, seed) == ("<lora:style:0.8> a red circle", 12, 6.0,
+                                                          "dpmpp_2m_sde_karras", 77)
+    assert "its sampler 'DPM++ SDE Karras' is not one sd_core has: the closest it offers, 'DPM++ 2M SDE Karras'" in note
+    # Markdown would read a bare <lora:style:0.8> as an autolink (the scheme "lora") and drop its brackets
+    assert "&lt;lora:style:0.8&gt;" in note and "<lora" not in note
+
+
+def test_png_info_reads_a_hires_fix_png_as_text_to_image_and_a_comfyui_png_as_no_parameters(tmp_path):
+    import gradio as gr
+
+    from sd_core.app import parts as app_parts
+    hires = ("a red circle\nSteps: 12, Sampler: Euler, CFG scale: 6, Seed: 7, Size: 64x64, Denoising strength: 0.7, "
+             "Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent")
+    *values, note = app_parts.png_info(a1111_png(tmp_path / "hires.png", hires))
+    assert values[1] == "a red circle" and "made from an image" not in note
+    comfy = a1111_png(tmp_path / "comfy.png", "", prompt='{"3": {"class_type": "KSampler"}}', workflow='{"nodes": []}')
+    *values, note = app_parts.png_info(comfy)
+    assert "carries no generation parameters" in note and all(value == gr.skip() for value in values)

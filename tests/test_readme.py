@@ -2,6 +2,7 @@
 every `python -m sd_core` line they print runs as printed and draws what its caption says
 (sd_core.training.shapes_dataset.score); README's Python example runs; the Space's front matter names the curated
 hub models."""
+import fnmatch
 import importlib
 import re
 import shlex
@@ -105,6 +106,33 @@ def test_every_sd_core_command_line_the_docs_print_is_one_these_tests_run():
                 if line.startswith("python -m sd_core "):
                     printed[tuple(command(line)[3:])] = page.name
     assert printed and {argv: page for argv, page in printed.items() if argv not in tested} == {}
+
+
+def test_the_dit_line_says_the_files_its_count_writes():
+    from sd_core.__main__ import output_paths
+    (line,) = [line for line in code_block(COMMAND_LINE, "## Images from the embedded models", "bash").splitlines()
+               if "--count" in line]
+    argv = command(line)
+    written = output_paths(Path(argv[argv.index("-o") + 1]), int(argv[argv.index("--count") + 1]))
+    assert line.split("# writes ", 1)[1].split(", ") == [str(written[0])] + [path.name for path in written[1:]]
+
+
+def written_folders(argv: list[str]) -> set[str]:
+    """The top folders a printed command writes into: --out's, -o's parent's, or compare's default report folder
+    (compare-<kind>; parity-report; benchmark and startup write none)."""
+    folders = {argv[i + 1] for i, word in enumerate(argv[:-1]) if word == "--out"}
+    folders |= {str(Path(argv[i + 1]).parent) for i, word in enumerate(argv[:-1]) if word in ("-o", "--output")}
+    compare_kind = argv[3] if argv[:3] == ["python", "-m", "compare"] and len(argv) > 3 else None
+    if compare_kind not in (None, "benchmark", "startup") and "--out" not in argv:
+        folders.add("parity-report" if compare_kind == "parity" else f"compare-{compare_kind}")
+    return {Path(folder).parts[0] for folder in folders if folder not in ("", ".")}
+
+
+def test_every_folder_the_docs_commands_write_is_git_ignored():
+    ignored = [line.rstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines() if line.endswith("/")]
+    written = {folder for page in PAGES for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)
+               for line in block.replace("\\\n", " ").splitlines() for folder in written_folders(command(line))}
+    assert "outputs" in written and {f for f in written if not any(fnmatch.fnmatch(f, p) for p in ignored)} == set()
 
 
 def test_readme_python_example_draws_its_caption(tmp_path):

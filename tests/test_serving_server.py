@@ -138,6 +138,37 @@ def app_server():
     demo.close()
 
 
+def test_a_text_file_named_png_is_refused_with_sd_cores_message_at_every_image_door(app_server, tmp_path):
+    url, _ = app_server
+    client = Client(url, verbose=False)
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    doors = {"/image_to_image": dict(model=SD, image=handle_file(str(fake))),
+             "/vae_roundtrip": dict(model=SD, image=handle_file(str(fake))),
+             "/compare": dict(kind="vae", model=SD, image=handle_file(str(fake)))}
+    for door, arguments in doors.items():
+        with pytest.raises(Exception, match=r"Cannot read fake\.png as an image: it is not a PNG, JPEG"):
+            client.predict(**arguments, api_name=door)
+    editor = {"background": handle_file(str(fake)), "layers": [], "composite": None}
+    with pytest.raises(Exception, match=r"Cannot read the image as an image: it is not a PNG, JPEG"):
+        client.predict(SD, editor, api_name="/inpaint")
+    note = client.predict(handle_file(str(fake)), api_name="/png_info")[-1]  # PNG Info says it in its notes box
+    assert note.startswith("fake.png is not a PNG image; settings are read from PNG text")
+
+
+def test_a_refused_request_is_logged_as_one_line_without_a_traceback(app_server, tmp_path, capfd, caplog):
+    url, _ = app_server
+    client = Client(url, verbose=False)
+    (tmp_path / "fake.png").write_text("not an image")
+    with pytest.raises(Exception, match="steps must be a whole number"):
+        client.predict(model=SD, steps=0, api_name="/text_to_image")
+    with pytest.raises(Exception, match="Cannot read fake.png"):
+        client.predict(model=SD, image=handle_file(str(tmp_path / "fake.png")), api_name="/vae_roundtrip")
+    assert "Traceback" not in capfd.readouterr().err
+    refused = [record.getMessage() for record in caplog.records if "refused" in record.getMessage()]
+    assert len(refused) == 2 and "generate_images refused: steps must be a whole number" in refused[0]
+
+
 @pytest.mark.slow
 def test_twenty_clients_on_every_endpoint_with_oversized_requests_in_flight_lose_nothing(app_server, tmp_path):
     import concurrent.futures

@@ -355,7 +355,8 @@ def test_the_launched_app_leaves_cleaning_to_gradio_s_own_rule(monkeypatch):
     import app
     from sd_core.app import launch
     launched, started = [], []
-    monkeypatch.setattr(gr.Blocks, "launch", lambda demo, **options: launched.append(demo))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda demo, **options: launched.append(demo) or (None, "http://x/", None))
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda demo: None)
     monkeypatch.setattr(threading.Thread, "start", lambda thread: started.append(thread.name))
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     launch.main([], app.comparisons)

@@ -18,6 +18,7 @@ from sd_core.app.parts import (
     deepcache_of,
     drawn_side,
     handler,
+    image_upload,
     images_gallery,
     model_choices,
     run_bounded,
@@ -104,9 +105,20 @@ def report_archive(report, kind: str) -> str:
         return processing_utils.save_file_to_cache(archive, cache_dir=utils.get_upload_folder())
 
 
-COMPARE_FIELDS = {  # which settings each kind shows: prompt, class label, image, strength, sample, guided channels, dtype
-    "text_to_image": "p", "image_to_image": "pis", "vae": "im", "dit": "cg", "dit_timestep_semantics": "c",
-    "precision": "pcd", "attention": "pc", "fast_path": "pf", "controlnet": "p"}
+COMPARE_FIELDS = {  # which settings each kind shows: prompt, class label, image, strength, sample, guided channels, dtype,
+    # fast path, sampling (steps, scheduler, guidance: every kind that denoises)
+    "text_to_image": "pt", "image_to_image": "pist", "vae": "im", "dit": "cgt", "dit_timestep_semantics": "ct",
+    "precision": "pcdt", "attention": "pct", "fast_path": "pft", "controlnet": "pt"}
+FIELD_FLAGS = "pcismgdpffttt"  # the flag of each component kind_fields updates, in its order
+
+
+def kind_fields(comparisons, name: str) -> list:
+    """The updates the Compare form gets when `name` is picked: the models that fit it, then each setting shown only
+    where the kind reads it (prompt, class label, image, strength, sample, guided channels, dtype, negative prompt,
+    DeepCache, ToMe, steps, scheduler, guidance)."""
+    shown, choices = COMPARE_FIELDS[name], compare_models_for(comparisons, name)
+    return [gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)] + [
+        gr.update(visible=flag in shown) for flag in FIELD_FLAGS]
 
 
 def compare_tab(comparisons):
@@ -121,7 +133,7 @@ def compare_tab(comparisons):
             prompt = gr.Textbox("a small green triangle on the left on a white background", label="Prompt")
             negative = gr.Textbox("", label="Negative prompt")
             class_label = gr.Textbox("red circle", label="Class label (name or id)", visible=False)
-            cmp_image = gr.Image(type="filepath", image_mode=None, label="Image", height=200, visible=False)  # on_kind fills it
+            cmp_image = image_upload(label="Image", height=200, visible=False)  # on_kind fills it
             strength = gr.Slider(0, 1, 0.6, step=0.05, label="Strength", visible=False)
             sample = gr.Checkbox(False, label="Sample posterior (else its mean)", visible=False)
             guided = gr.Radio(["all", "first3"], value="all", label="Guided channels", visible=False)
@@ -145,18 +157,16 @@ def compare_tab(comparisons):
             report = gr.File(label="Report (zip: report.md, report.json, images, plots)")
     stages = gr.Dataframe(headers=["stage", "max |diff|", "relative", "cosine", "tolerance", "within"], wrap=True,
                           label="Per-stage error", max_height=600)
-    fields = [prompt, class_label, cmp_image, strength, sample, guided, dtype]
-
     def on_kind(name, image=None):
         """The kind's fields shown; an empty image field starts from the example scene (never an API default:
         gradio's API page showed that default as an unreachable URL)."""
-        shown, choices = COMPARE_FIELDS[name], compare_models_for(comparisons, name)
-        updates = [gr.update(visible=flag in shown) for flag in "pcismgdpff"]
-        if "i" in shown and image is None:
-            updates[2] = gr.update(visible=True, value=str(EXAMPLE_SCENE))
-        return [gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)] + updates
-    kind.change(on_kind, [kind, cmp_image], [cmp_model] + fields[:4] + [sample, guided, dtype, negative, deepcache, tome],
-                api_name=False)
+        updates = kind_fields(comparisons, name)
+        if "i" in COMPARE_FIELDS[name] and image is None:
+            updates[1 + FIELD_FLAGS.index("i")] = gr.update(visible=True, value=str(EXAMPLE_SCENE))
+        return updates
+    kind.change(on_kind, [kind, cmp_image],
+                [cmp_model, prompt, class_label, cmp_image, strength, sample, guided, dtype, negative, deepcache, tome,
+                 cmp_steps, cmp_scheduler, cmp_guidance], api_name=False)
     cmp_run.click(compare_handler(comparisons), [kind, cmp_model, prompt, negative, class_label, cmp_image, strength, sample, guided, dtype,
                             cmp_seed, cmp_steps, cmp_scheduler, cmp_guidance, deepcache, tome],
                   [verdict, cmp_images, plots, stages, report], api_name="compare")

@@ -28,6 +28,7 @@ from sd_core.app.parts import (
     advanced_settings,
     dit_labels,
     hub_offered,
+    image_upload,
     images_gallery,
     model_choices,
     model_dropdown,
@@ -168,7 +169,7 @@ def image_to_image_tab(models: list, text_tab: dict, tabs: gr.Tabs) -> dict:
     with gr.Row():
         with gr.Column():
             i2i_model = model_dropdown(models)
-            i2i_image = gr.Image(type="filepath", image_mode=None, label="Starting image", height=256)
+            i2i_image = image_upload(label="Starting image", height=256)
             i2i_prompt = gr.Textbox("a big blue circle on the left on a gray background", label="Prompt")
             i2i_negative = gr.Textbox("", label="Negative prompt")
             i2i_run = gr.Button("Transform", variant="primary")
@@ -206,7 +207,7 @@ def vae_tab(first_sd: str | None):
     with gr.Row():
         with gr.Column():
             vae_model = model_dropdown(model_choices("any"), "Model (its VAE)")
-            image = gr.Image(type="filepath", image_mode=None, label="Image", height=256)
+            image = image_upload(label="Image", height=256)
             sample_posterior = gr.Checkbox(False, label="Sample posterior (else its mean)")
             vae_seed = raw_value(gr.Number(0, label="Seed for the sample", precision=0))
             vae_run = gr.Button("Round-trip", variant="primary")

@@ -100,8 +100,8 @@ def model_choices(kind: str) -> list[tuple[str, str]]:
             found = sorted(folders + files)
             names += [(f"models: {p.relative_to(root)}",) * 2 for p in found]
     if hub_offered():
-        names += [(f"{model.name} (hub, {model.download_gb:g} GB)", model.name) for model in catalog.HUB.values()
-                  if kind in ("any", model.kind)]
+        names += [(f"{model.name} (hub, {weights_gb(model):.1f} GB in {DTYPE_NAMES[Settings.dtype]})", model.name)
+                  for model in catalog.HUB.values() if kind in ("any", model.kind)]
     return names
 
 
@@ -144,9 +144,17 @@ def available_memory_gb() -> float:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def weights_gb(model: CatalogModel) -> float:
+    """What this machine downloads and holds for a hub model: its weights at the app's precision (fp32 files on a
+    CPU, the fp16 variant on a GPU)."""
+    return model.memory_needed_gb(torch.finfo(Settings.dtype).bits // 8)
+
+
 def check_fits(model: CatalogModel):
-    bytes_per_parameter = torch.finfo(Settings.dtype).bits // 8
-    needed, free = model.memory_needed_gb(bytes_per_parameter), available_memory_gb()
+    needed, free = weights_gb(model), available_memory_gb()
     if needed > free:
         where = "GPU memory" if Settings.device == "cuda" else "RAM"
         raise gr.Error(f"{model.name} needs about {needed:.1f} GB of {where} for its weights ({Settings.dtype}); this "

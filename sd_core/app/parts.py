@@ -17,6 +17,7 @@ import gradio as gr
 from gradio import processing_utils
 from PIL import Image
 
+from sd_core.app.api_docs import documented
 from sd_core.app.forms import DEEPCACHE_CHOICES, FORM_LIMITS, MODEL_DEFAULT, TOME_CHOICES, choice_of, form_from_settings  # noqa: F401
 from sd_core.app.model_choices import (  # noqa: F401
     EMBEDDED,
@@ -35,6 +36,7 @@ from sd_core.app.serving import (
     as_choice,
     check_request,
     numbers_choice,
+    open_upload,
     raw_value,
 )
 from sd_core.checkpoints.convert import CheckpointError
@@ -80,7 +82,8 @@ def on_gpu(fn):
 
 def user_errors(fn):
     """Turn bad input (ValueError/TypeError from sd_core and sd_core.app.serving's refusals) and non-finite latents
-    (FloatingPointError) into a one-line gr.Error the visitor reads, logged as one line; the app keeps serving.
+    (FloatingPointError) into a one-line gr.Error the visitor reads, logged as one line (no traceback: a visitor's
+    mistake is not the server's); the app keeps serving.
     What the visitor reads names no server folder (without_server_paths); the log keeps the whole path.
     The handler's signature is kept: gradio names the API parameters after it."""
     @functools.wraps(fn)
@@ -90,11 +93,12 @@ def user_errors(fn):
         except gr.Error as error:
             LOG.warning("%s refused: %s", fn.__name__, error.message)
             error.message = without_server_paths(str(error.message))
+            error.print_exception = False  # the line above is the log's record; gradio would add a traceback
             raise
         except (ValueError, TypeError, FileNotFoundError, CheckpointError, FloatingPointError) as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             LOG.warning("%s refused: %s", fn.__name__, message)
-            raise gr.Error(without_server_paths(message)) from None
+            raise gr.Error(without_server_paths(message), print_exception=False) from None
     return wrapped
 
 
@@ -113,7 +117,9 @@ def without_server_paths(message: str) -> str:
 
 
 def handler(fn):
-    return on_gpu(user_errors(fn))
+    """A visitor-facing endpoint: its parameters documented (api_docs: the API page, the MCP tools), its refusals
+    one-line messages, its work on a ZeroGPU GPU where there is one."""
+    return on_gpu(user_errors(documented(fn)))
 
 
 def save_pil_to_cache_whole(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
@@ -174,6 +180,32 @@ def random_seed() -> int:
 
 
 # ------------------------------------------------------------------------------------ shared form pieces
+
+
+def image_upload(**options) -> gr.Image:
+    """An image input that hands the handler the uploaded file's path (decoded there within open_upload's bounds),
+    and refuses a file that is no image (a text file named .png) with sd_core's message, as the command line does
+    ("Cannot read fake.png as an image: ..."): gradio's own preprocessing opened it first and answered only "Error".
+    (An instance attribute, as serving.raw_value does.)"""
+    component = gr.Image(type="filepath", image_mode=None, **options)
+    gradio_preprocess = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return gradio_preprocess(payload)
+        except Exception:  # noqa: BLE001 - whatever gradio raised, the visitor reads sd_core's reason below
+            if getattr(payload, "path", None) is None:  # nothing on disk to read (a data URL gradio could not decode)
+                raise
+            name = Path(payload.orig_name or payload.path).name
+            try:
+                open_upload(payload.path, max_pixels=LIMITS.max_upload_pixels, name=name)
+            except (ValueError, OSError) as refusal:
+                LOG.warning("upload refused: %s", refusal)
+                raise gr.Error(without_server_paths(str(refusal)), print_exception=False) from None
+            raise
+    component.preprocess = preprocess
+    return component
+
 
 SCHEDULER_CHOICES = [(DISPLAY_NAMES.get(name, name), name) for name in SCHEDULER_NAMES] + [
     ("the model's own", MODEL_DEFAULT)]
@@ -348,8 +380,9 @@ def png_info(png):
     or beyond this app's bounds, with a note saying so)."""
     if png is None:
         return [gr.skip()] * len(PNG_FIELDS) + [""]
+    read_notes = []  # what was read in place of something sd_core lacks (an A1111 sampler)
     try:
-        settings = read_png_parameters(png)
+        settings = read_png_parameters(png, read_notes)
     except (OSError, Image.DecompressionBombError) as error:
         raise gr.Error(f"Cannot read this file as a PNG ({error}); drop a .png image made by sd_core or A1111.") from None
     except ValueError as error:  # no settings in it (a photo, a ComfyUI workflow): nothing to fill, said plainly
@@ -357,7 +390,7 @@ def png_info(png):
     if not isinstance(settings, GenerationSettings) or not isinstance(settings.prompt, str):
         raise gr.Error("This image is a DiT sample or one of a diffusers-rule batch; its settings fit the DiT tab "
                        "or the CLI, not one prompt here.")
-    form, notes = form_from_settings(settings), []
+    form, notes = form_from_settings(settings), read_notes
     if form["model"] not in dict(model_choices("text_to_image")).values():
         notes.append(f"its model {form.pop('model')!r} is not offered here: the selected model is kept")
     if settings.strength is not None:

@@ -42,7 +42,7 @@ EMBEDDED_DIT_GUIDANCE = EMBEDDED["embedded: shapes (DiT)"].guidance_scale
 # Released models with their model cards' recommended settings. Sizes are the components sd_core loads.
 HUB = {model.name: model for model in [
     CatalogModel("Stable Diffusion 1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "text_to_image", steps=25,
-                 guidance_scale=7.5, size=512, download_gb=2.0, memory_gb=2.0),
+                 guidance_scale=7.5, size=512, download_gb=2.13, memory_gb=2.13),
     CatalogModel("Stable Diffusion 2.1 (768, v-prediction)", "stabilityai/stable-diffusion-2-1", "text_to_image",
                  steps=25, guidance_scale=7.5, size=768, download_gb=2.6, memory_gb=2.6),
     CatalogModel("SD-Turbo", "stabilityai/sd-turbo", "text_to_image", steps=1, guidance_scale=0.0, size=512,

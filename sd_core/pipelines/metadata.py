@@ -1,5 +1,6 @@
 """Generation settings in PNG text chunks: sd_core's JSON ("sd_core") and AUTOMATIC1111's infotext ("parameters"),
 written beside every image made and read back by PNG Info, the CLI and batch files."""
+import difflib
 import json
 import re
 import zlib
@@ -168,18 +169,39 @@ def controlnets_from_a1111(fields: dict) -> dict:
     return {"controlnets": units, "guess_mode": guess_mode} if units else {}
 
 
-def settings_from_a1111(fields: dict) -> GenerationSettings:
+def closest_sampler(a1111_name: str) -> str:
+    """The sd_core sampler nearest to an A1111 sampler it lacks: an ancestral one ("DPM2 a") is Euler a; one whose
+    name without " Karras" sd_core has ("LMS Karras") is that; else the nearest spelling among DISPLAY_NAMES, a
+    Karras schedule kept where sd_core has one ("DPM++ SDE Karras": DPM++ 2M SDE Karras)."""
+    names = {display: name for name, display in DISPLAY_NAMES.items()}
+    words = a1111_name.split()
+    if "a" in words[1:]:
+        return "euler_ancestral"
+    if a1111_name.removesuffix(" Karras") in names:
+        return names[a1111_name.removesuffix(" Karras")]
+    karras = a1111_name.endswith("Karras")
+    pool = [display for display in names if display.endswith("Karras") == karras] or list(names)
+    return names[difflib.get_close_matches(a1111_name, pool, n=1, cutoff=0)[0]]
+
+
+def settings_from_a1111(fields: dict, notes: list | None = None) -> GenerationSettings:
     """The record of A1111's infotext fields. Its prompts are in A1111's syntax unless the text says otherwise
     (sd_core's "Prompt syntax: plain"); its Clip skip counts from 1; its ControlNet units become controlnets (a
-    unit in the "ControlNet is more important" control mode: guess_mode)."""
+    unit in the "ControlNet is more important" control mode: guess_mode). A sampler sd_core lacks becomes the
+    closest one it has, said in `notes` (a list the caller reads)."""
     names = {display: name for name, display in DISPLAY_NAMES.items()}
     sampler = fields.get("Sampler", "")
     sampler += {"Karras": " Karras"}.get(fields.get("Schedule type", ""), "")
-    if sampler not in names:
-        raise ValueError(f"The image was made with the sampler {sampler!r}, which sd_core lacks; it has "
-                         f"{sorted(names)}.")
+    if not sampler:
+        (notes if notes is not None else []).append("it names no sampler: the model's own is set")
+    elif sampler not in names:
+        closest = closest_sampler(sampler)
+        (notes if notes is not None else []).append(
+            f"its sampler {sampler!r} is not one sd_core has: the closest it offers, {DISPLAY_NAMES[closest]!r}, is "
+            f"set instead")
+        sampler = DISPLAY_NAMES[closest]
     values = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"] or None,
-              "steps": fields["Steps"], "scheduler": names[sampler], "guidance_scale": fields["CFG scale"],
+              "steps": fields["Steps"], "scheduler": names.get(sampler), "guidance_scale": fields["CFG scale"],
               "seed": fields["Seed"], "prompt_syntax": fields.get("Prompt syntax", "a1111"),
               "clip_skip": int(fields.get("Clip skip", 1)) - 1}
     if "Size" in fields:
@@ -214,11 +236,12 @@ def settings_from_sd_core(p: dict) -> GenerationSettings | DiTSettings:
     return GenerationSettings.from_values(ran, ignore_unknown=True)
 
 
-def read_png_parameters(image) -> dict:
+def read_png_parameters(image, notes: list | None = None) -> dict:
     """The settings that made an image, from its PNG text: sd_core's JSON ("sd_core"), else A1111's infotext
     ("parameters"): a GenerationSettings for generate() (a DiTSettings for generate_dit()); its `model` names
     the model that made it. `image`: a PNG file (path or binary file object), read chunk by chunk without decoding
-    its pixels, or a PIL image (its `info`). Damaged settings are a ValueError saying what is wrong."""
+    its pixels, or a PIL image (its `info`). Damaged settings are a ValueError saying what is wrong; what was read
+    in place of something sd_core lacks (an A1111 sampler) is said in `notes`, a list the caller passes."""
     text = image.info if isinstance(image, Image.Image) else read_png_text(image, ("sd_core", "parameters"))
     if "sd_core" in text:
         try:
@@ -237,7 +260,7 @@ def read_png_parameters(image) -> dict:
         problem = a1111_field_problem(fields)
         if problem:
             raise ValueError(f"This image's A1111 parameters cannot be used: {problem}.")
-        return settings_from_a1111(fields)
+        return settings_from_a1111(fields, notes)
     raise ValueError("This image carries no generation parameters (neither sd_core's nor A1111's PNG text).")
 
 
