@@ -9,11 +9,15 @@ input and hint channels, the projection kind and the transformer depths read off
 any other). Every tensor is accounted for: a missing, unexpected or wrongly shaped one is an error naming it.
 """
 import itertools
+import json
 from pathlib import Path
+
+import safetensors.torch
 
 from sd_core.checkpoints import convert
 from sd_core.checkpoints.convert import CheckpointError, first_few
 from sd_core.checkpoints.loading import build, component_weights, expected_shapes, inside, read_json, unwrap
+from sd_core.checkpoints.saving import DIFFUSERS_VERSION, atomic_folder, commit_folder
 from sd_core.checkpoints.weights_files import read_weights
 from sd_core.models import presets
 from sd_core.models.controlnet import ControlNetConfig, ControlNetModel
@@ -105,3 +109,17 @@ def controlnet_config_from_weights(tensors: dict, what: str) -> dict:
             # diffusers gives the last level's depth to the mid block too
             "transformer_layers_per_block": [depth(f"down_blocks.{b}.attentions.0") if has_attention[b] else 1
                                              for b in range(levels - 1)] + [mid_depth]}
+
+
+def save_controlnet(controlnet: ControlNetModel, folder, overwrite: bool = False) -> Path:
+    """A diffusers ControlNet folder (config.json, diffusion_pytorch_model.safetensors) that diffusers'
+    ControlNetModel.from_pretrained and load_controlnet both read; written whole or not at all."""
+    folder = Path(folder)
+    temporary = atomic_folder(folder, overwrite)
+    config = {"_class_name": "ControlNetModel", "_diffusers_version": DIFFUSERS_VERSION,
+              **controlnet.config.to_dict()}
+    (temporary / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in controlnet.state_dict().items()}
+    safetensors.torch.save_file(state_dict, temporary / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    commit_folder(temporary, folder)
+    return folder
