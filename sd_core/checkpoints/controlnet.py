@@ -3,6 +3,7 @@
     controlnet = load_controlnet("path/to/control_v11p_sd15_canny")        # config.json + diffusion_pytorch_model
     controlnet = load_controlnet("control_v11p_sd15_canny.safetensors")    # lllyasviel's control_model.* keys
     controlnet = load_controlnet("diffusers_xl_canny_mid.safetensors")     # diffusers' keys, no config.json
+    controlnet = load_controlnet("lllyasviel/control_v11p_sd15_canny")     # a hub repo: config.json + one file
 
 A single file carries no config: its architecture is the released one its cross-attention width names, with the
 input and hint channels, the projection kind and the transformer depths read off its tensors (`config=` gives
@@ -16,7 +17,9 @@ import safetensors.torch
 
 from sd_core.checkpoints import convert
 from sd_core.checkpoints.convert import CheckpointError, first_few
-from sd_core.checkpoints.loading import build, component_weights, expected_shapes, inside, read_json, unwrap
+from sd_core.checkpoints.hub import fetch_model
+from sd_core.checkpoints.loading import (HUB_ID, build, component_weights, expected_shapes, inside, read_json,
+                                        readable_root, unwrap)
 from sd_core.checkpoints.saving import DIFFUSERS_VERSION, atomic_folder, commit_folder
 from sd_core.checkpoints.weights_files import read_weights
 from sd_core.models import presets
@@ -29,8 +32,9 @@ DIFFUSERS_EVIDENCE = "controlnet_cond_embedding.conv_in.weight"  # only diffuser
 
 def load_controlnet(source, dtype=None, device=None, config=None, variant=None,
                     allow_pickle=False) -> ControlNetModel:
-    """An eval-mode ControlNetModel from a diffusers folder or a single weights file. `config`: a diffusers
-    ControlNet config (a dict, or a config.json path) for a single file of an unreleased architecture."""
+    """An eval-mode ControlNetModel from a diffusers folder, a single weights file or a hub repo id (its
+    config.json and one safetensors file of the variant are fetched, never its .bin or other twins). `config`: a
+    diffusers ControlNet config (a dict, or a config.json path) for a single file of an unreleased architecture."""
     path = Path(source)
     if path.is_dir():
         return load_controlnet_folder(path, dtype, device, variant, allow_pickle)
@@ -38,12 +42,14 @@ def load_controlnet(source, dtype=None, device=None, config=None, variant=None,
         if isinstance(config, (str, Path)):
             config = read_json(Path(config))
         return load_controlnet_file(path, dtype, device, config, allow_pickle)
-    raise FileNotFoundError(f"{source!r} is neither a ControlNet folder (config.json and its weights) nor a "
-                            f"weights file.")
+    if HUB_ID.match(str(source)):
+        return load_controlnet_folder(fetch_model(str(source), "ControlNetModel", variant), dtype, device, variant)
+    raise FileNotFoundError(f"{source!r} is neither a ControlNet folder (config.json and its weights), a weights "
+                            f"file, nor a hub repo id like 'lllyasviel/control_v11p_sd15_canny'.")
 
 
 def load_controlnet_folder(folder: Path, dtype=None, device=None, variant=None, allow_pickle=False):
-    root = folder.resolve()
+    root = readable_root(folder).resolve()
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no config.json, so it is not a diffusers ControlNet folder. Pass the "
