@@ -146,6 +146,33 @@ SDXL_BASE_MODEL_INDEX = {
     "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
 REAL_REPOS = {"runwayml/stable-diffusion-v1-5": ("sd1", SD15_FILES, SD15_MODEL_INDEX),
               "stabilityai/stable-diffusion-xl-base-1.0": ("sdxl", SDXL_BASE_FILES, SDXL_BASE_MODEL_INDEX)}
+# Single-model ControlNet repos: config.json and the weights at the root, with .bin and fp16 twins and sample
+# images beside them. The paths are the repos' own; the weights' sizes are the Hub's listing (1.45 GB, 723 MB,
+# 5.0 GB, 2.5 GB) taken to the byte by estimate, and the small files are estimates too: sd_core never fetches
+# the placeholders, and config.json is served with a tiny model's real content.
+CONTROLNET_SD15_CANNY_FILES = {
+    ".gitattributes": 1519,  # estimate
+    "README.md": 7781,  # estimate
+    "config.json": 1095,  # estimate (served: the tiny model's)
+    "diffusion_pytorch_model.bin": 1445254969,  # estimate
+    "diffusion_pytorch_model.fp16.bin": 722698343,  # estimate
+    "diffusion_pytorch_model.fp16.safetensors": 722598642,  # estimate
+    "diffusion_pytorch_model.safetensors": 1445157124,  # estimate
+    "images/control.png": 18562,  # estimate
+    "images/image_out.png": 452116,  # estimate
+    "images/input.png": 330208,  # estimate
+}
+CONTROLNET_SDXL_CANNY_FILES = {
+    ".gitattributes": 1519,  # estimate
+    "README.md": 4297,  # estimate
+    "config.json": 1591,  # estimate (served: the tiny model's)
+    "diffusion_pytorch_model.bin": 5004350205,  # estimate
+    "diffusion_pytorch_model.fp16.safetensors": 2502139136,  # estimate
+    "diffusion_pytorch_model.safetensors": 5004167864,  # estimate
+    "out_hug_lab_7.png": 1226034,  # estimate
+}
+CONTROLNET_REPOS = {"lllyasviel/control_v11p_sd15_canny": ("sd1", CONTROLNET_SD15_CANNY_FILES),
+                    "diffusers/controlnet-canny-sdxl-1.0": ("sdxl", CONTROLNET_SDXL_CANNY_FILES)}
 LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".msgpack", ".onnx", ".onnx_data", ".png")
 PAGE_SIZE = 50  # the real Hub pages at 1000; small here so that the SDXL listing needs two pages
 
@@ -179,6 +206,27 @@ def repo_with_tiny_pipeline(repo_id: str) -> dict:
     unknown = sorted(set(tiny_files) - set(repo))
     assert not unknown, f"the tiny pipeline has files the real {repo_id} does not: {unknown}"
     return {**repo, **tiny_files}
+
+
+def repo_with_tiny_controlnet(repo_id: str) -> dict:
+    """A ControlNet repo's real layout, its config.json and safetensors weights (fp32 and fp16) those of a tiny
+    seeded diffusers ControlNet of the repo's family (made from the tiny pipeline's UNet)."""
+    import diffusers
+
+    family, files = CONTROLNET_REPOS[repo_id]
+    controlnet = diffusers.ControlNetModel.from_unet(tiny.stable_diffusion(family).unet,
+                                                     conditioning_embedding_out_channels=(8, 16))
+    torch.manual_seed(1)
+    with torch.no_grad():  # weights that are not the UNet's or zero, so a wrong file would show
+        for parameter in controlnet.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    folder = Path(tempfile.mkdtemp(prefix="sd_core_fake_controlnet_"))
+    controlnet.save_pretrained(folder)
+    controlnet.to(torch.float16).save_pretrained(folder, variant="fp16")
+    tiny_files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    unknown = sorted(set(tiny_files) - set(files))
+    assert not unknown, f"the tiny ControlNet has files the real {repo_id} does not: {unknown}"
+    return {**files, **tiny_files}
 
 
 def git_blob_id(content: bytes) -> str:

@@ -1,5 +1,6 @@
 """sd_core.checkpoints.hub through the real huggingface_hub client, against a loopback fake Hub (tests/fake_hub.py)
-serving the real layouts of SD 1.5 and SDXL base: exactly the files the pipeline loads are fetched."""
+serving the real layouts of SD 1.5, SDXL base and two ControlNet repos: exactly the files that are loaded are
+fetched."""
 import functools
 import json
 import shutil
@@ -9,19 +10,21 @@ import pytest
 import safetensors.torch
 import torch
 
+from sd_core.checkpoints.controlnet import load_controlnet
 from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.hub import fetch_pipeline, plan_pipeline_files
 from sd_core.checkpoints.loading import load_diffusers_folder
-from tests.fake_hub import FakeHub, real_repo, repo_with_tiny_pipeline
+from tests.fake_hub import FakeHub, real_repo, repo_with_tiny_controlnet, repo_with_tiny_pipeline
 
 SD15, SDXL = "runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
+CANNY_SD15, CANNY_SDXL = "lllyasviel/control_v11p_sd15_canny", "diffusers/controlnet-canny-sdxl-1.0"
 OLD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.safetensors.index.json"]  # loading.download before #17
 TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
 
 
 @functools.lru_cache()
 def served_repo(repo_id: str) -> dict:
-    return repo_with_tiny_pipeline(repo_id)
+    return repo_with_tiny_controlnet(repo_id) if repo_id in (CANNY_SD15, CANNY_SDXL) else repo_with_tiny_pipeline(repo_id)
 
 
 @pytest.fixture
@@ -229,3 +232,59 @@ def test_offline_mode_is_a_clear_error(serve, monkeypatch):
     with pytest.raises(CheckpointError, match=r"Could not fetch .*without a network, pass a local"):
         fetch_pipeline(SD15, progress=False)
     assert hub.requests == []
+
+
+@pytest.mark.parametrize("repo_id, family_width", [(CANNY_SD15, 32), (CANNY_SDXL, 64)])
+def test_a_controlnet_repo_fetches_its_config_and_the_one_safetensors_file_it_loads(serve, repo_id, family_width):
+    files = served_repo(repo_id)
+    hub = serve({repo_id: files})
+    controlnet = load_controlnet(repo_id)
+    assert sorted(fetched(hub)) == ["config.json", "diffusion_pytorch_model.safetensors"]  # no .bin, fp16, images
+    assert hub.bytes_served == len(files["config.json"]) + len(files["diffusion_pytorch_model.safetensors"])
+    assert controlnet.config.cross_attention_dim == family_width
+    assert_loaded_weights_are(controlnet, files, "diffusion_pytorch_model.safetensors")
+
+
+def test_a_controlnet_repos_fp16_variant_fetches_only_the_fp16_safetensors(serve):
+    files = served_repo(CANNY_SD15)
+    hub = serve({CANNY_SD15: files})
+    controlnet = load_controlnet(CANNY_SD15, variant="fp16")
+    assert sorted(fetched(hub)) == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    assert_loaded_weights_are(controlnet, files, "diffusion_pytorch_model.fp16.safetensors")
+    hub.downloads.clear()
+    load_controlnet(CANNY_SD15, variant="fp16")  # cached: nothing fetched again
+    assert fetched(hub) == []
+
+
+def test_a_controlnet_repo_without_the_variant_falls_back_to_its_plain_safetensors_with_a_warning(serve):
+    repo = dict(served_repo(CANNY_SDXL))  # a copy without its fp16 safetensors
+    del repo["diffusion_pytorch_model.fp16.safetensors"]
+    hub = serve({CANNY_SDXL: repo})
+    with pytest.warns(UserWarning, match=r"the repo/ has no 'fp16' weights; fetching diffusion_pytorch_model.safetensors"):
+        load_controlnet(CANNY_SDXL, variant="fp16")
+    assert sorted(fetched(hub)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def test_a_controlnet_repo_with_only_pickled_weights_is_refused_before_any_weights_are_fetched(serve):
+    repo = {k: v for k, v in served_repo(CANNY_SD15).items() if not k.endswith(".safetensors")}
+    hub = serve({CANNY_SD15: repo})
+    with pytest.raises(CheckpointError, match=r"has no safetensors weights .* sd_core fetches safetensors only; "
+                                              r"convert the weights"):
+        load_controlnet(CANNY_SD15)
+    assert fetched(hub) == ["config.json"]
+
+
+def test_a_pipeline_repo_is_not_taken_for_a_controlnet(serve):
+    hub = serve({SD15: served_repo(SD15)})
+    with pytest.raises(CheckpointError, match=r"no config.json at its root, so it is not a diffusers ControlNetModel "
+                                              r"repo"):
+        load_controlnet(SD15)
+    assert fetched(hub) == []
+
+
+def test_a_repo_of_another_single_model_is_not_taken_for_a_controlnet(serve):
+    repo = dict(served_repo(CANNY_SD15), **{"config.json": json.dumps({"_class_name": "UNet2DConditionModel"}).encode()})
+    hub = serve({CANNY_SD15: repo})
+    with pytest.raises(CheckpointError, match=r"holds a UNet2DConditionModel, not a ControlNetModel"):
+        load_controlnet(CANNY_SD15)
+    assert fetched(hub) == ["config.json"]

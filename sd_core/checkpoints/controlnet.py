@@ -3,17 +3,24 @@
     controlnet = load_controlnet("path/to/control_v11p_sd15_canny")        # config.json + diffusion_pytorch_model
     controlnet = load_controlnet("control_v11p_sd15_canny.safetensors")    # lllyasviel's control_model.* keys
     controlnet = load_controlnet("diffusers_xl_canny_mid.safetensors")     # diffusers' keys, no config.json
+    controlnet = load_controlnet("lllyasviel/control_v11p_sd15_canny")     # a hub repo: config.json + one file
 
 A single file carries no config: its architecture is the released one its cross-attention width names, with the
 input and hint channels, the projection kind and the transformer depths read off its tensors (`config=` gives
 any other). Every tensor is accounted for: a missing, unexpected or wrongly shaped one is an error naming it.
 """
 import itertools
+import json
 from pathlib import Path
+
+import safetensors.torch
 
 from sd_core.checkpoints import convert
 from sd_core.checkpoints.convert import CheckpointError, first_few
-from sd_core.checkpoints.loading import build, component_weights, expected_shapes, inside, read_json, unwrap
+from sd_core.checkpoints.hub import fetch_model
+from sd_core.checkpoints.loading import (HUB_ID, build, component_weights, expected_shapes, inside, read_json,
+                                        readable_root, unwrap)
+from sd_core.checkpoints.saving import DIFFUSERS_VERSION, atomic_folder, commit_folder
 from sd_core.checkpoints.weights_files import read_weights
 from sd_core.models import presets
 from sd_core.models.controlnet import ControlNetConfig, ControlNetModel
@@ -25,8 +32,9 @@ DIFFUSERS_EVIDENCE = "controlnet_cond_embedding.conv_in.weight"  # only diffuser
 
 def load_controlnet(source, dtype=None, device=None, config=None, variant=None,
                     allow_pickle=False) -> ControlNetModel:
-    """An eval-mode ControlNetModel from a diffusers folder or a single weights file. `config`: a diffusers
-    ControlNet config (a dict, or a config.json path) for a single file of an unreleased architecture."""
+    """An eval-mode ControlNetModel from a diffusers folder, a single weights file or a hub repo id (its
+    config.json and one safetensors file of the variant are fetched, never its .bin or other twins). `config`: a
+    diffusers ControlNet config (a dict, or a config.json path) for a single file of an unreleased architecture."""
     path = Path(source)
     if path.is_dir():
         return load_controlnet_folder(path, dtype, device, variant, allow_pickle)
@@ -34,12 +42,14 @@ def load_controlnet(source, dtype=None, device=None, config=None, variant=None,
         if isinstance(config, (str, Path)):
             config = read_json(Path(config))
         return load_controlnet_file(path, dtype, device, config, allow_pickle)
-    raise FileNotFoundError(f"{source!r} is neither a ControlNet folder (config.json and its weights) nor a "
-                            f"weights file.")
+    if HUB_ID.match(str(source)):
+        return load_controlnet_folder(fetch_model(str(source), "ControlNetModel", variant), dtype, device, variant)
+    raise FileNotFoundError(f"{source!r} is neither a ControlNet folder (config.json and its weights), a weights "
+                            f"file, nor a hub repo id like 'lllyasviel/control_v11p_sd15_canny'.")
 
 
 def load_controlnet_folder(folder: Path, dtype=None, device=None, variant=None, allow_pickle=False):
-    root = folder.resolve()
+    root = readable_root(folder).resolve()
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no config.json, so it is not a diffusers ControlNet folder. Pass the "
@@ -105,3 +115,17 @@ def controlnet_config_from_weights(tensors: dict, what: str) -> dict:
             # diffusers gives the last level's depth to the mid block too
             "transformer_layers_per_block": [depth(f"down_blocks.{b}.attentions.0") if has_attention[b] else 1
                                              for b in range(levels - 1)] + [mid_depth]}
+
+
+def save_controlnet(controlnet: ControlNetModel, folder, overwrite: bool = False) -> Path:
+    """A diffusers ControlNet folder (config.json, diffusion_pytorch_model.safetensors) that diffusers'
+    ControlNetModel.from_pretrained and load_controlnet both read; written whole or not at all."""
+    folder = Path(folder)
+    temporary = atomic_folder(folder, overwrite)
+    config = {"_class_name": "ControlNetModel", "_diffusers_version": DIFFUSERS_VERSION,
+              **controlnet.config.to_dict()}
+    (temporary / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in controlnet.state_dict().items()}
+    safetensors.torch.save_file(state_dict, temporary / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    commit_folder(temporary, folder)
+    return folder

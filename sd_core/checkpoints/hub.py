@@ -2,11 +2,14 @@
 
     folder = fetch_pipeline("stabilityai/stable-diffusion-xl-base-1.0", variant="fp16")
     pipe = load_diffusers_folder(folder, variant="fp16")
+    folder = fetch_model("lllyasviel/control_v11p_sd15_canny", "ControlNetModel")   # one model at the root
 
 A hub repo holds far more than a pipeline reads: runwayml/stable-diffusion-v1-5 carries two root
 checkpoints, fp16/non_ema/.bin twins of every weight and a safety checker, 19.4 GB the pipeline never
 uses. This module reads `model_index.json`, then fetches for each component sd_core loads its config
-(or tokenizer files) and ONE safetensors weights file of the chosen variant, nothing else.
+(or tokenizer files) and ONE safetensors weights file of the chosen variant, nothing else. A single-model repo
+(a ControlNet: config.json and its weights at the root, next to .bin and fp16 twins and sample images) gets
+the same: its config.json, checked to name the expected model, and one safetensors weights file.
 """
 import contextlib
 import json
@@ -50,28 +53,34 @@ def weights_names(stem: str, variant: str | None) -> list[str]:
     return names + [f"{stem}.safetensors", f"{stem}.safetensors.index.json"]
 
 
+def in_folder(folder: str, name: str) -> str:
+    """A repo path: `name` inside `folder` ("" is the repo's root)."""
+    return f"{folder}/{name}" if folder else name
+
+
 def shard_files(repo_id: str, index_path: str, revision: str, sizes: dict) -> list[str]:
     """The shards a `*.index.json` names, each checked to be a plain file of the index's own folder."""
-    folder = index_path.rsplit("/", 1)[0]
+    folder = index_path.rpartition("/")[0]
     weight_map = json.loads(Path(hf_hub_download(repo_id, index_path, revision=revision)).read_text())["weight_map"]
     shards = sorted(set(weight_map.values()))
     for shard in shards:
-        if "/" in shard or "\\" in shard or shard in ("", ".", "..") or f"{folder}/{shard}" not in sizes:
+        if "/" in shard or "\\" in shard or shard in ("", ".", "..") or in_folder(folder, shard) not in sizes:
             raise CheckpointError(f"{repo_id}: {index_path} names the shard {shard!r}, which is not a file of "
-                                  f"{folder}/ in the repo. The index is damaged; pass a local folder instead.")
-    return [f"{folder}/{shard}" for shard in shards]
+                                  f"{folder or 'the root'}/ in the repo. The index is damaged; pass a local folder "
+                                  f"instead.")
+    return [in_folder(folder, shard) for shard in shards]
 
 
 def weights_files(repo_id: str, component: str, stem: str, variant, revision: str, sizes: dict) -> list[str]:
     """One weights file (or a shard index and its shards) of the variant, else the plain one, with a warning."""
     for name in weights_names(stem, variant):
-        path = f"{component}/{name}"
+        path = in_folder(component, name)
         if path not in sizes:
             continue
         if variant and f".{variant}." not in name:
-            warnings.warn(f"{repo_id}: {component}/ has no {variant!r} weights; fetching {name} instead.")
+            warnings.warn(f"{repo_id}: {component or 'the repo'}/ has no {variant!r} weights; fetching {name} instead.")
         return [path] + (shard_files(repo_id, path, revision, sizes) if name.endswith(".json") else [])
-    raise CheckpointError(f"{repo_id}: {component}/ has no safetensors weights "
+    raise CheckpointError(f"{repo_id}: {component or 'the repo'}/ has no safetensors weights "
                           f"({' or '.join(weights_names(stem, None))}). sd_core fetches safetensors only; "
                           f"convert the weights, or pass a local folder.")
 
@@ -112,6 +121,23 @@ def plan(repo_id: str, variant, revision) -> tuple[str, Path, list[tuple[str, in
     return commit, index_path.parent, [(path, sizes[path]) for path in files]
 
 
+def plan_model(repo_id: str, class_name: str, variant, revision) -> tuple[str, Path, list[tuple[str, int]]]:
+    """plan() for a single-model repo: reads its config.json into the cache and checks it names `class_name`
+    before any weights are chosen."""
+    with hub_errors(repo_id):
+        commit, sizes = resolve(repo_id, revision)
+        if "config.json" not in sizes:
+            raise CheckpointError(f"{repo_id} has no config.json at its root, so it is not a diffusers {class_name} "
+                                  f"repo. Download its .safetensors file and pass that file instead.")
+        config_path = Path(hf_hub_download(repo_id, "config.json", revision=commit))
+        found = json.loads(config_path.read_text()).get("_class_name")
+        if found != class_name:
+            raise CheckpointError(f"{repo_id} holds a {found or 'model of no named class'}, not a {class_name}; "
+                                  f"pass a {class_name} repo.")
+        files = ["config.json", *weights_files(repo_id, "", "diffusion_pytorch_model", variant, commit, sizes)]
+    return commit, config_path.parent, [(path, sizes[path]) for path in files]
+
+
 def plan_pipeline_files(repo_id: str, variant: str | None = None,
                         revision: str | None = None) -> list[tuple[str, int]]:
     """(path in repo, size in bytes) of every file `fetch_pipeline` would fetch. Downloads only
@@ -136,7 +162,18 @@ def fetch_pipeline(repo_id: str, variant: str | None = None, revision: str | Non
 
     `on_file(name, index, total, size)` is called before each file that still has to be downloaded.
     """
-    commit, snapshot, files = plan(repo_id, variant, revision)
+    return download(repo_id, *plan(repo_id, variant, revision), progress, on_file)
+
+
+def fetch_model(repo_id: str, class_name: str, variant: str | None = None, revision: str | None = None,
+                progress: bool = True, on_file=None) -> Path:
+    """Download a single-model repo's config.json (which must name `class_name`) and one safetensors weights file
+    of the variant; return the snapshot folder. `on_file` as for fetch_pipeline."""
+    return download(repo_id, *plan_model(repo_id, class_name, variant, revision), progress, on_file)
+
+
+def download(repo_id: str, commit: str, snapshot: Path, files: list, progress: bool, on_file) -> Path:
+    """Fetch the planned files the cache lacks, after checking the disk can hold them; return the snapshot."""
     missing = [(path, size) for path, size in files
                if not isinstance(try_to_load_from_cache(repo_id, path, revision=commit), str)]
     check_free_space(repo_id, sum(size for _, size in missing), Path(huggingface_hub.constants.HF_HUB_CACHE))

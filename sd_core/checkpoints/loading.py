@@ -173,13 +173,19 @@ def load_component(folder: Path, class_name: str, dtype, device, variant, allow_
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def readable_root(folder: Path) -> Path:
+    """The folder a model folder's files may resolve into: itself, or for a snapshot in huggingface_hub's cache
+    (whose files are links into blobs/) the repo's cache folder."""
+    is_snapshot = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+    return folder.parent.parent if is_snapshot else folder
+
+
 def load_diffusers_folder(folder: Path, dtype=None, device=None, variant=None, allow_pickle=False,
                           root: Path | None = None):
     """A diffusers pipeline folder. Every file read must lie inside `root`: by default the folder itself, or
     for a snapshot in huggingface_hub's cache (whose files are links into blobs/) the repo's cache folder."""
     folder = Path(folder)
-    is_snapshot = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
-    root = Path(root or (folder.parent.parent if is_snapshot else folder)).resolve()
+    root = Path(root or readable_root(folder)).resolve()
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise CheckpointError(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder. Pass "

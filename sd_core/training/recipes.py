@@ -6,6 +6,7 @@
     python -m sd_core.training dit           --vae runs/vae-decoder/model --out runs/dit --steps 3500
     (the shipped DiT: the same dit command again with --steps 6000, 13000, 21000 and then 24000)
     python -m sd_core.training evaluate      --model sd_core/weights/shapes-sd --dit sd_core/weights/shapes-dit
+    python -m sd_core.training controlnet    --model sd_core/weights/shapes-sd --out runs/controlnet (see .controlnet)
 
 Each run is seeded and resumable (checkpoint.pt in --out, written atomically every --save-every steps;
 a rerun continues from it), keeps an EMA of the weights, logs the loss, and writes a diffusers-format
@@ -342,7 +343,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, steps, batch, lr in (("vae", 2500, 16, 1e-3), ("vae-decoder", 2500, 32, 5e-4),
-                                   ("text-to-image", 9000, 32, 5e-4), ("dit", 3500, 32, 1e-3)):
+                                   ("text-to-image", 9000, 32, 5e-4), ("dit", 3500, 32, 1e-3),
+                                   ("controlnet", 2000, 32, 5e-4)):
         p = commands.add_parser(name)
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--steps", type=int, default=steps)
@@ -356,7 +358,9 @@ def main(argv=None):
                        help="micro-batches per process per step: less memory, the same training")
         p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                        help="autocast precision (default: accelerate launch's --mixed_precision, else no)")
-        if name != "vae":
+        if name == "controlnet":
+            p.add_argument("--model", type=Path, required=True, help="the text-to-image model folder it steers")
+        elif name != "vae":
             p.add_argument("--vae", type=Path, required=True, help="a trained VAE run's model folder")
     e = commands.add_parser("evaluate")
     e.add_argument("--model", type=Path, required=True)
@@ -365,7 +369,11 @@ def main(argv=None):
     e.add_argument("--grid", type=Path)
     e.add_argument("--json", type=Path)
     e.add_argument("--limit", type=int, help="only the first N held-out prompts and DiT classes (a quick check)")
+    from sd_core.training import controlnet  # imports this module: only now, not at its import
+    controlnet.add_evaluate_command(commands)
     args = parser.parse_args(argv)
+    if args.command == "evaluate-controlnet":
+        return controlnet.run_evaluate_command(args)
     if args.command == "evaluate":
         report = evaluate(args.model, args.dit, args.seeds, args.grid, args.limit)
         if report is not None:  # the main process
@@ -382,6 +390,8 @@ def main(argv=None):
         train_vae_decoder(run, args.vae)
     elif args.command == "text-to-image":
         train_text_to_image(run, args.vae)
+    elif args.command == "controlnet":
+        controlnet.train_controlnet(run, args.model)
     else:
         train_dit(run, args.vae)
 

@@ -61,18 +61,26 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
     jitter = (lambda n: int(rng.integers(-n, n + 1))) if rng is not None else (lambda n: 0)
     cx, cy = POSITIONS[scene.position] + jitter(3), IMAGE_SIZE // 2 + jitter(6)
     r = SIZES[scene.size] + jitter(1)
+    return paint(shape_mask(scene.shape, cx, cy, r), scene.colour, scene.background)
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """(64, 64) bool: the pixels (sampled at their centres) of a shape centred at (cx, cy) of half-width r."""
     y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
-    if scene.shape == "circle":
-        mask = (x - cx) ** 2 + (y - cy) ** 2 <= r ** 2
-    elif scene.shape == "square":
-        mask = (np.abs(x - cx) <= r * 0.9) & (np.abs(y - cy) <= r * 0.9)
-    else:  # upright isosceles triangle in the same box
-        top, bottom = cy - r, cy + r
-        half_width = (y - top) / (bottom - top) * r
-        mask = (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half_width)
+    if shape == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= r ** 2
+    if shape == "square":
+        return (np.abs(x - cx) <= r * 0.9) & (np.abs(y - cy) <= r * 0.9)
+    top, bottom = cy - r, cy + r  # upright isosceles triangle in the same box
+    half_width = (y - top) / (bottom - top) * r
+    return (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half_width)
+
+
+def paint(mask: np.ndarray, colour: str, background: str) -> np.ndarray:
+    """(64, 64, 3) uint8: the mask in a named colour on a named background."""
     image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    image[:] = BACKGROUNDS[scene.background]
-    image[mask] = COLOURS[scene.colour]
+    image[:] = BACKGROUNDS[background]
+    image[mask] = COLOURS[colour]
     return image
 
 
@@ -81,6 +89,84 @@ def sample_scenes(seed: int, count: int, scenes=TRAIN_SCENES) -> list[tuple[Scen
     rng = np.random.default_rng(seed)
     chosen = [scenes[i] for i in rng.integers(0, len(scenes), count)]
     return [(scene, render(scene, rng)) for scene in chosen]
+
+
+# --------------------------------------------------------------- shapes anywhere, and their outlines
+# The embedded ControlNet's scenes: the shape at any position and size, so only its drawn outline says where.
+
+SIZE_RANGE = (6.0, 16.0)  # half-widths, in pixels
+BIG_FROM = 10.5  # half-width from which a shape is called "big" (the text-to-image model's 8 and 13 either side)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """One shape anywhere: a continuous centre (cx, cy) and half-width, in pixels."""
+    shape: str
+    colour: str
+    background: str
+    cx: float
+    cy: float
+    half_width: float
+
+    @property
+    def mask(self) -> np.ndarray:
+        return shape_mask(self.shape, self.cx, self.cy, self.half_width)
+
+    @property
+    def position(self) -> str:
+        """The word for where it is, by analyse()'s thresholds."""
+        return "left" if self.cx < 24 else "right" if self.cx > 40 else "center"
+
+    def caption(self, size: bool, position: bool, background: bool) -> str:
+        """"a blue circle", with any of its size, position and background: a user's prompt need not say where."""
+        words = ["a", ("big" if self.half_width >= BIG_FROM else "small") if size else "", self.colour, self.shape,
+                 POSITION_PHRASES[self.position] if position else "",
+                 f"on a {self.background} background" if background else ""]
+        return " ".join(word for word in words if word)
+
+
+def random_placement(rng: np.random.Generator) -> Placement:
+    """Any shape, colour and background; the half-width uniform in SIZE_RANGE, the centre uniform where the
+    shape fits inside the image with a pixel to spare."""
+    r = float(rng.uniform(*SIZE_RANGE))
+    cx, cy = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
+    return Placement(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
+                     list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))], float(cx), float(cy), r)
+
+
+def touches(mask: np.ndarray) -> np.ndarray:
+    """The pixels with at least one of their four neighbours in `mask`."""
+    padded = np.pad(mask, 1)
+    return padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+
+
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """(64, 64, 3) uint8: the mask's edge as a white line on black, as drawn in a sketch pad. Width 1: the
+    mask's own boundary pixels; width 2: those and the ring just outside them."""
+    line = mask & touches(~mask)
+    if width == 2:
+        line |= ~mask & touches(mask)
+    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    image[line] = 255
+    return image
+
+
+def filled(outline_image: np.ndarray) -> np.ndarray:
+    """(64, 64) bool: an outline and everything it encloses (what is not reachable from the border off the line)."""
+    line = np.asarray(outline_image).max(axis=-1) > 127
+    outside = np.zeros_like(line)
+    outside[[0, -1], :], outside[:, [0, -1]] = ~line[[0, -1], :], ~line[:, [0, -1]]
+    while True:  # grow the outside through the 4-neighbours that are not line
+        grown = outside | (~line & touches(outside))
+        if (grown == outside).all():
+            return ~outside
+        outside = grown
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (0 when both are empty)."""
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
 
 
 # ------------------------------------------------------------------------------------------- scoring
