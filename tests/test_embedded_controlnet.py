@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_core.checkpoints.catalog import EMBEDDED_GUIDANCE, EMBEDDED_STEPS, EMBEDDED_TEXT_TO_IMAGE
+from sd_core.checkpoints.catalog import EMBEDDED_CONTROLNET, EMBEDDED_GUIDANCE, EMBEDDED_STEPS, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.checkpoints.controlnet import load_controlnet
 from sd_core.checkpoints.loading import load_pipeline
 from sd_core.models.controlnet import ControlNetModel
@@ -104,7 +104,7 @@ def test_the_controlnet_command_trains_from_the_unet_and_writes_a_diffusers_fold
 # ------------------------------------------------------------------------------------------- shipped
 
 
-SHIPPED = recipe.SHIPPED_CONTROLNET
+SHIPPED = EMBEDDED_CONTROLNET
 
 
 def test_the_shipped_controlnet_is_small_and_in_diffusers_format():

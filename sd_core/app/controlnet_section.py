@@ -26,7 +26,7 @@ from sd_core.pipelines.control_images import PREPROCESSORS, preprocess_control_i
 from sd_core.pipelines.metadata import controlnet_model_label, read_png_parameters
 from sd_core.pipelines.sampling import dtype_of
 
-EMBEDDED_CONTROLNETS = {"embedded: shapes-controlnet": catalog.WEIGHTS / "shapes-controlnet"}
+EMBEDDED_CONTROLNETS = {"embedded: shapes-controlnet": catalog.EMBEDDED_CONTROLNET}
 NONE = [("none", "")]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 WEIGHTS = Path(__file__).parents[1] / "weights"
 EMBEDDED_TEXT_TO_IMAGE = WEIGHTS / "shapes-sd"  # the models sd_core trains and ships (python -m sd_core.training)
 EMBEDDED_DIT = WEIGHTS / "shapes-dit"
+EMBEDDED_CONTROLNET = WEIGHTS / "shapes-controlnet"  # outline -> shape, for EMBEDDED_TEXT_TO_IMAGE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sd_core.checkpoints.catalog import EMBEDDED_GUIDANCE, EMBEDDED_STEPS, WEIGHTS
+from sd_core.checkpoints.catalog import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
 from sd_core.checkpoints.controlnet import load_controlnet, save_controlnet
 from sd_core.checkpoints.loading import load_pipeline
 from sd_core.models.controlnet import ControlNetModel
@@ -28,7 +28,6 @@ from sd_core.training import shapes_dataset as shapes
 from sd_core.training.loop import Run, train
 from sd_core.training.recipes import denoising_loss, ema_model, encode_latents, posterior_noise, to_tensor
 
-SHIPPED_CONTROLNET = WEIGHTS / "shapes-controlnet"  # the app's embedded ControlNet for the shapes model
 # The hint encoder's widths: three, so its two stride-2 convs take the 64 px outline to the 16x16 latent.
 HINT_WIDTHS = (16, 32, 64)
 # A short run: an EMA over ~200 steps follows a ControlNet that learns its task suddenly (the paper's
