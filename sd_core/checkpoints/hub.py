@@ -109,15 +109,23 @@ def resolve(repo_id: str, revision: str | None) -> tuple[str, dict]:
     return info.sha, {sibling.rfilename: sibling.size for sibling in info.siblings}
 
 
+def root_json(repo_id: str, name: str, commit: str, sizes: dict, missing: str) -> tuple[Path, dict]:
+    """A JSON file at the repo's root (model_index.json, config.json), fetched into the cache and read; `missing`
+    is the message when the commit has none."""
+    if name not in sizes:
+        raise CheckpointError(missing)
+    path = Path(hf_hub_download(repo_id, name, revision=commit))
+    return path, json.loads(path.read_text())
+
+
 def plan(repo_id: str, variant, revision) -> tuple[str, Path, list[tuple[str, int]]]:
     """(commit, its local snapshot folder, [(path, size)] to fetch); reads model_index.json into the cache."""
     with hub_errors(repo_id):
         commit, sizes = resolve(repo_id, revision)
-        if "model_index.json" not in sizes:
-            raise CheckpointError(f"{repo_id} has no model_index.json, so it is not a diffusers pipeline repo. "
-                                  f"Download its single .safetensors checkpoint and pass that file instead.")
-        index_path = Path(hf_hub_download(repo_id, "model_index.json", revision=commit))
-        files = select_files(repo_id, json.loads(index_path.read_text()), variant, commit, sizes)
+        index_path, index = root_json(repo_id, "model_index.json", commit, sizes,
+                                      f"{repo_id} has no model_index.json, so it is not a diffusers pipeline repo. "
+                                      f"Download its single .safetensors checkpoint and pass that file instead.")
+        files = select_files(repo_id, index, variant, commit, sizes)
     return commit, index_path.parent, [(path, sizes[path]) for path in files]
 
 
@@ -126,11 +134,10 @@ def plan_model(repo_id: str, class_name: str, variant, revision) -> tuple[str, P
     before any weights are chosen."""
     with hub_errors(repo_id):
         commit, sizes = resolve(repo_id, revision)
-        if "config.json" not in sizes:
-            raise CheckpointError(f"{repo_id} has no config.json at its root, so it is not a diffusers {class_name} "
-                                  f"repo. Download its .safetensors file and pass that file instead.")
-        config_path = Path(hf_hub_download(repo_id, "config.json", revision=commit))
-        found = json.loads(config_path.read_text()).get("_class_name")
+        config_path, config = root_json(repo_id, "config.json", commit, sizes,
+                                        f"{repo_id} has no config.json at its root, so it is not a diffusers "
+                                        f"{class_name} repo. Download its .safetensors file and pass that file instead.")
+        found = config.get("_class_name")
         if found != class_name:
             raise CheckpointError(f"{repo_id} holds a {found or 'model of no named class'}, not a {class_name}; "
                                   f"pass a {class_name} repo.")
