@@ -103,7 +103,7 @@ class App:
             os.mkfifo(self.models / "fifo.safetensors")
         (folder / "launcher.py").write_text(AUDIT_LAUNCHER)
         self.log = folder / "opened.log"
-        self.process, self.url, self.crashes = None, None, 0
+        self.process, self.url, self.crashes, self.mask = None, None, 0, None
 
     def start(self):
         port = free_port()
@@ -166,7 +166,7 @@ def as_file(app: App, component: str, upload: dict):
     """An upload as the component takes it; the image editor's gets a painted layer (a square to repaint)."""
     if component != "Imageeditor":
         return upload
-    if "mask" not in app.__dict__:
+    if app.mask is None:
         painted = np.zeros((64, 64, 4), np.uint8)
         painted[16:48, 16:48] = 255
         app.mask = app.upload("mask.png", png_bytes(painted))
