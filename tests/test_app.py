@@ -552,7 +552,7 @@ def test_loras_and_embeddings_are_found_under_the_model_roots_and_apply_per_requ
         run(lora_2="loras: ../../etc/passwd")
     with pytest.raises(gr.Error, match="fast path does not combine with LoRAs"):
         run(lora_1="loras: loras/style.safetensors", fast=True)
-    with pytest.raises(gr.Error, match="the scale of loras: detail.safetensors must be a number from -4 to 4; got nan"):
+    with pytest.raises(gr.Error, match="lora_2_scale must be a number from -4 to 4; got nan"):  # the form's name for it
         run(lora_2="loras: detail.safetensors", lora_2_scale=float("nan"))
 
 
