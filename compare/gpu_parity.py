@@ -20,7 +20,9 @@ from sd_core.models import presets
 from sd_core.models.dit import DiTTransformer2DModel, dit_config
 from sd_core.models.unet import UNet2DConditionModel
 
-from .benchmark import EMBEDDED_PROMPT, sd15_diffusers_pipeline, sd_core_twin, twin, unet_inputs
+from .benchmark import unet_inputs
+from .pipeline_pairs import EMBEDDED_PROMPT, sd15_diffusers_pipeline, sd_core_twin
+from .twins import twin
 from .measure import DTYPES, device
 
 CONTEXT_WIDTH = {"sd15": 768, "sdxl": 2048}
