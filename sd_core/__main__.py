@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from sd_core import lab_cli
+from sd_core.controlnet_cli import controlnet_argument, controlnets_of
 from sd_core.checkpoints import catalog
 from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
-from sd_core.checkpoints.controlnet import load_controlnet
 from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.loading import DTYPES, load_pipeline
 from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
@@ -26,9 +26,8 @@ from sd_core.pipelines.dit_sampling import generate_dit
 from sd_core.pipelines.control_images import PREPROCESSORS
 from sd_core.pipelines.generate import customize, generate, image_seeds, refine_run, vae_roundtrip
 from sd_core.pipelines.image_io import save_image
-from sd_core.pipelines.offload import enable_model_cpu_offload, execution_device
+from sd_core.pipelines.offload import enable_model_cpu_offload
 from sd_core.pipelines.prompt_syntax import count_chunks
-from sd_core.pipelines.sampling import dtype_of
 from sd_core.pipelines.settings import PROMPT_SYNTAXES, DiTSettings, GenerationSettings
 from sd_core.pipelines.work import WorkLimits, check_request
 from sd_core.schedulers import SCHEDULER_NAMES
@@ -62,55 +61,6 @@ def lora_argument(text: str) -> tuple[str, float]:
     if not colon or not path or value is None or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"--lora takes FILE:SCALE, e.g. style.safetensors:0.8; got {text!r}.")
     return path, value
-
-
-def controlnet_argument(text: str) -> tuple[str, str, float]:
-    """MODEL:IMAGE[:SCALE]: a trailing number is the scale (default 1), the image follows the last colon before it."""
-    rest, colon, last = text.rpartition(":")
-    try:
-        scale = float(last) if colon else None
-    except ValueError:
-        scale = None
-    if scale is None or not math.isfinite(scale):
-        rest, scale = text, 1.0
-    model, colon, image = rest.rpartition(":")
-    if not colon or not model or not image:
-        raise argparse.ArgumentTypeError(f"--controlnet takes MODEL:IMAGE[:SCALE], e.g. control_sd15_canny:edges.png"
-                                         f":0.8; got {text!r}.")
-    return model, image, scale
-
-
-def per_controlnet(values: list, count: int, default, flag: str) -> list:
-    """A ControlNet option given once (for every ControlNet) or once per --controlnet, in their order."""
-    values = values or [default]
-    if len(values) not in (1, count):
-        raise ValueError(f"{flag} was given {len(values)} times for {count} --controlnet; give it once (for all) or "
-                         f"once per --controlnet.")
-    return values * count if len(values) == 1 else values
-
-
-def controlnets_of(args, pipe) -> tuple[list, list]:
-    """(the record's controlnets entries, the (ControlNetModel, image) pairs beside it) of the --controlnet flags;
-    each ControlNet is loaded and checked against the model's UNet before any step."""
-    count = len(args.controlnet)
-    if not count:
-        if args.preprocessor or args.control_start or args.control_end or args.guess_mode:
-            raise ValueError("--preprocessor, --control-start, --control-end and --guess-mode need --controlnet.")
-        return [], []
-    if args.refiner or args.fast or args.deepcache or args.compile:
-        raise ValueError("--controlnet runs on the parity path without a refiner; drop --refiner, --fast, "
-                         "--deepcache and --compile.")
-    options = zip(per_controlnet(args.preprocessor, count, "none", "--preprocessor"),
-                  per_controlnet(args.control_start, count, 0.0, "--control-start"),
-                  per_controlnet(args.control_end, count, 1.0, "--control-end"))
-    entries, control = [], []
-    for (model, image, scale), (preprocessor, start, end) in zip(args.controlnet, options):
-        controlnet = load_controlnet(model, dtype=dtype_of(pipe.unet), device=execution_device(pipe.unet),
-                                     allow_pickle=args.allow_pickle)
-        controlnet.check_fits(pipe.unet)
-        entries.append((model, preprocessor, scale, start, end))
-        control.append((controlnet, image))
-    return entries, control
 
 
 def finite_float(text: str) -> float:
