@@ -648,7 +648,7 @@ def test_a_link_restores_only_through_the_forms_bounds_and_says_why_as_text(monk
                            ("width=99999", "width must be a whole number from 8 to 1024"),
                            ("seed=1e400", "seed must be a whole number from 0 to 4294967295"),
                            ("seed=" + "9" * 70, "seed must be a whole number"),
-                           ("lora_1=x&lora_1_scale=1e308", "the scale of x must be a number from -4 to 4"),
+                           ("lora_1=x&lora_1_scale=1e308", "lora_1_scale must be a number from -4 to 4"),
                            ("prompt=%3Cimg%20src%3Dhttp%3A%2F%2Fx%2Fa.png%3E&steps=0", "steps must be")]:
         warnings.clear()
         updates = load.fn(FakeRequest("tab=text_to_image&" + query))

@@ -75,7 +75,8 @@ def editor(path) -> dict:
 
 
 def test_the_controlnets_folder_is_offered_with_folders_and_files_and_never_a_link_out_of_the_root(offered):
-    assert controlnet_section.controlnet_choices() == [("none", ""), (CANNY, CANNY), (
+    shipped = ("embedded: shapes-controlnet",) * 2  # the embedded ControlNet comes first, then the root's
+    assert controlnet_section.controlnet_choices() == [("none", ""), shipped, (CANNY, CANNY), (
         "controlnets: controlnets/lines.safetensors", "controlnets: controlnets/lines.safetensors")]
     with pytest.raises(gr.Error, match="not one of the offered ControlNets"):
         controlnet_section.controlnet_path("controlnets: controlnets/elsewhere")

@@ -29,9 +29,9 @@ PARAMETERS = {
                      "long prompts)",
     "clip_skip": "use the text encoder's layer this many before its usual one (0: the usual; A1111's 2 is 1)",
     "lora_1": "a LoRA file the server offers ('' for none)",
-    "lora_1_scale": "the first LoRA's strength (-2 to 2)",
+    "lora_1_scale": "the first LoRA's strength (-4 to 4)",
     "lora_2": "a second LoRA file the server offers ('' for none)",
-    "lora_2_scale": "the second LoRA's strength (-2 to 2)",
+    "lora_2_scale": "the second LoRA's strength (-4 to 4)",
     "embeddings": "textual-inversion embeddings the server offers; write each one's file name in the prompt",
     "refiner": "an SDXL refiner to finish an SDXL base model's image ('' for none)",
     "high_noise_frac": "with a refiner: the share of the noise schedule the base model runs (0.05-0.95)",
@@ -60,7 +60,18 @@ PARAMETERS = {
     "samplers": f"samplers to chart, from {', '.join(SCHEDULER_NAMES)}",
     "spacing": "timestep spacing: 'leading', 'trailing', 'linspace', or 'default' for the model's own",
     "karras": "true: Karras noise levels (for euler, dpmpp_2m, heun and lms)",
+    "parity_grid": "true: also run every cell through diffusers on the same weights and mark it PASS/FAIL",
+    "guess_mode": "true: the ControlNets see only the prompt's half of the guidance batch (diffusers' guess mode)",
 }
+for slot in (1, 2):
+    PARAMETERS.update({
+        f"controlnet_{slot}": f"ControlNet {slot}: a ControlNet the server offers ('' for none)",
+        f"controlnet_{slot}_image": f"ControlNet {slot}'s control image or sketch: {IMAGE}",
+        f"controlnet_{slot}_preprocessor": f"what makes ControlNet {slot}'s control image: 'none' (the image is the "
+                                           "map), 'canny' (edges) or 'invert' (dark lines on light)",
+        f"controlnet_{slot}_scale": f"ControlNet {slot}'s weight (0 to 2)",
+        f"controlnet_{slot}_start": f"the share of the steps after which ControlNet {slot} starts acting (0 to 1)",
+        f"controlnet_{slot}_end": f"the share of the steps after which ControlNet {slot} stops acting (0 to 1)"})
 
 
 def documented(fn):
