@@ -15,7 +15,7 @@ from sd_core.schedulers import make_scheduler
 from sd_core.training import controlnet as recipe
 from sd_core.training import shapes_dataset as shapes
 from sd_core.training.loop import Run
-from sd_core.training.recipes import main as training_cli
+from sd_core.training.__main__ import main as training_cli
 from tests.helpers import assert_images_match
 
 
