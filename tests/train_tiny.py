@@ -5,6 +5,7 @@ import sys
 import torch
 
 from sd_core.training import recipes as train
+from sd_core.training.__main__ import main
 from tests.test_train import TINY_DIT, TINY_TEXT, TINY_UNET, TINY_VAE
 
 if __name__ == "__main__":
@@ -13,4 +14,4 @@ if __name__ == "__main__":
     train.TEXT_ENCODER_CONFIG.update(TINY_TEXT)
     train.UNET_CONFIG.update(TINY_UNET)
     train.DIT_CONFIG.update(TINY_DIT)
-    train.main(sys.argv[1:])
+    main(sys.argv[1:])
