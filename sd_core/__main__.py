@@ -162,6 +162,12 @@ def warn_unknown_words(source, prompts: list[str]):
 def run_generate(args):
     if args.prompts is not None and args.controlnet:
         raise ValueError("--controlnet does not go with --prompts (a prompt file); run generate once per image.")
+    if args.prompts is not None and fast_flags(args):
+        raise ValueError(f"A prompt file (--prompts) runs the parity path; drop {', '.join(fast_flags(args))}, or "
+                         f"generate one prompt at a time with them.")
+    if args.controlnet and (args.refiner or fast_flags(args)):
+        raise ValueError(f"--controlnet runs on the parity path without a refiner; drop "
+                         f"{', '.join((['--refiner'] if args.refiner else []) + fast_flags(args))}.")
     if args.prompts is not None:  # a prompt file: many images, on any number of processes (sd_core.training.batch)
         from sd_core.training import batch
         return batch.run(args)
@@ -184,7 +190,8 @@ def run_generate(args):
         seed=args.seed, images_per_prompt=args.batch, seed_per_image=True, prompt_syntax=args.prompt_syntax,
         clip_skip=args.clip_skip, height=args.height, width=args.width, loras=args.lora, embeddings=args.embedding,
         strength=strength if args.init_image else None, refiner=args.refiner, high_noise_frac=args.high_noise_frac,
-        fast=bool(args.fast or args.deepcache or args.compile), deepcache=args.deepcache or 0,
+        fast=bool(fast_flags(args)),
+        deepcache=args.deepcache or 0, guidance_until=args.guidance_until, tgate=args.tgate,
         controlnets=controlnets, guess_mode=args.guess_mode))
     check_generate_work(args, pipe, settings)
     tokens = customize(pipe, settings.loras, settings.embeddings, allow_pickle=args.allow_pickle)
@@ -197,8 +204,10 @@ def run_generate(args):
         inputs = dict(image=args.init_image, mask=args.mask, control=control,
                       callback=progress_callback(steps_to_run(settings.steps, strength if args.init_image else 1.0)))
         if settings.fast:  # the opt-in fast path, never the parity one
+            from sd_core.fast.options import asked_by
             from sd_core.fast.pipeline import make_fast
-            result = make_fast(pipe, deepcache=settings.deepcache, compile=args.compile).generate(settings, **inputs)
+            fast = make_fast(pipe, **asked_by(settings), compile=args.compile or args.freeze, freeze=args.freeze)
+            result = fast.generate(settings, **inputs)
         else:
             result = generate(pipe, settings, **inputs)
     write(result.images, output, seeds_of(result))
@@ -258,6 +267,14 @@ def common_arguments(p, default_steps):
                    "-0, -1, ... (default: outputs/<command>-<n>.png)")
 
 
+FAST_FLAGS = ("fast", "deepcache", "compile", "freeze", "guidance_until", "tgate")  # each one turns the fast path on
+
+
+def fast_flags(args) -> list[str]:
+    """The fast-path flags given on the command line."""
+    return [f"--{name.replace('_', '-')}" for name in FAST_FLAGS if getattr(args, name)]
+
+
 def fast_and_batch_arguments(g):
     """generate's fast path, and its prompt files (many images, resumable)."""
     g.add_argument("--fast", action="store_true", help="the fast path: channels-last, bf16 where the hardware "
@@ -265,6 +282,12 @@ def fast_and_batch_arguments(g):
     g.add_argument("--deepcache", type=int, default=0, metavar="N",
                    help="fast path: run the whole UNet every N steps, reuse its deep features between (2-3)")
     g.add_argument("--compile", action="store_true", help="fast path: torch.compile the UNet (slow first run)")
+    g.add_argument("--freeze", action="store_true", help="fast path: --compile with inductor's weight freezing "
+                   "(weights folded in and prepacked; the slowest first run, the fastest after)")
+    g.add_argument("--guidance-until", type=finite_float, metavar="SHARE", help="fast path: guide only this share of "
+                   "the noise schedule (e.g. 0.7), the prompt's pass alone after it")
+    g.add_argument("--tgate", type=finite_float, metavar="SHARE", help="fast path: T-GATE, freeze cross-attention "
+                   "(and stop guidance) after this share of the noise schedule (e.g. 0.5)")
     g.add_argument("--prompts", type=Path, help="a file of prompts (one a line, or JSON lines); needs --out")
     g.add_argument("--out", type=Path, help="the folder --prompts writes 00000-00.png, ... to (resumable)")
     g.add_argument("--stop-after", type=int, help="with --prompts: each process stops after this many images")

@@ -41,9 +41,6 @@ def controlnets_of(args, pipe) -> tuple[list, list]:
         if args.preprocessor or args.control_start or args.control_end or args.guess_mode:
             raise ValueError("--preprocessor, --control-start, --control-end and --guess-mode need --controlnet.")
         return [], []
-    if args.refiner or args.fast or args.deepcache or args.compile:
-        raise ValueError("--controlnet runs on the parity path without a refiner; drop --refiner, --fast, "
-                         "--deepcache and --compile.")
     options = zip(per_controlnet(args.preprocessor, count, "none", "--preprocessor"),
                   per_controlnet(args.control_start, count, 0.0, "--control-start"),
                   per_controlnet(args.control_end, count, 1.0, "--control-end"))

@@ -85,16 +85,18 @@ def plot_pipelines(plot, pipe, source, load, args) -> dict:
 
 
 def fast_pipelines():
-    """fast_pipeline(pipe, settings) for DeepCache and ToMe cells: one FastPipeline per model and options."""
+    """fast_pipeline(pipe, settings) for fast-path cells: one FastPipeline per model and options."""
     # the fast path loads only when a cell takes it
+    from sd_core.fast.options import asked_by
     from sd_core.fast.pipeline import make_fast
 
     made = {}
 
     def fast_pipeline(pipe, settings):
-        key = (id(pipe), settings.deepcache, settings.tome)
+        options = asked_by(settings)
+        key = (id(pipe), *options.values())
         if key not in made:
-            made[key] = make_fast(pipe, deepcache=settings.deepcache, tome=settings.tome or None)
+            made[key] = make_fast(pipe, **options)
         return made[key]
     return fast_pipeline
 

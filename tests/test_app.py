@@ -30,6 +30,7 @@ from sd_core.app import model_choices as app_models
 from sd_core.app import parts as app_parts
 from sd_core.pipelines.textual_inversion import token_embedding
 from sd_core.pipelines.image_io import psnr
+from sd_core.pipelines.metadata import read_png_parameters
 
 compare = compare_tab.compare_handler(app.comparisons)
 
@@ -430,21 +431,25 @@ def test_the_fast_path_is_tagged_and_differs_from_the_parity_image_through_gradi
                   scheduler="ddim", number_of_images=1, api_name="/text_to_image")
     parity = np.asarray(Image.open(client.predict(**common)[0][0]["image"]))
     runs = {}
-    for deepcache, tome in ((0, 0.0), (3, 0.0), (0, 0.5)):
-        images, _, trajectory, parameters, link = client.predict(**common, fast=True, deepcache=deepcache, tome=tome,
+    for option, value in (("deepcache", 0), ("deepcache", 3), ("tome", 0.5), ("guidance_until", 0.7), ("tgate", 0.5)):
+        images, _, trajectory, parameters, link = client.predict(**common, fast=True, **{option: value},
                                                                  show_trajectory=True)
         image = Image.open(images[0]["image"])
-        tagged = json.loads(image.info["sd_core"])["fast"]
-        assert json.loads(parameters)["fast"] == tagged and "fast=True" in link and f"deepcache={deepcache}" in link
-        assert ("deepcache=3" in tagged) == (deepcache == 3) and ("tome=0.5" in tagged) == ("tome=0.5" in link) == (tome == 0.5)
+        recorded = json.loads(image.info["sd_core"])
+        tagged = recorded["fast"]
+        assert json.loads(parameters)["fast"] == tagged and "fast=True" in link
+        if value:  # named in the description, recorded, carried by the link, given back by PNG Info
+            assert f"{option}={value:g}" in tagged and recorded[option] == value and f"{option}={value}" in link
+            assert getattr(read_png_parameters(images[0]["image"]), option) == value
         assert len(trajectory) == 12
-        runs[deepcache, tome] = tagged, np.asarray(image.convert("RGB"))
-    for (deepcache, tome), (tagged, pixels) in runs.items():
-        print(f"fast deepcache={deepcache} tome={tome} ({tagged}): PSNR {psnr(pixels, parity):.1f} dB against the parity image")
+        runs[option, value] = tagged, np.asarray(image.convert("RGB"))
+    for (option, value), (tagged, pixels) in runs.items():
+        print(f"fast {option}={value} ({tagged}): PSNR {psnr(pixels, parity):.1f} dB against the parity image")
         assert psnr(pixels, parity) > FAST_MIN_PSNR
-    plain = runs[0, 0.0][1]
-    assert not any(np.array_equal(runs[key][1], other) for key in ((3, 0.0), (0, 0.5)) for other in (parity, plain))
-    if "bfloat16" in runs[0, 0.0][0]:  # the fast path chose bf16 on this machine; fp32 channels_last is within a level
+    plain = runs["deepcache", 0][1]
+    assert not any(np.array_equal(pixels, other) for key, (_, pixels) in runs.items() if key != ("deepcache", 0)
+                   for other in (parity, plain))
+    if "bfloat16" in runs["deepcache", 0][0]:  # the fast path chose bf16 on this machine; fp32 channels_last is within a level
         assert not np.array_equal(plain, parity)
     else:
         assert np.abs(plain.astype(int) - parity).max() <= 1

@@ -58,6 +58,8 @@ def test_prompt_file_errors_name_the_line(tmp_path):
         batch.read_prompts(tmp_path / "p.txt")
     with pytest.raises(ValueError, match="--prompts needs --out"):
         batch.run(arguments(prompts=tmp_path / "p.txt", out=None))
+    with pytest.raises(ValueError, match=r"prompt 0: a prompt file runs the parity path; remove \"fast\""):
+        batch.plan([{"prompt": "x", "fast": True, "tgate": 0.5}], {}, 0, 1)  # it would be tagged fast, made plain
 
 
 @pytest.fixture(scope="module")

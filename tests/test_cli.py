@@ -217,6 +217,18 @@ def test_fast_path_is_opt_in_and_says_so_in_the_image(tmp_path):
     assert "fast" not in json.loads(parity.info["sd_core"])
     assert "deepcache=2" in json.loads(fast.info["sd_core"])["fast"]
     assert np.asarray(parity).tolist() != np.asarray(fast).tolist()
+    assert main([*common, "--tgate", "0.5", "--guidance-until", "0.7", "-o", str(tmp_path / "gated.png")]) == 0
+    recorded = json.loads(Image.open(tmp_path / "gated.png").info["sd_core"])
+    assert "guidance_until=0.7,tgate=0.5" in recorded["fast"] and (recorded["tgate"], recorded["guidance_until"]) == (0.5, 0.7)
+    assert "deepcache" not in recorded  # only the options away from "off" are recorded
+
+
+def test_fast_flags_are_refused_where_the_parity_path_runs(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert main(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--tgate", "0.5"]) == 2
+    assert "A prompt file (--prompts) runs the parity path; drop --tgate" in capsys.readouterr().err
+    assert main(["generate", "x", "--guidance-until", "0", "-o", str(tmp_path / "x.png")]) == 2
+    assert "guidance_until must be a number from 0.05 to 1; got 0" in capsys.readouterr().err
 
 
 def test_a_size_far_from_the_trained_one_is_warned_naming_the_trained_size(tmp_path, capsys):

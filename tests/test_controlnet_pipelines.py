@@ -317,7 +317,8 @@ def test_cli_controlnet_mistakes_are_one_line_and_exit_2(folders, tmp_path, caps
     base = ["generate", "--model", str(sd), "x", "--steps", "1", "--height", "16", "--width", "16", "-o",
             str(tmp_path / "x.png")]
     cases = [(["--controlnet", f"{sdxl_controlnet}:{tmp_path / 'hint.png'}"], "Choose a ControlNet made for"),
-             (["--controlnet", f"{controlnet}:{tmp_path / 'hint.png'}", "--fast"], "drop --refiner, --fast"),
+             (["--controlnet", f"{controlnet}:{tmp_path / 'hint.png'}", "--fast", "--tgate", "0.5"],
+              r"parity path without a refiner; drop --fast, --tgate\.$"),
              (["--preprocessor", "canny"], "need --controlnet"),
              (["--controlnet", f"{controlnet}:{tmp_path / 'hint.png'}", "--control-end", "0.5", "--control-end", "1",
                "--control-end", "1"], "--control-end was given 3 times for 1 --controlnet"),

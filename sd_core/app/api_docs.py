@@ -38,6 +38,10 @@ PARAMETERS = {
     "fast": "true: the approximate fast path (its images differ slightly from the parity path's)",
     "deepcache": "fast path: run the whole UNet every N steps (0 off, 2 or 3)",
     "tome": "fast path: the share of tokens merged before self-attention (0 off, 0.5 or 0.75)",
+    "guidance_until": "fast path: the share of the noise schedule guided; the prompt's pass alone after it (1 off, "
+                      "0.8, 0.7 or 0.5)",
+    "tgate": "fast path: T-GATE, the share of the noise schedule after which cross-attention is frozen and guidance "
+             "stops (1 off, 0.8, 0.7 or 0.5)",
     "image": f"the starting image: {IMAGE}",
     "image_and_mask": "{'background': image file, 'layers': [mask image files: white or opaque pixels are "
                       "repainted], 'composite': null}",

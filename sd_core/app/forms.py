@@ -23,6 +23,7 @@ FORM_LIMITS = Limits(max_steps=100, max_side=1024, max_batch=8, max_prompt_chars
 MODEL_DEFAULT = "default"  # the scheduler choice meaning "the one the model's own scheduler config names"
 DEEPCACHE_CHOICES = [("off", 0), ("2", 2), ("3", 3)]
 TOME_CHOICES = [("off", 0.0), ("50%", 0.5), ("75%", 0.75)]
+SHARE_CHOICES = [("off", 1.0), ("80%", 0.8), ("70%", 0.7), ("50%", 0.5)]  # guidance_until, tgate: 1.0 is "off"
 LORA_SLOTS = (1, 2)
 CONTROLNET_SLOTS = tuple(range(1, FORM_LIMITS.max_controlnets + 1))
 CONTROLNET_FIELDS = ("preprocessor", "scale", "start", "end")  # controlnet_N_<field>, in the record's unit order
@@ -53,9 +54,11 @@ def settings_from_form(form: dict) -> GenerationSettings:
                                                          for field in CONTROLNET_FIELDS))
                              for i in CONTROLNET_SLOTS if form.get(f"controlnet_{i}")]
     fast = flag(values.get("fast"), "fast")  # off: its options are not recorded
-    deepcache = choice_of(values.get("deepcache") or 0, "deepcache", DEEPCACHE_CHOICES)  # checked, fast or not
-    tome = choice_of(values.get("tome") or 0.0, "tome", TOME_CHOICES)
-    values["deepcache"], values["tome"] = (deepcache, tome) if fast else (0, 0.0)
+    asked = {"deepcache": choice_of(values.get("deepcache") or 0, "deepcache", DEEPCACHE_CHOICES),  # checked, fast
+             "tome": choice_of(values.get("tome") or 0.0, "tome", TOME_CHOICES)}  # or not
+    for name in ("guidance_until", "tgate"):
+        asked[name] = choice_of(1.0 if values.get(name) is None else values[name], name, SHARE_CHOICES)
+    values.update(asked if fast else dict.fromkeys(asked) | {"deepcache": 0, "tome": 0.0})
     return GenerationSettings.from_values({**values, "seed_per_image": True}, FORM_LIMITS)
 
 

@@ -85,7 +85,7 @@ def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, 
             if second is not None:
                 work = functools.partial(refine_run, pipe, second, settings, callback)
             else:
-                run = fast_pipeline(pipe, settings.deepcache, settings.tome).generate if settings.fast else \
+                run = fast_pipeline(pipe, settings).generate if settings.fast else \
                     functools.partial(generate, pipe)
                 work = functools.partial(run, settings, image=image, mask=mask, callback=callback,
                                          **({"control": control} if control else {}))
@@ -119,15 +119,17 @@ def truncation_note(pipe, settings: GenerationSettings) -> str:
 def generate_images(model, prompt, negative_prompt, steps, guidance_scale, scheduler, width, height, seed,
                     number_of_images, show_trajectory=False, prompt_syntax="plain", clip_skip=0, lora_1=None,
                     lora_1_scale=1.0, lora_2=None, lora_2_scale=1.0, embeddings=None, refiner="",
-                    high_noise_frac=0.8, fast=False, deepcache=0, tome=0.0, controlnet_1="", controlnet_1_image=None,
+                    high_noise_frac=0.8, fast=False, deepcache=0, tome=0.0, guidance_until=1.0, tgate=1.0, controlnet_1="",
+                    controlnet_1_image=None,
                     controlnet_1_preprocessor="none", controlnet_1_scale=1.0, controlnet_1_start=0.0,
                     controlnet_1_end=1.0, controlnet_2="", controlnet_2_image=None, controlnet_2_preprocessor="none",
                     controlnet_2_scale=1.0, controlnet_2_start=0.0, controlnet_2_end=1.0, guess_mode=False,
                     progress=gr.Progress(),
                     request: gr.Request = None):
     """Text to image (an SDXL base model may hand its last steps to a refiner; `fast`: the approximate fast path,
-    its images' metadata says "fast", with DeepCache every `deepcache` steps, 0 off, and ToMe merging the `tome`
-    share of the top-resolution tokens, 0 off; `controlnet_N`: a ControlNet steering the image with
+    its images' metadata says "fast", with DeepCache every `deepcache` steps, 0 off, ToMe merging the `tome`
+    share of the top-resolution tokens, 0 off, guidance only for the `guidance_until` share of the schedule and
+    T-GATE freezing cross-attention after the `tgate` share, 1 off; `controlnet_N`: a ControlNet steering the image with
     `controlnet_N_image` through `controlnet_N_preprocessor`, at `controlnet_N_scale` from the `controlnet_N_start`
     to the `controlnet_N_end` share of the steps). Returns (images captioned with their seeds, seed used, trajectory
     of x0 previews, parameters as JSON, share link). Image k of a batch is drawn from seed + k."""

@@ -112,7 +112,7 @@ def xyz_handler(comparisons=None):
         if parity_grid:
             parity_comparisons(plot)  # a plot Compare cannot check is refused before any picture
         if isinstance(pipe, StableDiffusionPipeline):
-            run = xyz.sd_runner(pipe, models=pipes, fast_pipeline=lambda p, s: fast_pipeline(p, s.deepcache, s.tome))
+            run = xyz.sd_runner(pipe, models=pipes, fast_pipeline=fast_pipeline)
         else:
             run = xyz.dit_runner(pipe, pipes)
         pixels = max(cell_pixels(pipes.get(cell.model, pipe), cell) for cell in plot.cells)

@@ -18,7 +18,7 @@ from gradio import processing_utils
 from PIL import Image
 
 from sd_core.app.api_docs import documented
-from sd_core.app.forms import DEEPCACHE_CHOICES, FORM_LIMITS, MODEL_DEFAULT, TOME_CHOICES, choice_of, form_from_settings  # noqa: F401
+from sd_core.app.forms import DEEPCACHE_CHOICES, FORM_LIMITS, MODEL_DEFAULT, SHARE_CHOICES, TOME_CHOICES, choice_of, form_from_settings  # noqa: F401
 from sd_core.app.model_choices import (  # noqa: F401
     EMBEDDED,
     MODELS,
@@ -41,6 +41,7 @@ from sd_core.app.serving import (
 )
 from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
+from sd_core.fast.options import asked_by
 from sd_core.fast.pipeline import make_fast
 from sd_core.files import atomic_path
 from sd_core.pipelines import settings
@@ -267,11 +268,15 @@ def advanced_settings(refiners: list | None = None, fast: bool = False) -> list:
             with gr.Row():
                 components += [gr.Checkbox(False, label="Fast path (approximate)"),
                                numbers_choice(gr.Dropdown(DEEPCACHE_CHOICES, value=0, label="DeepCache interval")),
-                               numbers_choice(gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged"))]
+                               numbers_choice(gr.Dropdown(TOME_CHOICES, value=0.0, label="ToMe: tokens merged")),
+                               numbers_choice(gr.Dropdown(SHARE_CHOICES, value=1.0, label="Guidance until")),
+                               numbers_choice(gr.Dropdown(SHARE_CHOICES, value=1.0, label="T-GATE at (tgate)"))]
             gr.Markdown("The fast path is not the parity path: its images differ from diffusers' (see Compare: "
                         "fast_path). DeepCache N runs the full UNet every N steps; ToMe merges that share of the "
-                        "tokens before self-attention at the highest resolution (it pays from 512 px up). Neither "
-                        "combines with LoRAs.")
+                        "tokens before self-attention at the highest resolution (it pays from 512 px up). Guidance "
+                        "until: after that share of the noise schedule, the prompt's pass alone (no unconditional "
+                        "one). T-GATE at: after that share, cross-attention is frozen at its average and guidance "
+                        "stops. None combines with LoRAs; the Lab's X/Y/Z plot shows each one's effect.")
     return components
 
 
@@ -298,15 +303,16 @@ def tome_of(value) -> float | None:
     return choice_of(value or 0.0, "tome", TOME_CHOICES) or None
 
 
-def fast_pipeline(pipe, deepcache: int, tome: float = 0.0):
-    """The cached FastPipeline over `pipe` for these options (kept on the pipeline, so it goes when the model cache
-    releases the model; every one shares the same bf16 copies). DeepCache keeps state between steps: run it under
-    MODELS.using(pipe)."""
-    options = (deepcache_of(deepcache), tome_of(tome))
+def fast_pipeline(pipe, settings: GenerationSettings):
+    """The cached FastPipeline over `pipe` for the options `settings` asks for (kept on the pipeline, so it goes when
+    the model cache releases the model; every one shares the same bf16 copies). DeepCache, guidance truncation and
+    T-GATE keep state between steps: run it under MODELS.using(pipe)."""
+    options = asked_by(settings)
     made = pipe.__dict__.setdefault("app_fast", {})
-    if options not in made:
-        made[options] = make_fast(pipe, deepcache=options[0], tome=options[1])
-    return made[options]
+    key = tuple(options.values())
+    if key not in made:
+        made[key] = make_fast(pipe, **options)
+    return made[key]
 
 
 def bind_embeddings(pipe, choices):

@@ -27,6 +27,14 @@ class FastOptions:
     text_cache: int = 8  # prompts whose encodings are kept per text encoder (exact: the same tensors); 0: off
 
 
+def asked_by(settings) -> dict:
+    """The options a GenerationSettings' fast fields ask for, as make_fast() takes them (the record's "off" is 0 for
+    DeepCache and ToMe, 1.0 for the two shares of the schedule; FastOptions' is None)."""
+    return dict(deepcache=settings.deepcache, tome=settings.tome or None,
+                guidance_until=settings.guidance_until if settings.guidance_until < 1 else None,
+                tgate=settings.tgate if settings.tgate < 1 else None)
+
+
 def use_compile_cache():
     """Point inductor's on-disk cache at sd_core's (unless the user chose one), so a second process reuses the
     compiled kernels. Importing some libraries fills in torch's default (/tmp/torchinductor_$USER) early."""

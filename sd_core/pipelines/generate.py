@@ -48,7 +48,8 @@ from sd_core.schedulers import make_scheduler
 OUTPUT_TYPES = ("pil", "latent")
 SDXL_ONLY = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score",
              "denoising_start", "denoising_end", "high_noise_frac")
-APP_ONLY = ("loras", "embeddings", "refiner", "fast", "deepcache", "tome")  # recorded only when used
+FAST_ONLY = ("deepcache", "tome", "guidance_until", "tgate")  # the fast path's settings
+APP_ONLY = ("loras", "embeddings", "refiner", "fast") + FAST_ONLY  # recorded only when used
 CONTROL_ONLY = ("controlnets", "guess_mode")  # recorded only with a ControlNet
 
 
@@ -224,6 +225,9 @@ def run_parameters(pipe, ran: GenerationSettings, inpaint: bool = False) -> dict
     for key in ("loras", "embeddings", "refiner"):
         if getattr(ran, key):
             parameters[key] = ran.to_dict()[key]
+    if ran.fast:  # those away from "off", so PNG Info and share links give the same fast path back
+        default = GenerationSettings()
+        parameters.update({key: getattr(ran, key) for key in FAST_ONLY if getattr(ran, key) != getattr(default, key)})
     if ran.controlnets:  # named as the model is, never by a server's path
         parameters.update(controlnets=[[display_name(name), *rest] for name, *rest in ran.controlnets],
                           guess_mode=ran.guess_mode)

@@ -262,6 +262,8 @@ RULES: dict[str, Callable[[Any, str, Limits], Any]] = {
     "fast": lambda v, n, lim: flag(v, n),
     "deepcache": lambda v, n, lim: whole_number(v or 0, n, 0, 10),
     "tome": lambda v, n, lim: real_number(v or 0, n, 0, 0.9),
+    "guidance_until": lambda v, n, lim: real_number(1.0 if v is None else v, n, 0.05, 1),
+    "tgate": lambda v, n, lim: real_number(1.0 if v is None else v, n, 0.05, 1),
     "controlnets": controlnet_units,
     "guess_mode": lambda v, n, lim: flag(v, n),
     "class_labels": lambda v, n, lim: class_labels(v, n, lim),
@@ -337,6 +339,8 @@ class GenerationSettings(Record):
     fast: bool = False
     deepcache: int = 0
     tome: float = 0.0
+    guidance_until: float = 1.0  # fast path: the guided share of the noise schedule (1: all of it)
+    tgate: float = 1.0  # fast path: T-GATE, the share of the schedule before cross-attention is frozen (1: never)
     controlnets: tuple = ()  # ((name, preprocessor, scale, start, end), ...): the models and images come beside
     guess_mode: bool = False  # the ControlNets see only the prompt's half of the guidance batch
     model: str | None = None

@@ -89,6 +89,9 @@ def plan(lines: list[dict], defaults: dict, base_seed: int, images: int) -> list
             settings = GenerationSettings.from_values({**defaults, **line, "images_per_prompt": 1})
         except ValueError as error:
             raise ValueError(f"prompt {index}: {error}") from None
+        if settings.fast:  # its images would say "fast" and come from the parity path
+            raise ValueError(f"prompt {index}: a prompt file runs the parity path; remove \"fast\" (and its options) "
+                             f"from the line, or generate it alone with python -m sd_core generate --fast.")
         for image in range(count):
             seed = image_seed(base_seed, index, image, settings.seed)
             jobs.append(Job(index, image, settings.replace(seed=seed)))

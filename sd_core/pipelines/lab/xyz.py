@@ -127,6 +127,8 @@ SD_AXES = {option.label: option for option in [
     AxisOption("Denoising", float, field("strength")),
     AxisOption("DeepCache", int, field("deepcache", fast=True)),
     AxisOption("ToMe", float, field("tome", fast=True)),
+    AxisOption("Guidance until", float, field("guidance_until", fast=True)),
+    AxisOption("T-GATE", float, field("tgate", fast=True)),
 ]}
 DIT_AXES = {option.label: option for option in [
     AxisOption(NOTHING, str, lambda record, value, values: record),
@@ -269,7 +271,7 @@ def sd_runner(pipe, image=None, fast_pipeline: Callable | None = None, load_lora
     distinct prompt once per plot (a cell equals the same settings run alone, bit for bit). `models`: the
     pipelines the Model axis names (name -> pipeline, loaded by the caller's cache); a cell whose model is not
     among them runs on `pipe`. `image`: the start image for image to image (the Denoising axis). Fast-path cells
-    (DeepCache, ToMe) go through `fast_pipeline(pipe, settings)` (an sd_core.fast FastPipeline, which this layer
+    (DeepCache, ToMe, Guidance until, T-GATE) go through `fast_pipeline(pipe, settings)` (an sd_core.fast FastPipeline, which this layer
     cannot build itself); LoRAs are merged per cell from `load_lora(name)`."""
     cache, current = {}, {"loras": ()}
     answer = caching(cache, lambda: current["loras"])
@@ -289,7 +291,7 @@ def sd_runner(pipe, image=None, fast_pipeline: Callable | None = None, load_lora
                     views[id(cell_pipe)] = with_encoders(cell_pipe, answer)
                 return generate(views[id(cell_pipe)], settings, image=image, callback=callback)
             if fast_pipeline is None:
-                raise ValueError("DeepCache and ToMe cells run on the fast path: pass fast_pipeline= "
+                raise ValueError("Fast-path cells (DeepCache, ToMe, Guidance until, T-GATE) run on the fast path: pass fast_pipeline= "
                                  "(sd_core.fast.make_fast).")
             fast = fast_pipeline(cell_pipe, settings)
             return dataclasses.replace(fast, pipe=with_encoders(fast.pipe, answer)).generate(
