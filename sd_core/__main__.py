@@ -7,6 +7,7 @@ repainted) and SDXL's base + refiner ensemble (--refiner MODEL --high-noise-frac
 Images go to outputs/ unless -o names a file; steps and guidance default to the model's recommended settings
 (the catalog's for the models it lists, else the family's); a batch gives image k the seed S + k, as A1111 does."""
 import argparse
+import functools
 import itertools
 import math
 import sys
@@ -204,10 +205,7 @@ def run_generate(args):
         inputs = dict(image=args.init_image, mask=args.mask, control=control,
                       callback=progress_callback(steps_to_run(settings.steps, strength if args.init_image else 1.0)))
         if settings.fast:  # the opt-in fast path, never the parity one
-            from sd_core.fast.options import asked_by
-            from sd_core.fast.pipeline import make_fast
-            fast = make_fast(pipe, **asked_by(settings), compile=args.compile or args.freeze, freeze=args.freeze)
-            result = fast.generate(settings, **inputs)
+            result = run_fast(pipe, settings, args).generate(settings, **inputs)
         else:
             result = generate(pipe, settings, **inputs)
     write(result.images, output, seeds_of(result))
@@ -245,10 +243,12 @@ def run_dit(args):
         class_labels=[label for label in labels for _ in range(args.count)], seed=args.seed, seed_per_image=True,
         steps=defaults["steps"] if args.steps is None else args.steps, scheduler=args.scheduler,
         guidance_scale=defaults["guidance_scale"] if args.guidance is None else args.guidance,
-        guided_channels=args.guided_channels))
+        guided_channels=args.guided_channels, fast=bool(fast_flags(args)), dit_cache=args.dit_cache,
+        guidance_until=args.guidance_until))
     side = pipe.transformer.config.sample_size * pipe.vae.downscale_factor
     check_work(args, "dit", side, side, settings.steps, len(settings.class_labels))
-    result = generate_dit(pipe, settings, callback=progress_callback(settings.steps))
+    sample = run_fast(pipe, settings, args).generate_dit if settings.fast else functools.partial(generate_dit, pipe)
+    result = sample(settings, callback=progress_callback(settings.steps))
     write(result.images, output, seeds_of(result))
 
 
@@ -267,12 +267,35 @@ def common_arguments(p, default_steps):
                    "-0, -1, ... (default: outputs/<command>-<n>.png)")
 
 
-FAST_FLAGS = ("fast", "deepcache", "compile", "freeze", "guidance_until", "tgate")  # each one turns the fast path on
+FAST_FLAGS = ("fast", "deepcache", "dit_cache", "compile", "freeze", "guidance_until", "tgate")  # each turns it on
 
 
 def fast_flags(args) -> list[str]:
-    """The fast-path flags given on the command line."""
-    return [f"--{name.replace('_', '-')}" for name in FAST_FLAGS if getattr(args, name)]
+    """The fast-path flags given on the command line (generate's or dit's)."""
+    return [f"--{name.replace('_', '-')}" for name in FAST_FLAGS if getattr(args, name, None)]
+
+
+def run_fast(pipe, settings, args):
+    """make_fast() over `pipe` with the options `settings` asks for and the command line's compile flags."""
+    from sd_core.fast.options import asked_by
+    from sd_core.fast.pipeline import make_fast
+    return make_fast(pipe, **asked_by(settings), compile=args.compile or args.freeze, freeze=args.freeze)
+
+
+def guidance_until_argument(g):
+    g.add_argument("--guidance-until", type=finite_float, metavar="SHARE", help="fast path: guide only this share of "
+                   "the noise schedule (e.g. 0.7), the conditional pass alone after it")
+
+
+def dit_fast_arguments(d):
+    """dit's fast path: FORA, guidance truncation, compile."""
+    d.add_argument("--fast", action="store_true", help="the fast path: bf16 where the hardware has it; images close "
+                   "to, not equal to, the parity path's")
+    d.add_argument("--dit-cache", type=int, default=0, metavar="N", help="fast path: FORA, recompute the "
+                   "transformer's blocks every N steps and reuse their outputs between (2-3)")
+    guidance_until_argument(d)
+    d.add_argument("--compile", action="store_true", help="fast path: torch.compile the transformer (slow first run)")
+    d.add_argument("--freeze", action="store_true", help="fast path: --compile with inductor's weight freezing")
 
 
 def fast_and_batch_arguments(g):
@@ -284,8 +307,7 @@ def fast_and_batch_arguments(g):
     g.add_argument("--compile", action="store_true", help="fast path: torch.compile the UNet (slow first run)")
     g.add_argument("--freeze", action="store_true", help="fast path: --compile with inductor's weight freezing "
                    "(weights folded in and prepacked; the slowest first run, the fastest after)")
-    g.add_argument("--guidance-until", type=finite_float, metavar="SHARE", help="fast path: guide only this share of "
-                   "the noise schedule (e.g. 0.7), the prompt's pass alone after it")
+    guidance_until_argument(g)
     g.add_argument("--tgate", type=finite_float, metavar="SHARE", help="fast path: T-GATE, freeze cross-attention "
                    "(and stop guidance) after this share of the noise schedule (e.g. 0.5)")
     g.add_argument("--prompts", type=Path, help="a file of prompts (one a line, or JSON lines); needs --out")
@@ -371,6 +393,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--guidance", type=finite_float, help="guidance scale (default: the model's recommended one)")
     d.add_argument("--guided-channels", choices=["all", "first3"], default="all")
     force_argument(d)
+    dit_fast_arguments(d)
     common_arguments(d, None)
     d.set_defaults(run=run_dit)
     lab_cli.add_commands(commands, common_arguments, load, resolve_output)  # xyz, attention (sd_core.lab_cli)

@@ -94,7 +94,7 @@ def fast_pipelines():
 
     def fast_pipeline(pipe, settings):
         options = asked_by(settings)
-        key = (id(pipe), *options.values())
+        key = (id(pipe), *sorted(options.items()))
         if key not in made:
             made[key] = make_fast(pipe, **options)
         return made[key]
@@ -114,7 +114,7 @@ def run_xyz(args, load, output: Path):
     plot = xyz.plan(base, (args.x_type, args.x_values), (args.y_type, args.y_values), (args.z_type, args.z_values))
     pipes = plot_pipelines(plot, pipe, source, load, args)
     if isinstance(pipe, DiTPipeline):
-        run = xyz.dit_runner(pipe, pipes)
+        run = xyz.dit_runner(pipe, pipes, fast_pipeline=fast_pipelines())
     else:
         run = xyz.sd_runner(pipe, image=args.init_image, fast_pipeline=fast_pipelines(), models=pipes)
     result = xyz.run_plot(plot, run, progress)

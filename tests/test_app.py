@@ -321,7 +321,25 @@ def test_a_share_link_made_after_a_run_restores_the_tab_model_and_settings(clien
     assert used == seed and np.array_equal(np.asarray(gallery[0][0]), np.asarray(Image.open(images[0]["image"])))
     dit_link = client.predict(DIT, "green square", 2.5, 4, "ddim", 9, 1, "first3", api_name="/dit_sample")[2]
     updates = load.fn(FakeRequest(dit_link.split("?", 1)[1].rstrip(")")))
-    assert updates[0].selected == "dit" and updates[-12:-4] == [DIT, "green square", 2.5, 4, "ddim", 9, 1, "first3"]
+    assert updates[0].selected == "dit"
+    assert updates[-15:-4] == [DIT, "green square", 2.5, 4, "ddim", 9, 1, "first3", False, 0, 1.0]
+
+
+def test_the_dit_fast_path_is_recorded_and_given_back_by_its_link_and_png_info(client):
+    images, _, link, _ = client.predict(model=DIT, class_label="red circle", steps=6, seed=3, number_of_images=1,
+                                        fast=True, dit_cache=2, guidance_until=0.7, api_name="/dit_sample")
+    recorded = json.loads(Image.open(images[0]["image"]).info["sd_core"])
+    assert "dit_cache=2,guidance_until=0.7" in recorded["fast"] and (recorded["dit_cache"], recorded["guidance_until"]) == (2, 0.7)
+    settings = read_png_parameters(images[0]["image"])
+    assert (settings.fast, settings.dit_cache, settings.guidance_until) == (True, 2, 0.7)
+    load = next(d for d in app.build().fns.values() if d.name == "on_load")
+    updates = load.fn(FakeRequest(link.split("?", 1)[1].rstrip(")")))
+    assert updates[0].selected == "dit" and updates[-7:-4] == [True, 2, 0.7]
+    plain = client.predict(model=DIT, class_label="red circle", steps=6, seed=3, number_of_images=1,
+                           dit_cache=2, api_name="/dit_sample")[0]  # fast off: its options are not used or recorded
+    assert "fast" not in json.loads(Image.open(plain[0]["image"]).info["sd_core"])
+    with pytest.raises(Exception, match=r"dit_cache must be one of 0, 2, 3; got 5"):
+        client.predict(model=DIT, class_label="red circle", fast=True, dit_cache=5, api_name="/dit_sample")
 
 
 def test_the_first_page_shows_a_picture_and_a_bad_link_value_is_ignored():

@@ -46,6 +46,9 @@ def test_vae_and_dit_commands(folders, tmp_path, capsys):
     assert main(["dit", "--model", str(dit), "class 2", "7", "--steps", "3", "--guidance", "1", "--seed", "0",
                  "-o", str(tmp_path / "d.png")]) == 0
     assert (tmp_path / "d-0.png").is_file() and (tmp_path / "d-1.png").is_file()
+    assert main(["dit", "red circle", "--steps", "4", "--seed", "0", "--dit-cache", "2", "-o", str(tmp_path / "f.png")]) == 0
+    recorded = json.loads(Image.open(tmp_path / "f.png").info["sd_core"])
+    assert "dit_cache=2" in recorded["fast"] and recorded["dit_cache"] == 2
 
 
 def test_cli_errors_are_one_line_and_exit_2(folders, tmp_path, capsys):

@@ -93,6 +93,8 @@ def test_axes_change_the_record_through_its_fields_and_the_server_limits():
     assert xyz.plan(base, ("DeepCache", "2")).cells[0].fast
     gated = xyz.plan(base, ("T-GATE", "0.5, 1"), ("Guidance until", "0.7"))
     assert [(c.fast, c.tgate, c.guidance_until) for c in gated.cells] == [(True, 0.5, 0.7), (True, 1.0, 0.7)]
+    fora = xyz.plan(DiTSettings(class_labels=("red circle",)), ("FORA", "0, 2"))
+    assert [(c.fast, c.dit_cache) for c in fora.cells] == [(True, 0), (True, 2)]
     assert all(c.seed is not None for c in plot.cells)  # a seed left to chance is drawn once, for every cell
     with pytest.raises(ValueError, match="steps must be a whole number from 1 to 100; got 200"):
         xyz.plan(base, ("Steps", "50, 200"), limits=xyz.Limits(max_steps=100))

@@ -42,6 +42,8 @@ PARAMETERS = {
                       "0.8, 0.7 or 0.5)",
     "tgate": "fast path: T-GATE, the share of the noise schedule after which cross-attention is frozen and guidance "
              "stops (1 off, 0.8, 0.7 or 0.5)",
+    "dit_cache": "fast path: FORA, the DiT's blocks recomputed every N steps, their outputs reused between (0 off, 2 "
+                 "or 3)",
     "image": f"the starting image: {IMAGE}",
     "image_and_mask": "{'background': image file, 'layers': [mask image files: white or opaque pixels are "
                       "repainted], 'composite': null}",

@@ -24,6 +24,9 @@ MODEL_DEFAULT = "default"  # the scheduler choice meaning "the one the model's o
 DEEPCACHE_CHOICES = [("off", 0), ("2", 2), ("3", 3)]
 TOME_CHOICES = [("off", 0.0), ("50%", 0.5), ("75%", 0.75)]
 SHARE_CHOICES = [("off", 1.0), ("80%", 0.8), ("70%", 0.7), ("50%", 0.5)]  # guidance_until, tgate: 1.0 is "off"
+SD_FAST = {"deepcache": (0, DEEPCACHE_CHOICES), "tome": (0.0, TOME_CHOICES), "guidance_until": (1.0, SHARE_CHOICES),
+           "tgate": (1.0, SHARE_CHOICES)}  # field -> (off, the dropdown's choices)
+DIT_FAST = {"dit_cache": (0, DEEPCACHE_CHOICES), "guidance_until": (1.0, SHARE_CHOICES)}
 LORA_SLOTS = (1, 2)
 CONTROLNET_SLOTS = tuple(range(1, FORM_LIMITS.max_controlnets + 1))
 CONTROLNET_FIELDS = ("preprocessor", "scale", "start", "end")  # controlnet_N_<field>, in the record's unit order
@@ -40,6 +43,15 @@ def choice_of(value, name: str, choices: list):
     return one_of(value, name, [str(v) for v in values])
 
 
+def fast_values(values: dict, fields: dict) -> dict:
+    """The fast path's form values, each checked against its dropdown's choices whether or not `fast` is on; all
+    "off" unless it is (what is off is not recorded)."""
+    fast = flag(values.get("fast"), "fast")
+    asked = {name: choice_of(off if values.get(name) in (None, "") else values[name], name, choices)
+             for name, (off, choices) in fields.items()}
+    return {"fast": fast, **(asked if fast else {name: off for name, (off, _) in fields.items()})}
+
+
 def settings_from_form(form: dict) -> GenerationSettings:
     """The record of a Text to image / Image to image / Inpaint form (or API call, or share link)."""
     values = {key: value for key, value in form.items()
@@ -53,12 +65,7 @@ def settings_from_form(form: dict) -> GenerationSettings:
     values["controlnets"] = [(form[f"controlnet_{i}"], *(controlnet_field(form, i, field)
                                                          for field in CONTROLNET_FIELDS))
                              for i in CONTROLNET_SLOTS if form.get(f"controlnet_{i}")]
-    fast = flag(values.get("fast"), "fast")  # off: its options are not recorded
-    asked = {"deepcache": choice_of(values.get("deepcache") or 0, "deepcache", DEEPCACHE_CHOICES),  # checked, fast
-             "tome": choice_of(values.get("tome") or 0.0, "tome", TOME_CHOICES)}  # or not
-    for name in ("guidance_until", "tgate"):
-        asked[name] = choice_of(1.0 if values.get(name) is None else values[name], name, SHARE_CHOICES)
-    values.update(asked if fast else dict.fromkeys(asked) | {"deepcache": 0, "tome": 0.0})
+    values.update(fast_values(values, SD_FAST))
     return GenerationSettings.from_values({**values, "seed_per_image": True}, FORM_LIMITS)
 
 
@@ -91,6 +98,7 @@ def dit_settings_from_form(form: dict) -> DiTSettings:
         values["scheduler"] = None
     label = form.get("class_label")
     values["class_labels"] = [label if isinstance(label, int) else str(label)] * count
+    values.update(fast_values(values, DIT_FAST))
     return DiTSettings.from_values({**values, "seed_per_image": True}, FORM_LIMITS)
 
 

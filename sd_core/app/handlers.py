@@ -203,9 +203,10 @@ def roundtrip(model, image, sample_posterior=False, seed=0):
 
 @handler
 def sample_dit(model, class_label, guidance_scale, steps, scheduler, seed, number_of_images, guided_channels="all",
-               progress=gr.Progress(), request: gr.Request = None):
-    """DiT class-conditional sampling. Returns (images captioned with their seeds, seed used, share link,
-    the timestep semantics that ran)."""
+               fast=False, dit_cache=0, guidance_until=1.0, progress=gr.Progress(), request: gr.Request = None):
+    """DiT class-conditional sampling (`fast`: the approximate fast path, with FORA recomputing the blocks every
+    `dit_cache` steps, 0 off, and guidance only for the `guidance_until` share of the schedule, 1 off). Returns
+    (images captioned with their seeds, seed used, share link, the timestep semantics that ran)."""
     settings = dit_settings_from_form(form_of(locals()))
     pipe = MODELS.get(settings.model, progress)
     if not isinstance(pipe, DiTPipeline):
@@ -213,8 +214,10 @@ def sample_dit(model, class_label, guidance_scale, steps, scheduler, seed, numbe
     settings = settings.replace(seed=resolve_seed(settings.seed))
     side = drawn_side(pipe)
     count = len(settings.class_labels)
-    result = run_bounded(f"dit:{settings.model}", side * side, settings.steps, count, lambda: generate_dit(
-        pipe, settings, callback=progress_callback(progress, settings.steps)))
+    sample = fast_pipeline(pipe, settings).generate_dit if settings.fast else functools.partial(generate_dit, pipe)
+    with MODELS.using(pipe):  # FORA keeps features between steps: one request at a time on this model
+        result = run_bounded(f"dit:{settings.model}", side * side, settings.steps, count,
+                             lambda: sample(settings, callback=progress_callback(progress, settings.steps)))
     link = share_link("dit", dit_form_from_settings(settings), sample_dit, request)
     images = [(image, f"seed {s}") for image, s in zip(result.images, image_seeds(settings.seed, count, True))]
     return images, str(settings.seed), link, timestep_semantics(pipe)

@@ -114,7 +114,7 @@ def xyz_handler(comparisons=None):
         if isinstance(pipe, StableDiffusionPipeline):
             run = xyz.sd_runner(pipe, models=pipes, fast_pipeline=fast_pipeline)
         else:
-            run = xyz.dit_runner(pipe, pipes)
+            run = xyz.dit_runner(pipe, pipes, fast_pipeline=fast_pipeline)
         pixels = max(cell_pixels(pipes.get(cell.model, pipe), cell) for cell in plot.cells)
         steps_per_cell = max(cell.steps for cell in plot.cells)
         parity = None

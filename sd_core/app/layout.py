@@ -7,7 +7,14 @@ import gradio as gr
 from sd_core.app.blocks import Blocks
 from sd_core.app.compare_tab import compare_tab
 from sd_core.app.controlnet_section import PNG_CONTROLNET_FIELDS, controlnet_section, png_controlnets
-from sd_core.app.forms import dit_form_from_settings, dit_settings_from_form, form_from_settings, settings_from_form
+from sd_core.app.forms import (
+    DEEPCACHE_CHOICES,
+    SHARE_CHOICES,
+    dit_form_from_settings,
+    dit_settings_from_form,
+    form_from_settings,
+    settings_from_form,
+)
 from sd_core.app.handlers import (
     DIT_DEFAULTS,
     MAX_BATCH,
@@ -42,7 +49,7 @@ from sd_core.app.parts import (
     send_to_image_to_image,
     use_this_seed,
 )
-from sd_core.app.serving import raw_value
+from sd_core.app.serving import numbers_choice, raw_value
 from sd_core.app.share_links import restore
 from sd_core.schedulers import DISPLAY_NAMES
 
@@ -246,6 +253,15 @@ def dit_tab(models: list) -> dict:
                 dit_batch = raw_value(gr.Slider(1, MAX_BATCH, 4, step=1, label="Number of images"))
             guided_channels = gr.Radio(["all", "first3"], value="all",
                                        label="Guided channels (all: diffusers; first3: original DiT code)")
+            with gr.Accordion("Fast path", open=False):
+                with gr.Row():
+                    dit_fast = [gr.Checkbox(False, label="Fast path (approximate)"),
+                                numbers_choice(gr.Dropdown(DEEPCACHE_CHOICES, value=0,
+                                                           label="FORA: DiT cache interval")),
+                                numbers_choice(gr.Dropdown(SHARE_CHOICES, value=1.0, label="Guidance until"))]
+                gr.Markdown("Not the parity path: its images differ from diffusers'. FORA recomputes the transformer's "
+                            "blocks every N steps and reuses their outputs between; Guidance until drops the "
+                            "unconditional pass after that share of the noise schedule.")
             dit_run = gr.Button("Sample", variant="primary")
         with gr.Column(elem_classes="results"):
             dit_gallery = images_gallery()
@@ -256,14 +272,14 @@ def dit_tab(models: list) -> dict:
     dit_model.input(recommended_dit_settings, dit_model, [dit_guidance, dit_steps, dit_scheduler],
                     api_name="recommended_dit_settings")
     dit_inputs = [dit_model, class_label, dit_guidance, dit_steps, dit_scheduler, dit_seed, dit_batch,
-                  guided_channels]
+                  guided_channels, *dit_fast]
     dit_outputs = [dit_gallery, dit_used_seed, dit_link, dit_semantics]
     dit_run.click(sample_dit, dit_inputs, dit_outputs, api_name="dit_sample")
     if first_dit:
         gr.Examples([[first_dit, "red circle", DIT_DEFAULTS.guidance_scale, DIT_DEFAULTS.steps, "dpmpp_2m", 0,
-                      4, "all"],
+                      4, "all", False, 0, 1.0],
                      [first_dit, "blue triangle", DIT_DEFAULTS.guidance_scale, DIT_DEFAULTS.steps, "ddim", 1,
-                      4, "first3"]],
+                      4, "first3", False, 0, 1.0]],
                     dit_inputs, dit_outputs, sample_dit, cache_examples=False, run_on_click=True,
                     example_labels=["red circle (DPM++ 2M, seed 0)", "blue triangle (DDIM, first3, seed 1)"])
     return dict(inputs=dit_inputs, outputs=dit_outputs)

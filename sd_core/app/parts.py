@@ -48,7 +48,7 @@ from sd_core.pipelines import settings
 from sd_core.pipelines.generate import preview
 from sd_core.pipelines.metadata import read_png_parameters
 from sd_core.pipelines.prompt_syntax import count_chunks
-from sd_core.pipelines.settings import RULES, GenerationSettings
+from sd_core.pipelines.settings import RULES, DiTSettings, GenerationSettings
 from sd_core.pipelines.textual_inversion import embeddings_bound, load_embedding
 from sd_core.schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 
@@ -303,13 +303,13 @@ def tome_of(value) -> float | None:
     return choice_of(value or 0.0, "tome", TOME_CHOICES) or None
 
 
-def fast_pipeline(pipe, settings: GenerationSettings):
+def fast_pipeline(pipe, settings: GenerationSettings | DiTSettings):
     """The cached FastPipeline over `pipe` for the options `settings` asks for (kept on the pipeline, so it goes when
     the model cache releases the model; every one shares the same bf16 copies). DeepCache, guidance truncation and
     T-GATE keep state between steps: run it under MODELS.using(pipe)."""
     options = asked_by(settings)
     made = pipe.__dict__.setdefault("app_fast", {})
-    key = tuple(options.values())
+    key = tuple(sorted(options.items()))
     if key not in made:
         made[key] = make_fast(pipe, **options)
     return made[key]

@@ -28,11 +28,9 @@ class FastOptions:
 
 
 def asked_by(settings) -> dict:
-    """The options a GenerationSettings' fast fields ask for, as make_fast() takes them (the record's "off" is 0 for
-    DeepCache and ToMe, 1.0 for the two shares of the schedule; FastOptions' is None)."""
-    return dict(deepcache=settings.deepcache, tome=settings.tome or None,
-                guidance_until=settings.guidance_until if settings.guidance_until < 1 else None,
-                tgate=settings.tgate if settings.tgate < 1 else None)
+    """The options a settings record (GenerationSettings or DiTSettings) asks for, as make_fast() takes them: only
+    those it turns on (the record's "off" is 0 or 1.0 where FastOptions' is 0 or None)."""
+    return settings.replace(fast=True).fast_options()
 
 
 def use_compile_cache():

@@ -79,7 +79,8 @@ def generate_dit(pipe: DiTPipeline, settings: DiTSettings, callback: StepCallbac
     names = [pipe.id2label.get(i, str(i)) for i in labels]
     parameters = {"class_labels": labels, "class_names": names, "seed": seed, "steps": steps, "scheduler": name,
                   "guidance_scale": guidance_scale, "guided_channels": guided_channels,
-                  "seed_per_image": seed_per_image, "model": display_name(pipe.source), "family": pipe.family}
+                  "seed_per_image": seed_per_image, "model": display_name(pipe.source), "family": pipe.family,
+                  **settings.fast_options()}
     return GenerationResult(tag(decode(pipe.vae, x), parameters, seeds), x, parameters)
 
 

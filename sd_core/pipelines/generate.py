@@ -41,15 +41,14 @@ from sd_core.pipelines.offload import execution_device
 from sd_core.pipelines.sampling import (GenerationResult, StepCallback, check_finite, check_size, cut_schedule,
                                         decode, denoise, display_name, dtype_of, guide, image_seeds, resolve_seed,
                                         scheduler_name)
-from sd_core.pipelines.settings import GenerationSettings, split_settings
+from sd_core.pipelines.settings import FAST_FIELDS, GenerationSettings, split_settings
 from sd_core.pipelines.textual_inversion import add_embedding, load_embedding
 from sd_core.schedulers import make_scheduler
 
 OUTPUT_TYPES = ("pil", "latent")
 SDXL_ONLY = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score",
              "denoising_start", "denoising_end", "high_noise_frac")
-FAST_ONLY = ("deepcache", "tome", "guidance_until", "tgate")  # the fast path's settings
-APP_ONLY = ("loras", "embeddings", "refiner", "fast") + FAST_ONLY  # recorded only when used
+APP_ONLY = ("loras", "embeddings", "refiner", "fast") + FAST_FIELDS  # recorded only when used
 CONTROL_ONLY = ("controlnets", "guess_mode")  # recorded only with a ControlNet
 
 
@@ -225,9 +224,7 @@ def run_parameters(pipe, ran: GenerationSettings, inpaint: bool = False) -> dict
     for key in ("loras", "embeddings", "refiner"):
         if getattr(ran, key):
             parameters[key] = ran.to_dict()[key]
-    if ran.fast:  # those away from "off", so PNG Info and share links give the same fast path back
-        default = GenerationSettings()
-        parameters.update({key: getattr(ran, key) for key in FAST_ONLY if getattr(ran, key) != getattr(default, key)})
+    parameters.update(ran.fast_options())  # so PNG Info and share links give the same fast path back
     if ran.controlnets:  # named as the model is, never by a server's path
         parameters.update(controlnets=[[display_name(name), *rest] for name, *rest in ran.controlnets],
                           guess_mode=ran.guess_mode)

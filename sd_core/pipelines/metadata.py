@@ -223,7 +223,8 @@ def settings_from_sd_core(p: dict) -> GenerationSettings | DiTSettings:
     if "class_labels" in p:
         single = p.get("seed_per_image") or len(p["class_labels"]) == 1
         labels = [p["class_labels"][index]] if single else p["class_labels"]
-        return DiTSettings.from_values({**p, "class_labels": labels, "seed_per_image": False}, ignore_unknown=True)
+        return DiTSettings.from_values({**p, "class_labels": labels, "seed_per_image": False,
+                                        "fast": bool(p.get("fast"))}, ignore_unknown=True)
     per_prompt = p.get("images_per_prompt") or 1
     single = p.get("seed_per_image") or len(p["prompt"]) * per_prompt == 1
     negatives = p.get("negative_prompt")

@@ -264,11 +264,15 @@ RULES: dict[str, Callable[[Any, str, Limits], Any]] = {
     "tome": lambda v, n, lim: real_number(v or 0, n, 0, 0.9),
     "guidance_until": lambda v, n, lim: real_number(1.0 if v is None else v, n, 0.05, 1),
     "tgate": lambda v, n, lim: real_number(1.0 if v is None else v, n, 0.05, 1),
+    "dit_cache": lambda v, n, lim: whole_number(v or 0, n, 0, 10),
     "controlnets": controlnet_units,
     "guess_mode": lambda v, n, lim: flag(v, n),
     "class_labels": lambda v, n, lim: class_labels(v, n, lim),
     "guided_channels": lambda v, n, lim: one_of(v, n, GUIDED_CHANNELS),
 }
+
+
+FAST_FIELDS = ("deepcache", "tome", "guidance_until", "tgate", "dit_cache")  # with `fast`: the fast path's options
 
 
 class Record:
@@ -304,6 +308,14 @@ class Record:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+    def fast_options(self) -> dict:
+        """The fast path's settings this record turns on (those away from their "off" default), field -> value;
+        empty when `fast` is off. What the images record, and what sd_core.fast.asked_by() hands to make_fast()."""
+        if not self.fast:
+            return {}
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if field.name in FAST_FIELDS and getattr(self, field.name) != field.default}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,6 +368,9 @@ class DiTSettings(Record):
     seed: int | None = None
     seed_per_image: bool = False
     guided_channels: str = "all"
+    fast: bool = False
+    dit_cache: int = 0  # fast path: FORA, the transformer's blocks recomputed every N steps (0: every step)
+    guidance_until: float = 1.0  # fast path: the guided share of the noise schedule (1: all of it)
     model: str | None = None
 
 

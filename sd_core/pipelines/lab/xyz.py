@@ -139,6 +139,8 @@ DIT_AXES = {option.label: option for option in [
     AxisOption("Seed", int, field("seed")),
     AxisOption("Guided channels", str, field("guided_channels")),
     AxisOption("Model", str, field("model")),
+    AxisOption("FORA", int, field("dit_cache", fast=True)),
+    AxisOption("Guidance until", float, field("guidance_until", fast=True)),
 ]}
 
 
@@ -300,9 +302,18 @@ def sd_runner(pipe, image=None, fast_pipeline: Callable | None = None, load_lora
     return run
 
 
-def dit_runner(pipe, models: dict | None = None):
-    """run(settings, callback) for DiT cells, on the pipeline the cell's model names in `models`, else `pipe`."""
-    return lambda settings, callback=None: generate_dit((models or {}).get(settings.model, pipe), settings, callback)
+def dit_runner(pipe, models: dict | None = None, fast_pipeline: Callable | None = None):
+    """run(settings, callback) for DiT cells, on the pipeline the cell's model names in `models`, else `pipe`;
+    fast-path cells (FORA, Guidance until) through `fast_pipeline(pipe, settings)`, as in sd_runner."""
+    def run(settings, callback=None):
+        cell_pipe = (models or {}).get(settings.model, pipe)
+        if not settings.fast:
+            return generate_dit(cell_pipe, settings, callback)
+        if fast_pipeline is None:
+            raise ValueError("Fast-path cells (FORA, Guidance until) run on the fast path: pass fast_pipeline= "
+                             "(sd_core.fast.make_fast).")
+        return fast_pipeline(cell_pipe, settings).generate_dit(settings, callback)
+    return run
 
 
 def plot_models(plot: Plot) -> list:
