@@ -41,6 +41,7 @@ from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sd_core.models.dit import DiTTransformer2DModel, dit_config
 from sd_core.pipelines.sampling import converted_copy
+from sd_core.models.controlnet import ControlNetModel
 from sd_core.models.unet import UNet2DConditionModel
 from sd_core.models.vae import AutoencoderKL
 
@@ -79,6 +80,24 @@ def unet_pairs(unet_config: dict, dtype, latent: int, context_dim: int, fast: st
     exact = functools.cache(plain_ours)  # the parity output every fast row's PSNR is against, computed once
     plain = "UNet step (batch 2)"
     pairs = {plain: lambda: Pair(plain_ours, plain_theirs)}
+
+    def controlnet_pair():  # the same step steered by a ControlNet made from this UNet: what a ControlNet costs
+        reference_controlnet = diffusers.ControlNetModel.from_unet(reference).eval().to(device(), dtype)
+        controlnet = twin(ControlNetModel, reference_controlnet)
+        hint = torch.rand(2, 3, 8 * latent, 8 * latent, generator=torch.Generator().manual_seed(1)).to(device(), dtype)
+
+        def ours_step():
+            down, mid = controlnet(sample, t, context, hint, added_cond_kwargs=added)
+            return ours(sample, t, context, added, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid)
+
+        def theirs_step():
+            down, mid = reference_controlnet(sample, t, encoder_hidden_states=context, controlnet_cond=hint,
+                                             added_cond_kwargs=added, return_dict=False)
+            return reference(sample, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                             down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return Pair(ours_step, theirs_step)
+    pairs["ControlNet + UNet step (batch 2)"] = controlnet_pair
     if fast == "none":
         return pairs
     if openvino_installed() and added is None and dtype == torch.float32 and device() == "cpu":

@@ -447,3 +447,16 @@ def test_benchmark_rows_give_the_fastest_time_its_spread_and_the_first_call_apar
     row = measure("tiny", "fp32", "sleep", ours, lambda: time.sleep(0.01), repeats=3)
     assert row.sd_core_first_s >= 0.3 and 0.04 <= row.sd_core_s < 0.06 and row.sd_core_spread > 0.4
     assert "(+" in table([row]).splitlines()[-1] and row.diffusers_s < row.sd_core_s
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_the_benchmarks_controlnet_row_times_the_same_step_on_both_sides(family):
+    """The "ControlNet + UNet step" row (what a ControlNet costs per step) runs sd_core and diffusers on the same
+    weights and gives the same prediction, on tiny UNets of both families (SDXL's added conditions included)."""
+    from compare import benchmark
+    from tests import tiny
+    config = tiny.UNETS[family]
+    pairs = benchmark.unet_pairs(config, torch.float32, 8, config["cross_attention_dim"], "none")
+    pair = pairs["ControlNet + UNet step (batch 2)"]()
+    with torch.no_grad():
+        torch.testing.assert_close(pair.ours(), pair.theirs().sample, atol=1e-5, rtol=1e-5)
