@@ -83,6 +83,22 @@ def test_command_line_page_lines_draw_what_they_say(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_the_controlnet_line_draws_the_shape_where_the_control_image_has_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sd_core").symlink_to(ROOT / "sd_core")  # the line names the shipped ControlNet from the repository root
+    first, steered = command_lines("## ControlNet")
+    assert main(first) == 0 and main(steered) == 0
+    prompt, output = steered[1], steered[steered.index("-o") + 1]
+    assert "in the center" in prompt
+    assert_draws(output, scene_of(prompt.replace("in the center", "on the left")))  # where the control image's is
+    plain = [argument for argument in steered if "shapes-controlnet" not in argument and argument != "--controlnet"]
+    plain = plain[:plain.index("--preprocessor")] + plain[plain.index("--preprocessor") + 2:]
+    plain[plain.index("-o") + 1] = "plain.png"
+    assert main(plain) == 0
+    assert_draws("plain.png", scene_of(prompt))  # the same seed without it: where the prompt says
+
+
+@pytest.mark.slow
 def test_prompt_file_line_writes_an_image_per_prompt_as_printed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (argv,) = command_lines("## Many images from a prompt file")
@@ -97,7 +113,7 @@ def test_prompt_file_line_writes_an_image_per_prompt_as_printed(tmp_path, monkey
 
 def test_every_sd_core_command_line_the_docs_print_is_one_these_tests_run():
     tested = [command_lines("## Images from the embedded models"), command_lines("## Many images from a prompt file"),
-              command_lines("## The Lab")]  # run by tests/test_cli_lab.py
+              command_lines("## ControlNet"), command_lines("## The Lab")]  # the Lab's: run by tests/test_cli_lab.py
     tested = {tuple(argv) for block in tested for argv in block}
     printed = {}
     for page in PAGES:
