@@ -30,7 +30,7 @@ from torch._dynamo.utils import counters
 from sd_core.training import shapes_dataset as shapes
 from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.fast.dit import FastDiT
-from sd_core.fast.options import FastOptions
+from sd_core.fast.options import FastOptions, asked_by
 from sd_core.fast.pipeline import low_precision_copies, make_fast
 from sd_core.fast.precision import Precision, choose_precision, hardware_precision
 from sd_core.fast.text_cache import text_cache_of
@@ -43,6 +43,7 @@ from sd_core.pipelines.image_io import psnr
 from sd_core.checkpoints.loading import load_pipeline
 from sd_core.pipelines.generate import dit_sample, text_to_image
 from sd_core.pipelines.previews import fast_preview, latent_preview, latent_preview_tensor, latent_to_rgb
+from sd_core.pipelines.settings import GenerationSettings
 
 PROMPT = "a big yellow triangle on the right on a black background"
 SETTINGS = {"steps": 12, "guidance_scale": 5.0, "seed": 2}
@@ -355,6 +356,20 @@ def test_tgate_halves_the_batch_after_the_gate_within_stated_psnr_and_leaves_the
     assert np.array_equal(np.asarray(text_to_image(pipe, PROMPT, **SETTINGS).images[0]), np.asarray(parity_image))
     again = fast.text_to_image(PROMPT, **SETTINGS)  # a second request starts with empty caches
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
+
+
+def test_a_fast_pipelines_images_record_its_options_and_png_info_gives_them_back(pipe, dit_pipe):
+    from sd_core.pipelines.metadata import read_png_parameters
+    fast = make_fast(pipe, bf16=False, tgate=0.5, deepcache=2)
+    image = fast.text_to_image(PROMPT, **dict(SETTINGS, steps=2)).images[0]
+    settings = read_png_parameters(image)  # the record as it ran, though the caller's said nothing of the fast path
+    assert (settings.fast, settings.tgate, settings.deepcache, settings.tome, settings.guidance_until) == (True, 0.5, 2, 0.0, 1.0)
+    assert make_fast(pipe, bf16=False, **asked_by(settings)).options == fast.options
+    with pytest.raises(ValueError, match=r"ask for the fast path with \{'tome': 0.5\}; this one was made with "
+                                         r"\{'deepcache': 2, 'tgate': 0.5\}: use make_fast\(pipe, \*\*asked_by"):
+        fast.generate(GenerationSettings(prompt=PROMPT, steps=2, fast=True, tome=0.5))
+    sample = make_fast(dit_pipe, bf16=False, dit_cache=2).dit_sample([1], steps=2, seed=0).images[0]
+    assert (read_png_parameters(sample).fast, read_png_parameters(sample).dit_cache) == (True, 2)
 
 
 def test_tgate_on_dit_says_it_has_no_cross_attention(dit_pipe):

@@ -27,6 +27,14 @@ class FastOptions:
     text_cache: int = 8  # prompts whose encodings are kept per text encoder (exact: the same tensors); 0: off
 
 
+def options_asked(options: FastOptions, record_class) -> dict:
+    """The inverse of asked_by: the options of `options` that a record of `record_class` can hold and that are
+    on, as that record's fields hold them."""
+    fields = {field.name for field in dataclasses.fields(record_class)}
+    return {name: getattr(options, name) for name in ("deepcache", "tome", "guidance_until", "tgate", "dit_cache")
+            if name in fields and getattr(options, name) not in (None, 0)}
+
+
 def asked_by(settings) -> dict:
     """The options a settings record (GenerationSettings or DiTSettings) asks for, as make_fast() takes them: only
     those it turns on (the record's "off" is 0 or 1.0 where FastOptions' is 0 or None)."""

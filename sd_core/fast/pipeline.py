@@ -30,7 +30,7 @@ from torch import nn
 
 from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
 from sd_core.fast.dit import FastDiT
-from sd_core.fast.options import FastOptions
+from sd_core.fast.options import FastOptions, asked_by, options_asked
 from sd_core.fast.precision import Precision, choose_precision
 from sd_core.fast.text_cache import with_text_cache
 from sd_core.fast.unet import FastUNet
@@ -105,10 +105,20 @@ class FastPipeline:
             tag([image], {**json.loads(image.info["sd_core"]), "fast": result.parameters["fast"]})
         return result
 
+    def as_run(self, settings):
+        """The record as this fast path runs it: `fast` on and its options in the record's fields, so the images
+        record what ran and PNG Info gives this fast path back. A record asking for other options is refused."""
+        mine = options_asked(self.options, type(settings))
+        if settings.fast and asked_by(settings) != mine:
+            raise ValueError(f"These settings ask for the fast path with {asked_by(settings) or 'no options'}; this "
+                             f"one was made with {mine or 'none'}: use make_fast(pipe, **asked_by(settings)).")
+        return settings.replace(fast=True, **mine)
+
     def generate(self, settings: GenerationSettings, **inputs) -> pipelines.GenerationResult:
         """pipelines.generate() through the fast path; the images' metadata says "fast" and how."""
         if isinstance(self.pipe, DiTPipeline):
             raise TypeError("This is a DiT pipeline: sample classes with dit_sample(class_labels, ...).")
+        settings = self.as_run(settings)
         self.reset(settings.guidance_scale > 1)
         return self.tagged(pipelines.generate(self.pipe, settings, **inputs))
 
@@ -126,6 +136,7 @@ class FastPipeline:
         """dit_sampling.generate_dit() through the fast path."""
         if not isinstance(self.pipe, DiTPipeline):
             raise TypeError("dit_sample needs a DiT pipeline; a Stable Diffusion one generates from prompts.")
+        settings = self.as_run(settings)
         self.reset(settings.guidance_scale > 1)
         return self.tagged(generate_dit(self.pipe, settings, callback))
 
