@@ -201,14 +201,48 @@ def text_pair(text_config: dict, dtype, projected: bool) -> Pair:
     return Pair(lambda: ours(ids, output_hidden_states=True), lambda: reference(ids, output_hidden_states=True))
 
 
-def dit_pair(dtype, latent: int) -> Pair:
+def dit_pairs(dtype, latent: int, fast: str, config=None) -> dict:
+    """The DiT transformer step, then the fast path's rows on the same weights: FORA over three steps (diffusers: the
+    three steps), and a bf16 copy beside diffusers cast to bf16."""
     import diffusers
-    reference = diffusers.DiTTransformer2DModel(**dit_config("DiT-XL/2", image_size=latent * 8)).eval().to(device(), dtype)
+
+    from sd_core.fast.dit import FastDiT
+    from sd_core.fast.options import FastOptions
+    config = config or dit_config("DiT-XL/2", image_size=latent * 8)
+    reference = diffusers.DiTTransformer2DModel(**config).eval().to(device(), dtype)
     ours = twin(DiTTransformer2DModel, reference)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, latent, latent, generator=generator).to(device(), dtype)
-    t, y = torch.tensor([500, 500], device=device()), torch.tensor([207, 1000], device=device())
-    return Pair(lambda: ours(x, t, y), lambda: reference(x, t, y).sample)
+    x = torch.randn(2, reference.config.in_channels, latent, latent, generator=generator).to(device(), dtype)
+    y = torch.tensor([207, 1000], device=device()) % (reference.config.num_embeds_ada_norm + 1)
+    t = torch.tensor([500, 500], device=device())
+    plain = "transformer step (batch 2)"
+    pairs = {plain: lambda: Pair(lambda: ours(x, t, y), lambda: reference(x, t, y).sample)}
+    if fast == "none":
+        return pairs
+
+    def fora_pair(interval: int = 3):
+        fast_ours = FastDiT(ours, FastOptions(bf16=False, dit_cache=interval))
+        timesteps = [torch.tensor([500 - 25 * i] * 2, device=device()) for i in range(interval)]
+
+        def ours_steps():
+            fast_ours.reset()
+            return [fast_ours(x, step, y) for step in timesteps]
+
+        def psnr():
+            return min(tensor_psnr(a, ours(x, step, y)) for a, step in zip(ours_steps(), timesteps))
+        return Pair(ours_steps, lambda: [reference(x, step, y).sample for step in timesteps], psnr=psnr)
+    pairs["fast: 3 transformer steps, FORA N=3 (diffusers: 3 steps)"] = fora_pair
+
+    def bf16_pair():  # last: it casts the reference in place
+        fast_ours = FastDiT(converted_copy(ours, torch.bfloat16), FastOptions(bf16=False))
+        exact = ours(x, t, y)
+        reference.to(torch.bfloat16)
+        low = x.to(torch.bfloat16)
+        return Pair(lambda: fast_ours(low, t, y), lambda: reference(low, t, y).sample, baseline=plain,
+                    psnr=lambda: tensor_psnr(fast_ours(low, t, y), exact), dtype=torch.bfloat16)
+    if dtype == torch.float32:
+        pairs["fast: transformer step, bf16"] = bf16_pair
+    return pairs
 
 
 def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str = "default") -> list[Row]:
@@ -232,10 +266,10 @@ def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str =
             if dtype == torch.float32:
                 pairs.update(sd15_pipeline_pairs(fast, latent))
         elif config == "sdxl":
-            pairs.update(unet_pairs(presets.UNET_SDXL_BASE, dtype, latent, 2048, "none"))
+            pairs.update(unet_pairs(presets.UNET_SDXL_BASE, dtype, latent, 2048, fast))
             pairs["text encoder 2 (bigG)"] = functools.partial(text_pair, presets.OPENCLIP_VIT_BIGG, dtype, True)
         elif config == "dit-xl-2":
-            pairs["transformer step (batch 2)"] = functools.partial(dit_pair, dtype, latent)
+            pairs.update(dit_pairs(dtype, latent, fast))
         plain = {}  # this job's rows by name: a fast row's "diffusers default" is its baseline's diffusers time
         for what, factory in pairs.items():
             pair = factory()

@@ -449,14 +449,32 @@ def test_benchmark_rows_give_the_fastest_time_its_spread_and_the_first_call_apar
     assert "(+" in table([row]).splitlines()[-1] and row.diffusers_s < row.sd_core_s
 
 
-@pytest.mark.parametrize("family", ["sd2", "sdxl"])
-def test_the_benchmarks_controlnet_row_times_the_same_step_on_both_sides(family):
-    """The "ControlNet + UNet step" row (what a ControlNet costs per step) runs sd_core and diffusers on the same
-    weights and gives the same prediction, on tiny UNets of both families (SDXL's added conditions included)."""
+TINY_DIT = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, sample_size=8, patch_size=2, in_channels=4,
+                out_channels=8, num_embeds_ada_norm=10)
+
+
+@pytest.mark.parametrize("family", [pytest.param("sd2", marks=pytest.mark.slow), "sdxl", "dit"])
+def test_every_benchmark_row_of_a_model_runs_and_the_plain_rows_compute_what_diffusers_does(family):
+    """The real-size configs' rows (plain, ControlNet, fast: channels_last, DeepCache, FORA, bf16, ToMe, the OpenVINO
+    peer where installed), run once on tiny models of each family: the plain and ControlNet rows give diffusers'
+    prediction, the fast rows a PSNR from the parity output."""
     from compare import benchmark
     from tests import tiny
-    config = tiny.UNETS[family]
-    pairs = benchmark.unet_pairs(config, torch.float32, 8, config["cross_attention_dim"], "none")
-    pair = pairs["ControlNet + UNet step (batch 2)"]()
-    with torch.no_grad():
-        torch.testing.assert_close(pair.ours(), pair.theirs().sample, atol=1e-5, rtol=1e-5)
+    if family == "dit":
+        pairs = benchmark.dit_pairs(torch.float32, 8, "default", TINY_DIT)
+    else:
+        config = tiny.UNETS[family]
+        pairs = benchmark.unet_pairs(config, torch.float32, 8, config["cross_attention_dim"], "default")
+    expected = {"UNet step (batch 2)", "ControlNet + UNet step (batch 2)", "fast: UNet step, channels_last",
+                "fast: UNet step, bf16 + channels_last"} if family != "dit" else {
+                "transformer step (batch 2)", "fast: 3 transformer steps, FORA N=3 (diffusers: 3 steps)",
+                "fast: transformer step, bf16"}
+    assert expected <= set(pairs)
+    for what, factory in pairs.items():
+        pair = factory()
+        with torch.no_grad():
+            ours, theirs = pair.ours(), pair.theirs()
+            if not what.startswith(("fast:", "peer:")):
+                torch.testing.assert_close(ours, getattr(theirs, "sample", theirs), atol=1e-5, rtol=1e-5)
+            else:
+                assert 20 < (pair.psnr or pair.peer_psnr)() , what
