@@ -122,9 +122,12 @@ def test_a_controlnet_steers_text_to_image_and_its_unit_is_recorded(offered):
     (dict(controlnet_1=CANNY), "ControlNet 1 has no image: upload one or draw an outline"),
     (dict(controlnet_1="controlnets: ../../etc"), "not one of the offered ControlNets"),
     (dict(controlnet_1=CANNY, controlnet_1_start=0.8, controlnet_1_end=0.2), r"must be below its end"),
-    (dict(controlnet_1=CANNY, controlnet_1_scale=5), "the scale of controlnets: controlnets/canny must be a number "
-                                                      "from 0 to 2; got 5"),
-    (dict(controlnet_1=CANNY, controlnet_1_preprocessor="depth"), "preprocessor of .* must be one of none, canny"),
+    (dict(controlnet_1=CANNY, controlnet_1_scale=5), "controlnet_1_scale must be a number from 0 to 2; got 5"),
+    (dict(controlnet_1=CANNY, controlnet_1_preprocessor="depth"), "controlnet_1_preprocessor must be one of none, canny"),
+    (dict(controlnet_2_scale="nan"), r"controlnet_2_scale must be a number from 0 to 2; got nan"),  # with no ControlNet 2
+    (dict(controlnet_2_end="../../etc/passwd"), r"controlnet_2_end must be a number from 0 to 1"),
+    (dict(tgate=True), r"tgate must be one of 1.0, 0.8, 0.7, 0.5; got True"),  # not read as 1.0
+    (dict(clip_skip=[]), r"clip_skip must be a whole number"),  # not read as 0
     (dict(controlnet_1=CANNY, fast=True), "ControlNets run on the parity path without a refiner"),
 ])
 def test_a_bad_controlnet_unit_gets_one_line_naming_the_fix(offered, unit, message):

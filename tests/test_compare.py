@@ -477,4 +477,4 @@ def test_every_benchmark_row_of_a_model_runs_and_the_plain_rows_compute_what_dif
             if not what.startswith(("fast:", "peer:")):
                 torch.testing.assert_close(ours, getattr(theirs, "sample", theirs), atol=1e-5, rtol=1e-5)
             else:
-                assert 20 < (pair.psnr or pair.peer_psnr)() , what
+                assert 20 < (pair.psnr or pair.peer_psnr)(), what

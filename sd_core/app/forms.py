@@ -15,8 +15,10 @@ from sd_core.pipelines.settings import (
     flag,
     one_of,
     real_number,
+    unset,
     whole_number,
 )
+from sd_core.pipelines.control_images import PREPROCESSORS
 
 FORM_LIMITS = Limits(max_steps=100, max_side=1024, max_batch=8, max_prompt_chars=2000,
                      max_guidance=50, max_loras=2, max_controlnets=2)
@@ -35,10 +37,10 @@ NOT_SETTINGS = ("show_trajectory", "image", "image_and_mask")  # form inputs tha
 
 
 def choice_of(value, name: str, choices: list):
-    """One of a dropdown's values (numbers compared as numbers: a link sends "2" for 2)."""
+    """One of a dropdown's values (numbers compared as numbers: a link sends "2" for 2; true is not 1)."""
     values = [v for _, v in choices]
     for v in values:
-        if value == v or str(value) == str(v):
+        if not isinstance(value, bool) and (value == v or str(value) == str(v)):
             return v
     return one_of(value, name, [str(v) for v in values])
 
@@ -47,8 +49,7 @@ def fast_values(values: dict, fields: dict) -> dict:
     """The fast path's form values, each checked against its dropdown's choices whether or not `fast` is on; all
     "off" unless it is (what is off is not recorded)."""
     fast = flag(values.get("fast"), "fast")
-    asked = {name: choice_of(off if values.get(name) in (None, "") else values[name], name, choices)
-             for name, (off, choices) in fields.items()}
+    asked = {name: choice_of(unset(values.get(name), off), name, choices) for name, (off, choices) in fields.items()}
     return {"fast": fast, **(asked if fast else {name: off for name, (off, _) in fields.items()})}
 
 
@@ -62,9 +63,9 @@ def settings_from_form(form: dict) -> GenerationSettings:
         values["scheduler"] = None
     scales = {i: real_number(form.get(f"lora_{i}_scale", 1.0), f"lora_{i}_scale", -4, 4) for i in LORA_SLOTS}
     values["loras"] = [(form[f"lora_{i}"], scales[i]) for i in LORA_SLOTS if form.get(f"lora_{i}")]
-    values["controlnets"] = [(form[f"controlnet_{i}"], *(controlnet_field(form, i, field)
-                                                         for field in CONTROLNET_FIELDS))
-                             for i in CONTROLNET_SLOTS if form.get(f"controlnet_{i}")]
+    units = {i: [controlnet_field(form, i, field) for field in CONTROLNET_FIELDS] for i in CONTROLNET_SLOTS}
+    values["controlnets"] = [(form[f"controlnet_{i}"], *units[i]) for i in CONTROLNET_SLOTS
+                             if form.get(f"controlnet_{i}")]
     values.update(fast_values(values, SD_FAST))
     return GenerationSettings.from_values({**values, "seed_per_image": True}, FORM_LIMITS)
 
@@ -85,9 +86,13 @@ def form_from_settings(settings: GenerationSettings) -> dict:
 
 
 def controlnet_field(form: dict, slot: int, field: str):
-    """ControlNet `slot`'s preprocessor, scale, start or end as the form sent it (its default when not sent)."""
-    value = form.get(f"controlnet_{slot}_{field}")
-    return CONTROLNET_DEFAULTS[field] if value is None else value
+    """ControlNet `slot`'s preprocessor, scale, start or end as the form sent it (its default when not sent),
+    checked by its form name whether or not the slot has a ControlNet (the unit's rule checks them again)."""
+    name = f"controlnet_{slot}_{field}"
+    value = unset(form.get(name), CONTROLNET_DEFAULTS[field])
+    if field == "preprocessor":
+        return one_of(value, name, PREPROCESSORS)
+    return real_number(value, name, 0, 2 if field == "scale" else 1)
 
 
 def dit_settings_from_form(form: dict) -> DiTSettings:

@@ -104,6 +104,12 @@ def text(value, name: str, max_chars: int) -> str:
     return value
 
 
+def unset(value, default):
+    """`default` for a value not sent (None, or empty text as forms and links send it); anything else as sent, so
+    its rule judges it ([] or {} is not "not sent")."""
+    return default if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
 def flag(value, name: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -247,7 +253,7 @@ RULES: dict[str, Callable[[Any, str, Limits], Any]] = {
     "strength": lambda v, n, lim: optional(real_number)(v, n, 0, 1),
     "eta": lambda v, n, lim: real_number(v, n, 0, 1),
     "prompt_syntax": lambda v, n, lim: one_of(v, n, PROMPT_SYNTAXES),
-    "clip_skip": lambda v, n, lim: whole_number(v or 0, n, 0, 48),
+    "clip_skip": lambda v, n, lim: whole_number(unset(v, 0), n, 0, 48),
     "loras": loras,
     "embeddings": names,
     "refiner": lambda v, n, lim: None if v in (None, "") else text(v, n, 1000),
@@ -260,11 +266,11 @@ RULES: dict[str, Callable[[Any, str, Limits], Any]] = {
     "aesthetic_score": lambda v, n, lim: real_number(v, n, 0, 10),
     "negative_aesthetic_score": lambda v, n, lim: real_number(v, n, 0, 10),
     "fast": lambda v, n, lim: flag(v, n),
-    "deepcache": lambda v, n, lim: whole_number(v or 0, n, 0, 10),
-    "tome": lambda v, n, lim: real_number(v or 0, n, 0, 0.9),
-    "guidance_until": lambda v, n, lim: real_number(1.0 if v is None else v, n, 0.05, 1),
-    "tgate": lambda v, n, lim: real_number(1.0 if v is None else v, n, 0.05, 1),
-    "dit_cache": lambda v, n, lim: whole_number(v or 0, n, 0, 10),
+    "deepcache": lambda v, n, lim: whole_number(unset(v, 0), n, 0, 10),
+    "tome": lambda v, n, lim: real_number(unset(v, 0), n, 0, 0.9),
+    "guidance_until": lambda v, n, lim: real_number(unset(v, 1.0), n, 0.05, 1),
+    "tgate": lambda v, n, lim: real_number(unset(v, 1.0), n, 0.05, 1),
+    "dit_cache": lambda v, n, lim: whole_number(unset(v, 0), n, 0, 10),
     "controlnets": controlnet_units,
     "guess_mode": lambda v, n, lim: flag(v, n),
     "class_labels": lambda v, n, lim: class_labels(v, n, lim),
