@@ -219,6 +219,8 @@ def test_picking_a_model_sets_its_recommended_settings(client, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/sd_core")
     assert app_parts.recommended_settings("SDXL-Turbo") == (1, 0.0, app_parts.MODEL_DEFAULT, 512, 512)
     assert app_parts.recommended_dit_settings("DiT-XL/2 256") == (4.0, 25, app_parts.MODEL_DEFAULT)
+    with pytest.raises(gr.Error, match="model must be the name of an offered model"):  # gradio's bare error before
+        app_parts.recommended_settings([])
 
 
 def test_scheduler_choices_show_common_names_and_take_the_models_own():

@@ -127,6 +127,9 @@ def resolve_source(choice: str) -> Path | str:
 
 def catalog_entry(choice: str) -> CatalogModel | None:
     """The catalog's record for a visitor's choice (a name or a hub id; never resolved on the disk)."""
+    if not isinstance(choice, str):
+        raise gr.Error(f"model must be the name of an offered model (text); got {type(choice).__name__} "
+                       f"{str(choice)[:40]}.")
     return catalog.EMBEDDED.get(choice) or catalog.HUB.get(choice) or HUB_BY_SOURCE.get(choice)
 
 
