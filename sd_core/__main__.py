@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from sd_core import lab_cli
 from sd_core.controlnet_cli import controlnet_argument, controlnets_of
+from sd_core.fast_cli import fast_arguments, fast_flags, run_fast
 from sd_core.checkpoints import catalog
 from sd_core.checkpoints.catalog import EMBEDDED_DIT, EMBEDDED_TEXT_TO_IMAGE
 from sd_core.checkpoints.convert import CheckpointError
@@ -267,49 +268,8 @@ def common_arguments(p, default_steps):
                    "-0, -1, ... (default: outputs/<command>-<n>.png)")
 
 
-FAST_FLAGS = ("fast", "deepcache", "dit_cache", "compile", "freeze", "guidance_until", "tgate")  # each turns it on
-
-
-def fast_flags(args) -> list[str]:
-    """The fast-path flags given on the command line (generate's or dit's)."""
-    return [f"--{name.replace('_', '-')}" for name in FAST_FLAGS if getattr(args, name, None)]
-
-
-def run_fast(pipe, settings, args):
-    """make_fast() over `pipe` with the options `settings` asks for and the command line's compile flags."""
-    from sd_core.fast.options import asked_by
-    from sd_core.fast.pipeline import make_fast
-    return make_fast(pipe, **asked_by(settings), compile=args.compile or args.freeze, freeze=args.freeze)
-
-
-def guidance_until_argument(g):
-    g.add_argument("--guidance-until", type=finite_float, metavar="SHARE", help="fast path: guide only this share of "
-                   "the noise schedule (e.g. 0.7), the conditional pass alone after it")
-
-
-def dit_fast_arguments(d):
-    """dit's fast path: FORA, guidance truncation, compile."""
-    d.add_argument("--fast", action="store_true", help="the fast path: bf16 where the hardware has it; images close "
-                   "to, not equal to, the parity path's")
-    d.add_argument("--dit-cache", type=int, default=0, metavar="N", help="fast path: FORA, recompute the "
-                   "transformer's blocks every N steps and reuse their outputs between (2-3)")
-    guidance_until_argument(d)
-    d.add_argument("--compile", action="store_true", help="fast path: torch.compile the transformer (slow first run)")
-    d.add_argument("--freeze", action="store_true", help="fast path: --compile with inductor's weight freezing")
-
-
-def fast_and_batch_arguments(g):
-    """generate's fast path, and its prompt files (many images, resumable)."""
-    g.add_argument("--fast", action="store_true", help="the fast path: channels-last, bf16 where the hardware "
-                   "has it; images close to, not equal to, the parity path's")
-    g.add_argument("--deepcache", type=int, default=0, metavar="N",
-                   help="fast path: run the whole UNet every N steps, reuse its deep features between (2-3)")
-    g.add_argument("--compile", action="store_true", help="fast path: torch.compile the UNet (slow first run)")
-    g.add_argument("--freeze", action="store_true", help="fast path: --compile with inductor's weight freezing "
-                   "(weights folded in and prepacked; the slowest first run, the fastest after)")
-    guidance_until_argument(g)
-    g.add_argument("--tgate", type=finite_float, metavar="SHARE", help="fast path: T-GATE, freeze cross-attention "
-                   "(and stop guidance) after this share of the noise schedule (e.g. 0.5)")
+def batch_arguments(g):
+    """generate's prompt files (many images, resumable)."""
     g.add_argument("--prompts", type=Path, help="a file of prompts (one a line, or JSON lines); needs --out")
     g.add_argument("--out", type=Path, help="the folder --prompts writes 00000-00.png, ... to (resumable)")
     g.add_argument("--stop-after", type=int, help="with --prompts: each process stops after this many images")
@@ -375,7 +335,7 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="python -m sd_core", description=__doc__)
     commands = main.add_subparsers(dest="command", required=True)
     g = commands.add_parser("generate", help="text to image (or image to image with --init-image)")
-    for add in (picture_arguments, fast_and_batch_arguments, customization_arguments, control_arguments):
+    for add in (picture_arguments, fast_arguments, batch_arguments, customization_arguments, control_arguments):
         add(g)
     common_arguments(g, None)
     g.set_defaults(run=run_generate)
@@ -393,7 +353,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--guidance", type=finite_float, help="guidance scale (default: the model's recommended one)")
     d.add_argument("--guided-channels", choices=["all", "first3"], default="all")
     force_argument(d)
-    dit_fast_arguments(d)
+    fast_arguments(d, dit=True)
     common_arguments(d, None)
     d.set_defaults(run=run_dit)
     lab_cli.add_commands(commands, common_arguments, load, resolve_output)  # xyz, attention (sd_core.lab_cli)
