@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     b.add_argument("--latent", type=int, default=32, help="latent size of the real-size configs (32: 256 px)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     b.add_argument("--fast", choices=("none", "default", "all"), default="default",
-                   help="fast-path rows: none; default (channels_last, DeepCache); all (also torch.compile, minutes to build)")
+                   help="fast-path rows: none; default (channels_last, DeepCache, ...); all (also torch.compile, minutes to "
+                        "build, and SDXL's fast rows, which need more than 24 GB)")
     b.add_argument("--json")
     g = commands.add_parser("gpu-parity", help="sd_core and diffusers in fp16/bf16 against fp32, real-size random "
                             "weights (for a GPU; compare/gpu-check.sh)")

@@ -2,7 +2,7 @@
 
     python -m compare benchmark                       # embedded models + real-size SD1.5/SDXL/DiT-XL/2, fp32 and bf16
     python -m compare benchmark --configs sd15 --dtypes fp32 --repeats 5 --json bench.json
-    python -m compare benchmark --configs embedded,sd15 --dtypes fp32 --fast all   # add torch.compile rows (slow to build)
+    python -m compare benchmark --configs embedded,sd15 --dtypes fp32 --fast all   # add torch.compile rows (slow to build) and SDXL's fast rows (> 24 GB)
     python -m compare benchmark --configs embedded-dit --dtypes fp32 --repeats 1    # the embedded DiT's rows alone (quick)
 
 Each measurement is warmed up once, then the two implementations alternate for `repeats` rounds; the
@@ -266,7 +266,9 @@ def run(jobs: list[tuple[str, str]], repeats: int, latent: int = 32, fast: str =
             if dtype == torch.float32:
                 pairs.update(sd15_pipeline_pairs(fast, latent))
         elif config == "sdxl":
-            pairs.update(unet_pairs(presets.UNET_SDXL_BASE, dtype, latent, 2048, fast))
+            # SDXL's fast rows hold the fp32 UNet, its converted copies and a ControlNet at once (over 24 GB with
+            # the other jobs' leftovers: killed by the OOM killer on a 24 GB machine), so only `--fast all` adds them
+            pairs.update(unet_pairs(presets.UNET_SDXL_BASE, dtype, latent, 2048, "default" if fast == "all" else "none"))
             pairs["text encoder 2 (bigG)"] = functools.partial(text_pair, presets.OPENCLIP_VIT_BIGG, dtype, True)
         elif config == "dit-xl-2":
             pairs.update(dit_pairs(dtype, latent, fast))
