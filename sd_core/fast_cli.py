@@ -12,10 +12,9 @@ def fast_flags(args: argparse.Namespace) -> list[str]:
 
 
 def run_fast(pipe, settings, args: argparse.Namespace):
-    """make_fast() over `pipe` with the options `settings` asks for and the command line's compile flags."""
-    from sd_core.fast.options import asked_by  # the fast path loads only when a command takes it
-    from sd_core.fast.pipeline import make_fast
-    return make_fast(pipe, **asked_by(settings), compile=args.compile or args.freeze, freeze=args.freeze)
+    """The fast pipeline over `pipe` with the options `settings` asks for and the command line's compile flags."""
+    from sd_core.fast.pipeline import fast_for  # the fast path loads only when a command takes it
+    return fast_for(pipe, settings, compile=args.compile or args.freeze, freeze=args.freeze)
 
 
 def fast_arguments(g, dit: bool = False):

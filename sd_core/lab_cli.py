@@ -84,21 +84,11 @@ def plot_pipelines(plot, pipe, source, load, args) -> dict:
     return pipes
 
 
-def fast_pipelines():
-    """fast_pipeline(pipe, settings) for fast-path cells: one FastPipeline per model and options."""
-    # the fast path loads only when a cell takes it
-    from sd_core.fast.options import asked_by
-    from sd_core.fast.pipeline import make_fast
-
-    made = {}
-
-    def fast_pipeline(pipe, settings):
-        options = asked_by(settings)
-        key = (id(pipe), *sorted(options.items()))
-        if key not in made:
-            made[key] = make_fast(pipe, **options)
-        return made[key]
-    return fast_pipeline
+def fast_pipeline(pipe, settings):
+    """The FastPipeline for a fast-path cell (sd_core.fast.pipeline.fast_for; the fast path loads only when a cell
+    takes it)."""
+    from sd_core.fast.pipeline import fast_for
+    return fast_for(pipe, settings)
 
 
 def progress(done: int, total: int, label: str):
@@ -114,9 +104,9 @@ def run_xyz(args, load, output: Path):
     plot = xyz.plan(base, (args.x_type, args.x_values), (args.y_type, args.y_values), (args.z_type, args.z_values))
     pipes = plot_pipelines(plot, pipe, source, load, args)
     if isinstance(pipe, DiTPipeline):
-        run = xyz.dit_runner(pipe, pipes, fast_pipeline=fast_pipelines())
+        run = xyz.dit_runner(pipe, pipes, fast_pipeline=fast_pipeline)
     else:
-        run = xyz.sd_runner(pipe, image=args.init_image, fast_pipeline=fast_pipelines(), models=pipes)
+        run = xyz.sd_runner(pipe, image=args.init_image, fast_pipeline=fast_pipeline, models=pipes)
     result = xyz.run_plot(plot, run, progress)
     grids = [output] if len(result.grids) == 1 else \
         [output.with_name(f"{output.stem}-z{iz}{output.suffix}") for iz in range(len(result.grids))]

@@ -41,14 +41,13 @@ from sd_core.app.serving import (
 )
 from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
-from sd_core.fast.options import asked_by
-from sd_core.fast.pipeline import make_fast
+from sd_core.fast.pipeline import fast_for as fast_pipeline  # noqa: F401  (run it under MODELS.using(pipe))
 from sd_core.files import atomic_path
 from sd_core.pipelines import settings
 from sd_core.pipelines.generate import preview
 from sd_core.pipelines.metadata import read_png_parameters
 from sd_core.pipelines.prompt_syntax import count_chunks
-from sd_core.pipelines.settings import RULES, DiTSettings, GenerationSettings
+from sd_core.pipelines.settings import RULES, GenerationSettings
 from sd_core.pipelines.textual_inversion import embeddings_bound, load_embedding
 from sd_core.schedulers import DISPLAY_NAMES, SCHEDULER_NAMES
 
@@ -301,18 +300,6 @@ def deepcache_of(value) -> int:
 def tome_of(value) -> float | None:
     """A visitor's ToMe ratio: one of TOME_CHOICES (the Text-to-image and Compare tabs share it); None when off."""
     return choice_of(value or 0.0, "tome", TOME_CHOICES) or None
-
-
-def fast_pipeline(pipe, settings: GenerationSettings | DiTSettings):
-    """The cached FastPipeline over `pipe` for the options `settings` asks for (kept on the pipeline, so it goes when
-    the model cache releases the model; every one shares the same bf16 copies). DeepCache, guidance truncation and
-    T-GATE keep state between steps: run it under MODELS.using(pipe)."""
-    options = asked_by(settings)
-    made = pipe.__dict__.setdefault("app_fast", {})
-    key = tuple(sorted(options.items()))
-    if key not in made:
-        made[key] = make_fast(pipe, **options)
-    return made[key]
 
 
 def bind_embeddings(pipe, choices):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from sd_core.pipelines.settings import FAST_FIELDS
+
 COMPILE_CACHE = Path(os.environ.get("SD_CORE_CACHE", Path.home() / ".cache" / "sd_core")) / "inductor"
 
 
@@ -31,7 +33,7 @@ def options_asked(options: FastOptions, record_class) -> dict:
     """The inverse of asked_by: the options of `options` that a record of `record_class` can hold and that are
     on, as that record's fields hold them."""
     fields = {field.name for field in dataclasses.fields(record_class)}
-    return {name: getattr(options, name) for name in ("deepcache", "tome", "guidance_until", "tgate", "dit_cache")
+    return {name: getattr(options, name) for name in FAST_FIELDS
             if name in fields and getattr(options, name) not in (None, 0)}
 
 

@@ -41,7 +41,7 @@ from sd_core.pipelines.metadata import tag
 from sd_core.pipelines.offload import execution_device
 from sd_core.pipelines.sampling import converted_copy, dtype_of
 
-__all__ = ["FastOptions", "FastPipeline", "describe", "make_fast"]
+__all__ = ["FastOptions", "FastPipeline", "describe", "fast_for", "make_fast"]
 
 
 class FastDecoder(nn.Module):
@@ -108,10 +108,10 @@ class FastPipeline:
     def as_run(self, settings):
         """The record as this fast path runs it: `fast` on and its options in the record's fields, so the images
         record what ran and PNG Info gives this fast path back. A record asking for other options is refused."""
-        mine = options_asked(self.options, type(settings))
-        if settings.fast and asked_by(settings) != mine:
-            raise ValueError(f"These settings ask for the fast path with {asked_by(settings) or 'no options'}; this "
-                             f"one was made with {mine or 'none'}: use make_fast(pipe, **asked_by(settings)).")
+        mine, asked = options_asked(self.options, type(settings)), asked_by(settings)
+        if settings.fast and asked != mine:
+            raise ValueError(f"These settings ask for the fast path with {asked or 'no options'}; this one was made "
+                             f"with {mine or 'none'}: use make_fast(pipe, **asked_by(settings)).")
         return settings.replace(fast=True, **mine)
 
     def generate(self, settings: GenerationSettings, **inputs) -> pipelines.GenerationResult:
@@ -169,6 +169,19 @@ def low_precision_copies(model: nn.Module, vae, precision: Precision, channels_l
     if dtype_of(vae) != torch.float32 or upcast:
         return model, None
     return model, converted_copy(vae, precision.dtype, channels_last)
+
+
+def fast_for(pipe, settings, **how) -> FastPipeline:
+    """The FastPipeline over `pipe` for the options a settings record asks for (and `how`: compile, freeze, ...),
+    made once and kept on the pipeline, so it goes when the pipeline does and every one shares the same
+    low-precision copies. DeepCache, FORA, guidance truncation and T-GATE keep state between steps: one request at a
+    time on it."""
+    options = {**asked_by(settings), **how}
+    made = pipe.__dict__.setdefault("fast_pipelines", {})
+    key = tuple(sorted(options.items()))
+    if key not in made:
+        made[key] = make_fast(pipe, **options)
+    return made[key]
 
 
 def make_fast(pipe, options: FastOptions | None = None, **overrides) -> FastPipeline:

@@ -273,8 +273,8 @@ def sd_runner(pipe, image=None, fast_pipeline: Callable | None = None, load_lora
     distinct prompt once per plot (a cell equals the same settings run alone, bit for bit). `models`: the
     pipelines the Model axis names (name -> pipeline, loaded by the caller's cache); a cell whose model is not
     among them runs on `pipe`. `image`: the start image for image to image (the Denoising axis). Fast-path cells
-    (DeepCache, ToMe, Guidance until, T-GATE) go through `fast_pipeline(pipe, settings)` (an sd_core.fast FastPipeline, which this layer
-    cannot build itself); LoRAs are merged per cell from `load_lora(name)`."""
+    (DeepCache, ToMe, Guidance until, T-GATE) go through `fast_pipeline(pipe, settings)` (an sd_core.fast
+    FastPipeline, which this layer cannot build itself); LoRAs are merged per cell from `load_lora(name)`."""
     cache, current = {}, {"loras": ()}
     answer = caching(cache, lambda: current["loras"])
     views = {}  # id(pipeline) -> the pipeline with caching encoders (the pipelines are held by `models`)
@@ -293,8 +293,8 @@ def sd_runner(pipe, image=None, fast_pipeline: Callable | None = None, load_lora
                     views[id(cell_pipe)] = with_encoders(cell_pipe, answer)
                 return generate(views[id(cell_pipe)], settings, image=image, callback=callback)
             if fast_pipeline is None:
-                raise ValueError("Fast-path cells (DeepCache, ToMe, Guidance until, T-GATE) run on the fast path: pass fast_pipeline= "
-                                 "(sd_core.fast.make_fast).")
+                raise ValueError("Fast-path cells (DeepCache, ToMe, Guidance until, T-GATE) run on the fast path: pass "
+                                 "fast_pipeline= (sd_core.fast.pipeline.fast_for).")
             fast = fast_pipeline(cell_pipe, settings)
             return dataclasses.replace(fast, pipe=with_encoders(fast.pipe, answer)).generate(
                 settings, image=image, callback=callback)
@@ -311,7 +311,7 @@ def dit_runner(pipe, models: dict | None = None, fast_pipeline: Callable | None 
             return generate_dit(cell_pipe, settings, callback)
         if fast_pipeline is None:
             raise ValueError("Fast-path cells (FORA, Guidance until) run on the fast path: pass fast_pipeline= "
-                             "(sd_core.fast.make_fast).")
+                             "(sd_core.fast.pipeline.fast_for).")
         return fast_pipeline(cell_pipe, settings).generate_dit(settings, callback)
     return run
 
