@@ -318,8 +318,8 @@ def customization_arguments(g):
 def control_arguments(g):
     """generate's ControlNets: model and image, preprocessor, window, guess mode."""
     g.add_argument("--controlnet", type=controlnet_argument, action="append", default=[], metavar="MODEL:IMAGE[:SCALE]",
-                   help="steer the image with a ControlNet (folder or .safetensors) and its control image, at this "
-                        "scale (default 1; repeatable)")
+                   help="steer the image with a ControlNet (folder, .safetensors, hub id, or shapes-controlnet, the "
+                        "embedded one) and its control image, at this scale (default 1; repeatable)")
     g.add_argument("--preprocessor", choices=list(PREPROCESSORS), action="append",
                    help="what makes the control image from IMAGE: none (IMAGE is the map), canny (edges), invert "
                         "(dark lines on light); once for all ControlNets or once per --controlnet")

@@ -3,6 +3,7 @@ read into the settings record's entries and the loaded models beside them (sd_co
 import argparse
 import math
 
+from sd_core.checkpoints.catalog import EMBEDDED_CONTROLNETS
 from sd_core.checkpoints.controlnet import load_controlnet
 from sd_core.pipelines.offload import execution_device
 from sd_core.pipelines.sampling import dtype_of
@@ -35,7 +36,8 @@ def per_controlnet(values: list, count: int, default, flag: str) -> list:
 
 def controlnets_of(args, pipe) -> tuple[list, list]:
     """(the record's controlnets entries, the (ControlNetModel, image) pairs beside it) of the --controlnet flags;
-    each ControlNet is loaded and checked against the model's UNet before any step."""
+    each ControlNet is loaded and checked against the model's UNet before any step. MODEL is a folder, a file, a hub
+    id or an embedded ControlNet's name (shapes-controlnet), from any working folder."""
     count = len(args.controlnet)
     if not count:
         if args.preprocessor or args.control_start or args.control_end or args.guess_mode:
@@ -46,8 +48,8 @@ def controlnets_of(args, pipe) -> tuple[list, list]:
                   per_controlnet(args.control_end, count, 1.0, "--control-end"))
     entries, control = [], []
     for (model, image, scale), (preprocessor, start, end) in zip(args.controlnet, options):
-        controlnet = load_controlnet(model, dtype=dtype_of(pipe.unet), device=execution_device(pipe.unet),
-                                     allow_pickle=args.allow_pickle)
+        controlnet = load_controlnet(EMBEDDED_CONTROLNETS.get(model, model), dtype=dtype_of(pipe.unet),
+                                     device=execution_device(pipe.unet), allow_pickle=args.allow_pickle)
         controlnet.check_fits(pipe.unet)
         entries.append((model, preprocessor, scale, start, end))
         control.append((controlnet, image))

@@ -84,8 +84,7 @@ def test_command_line_page_lines_draw_what_they_say(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_controlnet_line_draws_the_shape_where_the_control_image_has_it(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "sd_core").symlink_to(ROOT / "sd_core")  # the line names the shipped ControlNet from the repository root
+    monkeypatch.chdir(tmp_path)  # the shipped ControlNet by its name, from any folder
     first, steered = command_lines("## ControlNet")
     assert main(first) == 0 and main(steered) == 0
     prompt, output = steered[1], steered[steered.index("-o") + 1]

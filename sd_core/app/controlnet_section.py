@@ -26,7 +26,7 @@ from sd_core.pipelines.control_images import PREPROCESSORS, preprocess_control_i
 from sd_core.pipelines.metadata import controlnet_model_label, read_png_parameters
 from sd_core.pipelines.sampling import dtype_of
 
-EMBEDDED_CONTROLNETS = {"embedded: shapes-controlnet": catalog.EMBEDDED_CONTROLNET}
+EMBEDDED_CONTROLNETS = {f"embedded: {name}": path for name, path in catalog.EMBEDDED_CONTROLNETS.items()}
 NONE = [("none", "")]
 
 

@@ -8,6 +8,7 @@ WEIGHTS = Path(__file__).parents[1] / "weights"
 EMBEDDED_TEXT_TO_IMAGE = WEIGHTS / "shapes-sd"  # the models sd_core trains and ships (python -m sd_core.training)
 EMBEDDED_DIT = WEIGHTS / "shapes-dit"
 EMBEDDED_CONTROLNET = WEIGHTS / "shapes-controlnet"  # outline -> shape, for EMBEDDED_TEXT_TO_IMAGE
+EMBEDDED_CONTROLNETS = {EMBEDDED_CONTROLNET.name: EMBEDDED_CONTROLNET}  # by the name the app and the CLI take
 
 
 @dataclasses.dataclass(frozen=True)
