@@ -49,12 +49,16 @@ class OutlineExample:
 
 def outline_example(rng: np.random.Generator) -> OutlineExample:
     """A random placement, its outline of random width (1 or 2 px) and a caption naming colour and shape, with
-    each of size, position and background mentioned or not at random."""
+    each of size, position and background mentioned or not at random. The scene paints the shape out to the
+    outline's outer edge (the outline filled), which is what the evaluation scores: a 2 px line lies half outside
+    the shape, and a scene painted from the shape's own mask would teach an image that scores under 0.8 IoU on
+    such outlines of small shapes (13 of the 100 held-out cases) even when drawn perfectly."""
     placement = shapes.random_placement(rng)
     width = int(rng.integers(1, 3))
     size, position, background = (bool(flag) for flag in rng.random(3) < (0.5, 0.25, 0.5))
-    return OutlineExample(placement, shapes.paint(placement.mask, placement.colour, placement.background),
-                          shapes.outline(placement.mask, width), placement.caption(size, position, background))
+    outline = shapes.outline(placement.mask, width)
+    return OutlineExample(placement, shapes.paint(shapes.filled(outline), placement.colour, placement.background),
+                          outline, placement.caption(size, position, background))
 
 
 def outline_examples(seed: int, count: int) -> list[OutlineExample]:
