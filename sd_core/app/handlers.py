@@ -23,7 +23,6 @@ from sd_core.app.parts import (
     bind_embeddings,
     drawn_side,
     extra_path,
-    fast_pipeline,
     handler,
     progress_callback,
     prompt_chunks,
@@ -34,6 +33,7 @@ from sd_core.app.serving import open_upload
 from sd_core.app.share_links import share_link
 from sd_core.checkpoints import catalog
 from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
+from sd_core.fast.pipeline import fast_for  # run it under MODELS.using(pipe): it keeps state between steps
 from sd_core.pipelines.conditioning import dropped_text
 from sd_core.pipelines.dit_sampling import generate_dit
 from sd_core.pipelines.generate import generate, image_seeds, preview, refine_run, vae_roundtrip
@@ -85,7 +85,7 @@ def run_sd(settings: GenerationSettings, progress, trajectory=None, image=None, 
             if second is not None:
                 work = functools.partial(refine_run, pipe, second, settings, callback)
             else:
-                run = fast_pipeline(pipe, settings).generate if settings.fast else \
+                run = fast_for(pipe, settings).generate if settings.fast else \
                     functools.partial(generate, pipe)
                 work = functools.partial(run, settings, image=image, mask=mask, callback=callback,
                                          **({"control": control} if control else {}))
@@ -120,11 +120,10 @@ def generate_images(model, prompt, negative_prompt, steps, guidance_scale, sched
                     number_of_images, show_trajectory=False, prompt_syntax="plain", clip_skip=0, lora_1=None,
                     lora_1_scale=1.0, lora_2=None, lora_2_scale=1.0, embeddings=None, refiner="",
                     high_noise_frac=0.8, fast=False, deepcache=0, tome=0.0, guidance_until=1.0, tgate=1.0,
-                    controlnet_1="", controlnet_1_image=None, controlnet_1_preprocessor="none", controlnet_1_scale=1.0, controlnet_1_start=0.0,
-                    controlnet_1_end=1.0, controlnet_2="", controlnet_2_image=None, controlnet_2_preprocessor="none",
-                    controlnet_2_scale=1.0, controlnet_2_start=0.0, controlnet_2_end=1.0, guess_mode=False,
-                    progress=gr.Progress(),
-                    request: gr.Request = None):
+                    controlnet_1="", controlnet_1_image=None, controlnet_1_preprocessor="none", controlnet_1_scale=1.0,
+                    controlnet_1_start=0.0, controlnet_1_end=1.0, controlnet_2="", controlnet_2_image=None,
+                    controlnet_2_preprocessor="none", controlnet_2_scale=1.0, controlnet_2_start=0.0,
+                    controlnet_2_end=1.0, guess_mode=False, progress=gr.Progress(), request: gr.Request = None):
     """Text to image (an SDXL base model may hand its last steps to a refiner; `fast`: the approximate fast path,
     its images' metadata says "fast", with DeepCache every `deepcache` steps, 0 off, ToMe merging the `tome`
     share of the top-resolution tokens, 0 off, guidance only for the `guidance_until` share of the schedule and
@@ -213,7 +212,7 @@ def sample_dit(model, class_label, guidance_scale, steps, scheduler, seed, numbe
     settings = settings.replace(seed=resolve_seed(settings.seed))
     side = drawn_side(pipe)
     count = len(settings.class_labels)
-    sample = fast_pipeline(pipe, settings).generate_dit if settings.fast else functools.partial(generate_dit, pipe)
+    sample = fast_for(pipe, settings).generate_dit if settings.fast else functools.partial(generate_dit, pipe)
     with MODELS.using(pipe):  # FORA keeps features between steps: one request at a time on this model
         result = run_bounded(f"dit:{settings.model}", side * side, settings.steps, count,
                              lambda: sample(settings, callback=progress_callback(progress, settings.steps)))

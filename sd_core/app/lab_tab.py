@@ -14,7 +14,6 @@ from sd_core.app.handlers import DIT_DEFAULTS, SD_DEFAULTS
 from sd_core.app.parts import (
     MODELS,
     drawn_side,
-    fast_pipeline,
     handler,
     images_gallery,
     model_choices,
@@ -25,6 +24,7 @@ from sd_core.app.parts import (
 )
 from sd_core.app.serving import raw_value
 from sd_core.checkpoints.pipeline_classes import DiTPipeline, StableDiffusionPipeline
+from sd_core.fast.pipeline import fast_for  # run it under MODELS.using(pipe): it keeps state between steps
 from sd_core.pipelines.lab import schedules as lab_schedules
 from sd_core.pipelines.lab import walks, xyz
 from sd_core.pipelines.lab.attention_maps import attention_maps as daam
@@ -112,9 +112,9 @@ def xyz_handler(comparisons=None):
         if parity_grid:
             parity_comparisons(plot)  # a plot Compare cannot check is refused before any picture
         if isinstance(pipe, StableDiffusionPipeline):
-            run = xyz.sd_runner(pipe, models=pipes, fast_pipeline=fast_pipeline)
+            run = xyz.sd_runner(pipe, models=pipes, fast_pipeline=fast_for)
         else:
-            run = xyz.dit_runner(pipe, pipes, fast_pipeline=fast_pipeline)
+            run = xyz.dit_runner(pipe, pipes, fast_pipeline=fast_for)
         pixels = max(cell_pixels(pipes.get(cell.model, pipe), cell) for cell in plot.cells)
         steps_per_cell = max(cell.steps for cell in plot.cells)
         parity = None

@@ -41,7 +41,6 @@ from sd_core.app.serving import (
 )
 from sd_core.checkpoints.convert import CheckpointError
 from sd_core.checkpoints.pipeline_classes import DiTPipeline
-from sd_core.fast.pipeline import fast_for as fast_pipeline  # noqa: F401  (run it under MODELS.using(pipe))
 from sd_core.files import atomic_path
 from sd_core.pipelines import settings
 from sd_core.pipelines.generate import preview
