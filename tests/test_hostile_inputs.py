@@ -488,7 +488,8 @@ def test_an_interrupted_load_is_not_cached():
 # ------------------------------------------------------------------------------------------- saving images
 
 SAVER = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a pytest started in the background hands SIGINT on ignored
 from PIL import Image
 import numpy as np
 from sd_core.pipelines import image_io as images
